@@ -1,0 +1,129 @@
+//! LeNet-5 loaded from ONNX and run by tract.
+//!
+//! Input contract (see models/README.md): a batch of 28 × 28 gray8 images, fed to the graph as
+//! `N × 1 × 28 × 28` f32 pixels divided by 255; the graph normalises them itself. Output: ten
+//! logits per image.
+
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+
+use pipeline_core::{IMAGE_BYTES, IMAGE_SIDE};
+
+/// Why the model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// tract could not read, type or optimise the graph.
+    #[error(
+        "cannot load the ONNX model: {0:#}. Is it models/lenet.onnx (or a model with the same \
+         input contract: N x 1 x 28 x 28 f32, output N x 10)?"
+    )]
+    Load(TractError),
+    /// tract failed while running the graph.
+    #[error("inference failed: {0:#}")]
+    Run(TractError),
+    /// The graph returned something other than ten logits per image.
+    #[error("the model returned shape {0:?}, expected [batch, 10]")]
+    OutputShape(Vec<usize>),
+}
+
+/// Number of classes the model predicts.
+pub const CLASSES: usize = 10;
+
+/// A loaded, optimised LeNet-5 for a fixed batch size.
+pub struct Lenet {
+    plan: Arc<TypedRunnableModel>,
+    batch: usize,
+    version: String,
+}
+
+impl std::fmt::Debug for Lenet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lenet")
+            .field("batch", &self.batch)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Lenet {
+    /// Loads ONNX bytes and optimises the graph for batches of `batch` images.
+    pub fn load(onnx: &[u8], batch: usize) -> Result<Self, ModelError> {
+        let batch = batch.max(1);
+        let plan = tract_onnx::onnx()
+            .model_for_read(&mut &onnx[..])
+            .and_then(|m| {
+                m.with_input_fact(0, f32::fact([batch, 1, IMAGE_SIDE, IMAGE_SIDE]).into())
+            })
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(ModelError::Load)?;
+        let digest = Sha256::digest(onnx);
+        let version = format!(
+            "lenet5-{}",
+            digest[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        Ok(Self {
+            plan,
+            batch,
+            version,
+        })
+    }
+
+    /// `lenet5-` and the first four bytes of the model file's SHA-256: names exactly which
+    /// weights produced a prediction.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Batch size the graph was optimised for.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Logits for each image; `images.len()` must not exceed the batch size (a short batch is
+    /// padded with blank images).
+    pub fn logits(&self, images: &[&[u8; IMAGE_BYTES]]) -> Result<Vec<[f32; CLASSES]>, ModelError> {
+        assert!(
+            images.len() <= self.batch,
+            "more images than the batch size"
+        );
+        let mut input = vec![0f32; self.batch * IMAGE_BYTES];
+        for (slot, image) in input.chunks_exact_mut(IMAGE_BYTES).zip(images) {
+            for (x, &p) in slot.iter_mut().zip(image.iter()) {
+                *x = f32::from(p) / 255.0;
+            }
+        }
+        let tensor = Tensor::from_shape(&[self.batch, 1, IMAGE_SIDE, IMAGE_SIDE], &input)
+            .map_err(ModelError::Run)?;
+        let outputs = self
+            .plan
+            .run(tvec!(tensor.into()))
+            .map_err(ModelError::Run)?;
+        let output = &outputs[0];
+        if output.shape() != [self.batch, CLASSES] {
+            return Err(ModelError::OutputShape(output.shape().to_vec()));
+        }
+        let view = output
+            .to_plain_array_view::<f32>()
+            .map_err(ModelError::Run)?;
+        let flat: Vec<f32> = view.iter().copied().collect();
+        Ok(flat
+            .chunks_exact(CLASSES)
+            .take(images.len())
+            .map(|row| {
+                let mut logits = [0f32; CLASSES];
+                logits.copy_from_slice(row);
+                logits
+            })
+            .collect())
+    }
+
+    /// Logits of one image.
+    pub fn logits_one(&self, image: &[u8; IMAGE_BYTES]) -> Result<[f32; CLASSES], ModelError> {
+        let mut rows = self.logits(&[image])?;
+        rows.pop().ok_or(ModelError::OutputShape(vec![0, CLASSES]))
+    }
+}

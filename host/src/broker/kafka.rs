@@ -1,0 +1,569 @@
+//! The Kafka backend, on `rdkafka` (librdkafka).
+//!
+//! Delivery semantics: **at-least-once**. A consumer runs with `enable.auto.offset.store=false`:
+//! an offset is stored for the next (auto-)commit only after the handler of that message and of
+//! every earlier message of its partition returned `Ok` ([`OffsetTracker`]). A message that is
+//! not acknowledged before the member leaves or dies is delivered again to the next member of
+//! the group; the sink must tolerate duplicates.
+//!
+//! Publishing enqueues into librdkafka's local queue and returns at once; when the queue is
+//! full it waits and retries, it never drops. The [`DeliveryReceipt`] resolves with the
+//! broker's acknowledgement. The producer is idempotent by default, so librdkafka's retries
+//! neither duplicate nor reorder messages of one partition.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::Deserialize;
+
+use super::embedded::EmbeddedKafka;
+use super::offsets::InFlight;
+use super::{
+    Broker, BrokerError, CONTENT_TYPE_HEADER, Delivery, DeliveryReceipt, IncomingMessage,
+    OffsetTracker, OutgoingMessage, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec,
+    TopicSpec,
+};
+
+/// How long to wait between attempts to enqueue while librdkafka's local queue is full.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+
+/// librdkafka settings for clients of the embedded broker (see [`Kafka::embedded`]); also
+/// right for other processes that use it (`switchyard broker`).
+pub const EMBEDDED_PROPERTIES: [(&str, &str); 3] = [
+    ("fetch.wait.max.ms", "5"),
+    ("session.timeout.ms", "3000"),
+    ("heartbeat.interval.ms", "500"),
+];
+
+/// Settings of the Kafka backend (the `[broker.kafka]` manifest section).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// How long to wait for the cluster at start-up before giving up, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Create missing topics at start-up (needs the CreateTopics permission).
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+    /// Replication factor for created topics; `-1` uses the broker's default.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// librdkafka properties passed through as they are, for producer and consumer alike
+    /// (`security.protocol`, `sasl.*`, `compression.type`, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_replication() -> i32 {
+    -1
+}
+
+impl KafkaConfig {
+    /// Settings for a cluster at `bootstrap_servers`, defaults otherwise.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            create_topics: true,
+            replication_factor: default_replication(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        // librdkafka logs connection refusals at error level every second; they reach the user
+        // as one clear error instead (see `Kafka::connect`).
+        config.set("log_level", "3");
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// A Kafka cluster (or the embedded broker).
+pub struct Kafka {
+    config: KafkaConfig,
+    // Declared before `embedded` so the producer is gone before the embedded broker stops.
+    producer: tokio::sync::OnceCell<Arc<KafkaPublisher>>,
+    embedded: Option<Arc<EmbeddedKafka>>,
+}
+
+impl std::fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kafka")
+            .field("bootstrap_servers", &self.config.bootstrap_servers)
+            .field("embedded", &self.embedded.is_some())
+            .finish()
+    }
+}
+
+impl Kafka {
+    /// Connects to a cluster, failing with a clear error if it cannot be reached within
+    /// `connect_timeout_ms`.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, BrokerError> {
+        let kafka = Self {
+            config,
+            embedded: None,
+            producer: tokio::sync::OnceCell::new(),
+        };
+        kafka.check_reachable().await?;
+        Ok(kafka)
+    }
+
+    /// Uses an embedded broker of this process; topics are created through its mock API.
+    pub fn embedded(broker: Arc<EmbeddedKafka>) -> Self {
+        let mut config = KafkaConfig::new(broker.bootstrap_servers());
+        // The mock broker answers an empty fetch only when fetch.wait.max.ms has passed, even
+        // if data arrives meanwhile (a real broker answers at once): poll briefly instead of
+        // adding half a second to every message's latency.
+        //
+        // When the last member leaves a group, the mock keeps the group rebalancing for the
+        // session timeout minus one second before a new member may join; a short session
+        // timeout keeps a restarted consumer from waiting 44 s.
+        for (key, value) in EMBEDDED_PROPERTIES {
+            config.properties.insert(key.to_string(), value.to_string());
+        }
+        Self {
+            config,
+            embedded: Some(broker),
+            producer: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    async fn check_reachable(&self) -> Result<(), BrokerError> {
+        let config = self.config.clone();
+        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let admin: AdminClient<DefaultClientContext> =
+            config.client_config().create().map_err(config_error)?;
+        let result = tokio::task::spawn_blocking(move || {
+            admin.inner().fetch_metadata(None, timeout).map(|_| ())
+        })
+        .await
+        .map_err(|e| BrokerError::Connection(e.to_string()))?;
+        result.map_err(|e| {
+            BrokerError::Connection(format!(
+                "cannot reach Kafka at {} within {} ms ({e}). Is the broker running? Start the \
+                 embedded one with `switchyard broker`, or pass the right address (--broker \
+                 kafka://HOST:PORT)",
+                self.config.bootstrap_servers, self.config.connect_timeout_ms
+            ))
+        })
+    }
+}
+
+fn config_error(e: KafkaError) -> BrokerError {
+    BrokerError::Config(format!(
+        "invalid Kafka settings: {e}. Check the [broker.kafka] properties against \
+         librdkafka's CONFIGURATION.md"
+    ))
+}
+
+fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::OperationTimedOut,
+        ) => BrokerError::Timeout(format!("{what}: {e}")),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::MessageSizeTooLarge,
+        ) => BrokerError::Rejected(format!("{what}: {e}")),
+        _ => BrokerError::Connection(format!("{what}: {e}")),
+    }
+}
+
+#[async_trait]
+impl Broker for Kafka {
+    fn describe(&self) -> String {
+        match self.embedded {
+            Some(_) => format!("embedded ({})", self.config.bootstrap_servers),
+            None => format!("kafka://{}", self.config.bootstrap_servers),
+        }
+    }
+
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
+        if let Some(embedded) = &self.embedded {
+            return topics.iter().try_for_each(|t| embedded.create_topic(t));
+        }
+        if !self.config.create_topics || topics.is_empty() {
+            return Ok(());
+        }
+        let admin: Arc<AdminClient<DefaultClientContext>> =
+            Arc::new(self.config.client_config().create().map_err(config_error)?);
+        // Ask only for what is missing: a broker may refuse CreateTopics (permissions, or no
+        // such API, like another process's embedded broker) for topics that already exist.
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let existing: std::collections::HashSet<String> = {
+            let admin = admin.clone();
+            tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+                .await
+                .map_err(|e| BrokerError::Connection(e.to_string()))?
+                .map_err(|e| kafka_error("listing topics", &e))?
+                .topics()
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect()
+        };
+        let missing: Vec<&TopicSpec> = topics
+            .iter()
+            .filter(|t| !existing.contains(&t.name))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let new_topics: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(self.config.replication_factor),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
+        let results = match admin.create_topics(&new_topics, &options).await {
+            Ok(results) => results,
+            // A broker without the CreateTopics API (such as another process's embedded
+            // broker) creates topics on first use instead.
+            Err(e)
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnsupportedVersion)
+                    || e.rdkafka_error_code() == Some(RDKafkaErrorCode::InvalidRequest) =>
+            {
+                tracing::info!("broker cannot create topics ({e}); they are created on first use");
+                return Ok(());
+            }
+            Err(e) => {
+                let names: Vec<&str> = missing.iter().map(|t| t.name.as_str()).collect();
+                return Err(kafka_error(
+                    &format!(
+                        "creating topics {names:?} (create them yourself, or set \
+                         create_topics = false if the broker creates them on first use)"
+                    ),
+                    &e,
+                ));
+            }
+        };
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((
+                    _,
+                    RDKafkaErrorCode::UnsupportedVersion | RDKafkaErrorCode::InvalidRequest,
+                )) => {
+                    tracing::info!("broker cannot create topics; they are created on first use");
+                }
+                Err((name, code)) => {
+                    return Err(BrokerError::Rejected(format!(
+                        "cannot create topic {name:?}: {code}. Create it yourself, or set \
+                         create_topics = false if it exists and the check lacks permission"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError> {
+        let publisher = self
+            .producer
+            .get_or_try_init(|| async {
+                let mut config = self.config.client_config();
+                for (key, value) in [("enable.idempotence", "true"), ("linger.ms", "2")] {
+                    if !self.config.properties.contains_key(key) {
+                        config.set(key, value);
+                    }
+                }
+                let producer: FutureProducer = config.create().map_err(config_error)?;
+                Ok::<_, BrokerError>(Arc::new(KafkaPublisher { producer }))
+            })
+            .await?;
+        Ok(publisher.clone())
+    }
+
+    async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
+        if spec.topics.is_empty() {
+            return Err(BrokerError::Config(format!(
+                "subscription {:?} names no topics",
+                spec.group
+            )));
+        }
+        let tracker = Arc::new(OffsetTracker::default());
+        let mut config = self.config.client_config();
+        config
+            .set("group.id", &spec.group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match spec.start {
+                    StartPosition::Earliest => "earliest",
+                    StartPosition::Latest => "latest",
+                },
+            );
+        let context = GroupContext {
+            tracker: tracker.clone(),
+        };
+        let consumer: StreamConsumer<GroupContext> =
+            config.create_with_context(context).map_err(config_error)?;
+        let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| kafka_error(&format!("subscribing to {topics:?}"), &e))?;
+        Ok(Arc::new(KafkaSubscriber {
+            consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
+            tracker,
+        }))
+    }
+}
+
+struct KafkaPublisher {
+    producer: FutureProducer,
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 1);
+        if let Some(content_type) = &message.content_type {
+            headers = headers.insert(Header {
+                key: CONTENT_TYPE_HEADER,
+                value: Some(content_type.as_str()),
+            });
+        }
+        for (key, value) in &message.headers {
+            headers = headers.insert(Header {
+                key: key.as_str(),
+                value: Some(value.as_str()),
+            });
+        }
+        let mut record = FutureRecord::to(&message.topic)
+            .payload(&message.payload)
+            .headers(headers);
+        if let Some(key) = &message.key {
+            record = record.key(key);
+        }
+        let topic = message.topic.clone();
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    let receipt = delivery.map(move |outcome| match outcome {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => {
+                            Err(kafka_error(&format!("delivering to topic {topic:?}"), &e))
+                        }
+                        Err(_) => Err(BrokerError::Connection(
+                            "the producer shut down before the broker answered".into(),
+                        )),
+                    });
+                    return Ok(DeliveryReceipt::new(receipt.boxed()));
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                }
+                Err((e, _)) => return Err(kafka_error(&format!("publishing to {topic:?}"), &e)),
+            }
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| BrokerError::Connection(e.to_string()))?
+            .map_err(|e| kafka_error("flushing the producer", &e))
+    }
+}
+
+/// Forgets in-flight offsets of partitions a rebalance takes away, so acknowledgements that
+/// arrive after it do not commit on behalf of the new owner.
+struct GroupContext {
+    tracker: Arc<OffsetTracker>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                for element in partitions.elements() {
+                    self.tracker.revoke(element.topic(), element.partition());
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+        }
+    }
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// The consumer is the only strong reference to the librdkafka handle (deliveries hold weak
+/// ones), so `close` can drop it, which leaves the group at once instead of after the
+/// session timeout.
+struct KafkaSubscriber {
+    consumer: std::sync::Mutex<Option<Arc<GroupConsumer>>>,
+    tracker: Arc<OffsetTracker>,
+}
+
+impl KafkaSubscriber {
+    fn consumer(&self) -> Result<Arc<GroupConsumer>, BrokerError> {
+        self.consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(BrokerError::Closed)
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaSubscriber {
+    async fn next(&self) -> Result<Delivery, BrokerError> {
+        let consumer = self.consumer()?;
+        loop {
+            let message = match consumer.recv().await {
+                Ok(message) => message,
+                Err(e) => {
+                    let error = kafka_error("receiving", &e);
+                    if matches!(error, BrokerError::Rejected(_)) {
+                        return Err(error);
+                    }
+                    // Transient (broker restart, rebalance): librdkafka reconnects by itself.
+                    tracing::warn!("{error}");
+                    continue;
+                }
+            };
+            let mut incoming = IncomingMessage {
+                topic: message.topic().to_string(),
+                position: format!("{}@{}", message.partition(), message.offset()),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: Vec::new(),
+                content_type: None,
+            };
+            if let Some(headers) = message.headers() {
+                for header in headers.iter() {
+                    let value = String::from_utf8_lossy(header.value.unwrap_or_default());
+                    if header.key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
+                        incoming.content_type = Some(value.into_owned());
+                    } else {
+                        incoming
+                            .headers
+                            .push((header.key.to_string(), value.into_owned()));
+                    }
+                }
+            }
+            let in_flight =
+                self.tracker
+                    .delivered(message.topic(), message.partition(), message.offset());
+            let settle = KafkaSettle {
+                consumer: Arc::downgrade(&consumer),
+                tracker: self.tracker.clone(),
+                in_flight,
+            };
+            return Ok(Delivery::new(incoming, Box::new(settle)));
+        }
+    }
+
+    async fn close(&self) -> Result<(), BrokerError> {
+        let taken = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(consumer) = taken else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = match consumer.commit_consumer_state(CommitMode::Sync) {
+                // Nothing was acknowledged since the last commit.
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                other => other,
+            };
+            // The last strong reference: dropping it leaves the group (librdkafka's
+            // consumer close), so the partitions move to the other members now.
+            drop(consumer);
+            result
+        })
+        .await
+        .map_err(|e| BrokerError::Connection(e.to_string()))?
+        .map_err(|e| kafka_error("committing offsets on close", &e))?;
+        self.tracker.revoke_all();
+        Ok(())
+    }
+}
+
+struct KafkaSettle {
+    consumer: std::sync::Weak<GroupConsumer>,
+    tracker: Arc<OffsetTracker>,
+    in_flight: InFlight,
+}
+
+impl Settle for KafkaSettle {
+    fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        let Some(position) = self.tracker.complete(&self.in_flight) else {
+            return Ok(());
+        };
+        // Closed meanwhile: the message goes to the next member, as promised.
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Ok(());
+        };
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(
+            &self.in_flight.topic,
+            self.in_flight.partition,
+            Offset::Offset(position),
+        )
+        .map_err(|e| kafka_error("recording the offset", &e))?;
+        match consumer.store_offsets(&list) {
+            Ok(()) => Ok(()),
+            // The partition moved to another member meanwhile; it will redeliver.
+            Err(e) => {
+                tracing::debug!("offset {position} not stored: {e}");
+                Ok(())
+            }
+        }
+    }
+}

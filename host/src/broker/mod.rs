@@ -1,0 +1,201 @@
+//! The unified broker API: one set of traits the runtime and the CLI use, implemented once per
+//! backend ([`kafka`], with [`embedded`] running a Kafka-protocol broker inside the process).
+//!
+//! The traits are deliberately small: publish (enqueue now, learn about delivery later),
+//! subscribe as a member of a group, settle each delivery explicitly. Backend-specific settings
+//! pass through as properties instead of growing the trait, and a test can inject a backend of
+//! its own to see how the runtime reacts to a failing broker.
+
+pub mod embedded;
+pub mod kafka;
+mod offsets;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+
+pub use offsets::OffsetTracker;
+
+/// Header carrying a message's content type on backends without a native field for it.
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
+
+/// What went wrong talking to a broker. Every message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker could not be reached or the connection failed.
+    #[error("{0}")]
+    Connection(String),
+    /// The broker did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The broker refused the operation (authorisation, unknown topic, invalid name).
+    #[error("{0}")]
+    Rejected(String),
+    /// The settings given to the backend are wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The subscription was closed; no more deliveries will come.
+    #[error("the subscription is closed")]
+    Closed,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// Destination topic.
+    pub topic: String,
+    /// Partitioning / ordering key; messages with the same key keep their order.
+    pub key: Option<Vec<u8>>,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Headers (Kafka) or attributes (Pub/Sub).
+    pub headers: Vec<(String, String)>,
+    /// Content type of the payload, carried in the `content-type` header on Kafka.
+    pub content_type: Option<String>,
+}
+
+/// A received message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IncomingMessage {
+    /// Topic it was received on.
+    pub topic: String,
+    /// Where the message sits in the broker, for logs: `partition@offset` on Kafka.
+    pub position: String,
+    /// Partitioning / ordering key.
+    pub key: Option<Vec<u8>>,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Headers (without the content-type header, which is in `content_type`).
+    pub headers: Vec<(String, String)>,
+    /// Content type of the payload, if the sender gave one.
+    pub content_type: Option<String>,
+}
+
+/// Settles one delivery with the broker. Dropping it unsettled leaves the message for
+/// redelivery to the next member of the group (at-least-once).
+pub trait Settle: Send + Sync {
+    /// Tells the broker the message is done with.
+    fn ack(self: Box<Self>) -> Result<(), BrokerError>;
+}
+
+/// A message delivered to a subscriber, to be settled once handled.
+pub struct Delivery {
+    /// The message.
+    pub message: IncomingMessage,
+    settle: Box<dyn Settle>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Pairs a message with how to settle it.
+    pub fn new(message: IncomingMessage, settle: Box<dyn Settle>) -> Self {
+        Self { message, settle }
+    }
+
+    /// Acknowledges the message: on Kafka its offset becomes committable once every earlier
+    /// message of its partition is acknowledged too.
+    pub fn ack(self) -> Result<(), BrokerError> {
+        self.settle.ack()
+    }
+}
+
+/// Resolves once the broker has acknowledged (or definitely failed) a published message.
+pub struct DeliveryReceipt(BoxFuture<'static, Result<(), BrokerError>>);
+
+impl DeliveryReceipt {
+    /// Wraps a future that resolves with the broker's verdict.
+    pub fn new(future: BoxFuture<'static, Result<(), BrokerError>>) -> Self {
+        Self(future)
+    }
+
+    /// Waits for the broker's verdict.
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        self.0.await
+    }
+}
+
+impl fmt::Debug for DeliveryReceipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeliveryReceipt")
+    }
+}
+
+/// Publishes messages.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Hands a message to the backend. Returns as soon as it is queued: it waits only while
+    /// the local queue is full (backpressure), and never drops the message. The receipt tells
+    /// whether the broker stored it.
+    async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError>;
+
+    /// Waits until everything queued has been delivered or `timeout` has passed.
+    async fn flush(&self, timeout: Duration) -> Result<(), BrokerError>;
+}
+
+/// A membership in a consumer group (Kafka) or subscription (Pub/Sub).
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// The next delivery; waits until one arrives.
+    async fn next(&self) -> Result<Delivery, BrokerError>;
+
+    /// Commits what was acknowledged and leaves the group. Unsettled messages go to the next
+    /// member.
+    async fn close(&self) -> Result<(), BrokerError>;
+}
+
+/// What to subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionSpec {
+    /// Consumer group (Kafka) or subscription name (Pub/Sub); members share the load.
+    pub group: String,
+    /// Topics to receive from.
+    pub topics: Vec<String>,
+    /// Where a group with no committed position starts.
+    pub start: StartPosition,
+}
+
+/// Where a new group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPosition {
+    /// From the oldest retained message.
+    #[default]
+    Earliest,
+    /// Only messages published after joining.
+    Latest,
+}
+
+/// A topic the application needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partitions to create it with, when it has to be created.
+    pub partitions: i32,
+}
+
+/// A message broker: the one thing a backend implements.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// How to name this broker to a person (`kafka://host:9092`, `embedded`).
+    fn describe(&self) -> String;
+
+    /// Creates the topics that do not exist yet, where the broker allows it.
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError>;
+
+    /// A publisher; cheap to share between components.
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError>;
+
+    /// Joins a group and starts receiving.
+    async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError>;
+}

@@ -1,0 +1,598 @@
+//! The manifest: which broker, which components, and what each component may do.
+//!
+//! A TOML file, read with serde and `deny_unknown_fields` so a misspelt key is an error that
+//! names the key and the line rather than a setting silently ignored. Paths are relative to
+//! the manifest's directory and may use `${VAR}` / `${VAR:-default}`. The README documents
+//! every key; `components/pipeline.toml` is a complete manifest.
+//!
+//! ```toml
+//! [broker.kafka]                     # or [broker.embedded]; default: embedded
+//! bootstrap_servers = "127.0.0.1:9092"
+//!
+//! [[topics]]
+//! name = "requests"
+//! partitions = 8
+//!
+//! [components.classifier]
+//! wasm = "${SWITCHYARD_COMPONENTS:-../target/components/wasm32-wasip2/component}/classifier.wasm"
+//! subscribe = ["requests"]           # a handler; without `subscribe`, a command run once
+//! publish = ["predictions"]
+//! workers = 2
+//! args = ["--model", "/models/lenet.onnx"]
+//! preopens = [{ host = "../models", guest = "/models" }]
+//! limits = { max_memory_mb = 256, max_call_ms = 10000 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::broker::StartPosition;
+use crate::broker::kafka::KafkaConfig;
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the manifest {path}: {source}")]
+    Read {
+        /// The manifest path.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown or mistyped key.
+    #[error("manifest {path}: {message}")]
+    Parse {
+        /// The manifest path.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// The manifest parses but asks for something impossible.
+    #[error("manifest {path}: component {component:?}: {message}")]
+    Invalid {
+        /// The manifest path.
+        path: PathBuf,
+        /// The component concerned (or `-` for the manifest as a whole).
+        component: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// A parsed, validated manifest with every path resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The broker; the embedded one when absent.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Topics to create at start-up (where the broker allows it).
+    #[serde(default)]
+    pub topics: Vec<TopicConfig>,
+    /// The components, by name.
+    #[serde(default)]
+    pub components: BTreeMap<String, ComponentConfig>,
+}
+
+/// Which broker to use.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BrokerConfig {
+    /// A Kafka-protocol broker inside this process (librdkafka's mock cluster).
+    Embedded(EmbeddedConfig),
+    /// A Kafka cluster.
+    Kafka(KafkaConfig),
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self::Embedded(EmbeddedConfig::default())
+    }
+}
+
+impl BrokerConfig {
+    /// Parses a broker URL: `embedded`, or `kafka://host:port[,host:port...][?key=value&...]`
+    /// where each `key=value` is a librdkafka property.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        if url == "embedded" {
+            return Ok(Self::default());
+        }
+        if let Some(rest) = url.strip_prefix("kafka://") {
+            let (servers, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let servers = servers.trim_end_matches('/');
+            if servers.is_empty() {
+                return Err(
+                    "kafka:// needs at least one host:port, e.g. kafka://127.0.0.1:9092".into(),
+                );
+            }
+            let mut config = KafkaConfig::new(servers);
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let Some((key, value)) = pair.split_once('=') else {
+                    return Err(format!(
+                        "broker URL parameter {pair:?} needs a value: kafka://HOST:PORT?key=value"
+                    ));
+                };
+                config.properties.insert(key.to_string(), value.to_string());
+            }
+            return Ok(Self::Kafka(config));
+        }
+        Err(format!(
+            "unknown broker {url:?}: use `embedded` or kafka://HOST:PORT[,HOST:PORT...][?property=value&...]"
+        ))
+    }
+}
+
+/// Settings of the embedded broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Also listen on this address (such as `127.0.0.1:9092`) for other processes and `kcat`.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// A topic to create.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Topic name.
+    pub name: String,
+    /// Partitions (default 8: the embedded broker keeps only ~5 MiB per partition).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+}
+
+fn default_partitions() -> i32 {
+    8
+}
+
+/// One component and what it is granted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// Path to the component's `.wasm`.
+    pub wasm: PathBuf,
+    /// Topics delivered to the component's `incoming-handler`. Empty: the component is a
+    /// command, run once through `wasi:cli/run`.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Consumer group (subscription); defaults to the component's name.
+    pub group: Option<String>,
+    /// Where a new group starts: `earliest` (default) or `latest`.
+    #[serde(default)]
+    pub start: StartPosition,
+    /// Topics the component may send to; sending elsewhere is `permission-denied`.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Instances handling messages concurrently (handlers only).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Arguments the component sees (`wasi:cli/environment`); the component's name is `argv[0]`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Host directories the component may read, and where it sees them.
+    #[serde(default)]
+    pub preopens: Vec<Preopen>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What to do when the handler fails.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+fn default_workers() -> usize {
+    1
+}
+
+impl ComponentConfig {
+    /// Whether the host calls the component per message (it subscribes to something).
+    pub fn is_handler(&self) -> bool {
+        !self.subscribe.is_empty()
+    }
+}
+
+/// A host directory made visible to a component.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preopen {
+    /// Directory on the host.
+    pub host: PathBuf,
+    /// Path the component uses for it.
+    pub guest: String,
+    /// Allow writing (default: read-only).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// Limits one instance runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory an instance may grow to, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub max_memory_mb: u64,
+    /// Wall-clock time one call (`handle`, or a command's `run`) may take, in milliseconds;
+    /// 0 means no limit. A call past it traps and costs its instance.
+    #[serde(default = "default_call_ms")]
+    pub max_call_ms: u64,
+}
+
+fn default_memory_mb() -> u64 {
+    256
+}
+
+fn default_call_ms() -> u64 {
+    30_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_memory_mb: default_memory_mb(),
+            max_call_ms: default_call_ms(),
+        }
+    }
+}
+
+/// How often to retry a message whose handler failed before settling it anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubles each time.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+fn default_backoff_ms() -> u64 {
+    100
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            backoff_ms: default_backoff_ms(),
+        }
+    }
+}
+
+impl Manifest {
+    /// Reads, parses and validates a manifest file; relative paths become relative to it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Parses and validates manifest text; `name` is used in errors, `base` resolves paths.
+    pub fn parse(text: &str, name: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut manifest: Manifest = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        for (component_name, component) in &mut manifest.components {
+            let resolve = |path: &Path| {
+                expand_env(&path.to_string_lossy())
+                    .map(|p| base.join(p))
+                    .map_err(|message| ConfigError::Invalid {
+                        path: name.to_path_buf(),
+                        component: component_name.clone(),
+                        message,
+                    })
+            };
+            component.wasm = resolve(&component.wasm)?;
+            for preopen in &mut component.preopens {
+                preopen.host = resolve(&preopen.host)?;
+            }
+        }
+        manifest.validate(name)?;
+        Ok(manifest)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |component: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            component: component.to_string(),
+            message,
+        };
+        if self.components.is_empty() {
+            return Err(invalid(
+                "-",
+                "no components: add a [components.NAME] section with at least `wasm = \"...\"`"
+                    .into(),
+            ));
+        }
+        for topic in &self.topics {
+            check_topic_name(&topic.name).map_err(|m| invalid("-", m))?;
+            if topic.partitions < 1 {
+                return Err(invalid(
+                    "-",
+                    format!("topic {:?} needs at least 1 partition", topic.name),
+                ));
+            }
+        }
+        for (name, component) in &self.components {
+            if !component.wasm.is_file() {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "no file at {}: build the component (`just components`) or fix `wasm`",
+                        component.wasm.display()
+                    ),
+                ));
+            }
+            for topic in component.subscribe.iter().chain(&component.publish) {
+                check_topic_name(topic).map_err(|m| invalid(name, m))?;
+            }
+            if component.workers == 0 {
+                return Err(invalid(name, "`workers` must be at least 1".into()));
+            }
+            if component.retry.max_attempts == 0 {
+                return Err(invalid(
+                    name,
+                    "`retry.max_attempts` must be at least 1".into(),
+                ));
+            }
+            if component.limits.max_memory_mb == 0 || component.limits.max_memory_mb > 4096 {
+                return Err(invalid(
+                    name,
+                    "`limits.max_memory_mb` must be between 1 and 4096 (32-bit Wasm)".into(),
+                ));
+            }
+            for preopen in &component.preopens {
+                if !preopen.host.is_dir() {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "preopen {} is not a directory: create it or fix `host`",
+                            preopen.host.display()
+                        ),
+                    ));
+                }
+                if !preopen.guest.starts_with('/') {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "preopen guest path {:?} must be absolute, like \"/data\"",
+                            preopen.guest
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Expands `${NAME}` and `${NAME:-default}` in a path from the manifest, so one manifest works
+/// wherever the build puts the components (`${SWITCHYARD_COMPONENTS:-../target/...}`).
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            return Err(format!("unclosed ${{ in {text:?}"));
+        };
+        let inner = &rest[start + 2..start + end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        match (std::env::var(name), default) {
+            (Ok(value), _) if !value.is_empty() => out.push_str(&value),
+            (_, Some(default)) => out.push_str(default),
+            _ => {
+                return Err(format!(
+                    "{text:?} uses ${{{name}}}, which is not set: set it or give a default \
+                     with ${{{name}:-DEFAULT}}"
+                ));
+            }
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Checks a Kafka-legal topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`.
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty()
+        || name.len() > 249
+        || !name.chars().all(legal)
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!(
+            "{name:?} is not a valid topic name: use 1 to 249 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.wasm"), b"\0asm").unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        Manifest::parse(text, Path::new("test.toml"), dir.path())
+    }
+
+    const MINIMAL: &str = "[components.c]\nwasm = \"c.wasm\"\n";
+
+    #[test]
+    fn minimal_manifest_uses_defaults() {
+        let m = parse(MINIMAL).unwrap();
+        assert_eq!(m.broker, BrokerConfig::Embedded(EmbeddedConfig::default()));
+        let c = &m.components["c"];
+        assert!(!c.is_handler());
+        assert_eq!(c.workers, 1);
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.start, StartPosition::Earliest);
+    }
+
+    #[test]
+    fn full_manifest_parses() {
+        let m = parse(
+            r#"
+            [broker.kafka]
+            bootstrap_servers = "k1:9092,k2:9092"
+            properties = { "compression.type" = "lz4" }
+
+            [[topics]]
+            name = "requests"
+            partitions = 4
+
+            [components.c]
+            wasm = "c.wasm"
+            subscribe = ["requests"]
+            group = "g"
+            start = "latest"
+            publish = ["predictions"]
+            workers = 3
+            args = ["--quiet"]
+            preopens = [{ host = "data", guest = "/data" }]
+            limits = { max_memory_mb = 64, max_call_ms = 500 }
+            retry = { max_attempts = 5, backoff_ms = 10 }
+            "#,
+        )
+        .unwrap();
+        let BrokerConfig::Kafka(kafka) = &m.broker else {
+            panic!("not kafka")
+        };
+        assert_eq!(kafka.bootstrap_servers, "k1:9092,k2:9092");
+        assert_eq!(kafka.properties["compression.type"], "lz4");
+        let c = &m.components["c"];
+        assert!(c.is_handler());
+        assert_eq!(c.start, StartPosition::Latest);
+        assert_eq!(c.limits.max_memory_mb, 64);
+        assert_eq!(c.retry.max_attempts, 5);
+        assert!(c.preopens[0].host.ends_with("data"));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let err = parse("[components.c]\nwasm = \"c.wasm\"\nworkerz = 2\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("workerz"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn malformed_toml_names_the_line() {
+        let err = parse("[components.c\nwasm = 1\n").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let err = parse("[components.c]\nwasm = \"c.wasm\"\nworkers = \"two\"\n").unwrap_err();
+        assert!(err.to_string().contains("workers"), "{err}");
+    }
+
+    #[test]
+    fn missing_wasm_says_how_to_build_it() {
+        let err = parse("[components.c]\nwasm = \"nope.wasm\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("nope.wasm") && text.contains("just components"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (snippet, expected) in [
+            ("workers = 0", "workers"),
+            ("subscribe = [\"bad topic\"]", "not a valid topic name"),
+            ("publish = [\"\"]", "not a valid topic name"),
+            (
+                "preopens = [{ host = \"missing\", guest = \"/d\" }]",
+                "not a directory",
+            ),
+            (
+                "preopens = [{ host = \"data\", guest = \"d\" }]",
+                "must be absolute",
+            ),
+            ("limits = { max_memory_mb = 0 }", "max_memory_mb"),
+            ("retry = { max_attempts = 0 }", "max_attempts"),
+        ] {
+            let text = format!("{MINIMAL}{snippet}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{snippet}: {err}");
+        }
+        assert!(parse("").unwrap_err().to_string().contains("no components"));
+    }
+
+    #[test]
+    fn paths_expand_environment_variables() {
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("SWITCHYARD_TEST_DIR", "/opt/c") };
+        assert_eq!(
+            expand_env("${SWITCHYARD_TEST_DIR}/x.wasm").unwrap(),
+            "/opt/c/x.wasm"
+        );
+        assert_eq!(
+            expand_env("${SWITCHYARD_UNSET_VAR:-a/b}/x").unwrap(),
+            "a/b/x"
+        );
+        assert_eq!(expand_env("plain").unwrap(), "plain");
+        assert!(
+            expand_env("${SWITCHYARD_UNSET_VAR}")
+                .unwrap_err()
+                .contains("not set")
+        );
+        assert!(expand_env("${OPEN").unwrap_err().contains("unclosed"));
+        let err = parse("[components.c]\nwasm = \"${SWITCHYARD_UNSET_VAR}/c.wasm\"\n").unwrap_err();
+        assert!(err.to_string().contains("SWITCHYARD_UNSET_VAR"), "{err}");
+        assert!(parse("[components.c]\nwasm = \"${SWITCHYARD_UNSET_VAR:-.}/c.wasm\"\n").is_ok());
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            BrokerConfig::from_url("embedded").unwrap(),
+            BrokerConfig::default()
+        );
+        assert_eq!(
+            BrokerConfig::from_url("kafka://h:1,g:2").unwrap(),
+            BrokerConfig::Kafka(KafkaConfig::new("h:1,g:2"))
+        );
+        assert!(BrokerConfig::from_url("kafka://").is_err());
+        let BrokerConfig::Kafka(with_properties) =
+            BrokerConfig::from_url("kafka://h:1?session.timeout.ms=3000&acks=all").unwrap()
+        else {
+            panic!("not kafka")
+        };
+        assert_eq!(with_properties.bootstrap_servers, "h:1");
+        assert_eq!(with_properties.properties["session.timeout.ms"], "3000");
+        assert_eq!(with_properties.properties["acks"], "all");
+        assert!(
+            BrokerConfig::from_url("kafka://h:1?acks")
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            BrokerConfig::from_url("amqp://x")
+                .unwrap_err()
+                .contains("kafka://")
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! switchyard: runs sandboxed WebAssembly components against Kafka through one messaging
+//! interface (`wasi:messaging@0.2.0-draft`).
+//!
+//! The host owns every broker connection; a component sees only the WIT interface and what its
+//! manifest entry grants. The pieces:
+//!
+//! - [`broker`]: the unified broker API and its backends (Kafka on rdkafka, and the embedded
+//!   Kafka-protocol broker);
+//! - [`runtime`]: the wasmtime engine, the compiled-component cache, the instance pool, the
+//!   `wasi:messaging` host implementation and the handler workers;
+//! - [`config`]: the TOML manifest;
+//! - [`app`]: starting a whole manifest, as `switchyard run` does;
+//! - [`pipeline`]: the Fashion-MNIST demo built on the above.
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod pipeline;
+pub mod runtime;

@@ -1,0 +1,348 @@
+//! The `switchyard` command line: run a manifest, run the embedded broker, run the demo, or
+//! run one command component.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use switchyard::app::{self, App};
+use switchyard::broker::TopicSpec;
+use switchyard::broker::embedded::EmbeddedKafka;
+use switchyard::config::{
+    BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen, RetryPolicy,
+};
+use switchyard::pipeline::{self, DemoOptions};
+use switchyard::runtime::{Runtime, RuntimeOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Runs sandboxed WebAssembly components against Kafka through one messaging interface"
+)]
+struct Cli {
+    /// Directory for compiled components (default: ~/.cache/switchyard/compiled).
+    #[arg(long, global = true, env = "SWITCHYARD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run the components of a manifest until Ctrl-C (or until its commands finish, when it
+    /// has no handlers).
+    Run {
+        /// The manifest (TOML).
+        manifest: PathBuf,
+        /// Override the manifest's broker: `embedded` or kafka://HOST:PORT.
+        #[arg(long, env = "BROKER")]
+        broker: Option<String>,
+    },
+    /// Run the embedded Kafka-protocol broker alone, for other switchyard processes and kcat.
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Port to listen on.
+        #[arg(long, default_value_t = 9092)]
+        port: u16,
+        /// Topics to create, as NAME or NAME:PARTITIONS (others are created on first use with
+        /// 4 partitions).
+        #[arg(long = "topic", default_values_t = ["requests:8".to_string(), "predictions:8".to_string()])]
+        topics: Vec<String>,
+    },
+    /// Run the Fashion-MNIST pipeline (producer → classifier → consumer) and report accuracy,
+    /// throughput and latency. The last output line is JSON.
+    Demo {
+        /// Broker: `embedded` (default) or kafka://HOST:PORT.
+        #[arg(long, env = "BROKER", default_value = "embedded")]
+        broker: String,
+        /// Number of test images to send (1 to 10000).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        images: u64,
+        /// Classifier instances.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Directory with producer.wasm, classifier.wasm and consumer.wasm; when absent they
+        /// are built from this source tree.
+        #[arg(long)]
+        components: Option<PathBuf>,
+        /// Directory with lenet.onnx and the t10k files.
+        #[arg(long)]
+        models: Option<PathBuf>,
+        /// Print a line per prediction, as the consumer does in three-terminal mode.
+        #[arg(long)]
+        show_predictions: bool,
+    },
+    /// Run one command component (a WASI command that may send messages), such as a
+    /// component's test binary; exits with its exit code.
+    Exec {
+        /// The component.
+        wasm: PathBuf,
+        /// Broker: `embedded` (default) or kafka://HOST:PORT.
+        #[arg(long, env = "BROKER", default_value = "embedded")]
+        broker: String,
+        /// Host directory to preopen, as HOST::GUEST (read-only); repeatable.
+        #[arg(long = "dir")]
+        dirs: Vec<String>,
+        /// Topics the component may send to.
+        #[arg(long = "publish")]
+        publish: Vec<String>,
+        /// Arguments for the component.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime_options(cache_dir: Option<PathBuf>) -> RuntimeOptions {
+    let mut options = RuntimeOptions::default();
+    if let Some(dir) = cache_dir {
+        options.cache_dir = dir;
+    }
+    options
+}
+
+fn broker_config(url: &str) -> anyhow::Result<BrokerConfig> {
+    BrokerConfig::from_url(url).map_err(anyhow::Error::msg)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let options = runtime_options(cli.cache_dir);
+    match cli.command {
+        Commands::Run { manifest, broker } => {
+            run_manifest(&manifest, broker.as_deref(), options).await
+        }
+        Commands::Broker { host, port, topics } => {
+            run_broker(SocketAddr::new(host, port), &topics).await
+        }
+        Commands::Demo {
+            broker,
+            images,
+            workers,
+            components,
+            models,
+            show_predictions,
+        } => {
+            let components = match components {
+                Some(dir) => dir,
+                None => {
+                    eprintln!("building the components (cargo build --target wasm32-wasip2)…");
+                    pipeline::build_components().map_err(anyhow::Error::msg)?
+                }
+            };
+            let demo = DemoOptions {
+                broker: broker_config(&broker)?,
+                images: usize::try_from(images)?,
+                classifier_workers: workers,
+                components,
+                models: models.unwrap_or_else(pipeline::models_dir),
+                show_predictions,
+                stall_timeout: Duration::from_secs(60),
+                runtime: options,
+            };
+            let report = pipeline::run(&demo).await?;
+            print_summary(&report);
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(if report.predictions == report.images {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Commands::Exec {
+            wasm,
+            broker,
+            dirs,
+            publish,
+            args,
+        } => exec(wasm, &broker, &dirs, publish, args, options).await,
+    }
+}
+
+fn print_summary(report: &pipeline::DemoReport) {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+    eprintln!();
+    eprintln!("switchyard demo on {}", report.broker);
+    eprintln!("  images sent        {}", report.images);
+    eprintln!(
+        "  predictions        {} ({} duplicates ignored, {} requests failed)",
+        report.predictions, report.duplicates, report.failed
+    );
+    if let Some(accuracy) = report.accuracy {
+        eprintln!("  accuracy           {:.2} %", accuracy * 100.0);
+    }
+    if let Some(rate) = report.images_per_s {
+        eprintln!("  throughput         {rate:.0} images/s");
+    }
+    eprintln!(
+        "  latency p50 / p99  {} / {}",
+        ms(report.p50_ms),
+        ms(report.p99_ms)
+    );
+    if let Some(first) = report.first_prediction_s {
+        eprintln!("  first prediction   {first:.2} s after start");
+    }
+}
+
+async fn run_manifest(
+    path: &std::path::Path,
+    broker: Option<&str>,
+    options: RuntimeOptions,
+) -> anyhow::Result<ExitCode> {
+    let mut manifest = Manifest::load(path)?;
+    if let Some(url) = broker {
+        manifest.broker = broker_config(url)?;
+    }
+    let app = App::start(&manifest, options).await?;
+    if let Some(embedded) = &app.broker.embedded {
+        tracing::info!("embedded broker at {}", embedded.bootstrap_servers());
+    }
+    let mut code = ExitCode::SUCCESS;
+    for (name, outcome) in app.run_commands().await {
+        let outcome = outcome?;
+        tracing::info!(
+            "{name} exited with {} ({} messages delivered, {} failed)",
+            outcome.exit_code,
+            outcome.delivered,
+            outcome.failed
+        );
+        if let Some(error) = outcome.first_error {
+            tracing::error!("{name}: first delivery error: {error}");
+        }
+        if outcome.exit_code != 0 || outcome.failed > 0 {
+            code = ExitCode::FAILURE;
+        }
+    }
+    if !app.handlers.is_empty() {
+        tracing::info!("running; press Ctrl-C to stop");
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        tracing::info!("stopping: finishing in-flight messages and committing");
+    }
+    for (name, reports) in app.stop().await? {
+        for report in reports {
+            println!("{name}: {report}");
+        }
+    }
+    Ok(code)
+}
+
+async fn run_broker(listen: SocketAddr, topics: &[String]) -> anyhow::Result<ExitCode> {
+    let broker = EmbeddedKafka::start(Some(listen)).await?;
+    for topic in topics {
+        let (name, partitions) = match topic.split_once(':') {
+            Some((name, partitions)) => (
+                name,
+                partitions
+                    .parse()
+                    .with_context(|| format!("--topic {topic}: partitions must be a number"))?,
+            ),
+            None => (topic.as_str(), 8),
+        };
+        switchyard::config::check_topic_name(name).map_err(anyhow::Error::msg)?;
+        broker.create_topic(&TopicSpec {
+            name: name.to_string(),
+            partitions,
+        })?;
+    }
+    let servers = broker.bootstrap_servers();
+    let properties: Vec<String> = switchyard::broker::kafka::EMBEDDED_PROPERTIES
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    println!(
+        "embedded Kafka broker listening on {servers} (kcat -b {servers} -L); Ctrl-C stops it."
+    );
+    println!(
+        "switchyard processes connect with --broker 'kafka://{servers}?{}'",
+        properties.join("&")
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn exec(
+    wasm: PathBuf,
+    broker: &str,
+    dirs: &[String],
+    publish: Vec<String>,
+    args: Vec<String>,
+    mut options: RuntimeOptions,
+) -> anyhow::Result<ExitCode> {
+    options.pool.max_memory_bytes = 1 << 30;
+    let mut preopens = Vec::new();
+    for dir in dirs {
+        let Some((host, guest)) = dir.split_once("::") else {
+            bail!("--dir {dir}: use HOST::GUEST, such as --dir .::/");
+        };
+        preopens.push(Preopen {
+            host: host.into(),
+            guest: guest.into(),
+            writable: false,
+        });
+    }
+    let config = ComponentConfig {
+        wasm: wasm.clone(),
+        subscribe: Vec::new(),
+        group: None,
+        start: Default::default(),
+        publish,
+        workers: 1,
+        args,
+        preopens,
+        limits: Limits {
+            max_call_ms: 0,
+            max_memory_mb: 1024,
+        },
+        retry: RetryPolicy::default(),
+    };
+    let broker = match broker_config(broker)? {
+        BrokerConfig::Embedded(_) => BrokerConfig::Embedded(EmbeddedConfig::default()),
+        other => other,
+    };
+    let connected = app::connect(&broker).await?;
+    let runtime = Runtime::new(connected.broker.clone(), options).await?;
+    let name = wasm
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "component".into());
+    let component = runtime.load(&name, &config)?;
+    let outcome = runtime.run_command(&component).await?;
+    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}

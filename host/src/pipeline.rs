@@ -1,0 +1,338 @@
+//! The Fashion-MNIST demo: producer → requests → classifier → predictions → consumer, all three
+//! as components in this host, and a summary of what happened.
+//!
+//! The demo builds the components from this source tree when it runs from it (so one command
+//! does everything on a fresh clone), writes no manifest file (it builds the same
+//! [`Manifest`] that `components/pipeline.toml` describes) and reads its numbers from the
+//! consumer's report: accuracy, latency from `sent-at` to arrival, and throughput from the
+//! producer's start to the last prediction.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pipeline_core::tally::Summary;
+use serde::Serialize;
+
+use crate::app::App;
+use crate::broker::StartPosition;
+use crate::config::{
+    BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, RetryPolicy, TopicConfig,
+};
+use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
+
+/// Topic of classification requests.
+pub const REQUESTS_TOPIC: &str = "requests";
+/// Topic of predictions.
+pub const PREDICTIONS_TOPIC: &str = "predictions";
+/// The three pipeline components, by crate name.
+pub const COMPONENTS: [&str; 3] = ["producer", "classifier", "consumer"];
+
+/// The source tree this binary was built from.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `models/` in the source tree: the ONNX model and the committed test set.
+pub fn models_dir() -> PathBuf {
+    workspace_root().join("models")
+}
+
+/// Where component builds go: `components/` under the cargo target directory
+/// (`$CARGO_TARGET_DIR`, else the one this binary sits in, else `target/`). A target
+/// directory of its own lets a build run while another cargo holds the main one.
+pub fn components_target_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            let profile_dir = exe.parent()?;
+            let target = profile_dir.parent()?;
+            // Test binaries live one level deeper, in target/<profile>/deps.
+            let target = if profile_dir.ends_with("deps") {
+                target.parent()?
+            } else {
+                target
+            };
+            target
+                .join("CACHEDIR.TAG")
+                .is_file()
+                .then(|| target.to_path_buf())
+        })
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("components")
+}
+
+/// Where the built `.wasm` files are.
+pub fn components_dir() -> PathBuf {
+    components_target_dir()
+        .join("wasm32-wasip2")
+        .join("component")
+}
+
+/// Builds the three components (profile `component`, wasm32-wasip2) with cargo and returns their
+/// directory. Cargo makes this a no-op when nothing changed.
+pub fn build_components() -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", components_target_dir())
+        .args([
+            "build",
+            "--profile",
+            "component",
+            "--target",
+            "wasm32-wasip2",
+        ]);
+    for name in COMPONENTS {
+        command.args(["-p", name]);
+    }
+    let status = command.status().map_err(|e| {
+        format!("cannot run cargo to build the components ({e}); build them yourself with `just components` and pass --components DIR")
+    })?;
+    if !status.success() {
+        return Err(format!(
+            "building the components failed ({status}); the wasm32-wasip2 target comes with \
+             rust-toolchain.toml (rustup installs it), see the cargo output above"
+        ));
+    }
+    Ok(components_dir())
+}
+
+/// What the demo should do.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Broker; the embedded one by default.
+    pub broker: BrokerConfig,
+    /// How many test images to send (at most 10,000).
+    pub images: usize,
+    /// Classifier instances.
+    pub classifier_workers: usize,
+    /// Directory with producer.wasm, classifier.wasm and consumer.wasm.
+    pub components: PathBuf,
+    /// Directory with lenet.onnx and the t10k files.
+    pub models: PathBuf,
+    /// Print one line per prediction.
+    pub show_predictions: bool,
+    /// Give up when no prediction arrived for this long.
+    pub stall_timeout: Duration,
+    /// Runtime options (cache directory).
+    pub runtime: RuntimeOptions,
+}
+
+/// The demo's result: its last output line, as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DemoReport {
+    /// The broker it ran on.
+    pub broker: String,
+    /// Images sent.
+    pub images: u64,
+    /// Distinct predictions received.
+    pub predictions: u64,
+    /// Top-1 accuracy over the predictions.
+    pub accuracy: Option<f64>,
+    /// Images per second from the producer's start to the last prediction.
+    pub images_per_s: Option<f64>,
+    /// Median latency from `sent-at` to the prediction's arrival, in ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile of that latency, in ms.
+    pub p99_ms: Option<f64>,
+    /// Seconds from the start of the run (before the broker starts and the components load) to
+    /// the first prediction.
+    pub first_prediction_s: Option<f64>,
+    /// Predictions received more than once (counted once).
+    pub duplicates: u64,
+    /// Requests the classifier gave up on.
+    pub failed: u64,
+}
+
+/// The manifest of the pipeline: the same one `components/pipeline.toml` spells out.
+pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
+    let component = |name: &str| ComponentConfig {
+        wasm: options.components.join(format!("{name}.wasm")),
+        subscribe: Vec::new(),
+        group: None,
+        start: StartPosition::Earliest,
+        publish: Vec::new(),
+        workers: 1,
+        args: Vec::new(),
+        preopens: Vec::new(),
+        limits: Limits::default(),
+        retry: RetryPolicy::default(),
+    };
+    let models = Preopen {
+        host: options.models.clone(),
+        guest: "/models".into(),
+        writable: false,
+    };
+    let producer = ComponentConfig {
+        publish: vec![REQUESTS_TOPIC.into()],
+        args: [
+            "--images",
+            "/models/t10k-images-idx3-ubyte.gz",
+            "--labels",
+            "/models/t10k-labels-idx1-ubyte.gz",
+            "--topic",
+            REQUESTS_TOPIC,
+            "--limit",
+            &options.images.to_string(),
+            "--run-id",
+            run_id,
+        ]
+        .map(String::from)
+        .to_vec(),
+        preopens: vec![models.clone()],
+        limits: Limits {
+            max_call_ms: 0,
+            ..Limits::default()
+        },
+        ..component("producer")
+    };
+    let classifier = ComponentConfig {
+        subscribe: vec![REQUESTS_TOPIC.into()],
+        group: Some("switchyard-classifier".into()),
+        publish: vec![PREDICTIONS_TOPIC.into()],
+        workers: options.classifier_workers.max(1),
+        args: [
+            "--model",
+            "/models/lenet.onnx",
+            "--predictions-topic",
+            PREDICTIONS_TOPIC,
+        ]
+        .map(String::from)
+        .to_vec(),
+        preopens: vec![models],
+        ..component("classifier")
+    };
+    let mut consumer_args = vec!["--run-id".to_string(), run_id.to_string()];
+    if !options.show_predictions {
+        consumer_args.push("--quiet".into());
+    }
+    let consumer = ComponentConfig {
+        subscribe: vec![PREDICTIONS_TOPIC.into()],
+        group: Some(format!("switchyard-consumer-{run_id}")),
+        args: consumer_args,
+        ..component("consumer")
+    };
+    Manifest {
+        broker: options.broker.clone(),
+        topics: [REQUESTS_TOPIC, PREDICTIONS_TOPIC]
+            .map(|name| TopicConfig {
+                name: name.into(),
+                partitions: 8,
+            })
+            .to_vec(),
+        components: BTreeMap::from([
+            ("producer".to_string(), producer),
+            ("classifier".to_string(), classifier),
+            ("consumer".to_string(), consumer),
+        ]),
+    }
+}
+
+fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+async fn consumer_summary(app: &App) -> Option<Summary> {
+    let reports = app.handler("consumer")?.reports().await;
+    serde_json::from_str(reports.first()?).ok()
+}
+
+/// Runs the pipeline once and reports.
+pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
+    let run_id = format!("{:x}", unix_ms() as u64);
+    let manifest = manifest(options, &run_id);
+    let started_ms = unix_ms();
+    let app = App::start(&manifest, options.runtime.clone()).await?;
+    let broker = app.runtime.broker().describe();
+
+    let producer_started_ms = unix_ms();
+    let outcomes = app.run_commands().await;
+    let mut sent = 0u64;
+    for (name, outcome) in outcomes {
+        let outcome = outcome?;
+        if outcome.exit_code != 0 || outcome.failed > 0 {
+            return Err(RuntimeError::Failed {
+                component: name,
+                message: format!(
+                    "exited with {} after {} messages delivered, {} failed{}",
+                    outcome.exit_code,
+                    outcome.delivered,
+                    outcome.failed,
+                    outcome
+                        .first_error
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        sent += outcome.delivered;
+    }
+
+    // Wait for every prediction; give up only when nothing moves for `stall_timeout`.
+    let mut summary = None;
+    let mut last_progress = (Instant::now(), 0u64);
+    let classifier_failed = |app: &App| {
+        app.handler("classifier")
+            .map_or(0, |h| HandlerStats::get(&h.stats().gave_up))
+    };
+    loop {
+        let current = consumer_summary(&app).await;
+        let seen = current.as_ref().map_or(0, |s| s.predictions);
+        summary = current.or(summary);
+        let failed = classifier_failed(&app);
+        if seen + failed >= sent {
+            break;
+        }
+        if seen + failed > last_progress.1 {
+            last_progress = (Instant::now(), seen + failed);
+        } else if last_progress.0.elapsed() > options.stall_timeout {
+            tracing::error!(
+                "no prediction for {:?}: stopping with {seen} of {sent}",
+                options.stall_timeout
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = classifier_failed(&app);
+    app.stop().await?;
+
+    let summary = summary.unwrap_or(Summary {
+        predictions: 0,
+        duplicates: 0,
+        labelled: 0,
+        correct: 0,
+        accuracy: None,
+        per_class_accuracy: Vec::new(),
+        p50_ms: None,
+        p99_ms: None,
+        first_received_ms: None,
+        last_received_ms: None,
+    });
+    let images_per_s = summary.last_received_ms.and_then(|last| {
+        let seconds = (last - producer_started_ms) / 1000.0;
+        (seconds > 0.0).then(|| summary.predictions as f64 / seconds)
+    });
+    Ok(DemoReport {
+        broker,
+        images: sent,
+        predictions: summary.predictions,
+        accuracy: summary.accuracy,
+        images_per_s,
+        p50_ms: summary.p50_ms,
+        p99_ms: summary.p99_ms,
+        first_prediction_s: summary.first_received_ms.map(|f| (f - started_ms) / 1000.0),
+        duplicates: summary.duplicates,
+        failed,
+    })
+}

@@ -1,0 +1,227 @@
+//! The wasmtime engine and the on-disk cache of compiled components.
+//!
+//! Cranelift needs tens of seconds for the classifier (tract is large); loading the compiled
+//! artifact takes tens of milliseconds. So every component is compiled once and the artifact
+//! stored under the cache directory, keyed by the SHA-256 of the `.wasm` and of the engine's
+//! compatibility hash (wasmtime version, compiler settings, CPU features): a changed component
+//! or a new wasmtime compiles again, nothing else does.
+//!
+//! Instances come from the pooling allocator: slots are reserved once and reused, so replacing
+//! a trapped instance or starting a worker costs microseconds, not page faults.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::RuntimeError;
+
+/// How often the epoch advances; calls are interrupted (to yield, or to stop at their
+/// deadline) at this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Sizes the engine's instance pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSize {
+    /// Component instances alive at once (workers, commands, and replacements in flight).
+    pub instances: u32,
+    /// The largest linear memory any component may grow to, in bytes.
+    pub max_memory_bytes: usize,
+}
+
+/// Builds the engine every component shares.
+pub fn engine(pool: PoolSize) -> Result<Engine, RuntimeError> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+
+    let instances = pool.instances.max(4);
+    let mut pooling = PoolingAllocationConfig::default();
+    // A Rust component holds a handful of core instances (its module plus adapter shims), and
+    // each has a few tables; the classifier's function table is large because tract is.
+    pooling
+        .total_component_instances(instances)
+        .total_core_instances(instances * 8)
+        .total_memories(instances * 2)
+        .total_tables(instances * 8)
+        .total_stacks(instances)
+        .table_elements(200_000)
+        .max_core_instance_size(8 << 20)
+        .max_memory_size(pool.max_memory_bytes);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    /// Starts a thread that ticks `engine`'s epoch.
+    pub fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let weak = engine.weak();
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("switchyard-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .ok();
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The default cache directory: `$SWITCHYARD_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/switchyard/compiled`, else `$HOME/.cache/switchyard/compiled`, else a
+/// directory under the system temp dir.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SWITCHYARD_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("switchyard").join("compiled");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".cache/switchyard/compiled");
+    }
+    std::env::temp_dir().join("switchyard-cache")
+}
+
+/// Whether a component came from the cache or was compiled now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Loaded a compiled artifact.
+    Hit,
+    /// Compiled (and stored for next time).
+    Compiled,
+}
+
+/// Loads a component, compiling it only if the cache has no artifact for it.
+pub fn load_component(
+    engine: &Engine,
+    wasm_path: &Path,
+    cache_dir: &Path,
+) -> Result<(Component, CacheOutcome), RuntimeError> {
+    let bytes = std::fs::read(wasm_path).map_err(|e| RuntimeError::Component {
+        path: wasm_path.to_path_buf(),
+        message: format!("cannot read it: {e}"),
+    })?;
+    check_is_component(&bytes).map_err(|message| RuntimeError::Component {
+        path: wasm_path.to_path_buf(),
+        message,
+    })?;
+
+    let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+    engine
+        .precompile_compatibility_hash()
+        .hash(&mut engine_hash);
+    let mut key = Sha256::new();
+    key.update(engine_hash.finish().to_le_bytes());
+    key.update(&bytes);
+    let key = hex::encode(key.finalize());
+    let artifact = cache_dir.join(format!("{key}.cwasm"));
+
+    if artifact.is_file() {
+        // SAFETY: the file is one this function wrote with `Component::serialize` for an
+        // engine with the same compatibility hash (it is part of the name); wasmtime checks
+        // the header again and refuses an artifact from a different engine.
+        match unsafe { Component::deserialize_file(engine, &artifact) } {
+            Ok(component) => return Ok((component, CacheOutcome::Hit)),
+            Err(e) => tracing::warn!(
+                "cached artifact {} is unusable ({e}); compiling again",
+                artifact.display()
+            ),
+        }
+    }
+
+    tracing::info!(
+        "compiling {} ({} KiB); the result is cached in {}",
+        wasm_path.display(),
+        bytes.len() / 1024,
+        cache_dir.display()
+    );
+    let component = Component::new(engine, &bytes).map_err(|e| RuntimeError::Component {
+        path: wasm_path.to_path_buf(),
+        message: format!("it does not compile: {e:#}"),
+    })?;
+    if let Err(e) = store_artifact(&component, cache_dir, &artifact) {
+        // Only costs time on the next start.
+        tracing::warn!(
+            "cannot cache the compiled component in {}: {e}",
+            cache_dir.display()
+        );
+    }
+    Ok((component, CacheOutcome::Compiled))
+}
+
+fn store_artifact(component: &Component, dir: &Path, artifact: &Path) -> std::io::Result<()> {
+    let bytes = component.serialize().map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(dir)?;
+    // Write then rename, so a concurrent reader never sees half a file.
+    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut temp, &bytes)?;
+    temp.persist(artifact).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Tells a component apart from a core module or something else, with the fix for each.
+fn check_is_component(bytes: &[u8]) -> Result<(), String> {
+    const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
+    const CORE_VERSION: [u8; 4] = [0x01, 0x00, 0x00, 0x00];
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(
+            "it is not a WebAssembly file (no \\0asm header): point `wasm` at the \
+                    .wasm that `cargo build --target wasm32-wasip2` produced"
+                .into(),
+        );
+    }
+    match bytes[4..8].try_into() {
+        Ok(COMPONENT_VERSION) => Ok(()),
+        Ok(CORE_VERSION) => Err(
+            "it is a core WebAssembly module, not a component: build it \
+                                 with --target wasm32-wasip2, or wrap it with `wasm-tools \
+                                 component new`"
+                .into(),
+        ),
+        _ => Err(format!(
+            "unsupported WebAssembly version/layer {:02x?}: rebuild it with a current \
+             toolchain for wasm32-wasip2",
+            &bytes[4..8]
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_components_and_explains_the_rest() {
+        assert!(check_is_component(b"\0asm\x0d\0\x01\0rest").is_ok());
+        let core = check_is_component(b"\0asm\x01\0\0\0").unwrap_err();
+        assert!(core.contains("core WebAssembly module"), "{core}");
+        let junk = check_is_component(b"#!/bin/sh\necho").unwrap_err();
+        assert!(junk.contains("not a WebAssembly file"), "{junk}");
+        assert!(check_is_component(b"\0asm").is_err());
+    }
+}

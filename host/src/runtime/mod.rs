@@ -1,0 +1,332 @@
+//! Runs components: compiles (or loads from cache) each one, instantiates it with exactly what
+//! its manifest entry grants, and either runs it once (a command) or feeds it messages from its
+//! subscription through a pool of warm instances (a handler).
+//!
+//! Isolation is per instance: a trap, a call past its deadline or a memory limit hit costs
+//! that one instance, which is thrown away and replaced; the message is retried, and settled
+//! only once handled or given up on after the retry policy's attempts.
+
+pub mod engine;
+pub mod host;
+mod worker;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker};
+use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use crate::broker::{Broker, BrokerError, Publisher};
+use crate::config::ComponentConfig;
+use engine::{CacheOutcome, EpochTicker, PoolSize};
+use host::{ComponentState, MessagingCtx, ReceiptSink};
+
+pub use worker::{HandlerGroup, HandlerStats};
+
+/// Name of the optional report export (`switchyard:host/report`).
+pub const REPORT_INTERFACE: &str = "switchyard:host/report@0.1.0";
+
+/// Why the runtime could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be configured.
+    #[error("cannot start the WebAssembly engine: {0}")]
+    Engine(String),
+    /// A component could not be read, compiled or linked.
+    #[error("component {path}: {message}")]
+    Component {
+        /// The `.wasm` path.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// A component trapped or failed outside of message handling.
+    #[error("component {component}: {message}")]
+    Failed {
+        /// The component's name.
+        component: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Options for a [`Runtime`].
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Where compiled components are cached.
+    pub cache_dir: PathBuf,
+    /// Instance pool size.
+    pub pool: PoolSize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            cache_dir: engine::default_cache_dir(),
+            pool: PoolSize {
+                instances: 32,
+                max_memory_bytes: 256 << 20,
+            },
+        }
+    }
+}
+
+/// The engine, the linker and the broker connection shared by every component of a host.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<ComponentState>,
+    // Before `broker`: the publisher must go before the broker (an embedded one stops with it).
+    publisher: Arc<dyn Publisher>,
+    broker: Arc<dyn Broker>,
+    cache_dir: PathBuf,
+    _ticker: EpochTicker,
+}
+
+/// A compiled component, ready to be instantiated many times.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    name: Arc<str>,
+    config: Arc<ComponentConfig>,
+    pre: InstancePre<ComponentState>,
+    report: Option<ComponentExportIndex>,
+    /// Whether it was compiled now or loaded from the cache.
+    pub cache: CacheOutcome,
+    /// How long compiling or loading took.
+    pub load_time: Duration,
+}
+
+impl LoadedComponent {
+    /// The component's name in the manifest.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// The exit code (0: success).
+    pub exit_code: i32,
+    /// Messages the broker acknowledged.
+    pub delivered: u64,
+    /// Messages the broker refused or lost, with the first error.
+    pub failed: u64,
+    /// The first delivery error, if any.
+    pub first_error: Option<String>,
+}
+
+impl Runtime {
+    /// Creates a runtime on a broker.
+    pub async fn new(
+        broker: Arc<dyn Broker>,
+        options: RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        let engine = engine::engine(options.pool)?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let publisher = broker.publisher().await?;
+        Ok(Self {
+            _ticker: EpochTicker::start(&engine),
+            engine,
+            linker,
+            broker,
+            publisher,
+            cache_dir: options.cache_dir,
+        })
+    }
+
+    /// The broker this runtime uses.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Compiles (or loads from cache) and links a component, checking it fits its role: a
+    /// handler must export `wasi:messaging/incoming-handler`, a command `wasi:cli/run`.
+    pub fn load(
+        &self,
+        name: &str,
+        config: &ComponentConfig,
+    ) -> Result<LoadedComponent, RuntimeError> {
+        let started = Instant::now();
+        let path = config.wasm.clone();
+        let (component, cache) = engine::load_component(&self.engine, &path, &self.cache_dir)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| RuntimeError::Component {
+                path: path.clone(),
+                message: format!(
+                    "it needs imports this host does not provide ({e:#}); switchyard provides WASI \
+                 0.2 and wasi:messaging@0.2.0-draft"
+                ),
+            })?;
+        let role_error = |world: &str, export: &str| RuntimeError::Component {
+            path: path.clone(),
+            message: format!(
+                "{role} must export {export}: build it against the {world} world in wit/",
+                role = if config.is_handler() {
+                    "a component with `subscribe` topics"
+                } else {
+                    "a component without `subscribe` topics (a command)"
+                }
+            ),
+        };
+        if config.is_handler() {
+            host::bindings::HandlerPre::new(pre.clone()).map_err(|_| {
+                role_error(
+                    "switchyard:host/handler",
+                    "wasi:messaging/incoming-handler@0.2.0-draft",
+                )
+            })?;
+        } else {
+            wasmtime_wasi::p2::bindings::CommandPre::new(pre.clone())
+                .map_err(|_| role_error("switchyard:host/producer", "wasi:cli/run@0.2.x"))?;
+        }
+        let report = report_export(&component);
+        Ok(LoadedComponent {
+            name: name.into(),
+            config: Arc::new(config.clone()),
+            pre,
+            report,
+            cache,
+            load_time: started.elapsed(),
+        })
+    }
+
+    fn store(
+        &self,
+        component: &LoadedComponent,
+        receipts: ReceiptSink,
+    ) -> Result<Store<ComponentState>, RuntimeError> {
+        new_store(&self.engine, &self.publisher, component, receipts)
+    }
+
+    /// Runs a command component once (its `wasi:cli/run`), waits until the broker has
+    /// acknowledged or refused every message it sent, and reports how it ended.
+    pub async fn run_command(
+        &self,
+        component: &LoadedComponent,
+    ) -> Result<CommandOutcome, RuntimeError> {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let counter = tokio::spawn(async move {
+            let (mut delivered, mut failed, mut first_error) = (0u64, 0u64, None);
+            while let Some(receipt) = receiver.recv().await {
+                match crate::broker::DeliveryReceipt::wait(receipt).await {
+                    Ok(()) => delivered += 1,
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            (delivered, failed, first_error)
+        });
+
+        let failed = |message: String| RuntimeError::Failed {
+            component: component.name.to_string(),
+            message,
+        };
+        let mut store = self.store(component, ReceiptSink::Forward(sender))?;
+        let max_call_ms = component.config.limits.max_call_ms;
+        store.data_mut().deadline =
+            (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
+        let command = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())
+            .map_err(|e| failed(format!("{e:#}")))?
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| failed(format!("cannot instantiate: {e:#}")))?;
+        let exit_code = match command.wasi_cli_run().call_run(&mut store).await {
+            Ok(Ok(())) => 0,
+            Ok(Err(())) => 1,
+            Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(exit) => exit.0,
+                None => return Err(failed(format!("trapped: {e:#}"))),
+            },
+        };
+        drop(store);
+        let (delivered, failed_count, first_error) = counter
+            .await
+            .map_err(|e| failed(format!("delivery counter failed: {e}")))?;
+        Ok(CommandOutcome {
+            exit_code,
+            delivered,
+            failed: failed_count,
+            first_error,
+        })
+    }
+
+    /// Subscribes a handler component and starts its workers.
+    pub async fn start_handler(
+        &self,
+        component: &LoadedComponent,
+    ) -> Result<HandlerGroup, RuntimeError> {
+        worker::start(self, component).await
+    }
+}
+
+/// A fresh store for `component` with exactly its grants: its arguments, its preopened
+/// directories, no environment variables, no network, its memory limit, and an epoch callback
+/// that yields every tick and traps once the call's deadline has passed.
+fn new_store(
+    engine: &Engine,
+    publisher: &Arc<dyn Publisher>,
+    component: &LoadedComponent,
+    receipts: ReceiptSink,
+) -> Result<Store<ComponentState>, RuntimeError> {
+    let config = &component.config;
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.inherit_stdout()
+        .inherit_stderr()
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .arg(component.name.as_ref())
+        .args(&config.args);
+    for preopen in &config.preopens {
+        let perms = if preopen.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
+        wasi.preopened_dir(&preopen.host, &preopen.guest, perms)
+            .map_err(|e| RuntimeError::Failed {
+                component: component.name.to_string(),
+                message: format!("cannot open preopen {}: {e:#}", preopen.host.display()),
+            })?;
+    }
+    let limits = StoreLimitsBuilder::new()
+        .memory_size(usize::try_from(config.limits.max_memory_mb << 20).unwrap_or(usize::MAX))
+        .trap_on_grow_failure(true)
+        .build();
+    let messaging = MessagingCtx::new(
+        component.name.clone(),
+        publisher.clone(),
+        Arc::new(config.publish.iter().cloned().collect::<HashSet<_>>()),
+        receipts,
+    );
+    let mut store = Store::new(engine, ComponentState::new(wasi.build(), limits, messaging));
+    store.limiter(|state| state.limiter());
+    let name = component.name.clone();
+    store.epoch_deadline_callback(move |context| match context.data().deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(wasmtime::Error::msg(format!(
+            "component {name} exceeded its max_call_ms limit"
+        ))),
+        // Yield to the async executor each tick so one busy guest cannot starve the
+        // others and the broker's tasks.
+        _ => Ok(wasmtime::UpdateDeadline::Yield(1)),
+    });
+    store.set_epoch_deadline(1);
+    Ok(store)
+}
+
+fn report_export(component: &Component) -> Option<ComponentExportIndex> {
+    let interface = component.get_export_index(None, REPORT_INTERFACE)?;
+    component.get_export_index(Some(&interface), "report")
+}

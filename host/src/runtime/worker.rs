@@ -1,0 +1,469 @@
+//! A handler component's pool of workers.
+//!
+//! One dispatcher takes deliveries from the subscription and hands them to `workers` tasks,
+//! each owning one warm instance (a store plus the instantiated component) that it reuses
+//! message after message. A delivery is acknowledged only after `handle` returned `ok` and the
+//! broker stored every message the handler sent; that wait happens in a small task of its own,
+//! so the worker is already handling the next message (the offset tracker commits in order
+//! anyway). A failure (an `error` from the guest, a trap, a publish the broker refused) is
+//! retried after an exponential backoff, again off the worker, up to the retry policy's
+//! attempts; a trap also replaces the instance. After the last attempt the message is logged,
+//! counted and acknowledged so its partition moves on.
+//!
+//! Stopping stops the intake, lets the workers finish what they hold and every handled message
+//! settle, and commits before the member leaves its group; a message waiting for a retry is
+//! left unsettled for redelivery.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use wasmtime::Store;
+use wasmtime::component::Instance;
+
+use super::host::bindings::Handler;
+use super::host::bindings::wasi::messaging::types::Error as WitError;
+use super::host::{ComponentState, HostMessage, ReceiptSink};
+use super::{LoadedComponent, Runtime, RuntimeError, new_store};
+use crate::broker::{
+    BrokerError, Delivery, DeliveryReceipt, IncomingMessage, Publisher, Subscriber,
+    SubscriptionSpec,
+};
+
+/// Counters of one handler component, updated as it works.
+#[derive(Debug, Default)]
+pub struct HandlerStats {
+    /// Deliveries taken from the subscription.
+    pub received: AtomicU64,
+    /// Deliveries handled successfully and acknowledged.
+    pub handled: AtomicU64,
+    /// Deliveries given up on after the last attempt (acknowledged anyway).
+    pub gave_up: AtomicU64,
+    /// Attempts that failed and were retried.
+    pub retries: AtomicU64,
+    /// Instances lost to a trap and replaced.
+    pub traps: AtomicU64,
+}
+
+impl HandlerStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+enum Control {
+    Report(oneshot::Sender<Option<String>>),
+}
+
+/// A running handler component. Stop it with [`HandlerGroup::stop`] to commit what it did.
+pub struct HandlerGroup {
+    name: Arc<str>,
+    stats: Arc<HandlerStats>,
+    subscriber: Arc<dyn Subscriber>,
+    stop: watch::Sender<bool>,
+    dispatcher: JoinHandle<()>,
+    workers: Vec<(JoinHandle<()>, mpsc::Sender<Control>)>,
+}
+
+impl HandlerGroup {
+    /// The component's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Arc<HandlerStats> {
+        &self.stats
+    }
+
+    /// Asks every worker's instance for its `switchyard:host/report`; components without the
+    /// export give none.
+    pub async fn reports(&self) -> Vec<String> {
+        let mut reports = Vec::new();
+        for (_, control) in &self.workers {
+            let (reply, answer) = oneshot::channel();
+            if control.send(Control::Report(reply)).await.is_ok()
+                && let Ok(Some(report)) = answer.await
+            {
+                reports.push(report);
+            }
+        }
+        reports
+    }
+
+    /// Stops taking deliveries, lets the workers finish the ones they hold, commits, and
+    /// leaves the group.
+    pub async fn stop(self) -> Result<(), RuntimeError> {
+        let _ = self.stop.send(true);
+        let _ = self.dispatcher.await;
+        for (worker, control) in self.workers {
+            drop(control);
+            let _ = worker.await;
+        }
+        self.subscriber.close().await?;
+        Ok(())
+    }
+}
+
+pub(super) async fn start(
+    runtime: &Runtime,
+    component: &LoadedComponent,
+) -> Result<HandlerGroup, RuntimeError> {
+    let config = &component.config;
+    let spec = SubscriptionSpec {
+        group: config
+            .group
+            .clone()
+            .unwrap_or_else(|| component.name.to_string()),
+        topics: config.subscribe.clone(),
+        start: config.start,
+    };
+    let subscriber = runtime.broker.subscribe(&spec).await?;
+    let stats = Arc::new(HandlerStats::default());
+    let (stop, stopped) = watch::channel(false);
+    let (sender, receiver) = mpsc::channel::<Delivery>(config.workers);
+    let receiver = Arc::new(Mutex::new(receiver));
+
+    let (retry_sender, retry_receiver) = mpsc::unbounded_channel();
+    let retry_receiver = Arc::new(Mutex::new(retry_receiver));
+    let settling = Settling {
+        name: component.name.clone(),
+        policy: config.retry,
+        stats: stats.clone(),
+        retries: retry_sender,
+        stopped: stopped.clone(),
+    };
+    let unsettled = Arc::new(Semaphore::new(MAX_UNSETTLED));
+    let mut workers = Vec::with_capacity(config.workers);
+    for index in 0..config.workers {
+        let (control, controls) = mpsc::channel(1);
+        let worker = Worker {
+            index,
+            engine: runtime.engine.clone(),
+            publisher: runtime.publisher.clone(),
+            component: component.clone(),
+            settling: settling.clone(),
+            unsettled: unsettled.clone(),
+            live: None,
+        };
+        let run = worker.run(receiver.clone(), retry_receiver.clone(), controls);
+        workers.push((tokio::spawn(run), control));
+    }
+    drop(settling);
+    let dispatcher = tokio::spawn(dispatch(
+        subscriber.clone(),
+        sender,
+        stats.clone(),
+        stopped,
+        component.name.clone(),
+    ));
+    Ok(HandlerGroup {
+        name: component.name.clone(),
+        stats,
+        subscriber,
+        stop,
+        dispatcher,
+        workers,
+    })
+}
+
+async fn dispatch(
+    subscriber: Arc<dyn Subscriber>,
+    sender: mpsc::Sender<Delivery>,
+    stats: Arc<HandlerStats>,
+    mut stopped: watch::Receiver<bool>,
+    name: Arc<str>,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            next = subscriber.next() => next,
+        };
+        match next {
+            Ok(delivery) => {
+                HandlerStats::bump(&stats.received);
+                if sender.send(delivery).await.is_err() {
+                    return;
+                }
+            }
+            Err(BrokerError::Closed) => return,
+            Err(e) => {
+                tracing::error!("{name}: cannot receive: {e}");
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A warm instance.
+struct Live {
+    store: Store<ComponentState>,
+    instance: Instance,
+    handler: Handler,
+}
+
+/// Why one attempt at a message failed.
+enum Failure {
+    /// The guest returned a WIT error.
+    Handler(String),
+    /// The guest trapped (or hit a limit): its instance is gone.
+    Trap(String),
+    /// A message the handler sent was not stored by the broker.
+    Publish(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Handler(m) => write!(f, "the handler returned an error: {m}"),
+            Failure::Trap(m) => write!(f, "the instance trapped: {m}"),
+            Failure::Publish(m) => write!(f, "a message it sent was not delivered: {m}"),
+        }
+    }
+}
+
+fn describe(error: &WitError) -> String {
+    match error {
+        WitError::Timeout => "timeout".into(),
+        WitError::Connection(m) => format!("connection: {m}"),
+        WitError::PermissionDenied(m) => format!("permission denied: {m}"),
+        WitError::Other(m) => m.clone(),
+    }
+}
+
+/// One message and how many times it has been tried.
+struct Job {
+    delivery: Delivery,
+    attempt: u32,
+}
+
+/// What the worker and its settle tasks share: where retries go, the counters, the policy.
+#[derive(Clone)]
+struct Settling {
+    name: Arc<str>,
+    policy: crate::config::RetryPolicy,
+    stats: Arc<HandlerStats>,
+    retries: mpsc::UnboundedSender<Job>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Settling {
+    fn succeeded(&self, job: Job) {
+        HandlerStats::bump(&self.stats.handled);
+        let position = job.delivery.message.position.clone();
+        if let Err(e) = job.delivery.ack() {
+            tracing::warn!(
+                "{}: handled {position} but could not settle it: {e}",
+                self.name
+            );
+        }
+    }
+
+    /// Schedules another attempt after the backoff, or gives up after the last one.
+    async fn failed(&self, job: Job, failure: Failure) {
+        let name = &self.name;
+        let position = format!(
+            "{}:{}",
+            job.delivery.message.topic, job.delivery.message.position
+        );
+        if job.attempt >= self.policy.max_attempts {
+            HandlerStats::bump(&self.stats.gave_up);
+            tracing::error!(
+                "{name}: giving up on message {position} after {} attempt(s): {failure}. It is \
+                 settled so its partition moves on",
+                job.attempt
+            );
+            if let Err(e) = job.delivery.ack() {
+                tracing::warn!("{name}: could not settle {position}: {e}");
+            }
+            return;
+        }
+        HandlerStats::bump(&self.stats.retries);
+        let backoff = Duration::from_millis(self.policy.backoff_ms)
+            .saturating_mul(1 << (job.attempt - 1).min(16));
+        tracing::warn!(
+            "{name}: attempt {} at {position} failed: {failure}; retrying in {backoff:?}",
+            job.attempt
+        );
+        let mut stopped = self.stopped.clone();
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => {
+                tracing::info!("{name}: stopping; {position} is left unsettled for redelivery");
+            }
+            _ = tokio::time::sleep(backoff) => {
+                let retry = Job { delivery: job.delivery, attempt: job.attempt + 1 };
+                if self.retries.send(retry).is_err() {
+                    tracing::info!("{name}: stopping; {position} is left unsettled for redelivery");
+                }
+            }
+        }
+    }
+}
+
+/// Messages handled but not yet settled (waiting for the broker's acknowledgements, or for a
+/// retry's backoff) per handler; past it the workers wait, so a stalled broker cannot make
+/// the host hold unbounded work.
+const MAX_UNSETTLED: usize = 1024;
+
+struct Worker {
+    index: usize,
+    engine: wasmtime::Engine,
+    publisher: Arc<dyn Publisher>,
+    component: LoadedComponent,
+    settling: Settling,
+    unsettled: Arc<Semaphore>,
+    live: Option<Live>,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        deliveries: Arc<Mutex<mpsc::Receiver<Delivery>>>,
+        retries: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>,
+        mut controls: mpsc::Receiver<Control>,
+    ) {
+        let mut tasks = JoinSet::new();
+        let mut controlled = true;
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let job = tokio::select! {
+                biased;
+                control = controls.recv(), if controlled => {
+                    match control {
+                        Some(Control::Report(reply)) => {
+                            let _ = reply.send(self.report().await);
+                        }
+                        // The group is stopping: drain what the dispatcher already handed over.
+                        None => controlled = false,
+                    }
+                    continue;
+                }
+                Some(job) = async { retries.lock().await.recv().await } => job,
+                delivery = async { deliveries.lock().await.recv().await } => match delivery {
+                    Some(delivery) => Job { delivery, attempt: 1 },
+                    None => break,
+                },
+            };
+            let Ok(permit) = self.unsettled.clone().acquire_owned().await else {
+                break;
+            };
+            let settling = self.settling.clone();
+            match self.attempt(&job.delivery.message).await {
+                // The broker's acknowledgements are awaited off the worker, which moves on to
+                // the next message; offsets are committed in order regardless.
+                Ok(receipts) => tasks.spawn(async move {
+                    let _permit = permit;
+                    for receipt in receipts {
+                        if let Err(e) = receipt.wait().await {
+                            settling.failed(job, Failure::Publish(e.to_string())).await;
+                            return;
+                        }
+                    }
+                    settling.succeeded(job);
+                }),
+                Err(failure) => tasks.spawn(async move {
+                    let _permit = permit;
+                    settling.failed(job, failure).await;
+                }),
+            };
+        }
+        // Stopping: let every handled message settle before the group commits.
+        tasks.join_all().await;
+    }
+
+    async fn live(&mut self) -> Result<&mut Live, Failure> {
+        if self.live.is_none() {
+            let mut store = new_store(
+                &self.engine,
+                &self.publisher,
+                &self.component,
+                ReceiptSink::Collect(Vec::new()),
+            )
+            .map_err(|e| Failure::Trap(e.to_string()))?;
+            let instance = self
+                .component
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| Failure::Trap(format!("cannot instantiate: {e:#}")))?;
+            let handler =
+                Handler::new(&mut store, &instance).map_err(|e| Failure::Trap(format!("{e:#}")))?;
+            tracing::debug!(
+                "{} worker {}: new instance",
+                self.component.name,
+                self.index
+            );
+            self.live = Some(Live {
+                store,
+                instance,
+                handler,
+            });
+        }
+        self.live
+            .as_mut()
+            .ok_or_else(|| Failure::Trap("no instance".into()))
+    }
+
+    /// Calls `handle` once; on `ok`, returns the receipts of the messages it sent.
+    async fn attempt(
+        &mut self,
+        message: &IncomingMessage,
+    ) -> Result<Vec<DeliveryReceipt>, Failure> {
+        let max_call_ms = self.component.config.limits.max_call_ms;
+        let live = self.live().await?;
+        let state = live.store.data_mut();
+        state.deadline =
+            (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
+        let resource = state
+            .table()
+            .push(HostMessage::from(message))
+            .map_err(|e| Failure::Trap(e.to_string()))?;
+        let result = live
+            .handler
+            .wasi_messaging_incoming_handler()
+            .call_handle(&mut live.store, resource)
+            .await;
+        let state = live.store.data_mut();
+        state.deadline = None;
+        let receipts = state.messaging.take_receipts();
+        match result {
+            Err(trap) => {
+                HandlerStats::bump(&self.settling.stats.traps);
+                self.live = None;
+                Err(Failure::Trap(format!("{trap:#}")))
+            }
+            Ok(Err(error)) => Err(Failure::Handler(describe(&error))),
+            Ok(Ok(())) => Ok(receipts),
+        }
+    }
+
+    async fn report(&mut self) -> Option<String> {
+        let index = self.component.report?;
+        let live = self.live().await.ok()?;
+        let function = live
+            .instance
+            .get_typed_func::<(), (String,)>(&mut live.store, &index)
+            .ok()?;
+        live.store.data_mut().deadline = Some(Instant::now() + Duration::from_secs(5));
+        let result = function.call_async(&mut live.store, ()).await;
+        live.store.data_mut().deadline = None;
+        match result {
+            Ok((report,)) => Some(report),
+            Err(e) => {
+                tracing::warn!("{}: report failed: {e:#}", self.component.name);
+                self.live = None;
+                None
+            }
+        }
+    }
+}

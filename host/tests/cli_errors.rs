@@ -1,0 +1,103 @@
+//! Proves that the `switchyard` command turns bad input into one clear error line that names
+//! the problem and the fix, and a failing exit code, never a panic: a missing manifest, a
+//! malformed one (with its line), an unknown key, a missing `.wasm`, a file that is not a
+//! component, an unknown broker URL, and a Kafka broker that is not running.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn switchyard(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(dir)
+        .env("SWITCHYARD_CACHE_DIR", dir.join("cache"))
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running switchyard")
+}
+
+fn fails_with(args: &[&str], dir: &Path, expected: &[&str]) {
+    let output = switchyard(args, dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    for needle in expected {
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_manifests_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails_with(
+        &["run", "missing.toml"],
+        d,
+        &["cannot read the manifest", "missing.toml"],
+    );
+
+    std::fs::write(d.join("broken.toml"), "[components.c\nwasm = 1\n").unwrap();
+    fails_with(&["run", "broken.toml"], d, &["broken.toml", "line 1"]);
+
+    std::fs::write(d.join("c.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    std::fs::write(
+        d.join("typo.toml"),
+        "[components.c]\nwasm = \"c.wasm\"\nworkerz = 2\n",
+    )
+    .unwrap();
+    fails_with(&["run", "typo.toml"], d, &["workerz", "line 3"]);
+
+    std::fs::write(
+        d.join("nowasm.toml"),
+        "[components.c]\nwasm = \"nope.wasm\"\n",
+    )
+    .unwrap();
+    fails_with(
+        &["run", "nowasm.toml"],
+        d,
+        &["nope.wasm", "just components"],
+    );
+
+    std::fs::write(d.join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    std::fs::write(
+        d.join("core.toml"),
+        "[components.c]\nwasm = \"core.wasm\"\n",
+    )
+    .unwrap();
+    fails_with(
+        &["run", "core.toml"],
+        d,
+        &["core WebAssembly module", "wasm32-wasip2"],
+    );
+
+    fails_with(
+        &["run", "core.toml", "--broker", "amqp://x"],
+        d,
+        &["unknown broker", "kafka://"],
+    );
+}
+
+#[test]
+fn an_unreachable_kafka_is_reported_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    std::fs::write(dir.path().join("c.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    std::fs::write(
+        dir.path().join("k.toml"),
+        format!(
+            "[broker.kafka]\nbootstrap_servers = \"{address}\"\nconnect_timeout_ms = 1000\n\n\
+             [components.c]\nwasm = \"c.wasm\"\n"
+        ),
+    )
+    .unwrap();
+    fails_with(
+        &["run", "k.toml"],
+        dir.path(),
+        &["cannot reach Kafka", &address, "switchyard broker"],
+    );
+}

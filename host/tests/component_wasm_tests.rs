@@ -1,0 +1,90 @@
+//! Proves the components' own unit tests pass inside WebAssembly: builds the test binaries of
+//! pipeline-core, producer and consumer for wasm32-wasip2 and runs each one in this host (the
+//! same runtime that runs the components, with a writable scratch directory at /tmp),
+//! expecting exit code 0.
+
+mod support;
+
+use std::process::Command;
+
+use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
+use switchyard::pipeline;
+use switchyard::runtime::{Runtime, RuntimeOptions};
+
+fn build_wasm_tests() -> Vec<std::path::PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(pipeline::workspace_root())
+        .env("CARGO_TARGET_DIR", pipeline::components_target_dir())
+        .args([
+            "test",
+            "--no-run",
+            "--profile",
+            "component",
+            "--target",
+            "wasm32-wasip2",
+            "--message-format=json",
+            "-p",
+            "pipeline-core",
+            "-p",
+            "producer",
+            "-p",
+            "consumer",
+        ])
+        .output()
+        .expect("running cargo");
+    assert!(
+        output.status.success(),
+        "building the wasm tests failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["profile"]["test"] == true)
+        .filter_map(|message| message["executable"].as_str().map(Into::into))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_unit_tests_pass_inside_wasm() {
+    let binaries = build_wasm_tests();
+    assert!(
+        binaries.len() >= 3,
+        "expected test binaries of three crates, got {binaries:?}"
+    );
+    let (_cluster, broker) = support::embedded().await;
+    let runtime = Runtime::new(broker, RuntimeOptions::default())
+        .await
+        .unwrap();
+    for binary in binaries {
+        let scratch = tempfile::tempdir().unwrap();
+        let config = ComponentConfig {
+            wasm: binary.clone(),
+            subscribe: Vec::new(),
+            group: None,
+            start: Default::default(),
+            publish: Vec::new(),
+            workers: 1,
+            args: Vec::new(),
+            preopens: vec![Preopen {
+                host: scratch.path().to_path_buf(),
+                guest: "/tmp".into(),
+                writable: true,
+            }],
+            limits: Limits {
+                max_memory_mb: 256,
+                max_call_ms: 0,
+            },
+            retry: RetryPolicy::default(),
+        };
+        let component = runtime.load("wasm-test", &config).unwrap();
+        let outcome = runtime.run_command(&component).await.unwrap();
+        assert_eq!(
+            outcome.exit_code,
+            0,
+            "{} failed inside wasm",
+            binary.display()
+        );
+    }
+}

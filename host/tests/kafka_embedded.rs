@@ -1,0 +1,168 @@
+//! Proves the Kafka backend against the embedded Kafka-protocol broker, over real TCP
+//! connections: messages round-trip with keys, headers and content type; a message that was
+//! not acknowledged is delivered again to the next member of the group, while an acknowledged
+//! one is not; an unreachable broker fails within the bounded wait with an error that says
+//! what to do.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use switchyard::broker::kafka::{Kafka, KafkaConfig};
+use switchyard::broker::{
+    Broker, BrokerError, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec,
+};
+
+fn spec(group: &str, topic: &str) -> SubscriptionSpec {
+    SubscriptionSpec {
+        group: group.into(),
+        topics: vec![topic.into()],
+        start: StartPosition::Earliest,
+    }
+}
+
+async fn publish(broker: &dyn Broker, topic: &str, key: &str, payload: &[u8]) {
+    let publisher = broker.publisher().await.unwrap();
+    let receipt = publisher
+        .publish(OutgoingMessage {
+            topic: topic.into(),
+            key: Some(key.as_bytes().to_vec()),
+            payload: payload.to_vec(),
+            headers: vec![("request-id".into(), key.into())],
+            content_type: Some("text/plain".into()),
+        })
+        .await
+        .unwrap();
+    receipt.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_round_trip_with_keys_headers_and_content_type() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("roundtrip");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..20u8 {
+        let receipt = publisher
+            .publish(OutgoingMessage {
+                topic: topic.clone(),
+                key: Some(vec![b'k', i]),
+                payload: vec![i; usize::from(i)],
+                headers: vec![("n".into(), i.to_string()), ("empty".into(), String::new())],
+                content_type: Some("application/octet-stream".into()),
+            })
+            .await
+            .unwrap();
+        receipts.push(receipt);
+    }
+    for receipt in receipts {
+        receipt.wait().await.unwrap();
+    }
+
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    for i in 0..20u8 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap();
+        let m = &delivery.message;
+        assert_eq!(m.topic, topic);
+        assert_eq!(
+            m.key.as_deref(),
+            Some(&[b'k', i][..]),
+            "one partition keeps the order"
+        );
+        assert_eq!(m.payload, vec![i; usize::from(i)]);
+        assert_eq!(
+            m.headers,
+            vec![
+                ("n".to_string(), i.to_string()),
+                ("empty".to_string(), String::new())
+            ]
+        );
+        assert_eq!(m.content_type.as_deref(), Some("application/octet-stream"));
+        delivery.ack().unwrap();
+    }
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_not() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("redeliver");
+    let group = support::unique("group");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+    publish(broker.as_ref(), &topic, "first", b"1").await;
+    publish(broker.as_ref(), &topic, "second", b"2").await;
+
+    // Member A acknowledges the first message and fails the second (never acknowledges it),
+    // then leaves the group.
+    let a = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let first = a.next().await.unwrap();
+    assert_eq!(first.message.payload, b"1");
+    first.ack().unwrap();
+    let second = a.next().await.unwrap();
+    assert_eq!(second.message.payload, b"2");
+    drop(second);
+    a.close().await.unwrap();
+
+    // Member B of the same group gets the second message again, not the first.
+    let b = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(30), b.next())
+        .await
+        .expect("redelivery within 30 s")
+        .unwrap();
+    assert_eq!(
+        again.message.payload, b"2",
+        "the unsettled message comes back first"
+    );
+    again.ack().unwrap();
+    b.close().await.unwrap();
+
+    // And after B acknowledged it, a third member gets nothing old.
+    publish(broker.as_ref(), &topic, "third", b"3").await;
+    let c = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.message.payload, b"3");
+    next.ack().unwrap();
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_fails_within_the_bounded_wait() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    let mut config = KafkaConfig::new(address.to_string());
+    config.connect_timeout_ms = 1_500;
+    let started = Instant::now();
+    let err = Kafka::connect(config).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, BrokerError::Connection(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&address.to_string()), "{text}");
+    assert!(text.contains("switchyard broker"), "{text}");
+}

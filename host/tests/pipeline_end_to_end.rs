@@ -1,0 +1,129 @@
+//! Proves the Fashion-MNIST pipeline end to end: the three components, built for
+//! wasm32-wasip2 and run by the host, classify 1,000 test images through a Kafka-protocol
+//! broker reached over TCP. Every request gets exactly one prediction, and each prediction is
+//! the one tract computes offline for the same image (same class; scores within 1e-4, the
+//! difference between wasm SIMD and native kernels).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use classifier::model::Lenet;
+use pipeline_core::IMAGE_BYTES;
+use pipeline_core::idx::IdxArray;
+use pipeline_core::wire::{Prediction, softmax};
+use switchyard::broker::embedded::EmbeddedKafka;
+use switchyard::broker::kafka::{Kafka, KafkaConfig};
+use switchyard::broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
+use switchyard::config::BrokerConfig;
+use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
+use switchyard::runtime::RuntimeOptions;
+
+const IMAGES: usize = 1_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_exactly_the_prediction_tract_computes_offline() {
+    // A broker of the test's own, so the predictions can be read back after the run.
+    let cluster = Arc::new(EmbeddedKafka::start(None).await.unwrap());
+    for name in [REQUESTS_TOPIC, PREDICTIONS_TOPIC] {
+        cluster
+            .create_topic(&TopicSpec {
+                name: name.into(),
+                partitions: 8,
+            })
+            .unwrap();
+    }
+    let options = DemoOptions {
+        broker: BrokerConfig::Kafka(KafkaConfig::new(cluster.bootstrap_servers())),
+        images: IMAGES,
+        classifier_workers: 2,
+        components: support::components(),
+        models: support::models(),
+        show_predictions: false,
+        stall_timeout: Duration::from_secs(120),
+        runtime: RuntimeOptions::default(),
+    };
+    let report = pipeline::run(&options).await.expect("the demo runs");
+    assert_eq!(report.images, IMAGES as u64);
+    assert_eq!(report.predictions, IMAGES as u64, "{report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.accuracy.unwrap() > 0.88, "{report:?}");
+
+    // Read every prediction back with a group of our own.
+    let broker = Kafka::embedded(cluster.clone());
+    let subscriber = broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("check"),
+            topics: vec![PREDICTIONS_TOPIC.into()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
+    let mut predictions: HashMap<usize, Prediction> = HashMap::new();
+    while predictions.len() < IMAGES {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("all predictions within 30 s")
+            .unwrap();
+        assert_eq!(
+            delivery.message.content_type.as_deref(),
+            Some("application/json")
+        );
+        let prediction: Prediction = serde_json::from_slice(&delivery.message.payload).unwrap();
+        let index: usize = prediction
+            .request_id
+            .rsplit('-')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .expect("request ids end in the image index");
+        let header = delivery
+            .message
+            .headers
+            .iter()
+            .find(|(k, _)| k == "request-id")
+            .map(|(_, v)| v.clone());
+        assert_eq!(header.as_deref(), Some(prediction.request_id.as_str()));
+        assert!(
+            predictions.insert(index, prediction).is_none(),
+            "a second prediction for image {index}"
+        );
+        delivery.ack().unwrap();
+    }
+    let extra = tokio::time::timeout(Duration::from_secs(3), subscriber.next()).await;
+    assert!(extra.is_err(), "more predictions than requests: {extra:?}");
+    subscriber.close().await.unwrap();
+
+    // The same images through tract, natively, outside the pipeline.
+    let models = support::models();
+    let images =
+        IdxArray::images(&std::fs::read(models.join("t10k-images-idx3-ubyte.gz")).unwrap())
+            .unwrap();
+    let model = Lenet::load(&std::fs::read(models.join("lenet.onnx")).unwrap(), 100).unwrap();
+    let all: Vec<&[u8; IMAGE_BYTES]> = images
+        .iter()
+        .take(IMAGES)
+        .map(|i| i.try_into().unwrap())
+        .collect();
+    for (start, batch) in all.chunks(100).enumerate() {
+        for (offset, logits) in model.logits(batch).unwrap().iter().enumerate() {
+            let index = start * 100 + offset;
+            let got = &predictions[&index];
+            let want = softmax(logits);
+            assert_eq!(
+                got.class,
+                pipeline_core::wire::argmax(&want),
+                "image {index}"
+            );
+            for (g, w) in got.scores.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "image {index}: score {g} vs offline {w}"
+                );
+            }
+            assert_eq!(got.model, model.version());
+        }
+    }
+}

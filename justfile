@@ -1,0 +1,54 @@
+# Day-to-day targets. `just --list` shows them. Every target runs from a fresh clone: cargo
+# and rustup (through rust-toolchain.toml) fetch what they need.
+
+# The broker the three-terminal targets use: by default `just broker`'s, with the client
+# settings that suit it (`switchyard broker` prints them).
+broker_url := env_var_or_default("BROKER", "kafka://127.0.0.1:9092?fetch.wait.max.ms=5&session.timeout.ms=3000&heartbeat.interval.ms=500")
+target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+export SWITCHYARD_COMPONENTS := target / "components/wasm32-wasip2/component"
+
+# Show the targets.
+default:
+    @just --list
+
+# Build the three components for wasm32-wasip2 (into $CARGO_TARGET_DIR/components).
+components:
+    CARGO_TARGET_DIR={{target}}/components cargo build --profile component --target wasm32-wasip2 -p producer -p classifier -p consumer
+
+# Run the whole pipeline on the embedded broker and print the summary (pass e.g. --images 1000).
+demo *ARGS:
+    cargo run --release -- demo {{ARGS}}
+
+# Every test: unit, integration, in-Wasm, end-to-end. Same command as the README and CI.
+test:
+    cargo test --release --workspace
+
+# Three-terminal mode, 1/4: the embedded Kafka broker on 127.0.0.1:9092.
+broker:
+    cargo run --release -- broker
+
+# Three-terminal mode, 2/4: the classifier, subscribed to `requests`.
+classifier: components
+    cargo run --release -- run components/classifier.toml --broker '{{broker_url}}'
+
+# Three-terminal mode, 3/4: the consumer, printing one line per prediction.
+consumer: components
+    cargo run --release -- run components/consumer.toml --broker '{{broker_url}}'
+
+# Three-terminal mode, 4/4: send the 10,000 test images as requests.
+producer: components
+    cargo run --release -- run components/producer.toml --broker '{{broker_url}}'
+
+# Evaluate models/lenet.onnx with tract on the 10,000 test images.
+eval:
+    cargo run --release -p classifier --example eval
+
+# Retrain the model (CPU, about 10 minutes on 2 cores); see models/README.md.
+train:
+    python3 -m venv {{target}}/venv
+    {{target}}/venv/bin/pip install -r models/requirements.txt
+    {{target}}/venv/bin/python models/train.py --data ../shared/data/fashion-mnist --out models
+
+# Format, lint, test: what CI runs.
+ci:
+    .ci/run
