@@ -64,6 +64,10 @@ enum Commands {
         /// Number of test images to send (1 to 10000).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         images: u64,
+        /// Send at most this many requests per second (default: as fast as possible, which
+        /// measures throughput; a rate below it measures latency without queueing).
+        #[arg(long)]
+        rate: Option<f64>,
         /// Classifier instances.
         #[arg(long, default_value_t = 2)]
         workers: usize,
@@ -151,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Commands::Demo {
             broker,
             images,
+            rate,
             workers,
             components,
             models,
@@ -166,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let demo = DemoOptions {
                 broker: broker_config(&broker)?,
                 images: usize::try_from(images)?,
+                rate,
                 classifier_workers: workers,
                 components,
                 models: models.unwrap_or_else(pipeline::models_dir),

@@ -111,6 +111,8 @@ pub struct DemoOptions {
     pub broker: BrokerConfig,
     /// How many test images to send (at most 10,000).
     pub images: usize,
+    /// Requests per second the producer paces itself to; `None`: as fast as it can.
+    pub rate: Option<f64>,
     /// Classifier instances.
     pub classifier_workers: usize,
     /// Directory with producer.wasm, classifier.wasm and consumer.wasm.
@@ -170,22 +172,26 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
         guest: "/models".into(),
         writable: false,
     };
+    let mut producer_args: Vec<String> = [
+        "--images",
+        "/models/t10k-images-idx3-ubyte.gz",
+        "--labels",
+        "/models/t10k-labels-idx1-ubyte.gz",
+        "--topic",
+        REQUESTS_TOPIC,
+        "--limit",
+        &options.images.to_string(),
+        "--run-id",
+        run_id,
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(rate) = options.rate {
+        producer_args.extend(["--rate".to_string(), rate.to_string()]);
+    }
     let producer = ComponentConfig {
         publish: vec![REQUESTS_TOPIC.into()],
-        args: [
-            "--images",
-            "/models/t10k-images-idx3-ubyte.gz",
-            "--labels",
-            "/models/t10k-labels-idx1-ubyte.gz",
-            "--topic",
-            REQUESTS_TOPIC,
-            "--limit",
-            &options.images.to_string(),
-            "--run-id",
-            run_id,
-        ]
-        .map(String::from)
-        .to_vec(),
+        args: producer_args,
         preopens: vec![models.clone()],
         limits: Limits {
             max_call_ms: 0,

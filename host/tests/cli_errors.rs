@@ -1,10 +1,13 @@
 //! Proves that the `switchyard` command turns bad input into one clear error line that names
 //! the problem and the fix, and a failing exit code, never a panic: a missing manifest, a
 //! malformed one (with its line), an unknown key, a missing `.wasm`, a file that is not a
-//! component, an unknown broker URL, and a Kafka broker that is not running.
+//! component, an unknown broker URL, and a Kafka broker that is not running. And that `exec`
+//! runs a command component with the directories and topics it is granted.
 
 use std::path::Path;
 use std::process::{Command, Output};
+
+mod support;
 
 fn switchyard(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -99,5 +102,44 @@ fn an_unreachable_kafka_is_reported_with_the_fix() {
         &["run", "k.toml"],
         dir.path(),
         &["cannot reach Kafka", &address, "switchyard broker"],
+    );
+}
+
+#[test]
+fn exec_runs_a_command_component_with_its_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let producer = support::component("producer");
+    let models = format!("{}::/models", support::models().display());
+    let run = |topic: &str| {
+        switchyard(
+            &[
+                "exec",
+                producer.to_str().unwrap(),
+                "--dir",
+                &models,
+                "--publish",
+                "requests",
+                "--",
+                "--images",
+                "/models/t10k-images-idx3-ubyte.gz",
+                "--topic",
+                topic,
+                "--limit",
+                "5",
+            ],
+            dir.path(),
+        )
+    };
+    let granted = run("requests");
+    let stderr = String::from_utf8_lossy(&granted.stderr);
+    assert!(granted.status.success(), "{stderr}");
+    assert!(stderr.contains("sent 5 requests"), "{stderr}");
+
+    let refused = run("elsewhere");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("may not send to topic \"elsewhere\""),
+        "{stderr}"
     );
 }

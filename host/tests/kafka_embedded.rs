@@ -1,14 +1,16 @@
 //! Proves the Kafka backend against the embedded Kafka-protocol broker, over real TCP
 //! connections: messages round-trip with keys, headers and content type; a message that was
 //! not acknowledged is delivered again to the next member of the group, while an acknowledged
-//! one is not; an unreachable broker fails within the bounded wait with an error that says
-//! what to do.
+//! one is not; the embedded broker on a fixed address serves clients that know only that
+//! address (other processes, kcat); an unreachable broker fails within the bounded wait with an
+//! error that says what to do.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use switchyard::broker::kafka::{Kafka, KafkaConfig};
+use switchyard::broker::embedded::EmbeddedKafka;
+use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka, KafkaConfig};
 use switchyard::broker::{
     Broker, BrokerError, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec,
 };
@@ -165,4 +167,46 @@ async fn an_unreachable_broker_fails_within_the_bounded_wait() {
     let text = err.to_string();
     assert!(text.contains(&address.to_string()), "{text}");
     assert!(text.contains("switchyard broker"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = probe.local_addr().unwrap();
+    drop(probe);
+    let cluster = EmbeddedKafka::start(Some(address)).await.unwrap();
+    let topic = support::unique("fixed");
+    // As `switchyard broker --topic` does: the mock broker has no CreateTopics API.
+    cluster
+        .create_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        })
+        .unwrap();
+
+    // A client that knows only the address, as another process would.
+    let mut config = KafkaConfig::new(address.to_string());
+    for (key, value) in EMBEDDED_PROPERTIES {
+        config.properties.insert(key.into(), value.into());
+    }
+    let broker = Kafka::connect(config).await.unwrap();
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+    publish(&broker, &topic, "k", b"through the relay").await;
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+        .await
+        .expect("a delivery within 30 s")
+        .unwrap();
+    assert_eq!(delivery.message.payload, b"through the relay");
+    delivery.ack().unwrap();
+    subscriber.close().await.unwrap();
 }

@@ -38,6 +38,7 @@ async fn every_request_gets_exactly_the_prediction_tract_computes_offline() {
     let options = DemoOptions {
         broker: BrokerConfig::Kafka(KafkaConfig::new(cluster.bootstrap_servers())),
         images: IMAGES,
+        rate: None,
         classifier_workers: 2,
         components: support::components(),
         models: support::models(),

@@ -3,7 +3,8 @@
 //! that are not components, and components in the wrong role, are refused with the fix; a
 //! component cannot send to a topic its manifest does not grant; a handler's failing message is
 //! not settled while it is being retried (the next group member gets it), and a message the
-//! handler gives up on is settled so the partition moves on.
+//! handler gives up on is settled so the partition moves on; a call past its time limit traps,
+//! which costs that instance (replaced for the next attempt) and never the host.
 
 mod support;
 
@@ -299,4 +300,59 @@ async fn a_bad_message_is_given_up_on_and_the_pipeline_moves_on() {
         .unwrap();
     assert_eq!(first.message.payload, b"marker");
     next.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_costs_the_instance_not_the_host() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output, group) = (
+        support::unique("in"),
+        support::unique("out"),
+        support::unique("g"),
+    );
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        backoff_ms: 10,
+    };
+    // Loading the model on the first message takes far longer than 1 ms, so every attempt
+    // runs past the deadline and traps.
+    let impatient = ComponentConfig {
+        limits: Limits {
+            max_call_ms: 1,
+            ..Limits::default()
+        },
+        ..classifier(&input, &output, &group, retry)
+    };
+    let loaded = runtime.load("classifier", &impatient).unwrap();
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    send(broker.as_ref(), &input, vec![0u8; 784], "slow-1").await;
+    let stats = Arc::clone(handler.stats());
+    support::wait_until(
+        "the message to be given up",
+        Duration::from_secs(60),
+        async || HandlerStats::get(&stats.gave_up) == 1,
+    )
+    .await;
+    assert_eq!(
+        HandlerStats::get(&stats.traps),
+        3,
+        "each attempt trapped on a fresh instance"
+    );
+    assert_eq!(HandlerStats::get(&stats.handled), 0);
+    handler.stop().await.unwrap();
+
+    // The host is fine: the same runtime runs a patient classifier on the next message.
+    let patient = classifier(&input, &output, &support::unique("g2"), retry);
+    let loaded = runtime.load("classifier", &patient).unwrap();
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    let stats = Arc::clone(handler.stats());
+    support::wait_until(
+        "the message to be handled",
+        Duration::from_secs(60),
+        async || HandlerStats::get(&stats.handled) == 1,
+    )
+    .await;
+    handler.stop().await.unwrap();
 }

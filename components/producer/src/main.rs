@@ -7,7 +7,13 @@
 //!
 //! ```text
 //! producer --images /data/t10k-images-idx3-ubyte.gz [--labels /data/t10k-labels-idx1-ubyte.gz]
-//!          [--topic requests] [--limit N] [--run-id ID]
+//!          [--topic requests] [--limit N] [--rate PER_SECOND] [--run-id ID]
+//! ```
+//!
+//! Without `--rate` it sends as fast as the host accepts, which measures throughput; with it,
+//! it paces the requests, which measures the pipeline's latency below saturation.
+//!
+//! ```text
 //! ```
 
 use std::process::ExitCode;
@@ -32,10 +38,11 @@ struct Settings {
     topic: String,
     limit: Option<usize>,
     run_id: Option<String>,
+    rate: Option<f64>,
 }
 
 const USAGE: &str = "usage: producer --images PATH [--labels PATH] [--topic TOPIC] [--limit N] \
-                     [--run-id ID]";
+                     [--rate PER_SECOND] [--run-id ID]";
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String> {
     let mut images = None;
@@ -45,6 +52,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String
         topic: "requests".into(),
         limit: None,
         run_id: None,
+        rate: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -64,6 +72,17 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String
                 settings.limit = Some(limit);
             }
             "--run-id" => settings.run_id = Some(value()?),
+            "--rate" => {
+                let raw = value()?;
+                let rate = raw
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r > 0.0)
+                    .ok_or_else(|| {
+                        format!("--rate takes requests per second above 0, not {raw:?}")
+                    })?;
+                settings.rate = Some(rate);
+            }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
@@ -159,9 +178,17 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
         .run_id
         .clone()
         .unwrap_or_else(|| format!("{:x}", unix_ms() as u64));
-    let client = Client::connect("default").map_err(|e| format!("cannot connect: {e:?}"))?;
+    let client =
+        Client::connect("default").map_err(|e| format!("cannot connect: {}", describe(&e)))?;
     let mut sent = 0;
+    let started = std::time::Instant::now();
     for request in requests(&images, labels.as_deref(), &run_id, settings.limit) {
+        if let Some(rate) = settings.rate {
+            let due = std::time::Duration::from_secs_f64(sent as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         let message = Message::new(request.pixels);
         let _ = message.set_content_type(GRAY8_CONTENT_TYPE);
         for (name, value) in &request.headers {
@@ -170,8 +197,9 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
         let _ = message.add_metadata(SENT_AT, &format_sent_at(unix_ms()));
         producer::send(&client, &settings.topic, message).map_err(|e| {
             format!(
-                "sending request {sent} to topic {:?} failed: {e:?}",
-                settings.topic
+                "sending request {sent} to topic {:?} failed: {}",
+                settings.topic,
+                describe(&e)
             )
         })?;
         sent += 1;
@@ -181,6 +209,17 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
 
 /// Natively there is no broker to send to: the producer is a component and sends through
 /// the host. This build exists for the unit tests.
+#[cfg(target_arch = "wasm32")]
+fn describe(error: &wasi::messaging::types::Error) -> String {
+    use wasi::messaging::types::Error;
+    match error {
+        Error::Timeout => "the broker did not answer in time".into(),
+        Error::Connection(m) => format!("connection: {m}"),
+        Error::PermissionDenied(m) => format!("permission denied: {m}"),
+        Error::Other(m) => m.clone(),
+    }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 fn send_all(_: &Settings) -> Result<usize, String> {
     Err(
@@ -295,6 +334,7 @@ mod tests {
             topic: "requests".into(),
             limit: None,
             run_id: None,
+            rate: None,
         }
     }
 

@@ -261,19 +261,30 @@ impl Broker for Kafka {
         let options = AdminOptions::new()
             .operation_timeout(Some(timeout))
             .request_timeout(Some(timeout));
+        let names: Vec<&str> = missing.iter().map(|t| t.name.as_str()).collect();
         let results = match admin.create_topics(&new_topics, &options).await {
             Ok(results) => results,
-            // A broker without the CreateTopics API (such as another process's embedded
-            // broker) creates topics on first use instead.
+            // Brokers without the CreateTopics API (such as another process's embedded
+            // broker) never answer it; many of those create topics on first use instead, so
+            // carry on and let a truly missing topic surface when it is used.
             Err(e)
-                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnsupportedVersion)
-                    || e.rdkafka_error_code() == Some(RDKafkaErrorCode::InvalidRequest) =>
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::OperationTimedOut
+                            | RDKafkaErrorCode::UnsupportedVersion
+                            | RDKafkaErrorCode::InvalidRequest
+                    )
+                ) =>
             {
-                tracing::info!("broker cannot create topics ({e}); they are created on first use");
+                tracing::warn!(
+                    "the broker did not create topics {names:?} ({e}); continuing on the \
+                     assumption that it creates them on first use. If it does not, create \
+                     them yourself"
+                );
                 return Ok(());
             }
             Err(e) => {
-                let names: Vec<&str> = missing.iter().map(|t| t.name.as_str()).collect();
                 return Err(kafka_error(
                     &format!(
                         "creating topics {names:?} (create them yourself, or set \
