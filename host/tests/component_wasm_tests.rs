@@ -15,12 +15,7 @@ fn build_wasm_tests() -> Vec<std::path::PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(pipeline::workspace_root())
-        // A target directory of its own: `cargo test` relinks producer.wasm in the directory
-        // it builds in, which would replace the component the other tests run.
-        .env(
-            "CARGO_TARGET_DIR",
-            pipeline::components_target_dir().with_file_name("component-tests"),
-        )
+        .env("CARGO_TARGET_DIR", support::test_target_dir())
         .args([
             "test",
             "--no-run",

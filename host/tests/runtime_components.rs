@@ -3,8 +3,10 @@
 //! that are not components, and components in the wrong role, are refused with the fix; a
 //! component cannot send to a topic its manifest does not grant; a handler's failing message is
 //! not settled while it is being retried (the next group member gets it), and a message the
-//! handler gives up on is settled so the partition moves on; a call past its time limit traps,
-//! which costs that instance (replaced for the next attempt) and never the host.
+//! handler gives up on is settled so the partition moves on. With the test handler
+//! (components/test-handler): an instance is reused message after message; a trap, a call past
+//! its time limit or a memory grab past its limit costs that one instance, which is replaced,
+//! never the host.
 
 mod support;
 
@@ -302,57 +304,124 @@ async fn a_bad_message_is_given_up_on_and_the_pipeline_moves_on() {
     next.close().await.unwrap();
 }
 
+/// The test handler subscribed to `input`, allowed to send to `output`.
+fn test_handler(input: &str, output: &str, limits: Limits, retry: RetryPolicy) -> ComponentConfig {
+    ComponentConfig {
+        wasm: support::test_handler(),
+        subscribe: vec![input.into()],
+        group: Some(support::unique("g")),
+        publish: vec![output.into()],
+        limits,
+        retry,
+        ..config("consumer")
+    }
+}
+
+async fn next_payload(subscriber: &dyn switchyard::broker::Subscriber) -> String {
+    let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+        .await
+        .expect("a message within 30 s")
+        .unwrap();
+    let payload = String::from_utf8(delivery.message.payload.clone()).unwrap();
+    delivery.ack().unwrap();
+    payload
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_past_its_deadline_costs_the_instance_not_the_host() {
+async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
     let (_cluster, broker) = support::embedded().await;
-    let (input, output, group) = (
-        support::unique("in"),
-        support::unique("out"),
-        support::unique("g"),
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let once = RetryPolicy {
+        max_attempts: 1,
+        backoff_ms: 10,
+    };
+    let loaded = runtime
+        .load(
+            "test",
+            &test_handler(&input, &output, Limits::default(), once),
+        )
+        .unwrap();
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    let replies = broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("reader"),
+            topics: vec![output.clone()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
+    let count = format!("count {output}");
+    // One partition, one worker: the messages are handled in order by the same instance.
+    for command in [&count, &count, &"trap".to_string(), &count] {
+        send(broker.as_ref(), &input, command.as_bytes().to_vec(), "t").await;
+    }
+    assert_eq!(next_payload(replies.as_ref()).await, "1");
+    assert_eq!(
+        next_payload(replies.as_ref()).await,
+        "2",
+        "the instance was reused"
     );
+    assert_eq!(
+        next_payload(replies.as_ref()).await,
+        "1",
+        "after the trap a fresh instance handles the next message"
+    );
+    let stats = Arc::clone(handler.stats());
+    assert_eq!(HandlerStats::get(&stats.traps), 1);
+    assert_eq!(HandlerStats::get(&stats.gave_up), 1);
+    assert_eq!(HandlerStats::get(&stats.handled), 3);
+    replies.close().await.unwrap();
+    handler.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_host() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output) = (support::unique("in"), support::unique("out"));
     topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let retry = RetryPolicy {
-        max_attempts: 3,
+        max_attempts: 2,
         backoff_ms: 10,
     };
-    // Loading the model on the first message takes far longer than 1 ms, so every attempt
-    // runs past the deadline and traps.
-    let impatient = ComponentConfig {
-        limits: Limits {
-            max_call_ms: 1,
-            ..Limits::default()
-        },
-        ..classifier(&input, &output, &group, retry)
+    let limits = Limits {
+        max_memory_mb: 32,
+        max_call_ms: 200,
     };
-    let loaded = runtime.load("classifier", &impatient).unwrap();
+    let loaded = runtime
+        .load("test", &test_handler(&input, &output, limits, retry))
+        .unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    send(broker.as_ref(), &input, vec![0u8; 784], "slow-1").await;
+    let replies = broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("reader"),
+            topics: vec![output.clone()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
+    for command in [
+        "spin".to_string(),
+        "grow 64".to_string(),
+        "grow 4".to_string(),
+        format!("send {output}"),
+    ] {
+        send(broker.as_ref(), &input, command.into_bytes(), "t").await;
+    }
+    // The spinning and the greedy message cost two instances each and are given up; the
+    // modest ones after them are handled, by the same host.
+    assert_eq!(next_payload(replies.as_ref()).await, "hello");
     let stats = Arc::clone(handler.stats());
     support::wait_until(
-        "the message to be given up",
-        Duration::from_secs(60),
-        async || HandlerStats::get(&stats.gave_up) == 1,
+        "both bad messages to be given up",
+        Duration::from_secs(30),
+        async || HandlerStats::get(&stats.gave_up) == 2,
     )
     .await;
-    assert_eq!(
-        HandlerStats::get(&stats.traps),
-        3,
-        "each attempt trapped on a fresh instance"
-    );
-    assert_eq!(HandlerStats::get(&stats.handled), 0);
-    handler.stop().await.unwrap();
-
-    // The host is fine: the same runtime runs a patient classifier on the next message.
-    let patient = classifier(&input, &output, &support::unique("g2"), retry);
-    let loaded = runtime.load("classifier", &patient).unwrap();
-    let handler = runtime.start_handler(&loaded).await.unwrap();
-    let stats = Arc::clone(handler.stats());
-    support::wait_until(
-        "the message to be handled",
-        Duration::from_secs(60),
-        async || HandlerStats::get(&stats.handled) == 1,
-    )
-    .await;
+    assert_eq!(HandlerStats::get(&stats.traps), 4);
+    assert_eq!(HandlerStats::get(&stats.handled), 2);
+    replies.close().await.unwrap();
     handler.stop().await.unwrap();
 }

@@ -27,6 +27,38 @@ pub fn components() -> PathBuf {
         .clone()
 }
 
+/// The target directory of the test-only builds (the test handler, the components' unit
+/// tests for wasm): separate from the components' own, so `cargo test` there never relinks a
+/// component the other tests run.
+pub fn test_target_dir() -> PathBuf {
+    switchyard::pipeline::components_target_dir().with_file_name("component-tests")
+}
+
+/// `test_handler.wasm` (components/test-handler), built once per test binary.
+pub fn test_handler() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(switchyard::pipeline::workspace_root())
+                .env("CARGO_TARGET_DIR", test_target_dir())
+                .args([
+                    "build",
+                    "--profile",
+                    "component",
+                    "--target",
+                    "wasm32-wasip2",
+                ])
+                .args(["-p", "test-handler"])
+                .status()
+                .expect("running cargo");
+            assert!(status.success(), "building the test handler failed");
+            test_target_dir().join("wasm32-wasip2/component/test_handler.wasm")
+        })
+        .clone()
+}
+
 /// Path of a built component.
 pub fn component(name: &str) -> PathBuf {
     components().join(format!("{name}.wasm"))

@@ -1,0 +1,73 @@
+//! A handler component for the host's runtime tests: each message's payload is a command that
+//! makes it behave well or badly, so the tests can check what the host does about it.
+//!
+//! | payload | behaviour |
+//! | --- | --- |
+//! | `ok` | returns `ok` |
+//! | `error` | returns a WIT `error` |
+//! | `trap` | panics (a trap) |
+//! | `spin` | loops until the host interrupts it |
+//! | `grow MB` | allocates and touches `MB` MiB of memory |
+//! | `count TOPIC` | sends to TOPIC how many messages this instance has handled so far |
+//! | `send TOPIC` | sends `hello` to TOPIC and returns what the host said |
+//!
+//! It is not part of the pipeline and not meant for production.
+
+#[cfg(target_arch = "wasm32")]
+mod component {
+    use std::cell::Cell;
+
+    wit_bindgen::generate!({
+        world: "switchyard:host/handler",
+        path: "../../wit",
+        generate_all,
+    });
+
+    use exports::wasi::messaging::incoming_handler::Guest;
+    use wasi::messaging::producer;
+    use wasi::messaging::types::{Client, Error, Message};
+
+    thread_local! {
+        static HANDLED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn send(topic: &str, body: &[u8]) -> Result<(), Error> {
+        let client = Client::connect("test")?;
+        producer::send(&client, topic, Message::new(body))
+    }
+
+    struct Component;
+
+    impl Guest for Component {
+        fn handle(message: Message) -> Result<(), Error> {
+            let handled = HANDLED.with(|h| {
+                h.set(h.get() + 1);
+                h.get()
+            });
+            let payload = String::from_utf8_lossy(&message.data()).into_owned();
+            let mut words = payload.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("ok"), _) => Ok(()),
+                (Some("error"), _) => Err(Error::Other("asked to fail".into())),
+                (Some("trap"), _) => panic!("asked to trap"),
+                (Some("spin"), _) => {
+                    let mut x = 0u64;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                (Some("grow"), Some(mb)) => {
+                    let mb: usize = mb.parse().map_err(|_| Error::Other("grow MB".into()))?;
+                    let block = vec![1u8; mb << 20];
+                    std::hint::black_box(&block);
+                    Ok(())
+                }
+                (Some("count"), Some(topic)) => send(topic, handled.to_string().as_bytes()),
+                (Some("send"), Some(topic)) => send(topic, b"hello"),
+                _ => Err(Error::Other(format!("unknown command {payload:?}"))),
+            }
+        }
+    }
+
+    export!(Component);
+}
