@@ -2,8 +2,9 @@
 //! connections: messages round-trip with keys, headers and content type; a message that was
 //! not acknowledged is delivered again to the next member of the group, while an acknowledged
 //! one is not; the embedded broker on a fixed address serves clients that know only that
-//! address (other processes, kcat); an unreachable broker fails within the bounded wait with an
-//! error that says what to do.
+//! address (other processes, kcat); a producer whose local queue is full waits instead of
+//! dropping; an unreachable broker fails within the bounded wait with an error that says what
+//! to do.
 
 mod support;
 
@@ -208,5 +209,63 @@ async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
         .unwrap();
     assert_eq!(delivery.message.payload, b"through the relay");
     delivery.ack().unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = probe.local_addr().unwrap();
+    drop(probe);
+    let cluster = EmbeddedKafka::start(Some(address)).await.unwrap();
+    let topic = support::unique("backpressure");
+    cluster
+        .create_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .unwrap();
+    let mut config = KafkaConfig::new(address.to_string());
+    for (key, value) in EMBEDDED_PROPERTIES {
+        config.properties.insert(key.into(), value.into());
+    }
+    // Room for 5 messages in librdkafka's queue, and a linger that keeps them there a while.
+    config
+        .properties
+        .insert("queue.buffering.max.messages".into(), "5".into());
+    config.properties.insert("linger.ms".into(), "20".into());
+    let broker = Kafka::connect(config).await.unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..300u32 {
+        let receipt = publisher
+            .publish(OutgoingMessage {
+                topic: topic.clone(),
+                payload: i.to_be_bytes().to_vec(),
+                ..OutgoingMessage::default()
+            })
+            .await
+            .expect("a full queue waits instead of failing");
+        receipts.push(receipt);
+    }
+    for receipt in receipts {
+        receipt.wait().await.unwrap();
+    }
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    for i in 0..300u32 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("every message arrives")
+            .unwrap();
+        assert_eq!(
+            delivery.message.payload,
+            i.to_be_bytes(),
+            "in order, none missing"
+        );
+        delivery.ack().unwrap();
+    }
     subscriber.close().await.unwrap();
 }

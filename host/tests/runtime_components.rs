@@ -1,7 +1,7 @@
 //! Proves how the runtime treats components, with the real pipeline components on the
 //! embedded broker: compiled components are cached (a second load does not compile); files
 //! that are not components, and components in the wrong role, are refused with the fix; a
-//! component cannot send to a topic its manifest does not grant; a handler's failing message is
+//! component cannot send to a topic or read a file its manifest does not grant; a handler's failing message is
 //! not settled while it is being retried (the next group member gets it), and a message the
 //! handler gives up on is settled so the partition moves on. With the test handler
 //! (components/test-handler): an instance is reused message after message; a trap, a call past
@@ -164,7 +164,7 @@ async fn files_that_are_not_components_or_do_not_fit_their_role_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_component_cannot_send_to_a_topic_it_was_not_granted() {
+async fn a_component_cannot_send_to_a_topic_or_read_a_file_it_was_not_granted() {
     let (_cluster, broker) = support::embedded().await;
     let runtime = Runtime::new(broker, options(None)).await.unwrap();
     let producer = ComponentConfig {
