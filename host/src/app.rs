@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::broker::embedded::EmbeddedKafka;
 use crate::broker::kafka::Kafka;
+use crate::broker::pubsub::PubSub;
 use crate::broker::{Broker, BrokerError, TopicSpec};
 use crate::config::{BrokerConfig, Manifest};
 use crate::runtime::engine::PoolSize;
@@ -33,6 +34,10 @@ pub async fn connect(config: &BrokerConfig) -> Result<ConnectedBroker, BrokerErr
         }
         BrokerConfig::Kafka(kafka) => Ok(ConnectedBroker {
             broker: Arc::new(Kafka::connect(kafka.clone()).await?),
+            embedded: None,
+        }),
+        BrokerConfig::Pubsub(pubsub) => Ok(ConnectedBroker {
+            broker: Arc::new(PubSub::connect(pubsub.clone()).await?),
             embedded: None,
         }),
     }

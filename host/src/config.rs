@@ -30,6 +30,7 @@ use serde::Deserialize;
 
 use crate::broker::StartPosition;
 use crate::broker::kafka::KafkaConfig;
+use crate::broker::pubsub::PubSubConfig;
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,8 @@ pub enum BrokerConfig {
     Embedded(EmbeddedConfig),
     /// A Kafka cluster.
     Kafka(KafkaConfig),
+    /// A Google Cloud Pub/Sub project (or the emulator).
+    Pubsub(PubSubConfig),
 }
 
 impl Default for BrokerConfig {
@@ -119,8 +122,31 @@ impl BrokerConfig {
             }
             return Ok(Self::Kafka(config));
         }
+        if let Some(rest) = url.strip_prefix("pubsub://") {
+            let (project, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let project = project.trim_end_matches('/');
+            if project.is_empty() {
+                return Err("pubsub:// needs a project, e.g. pubsub://my-project".into());
+            }
+            let mut config = PubSubConfig::new(project);
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some(("endpoint", value)) => config.endpoint = Some(value.to_string()),
+                    Some(("anonymous", value)) => config.anonymous = value == "true",
+                    Some(("create_resources", value)) => config.create_resources = value == "true",
+                    _ => {
+                        return Err(format!(
+                            "unknown pubsub:// parameter {pair:?}: it takes endpoint=URL, \
+                             anonymous=true|false and create_resources=true|false"
+                        ));
+                    }
+                }
+            }
+            return Ok(Self::Pubsub(config));
+        }
         Err(format!(
-            "unknown broker {url:?}: use `embedded` or kafka://HOST:PORT[,HOST:PORT...][?property=value&...]"
+            "unknown broker {url:?}: use `embedded`, kafka://HOST:PORT[,HOST:PORT...][?property=value&...] \
+             or pubsub://PROJECT[?endpoint=URL]"
         ))
     }
 }
@@ -408,20 +434,9 @@ pub fn expand_env(text: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Checks a Kafka-legal topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`.
+/// Checks a topic name against Kafka's rules (Pub/Sub's are checked by its backend).
 pub fn check_topic_name(name: &str) -> Result<(), String> {
-    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if name.is_empty()
-        || name.len() > 249
-        || !name.chars().all(legal)
-        || name == "."
-        || name == ".."
-    {
-        return Err(format!(
-            "{name:?} is not a valid topic name: use 1 to 249 letters, digits, '.', '_' or '-'"
-        ));
-    }
-    Ok(())
+    crate::broker::kafka::check_topic_name(name).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -521,8 +536,11 @@ mod tests {
     fn invalid_values_are_refused() {
         for (snippet, expected) in [
             ("workers = 0", "workers"),
-            ("subscribe = [\"bad topic\"]", "not a valid topic name"),
-            ("publish = [\"\"]", "not a valid topic name"),
+            (
+                "subscribe = [\"bad topic\"]",
+                "not a valid Kafka topic name",
+            ),
+            ("publish = [\"\"]", "not a valid Kafka topic name"),
             (
                 "preopens = [{ host = \"missing\", guest = \"/d\" }]",
                 "not a directory",

@@ -182,6 +182,22 @@ impl Kafka {
     }
 }
 
+/// Checks a Kafka-legal topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn check_topic_name(name: &str) -> Result<(), BrokerError> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty()
+        || name.len() > 249
+        || !name.chars().all(legal)
+        || name == "."
+        || name == ".."
+    {
+        return Err(BrokerError::Rejected(format!(
+            "{name:?} is not a valid Kafka topic name: use 1 to 249 letters, digits, '.', '_' or '-'"
+        )));
+    }
+    Ok(())
+}
+
 fn config_error(e: KafkaError) -> BrokerError {
     BrokerError::Config(format!(
         "invalid Kafka settings: {e}. Check the [broker.kafka] properties against \
@@ -219,6 +235,9 @@ impl Broker for Kafka {
     }
 
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
+        for topic in topics {
+            check_topic_name(&topic.name)?;
+        }
         if let Some(embedded) = &self.embedded {
             return topics.iter().try_for_each(|t| embedded.create_topic(t));
         }
@@ -338,6 +357,9 @@ impl Broker for Kafka {
                 spec.group
             )));
         }
+        for topic in &spec.topics {
+            check_topic_name(topic)?;
+        }
         let tracker = Arc::new(OffsetTracker::default());
         let mut config = self.config.client_config();
         config
@@ -375,6 +397,7 @@ struct KafkaPublisher {
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
+        check_topic_name(&message.topic)?;
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 1);
         if let Some(content_type) = &message.content_type {
             headers = headers.insert(Header {
@@ -427,8 +450,9 @@ impl Publisher for KafkaPublisher {
     }
 }
 
-/// Forgets in-flight offsets of partitions a rebalance takes away, so acknowledgements that
-/// arrive after it do not commit on behalf of the new owner.
+/// Commits what was acknowledged when a rebalance takes partitions away, then forgets their
+/// in-flight offsets, so acknowledgements that arrive after it do not commit on behalf of the
+/// new owner.
 struct GroupContext {
     tracker: Arc<OffsetTracker>,
 }
@@ -436,9 +460,15 @@ struct GroupContext {
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
+                // Commit what was acknowledged before the partitions go, so the next owner
+                // does not handle it again.
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                    Err(e) => tracing::debug!("commit before revoking partitions failed: {e}"),
+                }
                 for element in partitions.elements() {
                     self.tracker.revoke(element.topic(), element.partition());
                 }
@@ -493,6 +523,7 @@ impl Subscriber for KafkaSubscriber {
                 payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 headers: Vec::new(),
                 content_type: None,
+                delivery_attempt: None,
             };
             if let Some(headers) = message.headers() {
                 for header in headers.iter() {
@@ -528,9 +559,33 @@ impl Subscriber for KafkaSubscriber {
             return Ok(());
         };
         tokio::task::spawn_blocking(move || {
-            let result = match consumer.commit_consumer_state(CommitMode::Sync) {
+            let mut result = consumer.commit_consumer_state(CommitMode::Sync);
+            // A group that is rebalancing refuses commits for a moment; try again briefly.
+            for _ in 0..20 {
+                match &result {
+                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress)) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        result = consumer.commit_consumer_state(CommitMode::Sync);
+                    }
+                    _ => break,
+                }
+            }
+            let result = match result {
                 // Nothing was acknowledged since the last commit.
                 Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                // Still refused, or the partitions moved meanwhile: what was acknowledged since
+                // the last commit is delivered again to the next owner (at-least-once).
+                Err(KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::RebalanceInProgress
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::UnknownMemberId,
+                )) => {
+                    tracing::warn!(
+                        "the group kept rebalancing; the last acknowledgements were not \
+                         committed and will be delivered again"
+                    );
+                    Ok(())
+                }
                 other => other,
             };
             // The last strong reference: dropping it leaves the group (librdkafka's
@@ -573,6 +628,34 @@ impl Settle for KafkaSettle {
             // The partition moved to another member meanwhile; it will redeliver.
             Err(e) => {
                 tracing::debug!("offset {position} not stored: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    fn nack(self: Box<Self>) -> Result<(), BrokerError> {
+        // The offset stays in flight, so nothing past it is committed; rewinding makes this
+        // member fetch it again (and what followed it, which may arrive twice).
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Ok(());
+        };
+        let InFlight {
+            topic,
+            partition,
+            offset,
+            ..
+        } = &self.in_flight;
+        match consumer.seek(
+            topic,
+            *partition,
+            Offset::Offset(*offset),
+            Duration::from_secs(5),
+        ) {
+            Ok(()) => Ok(()),
+            // Not assigned here any more: the new owner starts from the committed offset,
+            // which is at or before this one.
+            Err(e) => {
+                tracing::debug!("cannot rewind {topic}/{partition} to {offset}: {e}");
                 Ok(())
             }
         }

@@ -1,5 +1,6 @@
 //! The unified broker API: one set of traits the runtime and the CLI use, implemented once per
-//! backend ([`kafka`], with [`embedded`] running a Kafka-protocol broker inside the process).
+//! backend ([`kafka`], with [`embedded`] running a Kafka-protocol broker inside the process,
+//! and [`pubsub`] for Google Cloud Pub/Sub).
 //!
 //! The traits are deliberately small: publish (enqueue now, learn about delivery later),
 //! subscribe as a member of a group, settle each delivery explicitly. Backend-specific settings
@@ -9,6 +10,8 @@
 pub mod embedded;
 pub mod kafka;
 mod offsets;
+pub mod pubsub;
+pub mod pubsub_emulator;
 
 use std::fmt;
 use std::sync::Arc;
@@ -72,6 +75,9 @@ pub struct IncomingMessage {
     pub headers: Vec<(String, String)>,
     /// Content type of the payload, if the sender gave one.
     pub content_type: Option<String>,
+    /// How many times the broker has delivered this message, when it counts (Pub/Sub with a
+    /// dead-letter policy); Kafka does not.
+    pub delivery_attempt: Option<u32>,
 }
 
 /// Settles one delivery with the broker. Dropping it unsettled leaves the message for
@@ -79,6 +85,9 @@ pub struct IncomingMessage {
 pub trait Settle: Send + Sync {
     /// Tells the broker the message is done with.
     fn ack(self: Box<Self>) -> Result<(), BrokerError>;
+
+    /// Tells the broker the message was not handled: it is delivered again soon.
+    fn nack(self: Box<Self>) -> Result<(), BrokerError>;
 }
 
 /// A message delivered to a subscriber, to be settled once handled.
@@ -106,6 +115,12 @@ impl Delivery {
     /// message of its partition is acknowledged too.
     pub fn ack(self) -> Result<(), BrokerError> {
         self.settle.ack()
+    }
+
+    /// Gives the message back for redelivery: on Pub/Sub a nack; on Kafka the member rewinds
+    /// the partition to it, so it (and what followed it) is delivered again.
+    pub fn nack(self) -> Result<(), BrokerError> {
+        self.settle.nack()
     }
 }
 

@@ -1,0 +1,711 @@
+//! The Google Cloud Pub/Sub backend, on `google-cloud-pubsub` (Google's official SDK).
+//!
+//! Delivery semantics: **at-least-once**. A message is acked only when the runtime (or the
+//! user of [`Subscriber`]) settles it; until then the SDK extends its lease automatically. A
+//! message that is never acked, or is nacked, is delivered again, to this subscriber or
+//! another one of the same subscription. The emulator, like Pub/Sub without exactly-once
+//! enabled, may deliver a message more than once even after an ack.
+//!
+//! Kafka's consumer group maps to a subscription: members of one group are clients of one
+//! subscription and share its messages. A subscription belongs to one topic, so a group
+//! subscribed to several topics becomes one subscription per topic, named `GROUP--TOPIC`
+//! (just `GROUP` for a single topic) unless the configuration names them.
+//!
+//! Publishing hands each message to the SDK's batching publisher and returns at once; at most
+//! `max_outstanding_publishes` messages wait for the server at a time, further `publish` calls
+//! wait for room (backpressure) and never drop. Keys become ordering keys; a subscription that
+//! switchyard creates has message ordering enabled, so messages of one key arrive in order.
+//!
+//! The SDK ignores `PUBSUB_EMULATOR_HOST`; this backend honours it (endpoint plus anonymous
+//! credentials), as it honours an explicit `endpoint`. Everything else uses Application
+//! Default Credentials.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_pubsub::client::{
+    BasePublisher, Publisher as TopicPublisher, Subscriber as SdkSubscriber,
+};
+use google_cloud_pubsub::client::{SubscriptionAdmin, TopicAdmin};
+use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use google_cloud_pubsub::subscriber::handler::Handler;
+use serde::Deserialize;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+use super::{
+    Broker, BrokerError, CONTENT_TYPE_HEADER, Delivery, DeliveryReceipt, IncomingMessage,
+    OutgoingMessage, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
+};
+
+/// Attribute that stands in for an empty message: Pub/Sub refuses a message with neither data
+/// nor attributes.
+const EMPTY_MARKER: &str = "switchyard-empty";
+
+/// Settings of the Pub/Sub backend (the `[broker.pubsub]` manifest section).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PubSubConfig {
+    /// The Google Cloud project.
+    pub project: String,
+    /// The endpoint, such as `http://127.0.0.1:8085` for an emulator. Without it:
+    /// `$PUBSUB_EMULATOR_HOST` if set, else Google's endpoint.
+    pub endpoint: Option<String>,
+    /// Use anonymous credentials (the emulator's); implied by an emulator endpoint from
+    /// `$PUBSUB_EMULATOR_HOST`. Otherwise Application Default Credentials.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Create missing topics and subscriptions at start-up. Turn it off in production
+    /// projects where the application may not administer them.
+    #[serde(default = "default_true")]
+    pub create_resources: bool,
+    /// Explicit subscription names per topic, overriding the `GROUP--TOPIC` convention.
+    #[serde(default)]
+    pub subscriptions: BTreeMap<String, String>,
+    /// Ack deadline of subscriptions switchyard creates, in seconds (10 to 600). The SDK
+    /// extends leases automatically while a message is being handled, so a short deadline
+    /// costs nothing and bounds how long a message leased by a client that vanished (or was
+    /// closing) waits before going to another one.
+    #[serde(default = "default_ack_deadline")]
+    pub ack_deadline_s: i32,
+    /// Streaming pulls per subscription (one stream carries about 2,000 messages/s on the
+    /// emulator).
+    #[serde(default = "default_streams")]
+    pub streams: usize,
+    /// Flow control: messages received but not yet settled, per stream.
+    #[serde(default = "default_outstanding")]
+    pub max_outstanding_messages: i64,
+    /// Messages published but not yet confirmed by the server before `publish` waits.
+    #[serde(default = "default_outstanding_publishes")]
+    pub max_outstanding_publishes: usize,
+    /// Publish batching: send a batch once it holds this many messages...
+    #[serde(default = "default_batch_messages")]
+    pub batch_max_messages: u32,
+    /// ...or after this many milliseconds.
+    #[serde(default = "default_batch_delay_ms")]
+    pub batch_max_delay_ms: u64,
+    /// How long to wait for the service at start-up, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_ack_deadline() -> i32 {
+    10
+}
+fn default_streams() -> usize {
+    4
+}
+fn default_outstanding() -> i64 {
+    1000
+}
+fn default_outstanding_publishes() -> usize {
+    10_000
+}
+fn default_batch_messages() -> u32 {
+    100
+}
+fn default_batch_delay_ms() -> u64 {
+    5
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+
+impl PubSubConfig {
+    /// Settings for `project`, defaults otherwise.
+    pub fn new(project: impl Into<String>) -> Self {
+        Self {
+            project: project.into(),
+            endpoint: None,
+            anonymous: false,
+            create_resources: true,
+            subscriptions: BTreeMap::new(),
+            ack_deadline_s: default_ack_deadline(),
+            streams: default_streams(),
+            max_outstanding_messages: default_outstanding(),
+            max_outstanding_publishes: default_outstanding_publishes(),
+            batch_max_messages: default_batch_messages(),
+            batch_max_delay_ms: default_batch_delay_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+
+    /// The endpoint and whether to use anonymous credentials, after `$PUBSUB_EMULATOR_HOST`.
+    fn resolved_endpoint(&self) -> (Option<String>, bool) {
+        if let Some(endpoint) = &self.endpoint {
+            return (Some(endpoint.clone()), self.anonymous);
+        }
+        match std::env::var("PUBSUB_EMULATOR_HOST") {
+            Ok(host) if !host.is_empty() => {
+                let endpoint = if host.contains("://") {
+                    host
+                } else {
+                    format!("http://{host}")
+                };
+                (Some(endpoint), true)
+            }
+            _ => (None, self.anonymous),
+        }
+    }
+
+    fn topic_path(&self, topic: &str) -> String {
+        format!("projects/{}/topics/{topic}", self.project)
+    }
+
+    fn subscription_path(&self, subscription: &str) -> String {
+        format!("projects/{}/subscriptions/{subscription}", self.project)
+    }
+
+    /// The subscription a group uses for a topic.
+    pub fn subscription_for(&self, group: &str, topic: &str, topics_in_group: usize) -> String {
+        if let Some(name) = self.subscriptions.get(topic) {
+            return name.clone();
+        }
+        if topics_in_group == 1 {
+            group.to_string()
+        } else {
+            format!("{group}--{topic}")
+        }
+    }
+}
+
+/// Applies the endpoint and credentials a config calls for to any of the SDK's builders.
+macro_rules! configure {
+    ($builder:expr, $config:expr) => {{
+        let (endpoint, anonymous) = $config.resolved_endpoint();
+        let mut builder = $builder;
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if anonymous {
+            builder = builder.with_credentials(
+                google_cloud_auth::credentials::anonymous::Builder::new().build(),
+            );
+        }
+        builder
+    }};
+}
+
+fn rpc_error(what: &str, e: &google_cloud_pubsub::Error) -> BrokerError {
+    let code = e.status().map(|s| s.code);
+    match code {
+        Some(Code::NotFound) => BrokerError::Rejected(format!(
+            "{what}: not found ({e}). Create it, or set create_resources = true"
+        )),
+        Some(Code::PermissionDenied | Code::Unauthenticated) => BrokerError::Rejected(format!(
+            "{what}: permission denied ({e}). Check the credentials (Application Default \
+             Credentials, or GOOGLE_APPLICATION_CREDENTIALS) and their IAM roles"
+        )),
+        Some(Code::InvalidArgument) => BrokerError::Rejected(format!("{what}: {e}")),
+        Some(Code::DeadlineExceeded) => BrokerError::Timeout(format!("{what}: {e}")),
+        _ if e.is_timeout() => BrokerError::Timeout(format!("{what}: {e}")),
+        _ => BrokerError::Connection(format!("{what}: {e}")),
+    }
+}
+
+fn is_code(e: &google_cloud_pubsub::Error, wanted: Code) -> bool {
+    e.status().is_some_and(|s| s.code == wanted)
+}
+
+/// Checks a Pub/Sub resource id: 3 to 255 characters, starting with a letter, of letters,
+/// digits and `-_.~+%`, not starting with `goog`.
+pub fn check_resource_id(kind: &str, id: &str) -> Result<(), BrokerError> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || "-_.~+%".contains(c);
+    let ok = (3..=255).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id.chars().all(legal)
+        && !id.to_ascii_lowercase().starts_with("goog");
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::Rejected(format!(
+            "{id:?} is not a valid Pub/Sub {kind} name: use 3 to 255 letters, digits or -_.~+%, \
+             starting with a letter and not with \"goog\""
+        )))
+    }
+}
+
+/// A Pub/Sub project, reached through Google's SDK.
+pub struct PubSub {
+    config: PubSubConfig,
+    topics: TopicAdmin,
+    subscriptions: SubscriptionAdmin,
+    base_publisher: BasePublisher,
+    subscriber: SdkSubscriber,
+    publisher: tokio::sync::OnceCell<Arc<PubSubPublisher>>,
+}
+
+impl std::fmt::Debug for PubSub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSub")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PubSub {
+    /// Connects to a project, failing with a clear error if the service does not answer within
+    /// `connect_timeout_ms`.
+    pub async fn connect(config: PubSubConfig) -> Result<Self, BrokerError> {
+        check_project(&config.project)?;
+        let build_error = |e: google_cloud_gax::client_builder::Error| {
+            BrokerError::Config(format!("cannot set up the Pub/Sub client: {e}"))
+        };
+        let topics = configure!(TopicAdmin::builder(), config)
+            .build()
+            .await
+            .map_err(build_error)?;
+        let subscriptions = configure!(SubscriptionAdmin::builder(), config)
+            .build()
+            .await
+            .map_err(build_error)?;
+        let base_publisher = configure!(BasePublisher::builder(), config)
+            .build()
+            .await
+            .map_err(build_error)?;
+        let subscriber = configure!(SdkSubscriber::builder(), config)
+            .build()
+            .await
+            .map_err(build_error)?;
+        let pubsub = Self {
+            config,
+            topics,
+            subscriptions,
+            base_publisher,
+            subscriber,
+            publisher: tokio::sync::OnceCell::new(),
+        };
+        pubsub.check_reachable().await?;
+        Ok(pubsub)
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &PubSubConfig {
+        &self.config
+    }
+
+    fn describe_endpoint(&self) -> String {
+        self.config
+            .resolved_endpoint()
+            .0
+            .unwrap_or_else(|| "pubsub.googleapis.com".into())
+    }
+
+    async fn check_reachable(&self) -> Result<(), BrokerError> {
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let probe = self
+            .topics
+            .list_topics()
+            .set_project(format!("projects/{}", self.config.project))
+            .set_page_size(1)
+            .send();
+        let failure = |detail: String| {
+            BrokerError::Connection(format!(
+                "cannot reach Pub/Sub at {} within {} ms ({detail}). Is the emulator running? \
+                 Start one with `just pubsub-emulator`, or set PUBSUB_EMULATOR_HOST / the \
+                 endpoint",
+                self.describe_endpoint(),
+                self.config.connect_timeout_ms
+            ))
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Err(_) => Err(failure("no answer".into())),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.status().is_some() && !is_code(&e, Code::Unavailable) => {
+                // The service answered, if only to refuse: it is reachable; the refusal
+                // surfaces with the operation that needs the permission.
+                tracing::debug!("Pub/Sub answered the reachability probe with {e}");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(failure(e.to_string())),
+        }
+    }
+
+    async fn ensure_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        check_resource_id("topic", topic)?;
+        let path = self.config.topic_path(topic);
+        match self.topics.create_topic().set_name(&path).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, Code::AlreadyExists) => Ok(()),
+            Err(e) => Err(rpc_error(&format!("creating topic {topic:?}"), &e)),
+        }
+    }
+
+    async fn ensure_subscription(
+        &self,
+        subscription: &str,
+        topic: &str,
+    ) -> Result<(), BrokerError> {
+        check_resource_id("subscription", subscription)?;
+        let result = self
+            .subscriptions
+            .create_subscription()
+            .set_name(self.config.subscription_path(subscription))
+            .set_topic(self.config.topic_path(topic))
+            .set_ack_deadline_seconds(self.config.ack_deadline_s)
+            .set_enable_message_ordering(true)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, Code::AlreadyExists) => Ok(()),
+            Err(e) => Err(rpc_error(
+                &format!("creating subscription {subscription:?} on topic {topic:?}"),
+                &e,
+            )),
+        }
+    }
+
+    async fn check_subscription(&self, subscription: &str) -> Result<(), BrokerError> {
+        check_resource_id("subscription", subscription)?;
+        self.subscriptions
+            .get_subscription()
+            .set_subscription(self.config.subscription_path(subscription))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| rpc_error(&format!("subscription {subscription:?}"), &e))
+    }
+}
+
+fn check_project(project: &str) -> Result<(), BrokerError> {
+    let legal = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if project.is_empty() || !project.chars().all(legal) {
+        return Err(BrokerError::Config(format!(
+            "{project:?} is not a Google Cloud project id: use lowercase letters, digits and \
+             hyphens (pubsub://my-project)"
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Broker for PubSub {
+    fn describe(&self) -> String {
+        format!(
+            "pubsub://{} ({})",
+            self.config.project,
+            self.describe_endpoint()
+        )
+    }
+
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
+        if !self.config.create_resources {
+            return Ok(());
+        }
+        for topic in topics {
+            self.ensure_topic(&topic.name).await?;
+        }
+        Ok(())
+    }
+
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError> {
+        let publisher = self
+            .publisher
+            .get_or_init(|| async {
+                Arc::new(PubSubPublisher {
+                    base: self.base_publisher.clone(),
+                    config: self.config.clone(),
+                    topics: Mutex::new(HashMap::new()),
+                    room: Arc::new(Semaphore::new(self.config.max_outstanding_publishes.max(1))),
+                })
+            })
+            .await;
+        Ok(publisher.clone())
+    }
+
+    async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
+        if spec.topics.is_empty() {
+            return Err(BrokerError::Config(format!(
+                "subscription {:?} names no topics",
+                spec.group
+            )));
+        }
+        let (sender, receiver) =
+            mpsc::channel(self.config.max_outstanding_messages.max(1) as usize);
+        let mut pumps = Vec::new();
+        let mut shutdowns = Vec::new();
+        for topic in &spec.topics {
+            let subscription = self
+                .config
+                .subscription_for(&spec.group, topic, spec.topics.len());
+            if self.config.create_resources {
+                self.ensure_topic(topic).await?;
+                self.ensure_subscription(&subscription, topic).await?;
+                if spec.start == StartPosition::Latest {
+                    tracing::debug!(
+                        "{subscription}: Pub/Sub subscriptions start at creation; `start` only \
+                         matters for Kafka"
+                    );
+                }
+            } else {
+                self.check_subscription(&subscription).await?;
+            }
+            for _ in 0..self.config.streams.max(1) {
+                let stream = self
+                    .subscriber
+                    .subscribe(self.config.subscription_path(&subscription))
+                    .set_max_outstanding_messages(self.config.max_outstanding_messages)
+                    // The stream's own ack deadline (the SDK defaults to 60 s): how long a
+                    // message leased by a client that vanished waits for another one.
+                    .set_max_lease_extension(Duration::from_secs(
+                        u64::try_from(self.config.ack_deadline_s).unwrap_or(10),
+                    ))
+                    // Closing hands unsettled messages to other clients at once instead of
+                    // after their lease runs out.
+                    .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+                    .build();
+                shutdowns.push(stream.shutdown_token());
+                pumps.push(tokio::spawn(pump(stream, topic.clone(), sender.clone())));
+            }
+        }
+        Ok(Arc::new(PubSubSubscriber {
+            receiver: tokio::sync::Mutex::new(Some(receiver)),
+            pumps: Mutex::new(pumps),
+            shutdowns: Mutex::new(shutdowns),
+        }))
+    }
+}
+
+/// Moves messages from one streaming pull into the subscriber's channel.
+async fn pump(
+    mut stream: google_cloud_pubsub::subscriber::MessageStream,
+    topic: String,
+    sender: mpsc::Sender<Result<Delivery, BrokerError>>,
+) {
+    while let Some(next) = stream.next().await {
+        let item = match next {
+            Ok((message, handler)) => Ok(delivery(&topic, message, handler)),
+            Err(e) => Err(rpc_error(&format!("receiving from topic {topic:?}"), &e)),
+        };
+        let failed = item.is_err();
+        if sender.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn delivery(topic: &str, message: Message, handler: Handler) -> Delivery {
+    let mut attributes: Vec<(String, String)> = message.attributes.into_iter().collect();
+    attributes.sort();
+    let mut content_type = None;
+    attributes.retain(|(key, value)| {
+        if key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
+            content_type = Some(value.clone());
+            false
+        } else {
+            key != EMPTY_MARKER
+        }
+    });
+    let incoming = IncomingMessage {
+        topic: topic.to_string(),
+        position: message.message_id.clone(),
+        key: (!message.ordering_key.is_empty()).then(|| message.ordering_key.into_bytes()),
+        payload: message.data.to_vec(),
+        headers: attributes,
+        content_type,
+        delivery_attempt: handler
+            .delivery_attempt()
+            .and_then(|a| u32::try_from(a).ok()),
+    };
+    Delivery::new(incoming, Box::new(PubSubSettle { handler }))
+}
+
+struct PubSubSettle {
+    handler: Handler,
+}
+
+impl Settle for PubSubSettle {
+    fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        self.handler.ack();
+        Ok(())
+    }
+
+    fn nack(self: Box<Self>) -> Result<(), BrokerError> {
+        self.handler.nack();
+        Ok(())
+    }
+}
+
+struct PubSubPublisher {
+    base: BasePublisher,
+    config: PubSubConfig,
+    topics: Mutex<HashMap<String, TopicPublisher>>,
+    room: Arc<Semaphore>,
+}
+
+impl PubSubPublisher {
+    fn topic(&self, topic: &str) -> TopicPublisher {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics
+            .entry(topic.to_string())
+            .or_insert_with(|| {
+                self.base
+                    .publisher(self.config.topic_path(topic))
+                    .set_message_count_threshold(self.config.batch_max_messages)
+                    .set_delay_threshold(Duration::from_millis(self.config.batch_max_delay_ms))
+                    .build()
+            })
+            .clone()
+    }
+}
+
+#[async_trait]
+impl Publisher for PubSubPublisher {
+    async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
+        check_resource_id("topic", &message.topic)?;
+        let permit = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        let mut attributes: HashMap<String, String> = message.headers.into_iter().collect();
+        if let Some(content_type) = message.content_type {
+            attributes.insert(CONTENT_TYPE_HEADER.to_string(), content_type);
+        }
+        if message.payload.is_empty() && attributes.is_empty() {
+            attributes.insert(EMPTY_MARKER.to_string(), "1".to_string());
+        }
+        let mut sdk_message = Message::new()
+            .set_data(message.payload)
+            .set_attributes(attributes);
+        let ordering_key = message
+            .key
+            .map(|k| String::from_utf8_lossy(&k).into_owned());
+        if let Some(key) = &ordering_key {
+            sdk_message = sdk_message.set_ordering_key(key.clone());
+        }
+        let publisher = self.topic(&message.topic);
+        let topic = message.topic;
+        let future = publisher.publish(sdk_message);
+        let receipt = async move {
+            let result = future.await;
+            drop(permit);
+            match result {
+                Ok(_id) => Ok(()),
+                Err(e) => {
+                    // A failure pauses its ordering key so later messages cannot overtake
+                    // it; the caller decides whether to publish again, so resume.
+                    if let Some(key) = ordering_key {
+                        publisher.resume_publish(key);
+                    }
+                    Err(match e {
+                        google_cloud_pubsub::error::PublishError::Rpc(e) => {
+                            rpc_error(&format!("publishing to topic {topic:?}"), &e)
+                        }
+                        other => BrokerError::Connection(format!(
+                            "publishing to topic {topic:?}: {other}"
+                        )),
+                    })
+                }
+            }
+        };
+        Ok(DeliveryReceipt::new(receipt.boxed()))
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let publishers: Vec<TopicPublisher> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let flushes = futures::future::join_all(publishers.iter().map(|p| p.flush()));
+        tokio::time::timeout(timeout, flushes)
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                BrokerError::Timeout(format!("flushing Pub/Sub publishes took over {timeout:?}"))
+            })
+    }
+}
+
+type Received = Result<Delivery, BrokerError>;
+
+struct PubSubSubscriber {
+    receiver: tokio::sync::Mutex<Option<mpsc::Receiver<Received>>>,
+    pumps: Mutex<Vec<JoinHandle<()>>>,
+    shutdowns: Mutex<Vec<google_cloud_pubsub::subscriber::ShutdownToken>>,
+}
+
+#[async_trait]
+impl Subscriber for PubSubSubscriber {
+    async fn next(&self) -> Result<Delivery, BrokerError> {
+        let mut receiver = self.receiver.lock().await;
+        let receiver = receiver.as_mut().ok_or(BrokerError::Closed)?;
+        receiver.recv().await.unwrap_or(Err(BrokerError::Closed))
+    }
+
+    async fn close(&self) -> Result<(), BrokerError> {
+        let shutdowns: Vec<_> =
+            std::mem::take(&mut *self.shutdowns.lock().unwrap_or_else(|p| p.into_inner()));
+        let pumps: Vec<_> =
+            std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
+        // Stop the streams first: pending acks are sent, and every message still under lease
+        // (those waiting in the channel too) is nacked, so other clients get it now.
+        futures::future::join_all(shutdowns.iter().map(|s| s.shutdown())).await;
+        // What the channel still holds was never handed out; dropping a handle is a nack.
+        self.receiver.lock().await.take();
+        for mut pump in pumps {
+            if tokio::time::timeout(Duration::from_secs(5), &mut pump)
+                .await
+                .is_err()
+            {
+                tracing::debug!("a Pub/Sub stream did not end within 5 s of its shutdown");
+                pump.abort();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_names_follow_the_group() {
+        let mut config = PubSubConfig::new("p");
+        assert_eq!(
+            config.subscription_for("classifier", "requests", 1),
+            "classifier"
+        );
+        assert_eq!(config.subscription_for("g", "a", 2), "g--a");
+        config.subscriptions.insert("a".into(), "custom".into());
+        assert_eq!(config.subscription_for("g", "a", 2), "custom");
+    }
+
+    #[test]
+    fn resource_ids_are_checked() {
+        assert!(check_resource_id("topic", "requests").is_ok());
+        for bad in ["ab", "1abc", "goog-topic", "has space", ""] {
+            let err = check_resource_id("topic", bad).unwrap_err();
+            assert!(
+                err.to_string().contains("not a valid Pub/Sub topic name"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(check_project("my-project-1").is_ok());
+        assert!(check_project("My_Project").is_err());
+    }
+
+    #[test]
+    fn an_explicit_endpoint_wins_over_the_environment() {
+        let mut config = PubSubConfig::new("p");
+        config.endpoint = Some("http://localhost:1".into());
+        assert_eq!(
+            config.resolved_endpoint(),
+            (Some("http://localhost:1".into()), false)
+        );
+    }
+}
