@@ -19,6 +19,15 @@ components:
 demo *ARGS:
     cargo run --release -- demo {{ARGS}}
 
+# The same demo through Google's Pub/Sub emulator (started for the run; PUBSUB_EMULATOR_HOST
+# or ?endpoint= picks a running one).
+demo-pubsub *ARGS:
+    cargo run --release -- demo --broker pubsub://switchyard-demo {{ARGS}}
+
+# Google's Pub/Sub emulator on 127.0.0.1:8085 (capped heap), until Ctrl-C.
+pubsub-emulator:
+    cargo run --release -- pubsub-emulator --port 8085
+
 # Every test: unit, integration, in-Wasm, end-to-end. Same command as the README and CI.
 test:
     cargo test --release --workspace

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use switchyard::app::{self, App};
 use switchyard::broker::TopicSpec;
 use switchyard::broker::embedded::EmbeddedKafka;
+use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::config::{
     BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen, RetryPolicy,
 };
@@ -38,9 +39,15 @@ enum Commands {
     Run {
         /// The manifest (TOML).
         manifest: PathBuf,
-        /// Override the manifest's broker: `embedded` or kafka://HOST:PORT.
+        /// Override the manifest's broker: `embedded`, kafka://HOST:PORT or pubsub://PROJECT.
         #[arg(long, env = "BROKER")]
         broker: Option<String>,
+    },
+    /// Run Google's Pub/Sub emulator (from the Cloud SDK) until Ctrl-C, with a capped heap.
+    PubsubEmulator {
+        /// Port to listen on (127.0.0.1).
+        #[arg(long, default_value_t = 8085)]
+        port: u16,
     },
     /// Run the embedded Kafka-protocol broker alone, for other switchyard processes and kcat.
     Broker {
@@ -58,7 +65,8 @@ enum Commands {
     /// Run the Fashion-MNIST pipeline (producer → classifier → consumer) and report accuracy,
     /// throughput and latency. The last output line is JSON.
     Demo {
-        /// Broker: `embedded` (default) or kafka://HOST:PORT.
+        /// Broker: `embedded` (default), kafka://HOST:PORT or pubsub://PROJECT (which starts
+        /// Google's Pub/Sub emulator unless PUBSUB_EMULATOR_HOST or ?endpoint= names one).
         #[arg(long, env = "BROKER", default_value = "embedded")]
         broker: String,
         /// Number of test images to send (1 to 10000).
@@ -149,6 +157,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Commands::Run { manifest, broker } => {
             run_manifest(&manifest, broker.as_deref(), options).await
         }
+        Commands::PubsubEmulator { port } => {
+            let emulator =
+                tokio::task::spawn_blocking(move || PubSubEmulator::start(Some(port))).await??;
+            println!(
+                "Pub/Sub emulator listening on {}; use PUBSUB_EMULATOR_HOST={} or --broker \
+                 'pubsub://PROJECT?endpoint={}&anonymous=true'. Ctrl-C stops it.",
+                emulator.host(),
+                emulator.host(),
+                emulator.endpoint()
+            );
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
+            drop(emulator);
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Broker { host, port, topics } => {
             run_broker(SocketAddr::new(host, port), &topics).await
         }
@@ -168,8 +192,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     pipeline::build_components().map_err(anyhow::Error::msg)?
                 }
             };
+            let mut broker = broker_config(&broker)?;
+            // The demo needs no Google account: without an endpoint it starts the emulator.
+            let _emulator = match &mut broker {
+                BrokerConfig::Pubsub(pubsub)
+                    if pubsub.endpoint.is_none()
+                        && std::env::var_os("PUBSUB_EMULATOR_HOST").is_none() =>
+                {
+                    eprintln!(
+                        "starting Google's Pub/Sub emulator (give ?endpoint=URL or set \
+                         PUBSUB_EMULATOR_HOST to use another one, or Google's service)…"
+                    );
+                    let emulator =
+                        tokio::task::spawn_blocking(|| PubSubEmulator::start(None)).await??;
+                    pubsub.endpoint = Some(emulator.endpoint());
+                    pubsub.anonymous = true;
+                    Some(emulator)
+                }
+                _ => None,
+            };
             let demo = DemoOptions {
-                broker: broker_config(&broker)?,
+                broker,
                 images: usize::try_from(images)?,
                 rate,
                 classifier_workers: workers,

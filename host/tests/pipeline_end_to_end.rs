@@ -1,8 +1,9 @@
-//! Proves the Fashion-MNIST pipeline end to end: the three components, built for
-//! wasm32-wasip2 and run by the host, classify 1,000 test images through a Kafka-protocol
-//! broker reached over TCP. Every request gets exactly one prediction, and each prediction is
-//! the one tract computes offline for the same image (same class; scores within 1e-4, the
-//! difference between wasm SIMD and native kernels).
+//! Proves the Fashion-MNIST pipeline end to end, on both backends: the three components, built
+//! for wasm32-wasip2 and run by the host, classify 1,000 test images through a Kafka-protocol
+//! broker and through Google's Pub/Sub emulator, each reached over TCP. Every request gets
+//! exactly one prediction, and each prediction is the one tract computes offline for the same
+//! image (same class; scores within 1e-4, the difference between wasm SIMD and native
+//! kernels), so both backends reach the same accuracy.
 
 mod support;
 
@@ -16,6 +17,8 @@ use pipeline_core::idx::IdxArray;
 use pipeline_core::wire::{Prediction, softmax};
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::{Kafka, KafkaConfig};
+use switchyard::broker::pubsub::{PubSub, PubSubConfig};
+use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
 use switchyard::config::BrokerConfig;
 use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
@@ -24,7 +27,7 @@ use switchyard::runtime::RuntimeOptions;
 const IMAGES: usize = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_request_gets_exactly_the_prediction_tract_computes_offline() {
+async fn on_kafka_every_request_gets_exactly_the_prediction_tract_computes_offline() {
     // A broker of the test's own, so the predictions can be read back after the run.
     let cluster = Arc::new(EmbeddedKafka::start(None).await.unwrap());
     for name in [REQUESTS_TOPIC, PREDICTIONS_TOPIC] {
@@ -35,8 +38,40 @@ async fn every_request_gets_exactly_the_prediction_tract_computes_offline() {
             })
             .unwrap();
     }
+    let reader: Arc<dyn Broker> = Arc::new(Kafka::embedded(cluster.clone()));
+    let config = BrokerConfig::Kafka(KafkaConfig::new(cluster.bootstrap_servers()));
+    check_pipeline(config, reader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_pubsub_every_request_gets_exactly_the_prediction_tract_computes_offline() {
+    let emulator = tokio::task::spawn_blocking(|| PubSubEmulator::start(None))
+        .await
+        .unwrap()
+        .expect("starting the Pub/Sub emulator");
+    let mut config = PubSubConfig::new("switchyard-e2e");
+    config.endpoint = Some(emulator.endpoint());
+    config.anonymous = true;
+    let reader: Arc<dyn Broker> = Arc::new(PubSub::connect(config.clone()).await.unwrap());
+    check_pipeline(BrokerConfig::Pubsub(config), reader).await;
+    drop(emulator);
+}
+
+/// Runs the demo's pipeline over `IMAGES` images on `broker` and checks every prediction,
+/// read back through `reader` (the same broker, seen by the test).
+async fn check_pipeline(broker: BrokerConfig, reader: Arc<dyn Broker>) {
+    // The reading group subscribes first: a Pub/Sub subscription only receives what is
+    // published after it exists.
+    let subscriber = reader
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("check"),
+            topics: vec![PREDICTIONS_TOPIC.into()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
     let options = DemoOptions {
-        broker: BrokerConfig::Kafka(KafkaConfig::new(cluster.bootstrap_servers())),
+        broker,
         images: IMAGES,
         rate: None,
         classifier_workers: 2,
@@ -53,16 +88,7 @@ async fn every_request_gets_exactly_the_prediction_tract_computes_offline() {
     assert_eq!(report.failed, 0, "{report:?}");
     assert!(report.accuracy.unwrap() > 0.88, "{report:?}");
 
-    // Read every prediction back with a group of our own.
-    let broker = Kafka::embedded(cluster.clone());
-    let subscriber = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("check"),
-            topics: vec![PREDICTIONS_TOPIC.into()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    // Read every prediction back with the group of our own.
     let mut predictions: HashMap<usize, Prediction> = HashMap::new();
     while predictions.len() < IMAGES {
         let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
