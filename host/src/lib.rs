@@ -8,6 +8,7 @@
 //!   Kafka-protocol broker);
 //! - [`runtime`]: the wasmtime engine, the compiled-component cache, the instance pool, the
 //!   `wasi:messaging` host implementation and the handler workers;
+//! - [`client`]: producers and consumers for Rust programs, on any backend;
 //! - [`config`]: the TOML manifest;
 //! - [`app`]: starting a whole manifest, as `switchyard run` does;
 //! - [`pipeline`]: the Fashion-MNIST demo built on the above.
@@ -15,6 +16,7 @@
 
 pub mod app;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod pipeline;
 pub mod runtime;

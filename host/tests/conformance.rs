@@ -504,3 +504,60 @@ async fn unreachable_endpoints_fail_within_the_bounded_wait() {
         assert!(text.contains(fix), "{text}");
     }
 }
+
+/// A subscription created with a dead-letter topic carries the policy, and every redelivery
+/// after a nack counts its attempt. Said explicitly: the emulator does not forward a message
+/// to the dead-letter topic after the last attempt (its stream fails instead), so the final
+/// move is Pub/Sub's own promise and is not checked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_dead_letter_policy_is_set_and_attempts_are_counted() {
+    use google_cloud_pubsub::client::SubscriptionAdmin;
+
+    let endpoint = tokio::task::spawn_blocking(emulator_endpoint)
+        .await
+        .unwrap();
+    let mut config = pubsub_config();
+    config.endpoint = Some(endpoint.clone());
+    let dead_letters = support::unique("dead");
+    config.dead_letter_topic = Some(dead_letters.clone());
+    config.max_delivery_attempts = 7;
+    let backend = Backend {
+        name: "pubsub",
+        broker: Arc::new(PubSub::connect(config.clone()).await.unwrap()),
+        _keep: None,
+    };
+    let topic = backend.topic("poison", 1).await;
+    let group = support::unique("g");
+    let member = backend.member(&group, &topic).await;
+    backend
+        .publish_all(vec![message(&topic, None, b"poison")])
+        .await;
+    for attempt in 1..=3u32 {
+        let delivery = next(member.as_ref()).await;
+        assert_eq!(delivery.message.payload, b"poison");
+        assert_eq!(delivery.message.delivery_attempt, Some(attempt));
+        delivery.nack().unwrap();
+    }
+    let delivery = next(member.as_ref()).await;
+    assert_eq!(delivery.message.delivery_attempt, Some(4));
+    delivery.ack().unwrap();
+    member.close().await.unwrap();
+
+    let admin = SubscriptionAdmin::builder()
+        .with_endpoint(endpoint)
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await
+        .unwrap();
+    let subscription = admin
+        .get_subscription()
+        .set_subscription(config.subscription_path(&config.subscription_for(&group, &topic, 1)))
+        .send()
+        .await
+        .unwrap();
+    let policy = subscription
+        .dead_letter_policy
+        .expect("a dead-letter policy");
+    assert_eq!(policy.dead_letter_topic, config.topic_path(&dead_letters));
+    assert_eq!(policy.max_delivery_attempts, 7);
+}

@@ -205,8 +205,17 @@ fn config_error(e: KafkaError) -> BrokerError {
     ))
 }
 
+/// The librdkafka error code of an error, admin operations included (rdkafka's own accessor
+/// leaves those out).
+fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    }
+}
+
 fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
-    match e.rdkafka_error_code() {
+    match error_code(e) {
         Some(
             RDKafkaErrorCode::MessageTimedOut
             | RDKafkaErrorCode::RequestTimedOut
@@ -249,22 +258,35 @@ impl Broker for Kafka {
         // Ask only for what is missing: a broker may refuse CreateTopics (permissions, or no
         // such API, like another process's embedded broker) for topics that already exist.
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let existing: std::collections::HashSet<String> = {
+        let (existing, cluster_id) = {
             let admin = admin.clone();
-            tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-                .await
-                .map_err(|e| BrokerError::Connection(e.to_string()))?
-                .map_err(|e| kafka_error("listing topics", &e))?
-                .topics()
-                .iter()
-                .map(|t| t.name().to_string())
-                .collect()
+            tokio::task::spawn_blocking(move || {
+                let metadata = admin.inner().fetch_metadata(None, timeout)?;
+                let names: std::collections::HashSet<String> = metadata
+                    .topics()
+                    .iter()
+                    .map(|t| t.name().to_string())
+                    .collect();
+                Ok::<_, KafkaError>((names, admin.inner().fetch_cluster_id(timeout)))
+            })
+            .await
+            .map_err(|e| BrokerError::Connection(e.to_string()))?
+            .map_err(|e| kafka_error("listing topics", &e))?
         };
         let missing: Vec<&TopicSpec> = topics
             .iter()
             .filter(|t| !existing.contains(&t.name))
             .collect();
         if missing.is_empty() {
+            return Ok(());
+        }
+        // Another process's embedded broker (librdkafka's mock cluster) has no CreateTopics
+        // API and creates topics on first use; asking would only wait for the timeout.
+        if cluster_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("mockCluster"))
+        {
+            tracing::debug!("embedded broker: topics are created on first use");
             return Ok(());
         }
         let new_topics: Vec<NewTopic<'_>> = missing
@@ -288,7 +310,7 @@ impl Broker for Kafka {
             // carry on and let a truly missing topic surface when it is used.
             Err(e)
                 if matches!(
-                    e.rdkafka_error_code(),
+                    error_code(&e),
                     Some(
                         RDKafkaErrorCode::OperationTimedOut
                             | RDKafkaErrorCode::UnsupportedVersion

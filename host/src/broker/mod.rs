@@ -117,6 +117,11 @@ impl Delivery {
         self.settle.ack()
     }
 
+    /// Separates the message from how to settle it.
+    pub fn into_parts(self) -> (IncomingMessage, Box<dyn Settle>) {
+        (self.message, self.settle)
+    }
+
     /// Gives the message back for redelivery: on Pub/Sub a nack; on Kafka the member rewinds
     /// the partition to it, so it (and what followed it) is delivered again.
     pub fn nack(self) -> Result<(), BrokerError> {

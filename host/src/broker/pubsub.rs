@@ -31,11 +31,11 @@ use google_cloud_pubsub::client::{
     BasePublisher, Publisher as TopicPublisher, Subscriber as SdkSubscriber,
 };
 use google_cloud_pubsub::client::{SubscriptionAdmin, TopicAdmin};
-use google_cloud_pubsub::model::Message;
-use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use google_cloud_pubsub::model::{DeadLetterPolicy, Message};
 use google_cloud_pubsub::subscriber::handler::Handler;
+use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior};
 use serde::Deserialize;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{
@@ -92,6 +92,16 @@ pub struct PubSubConfig {
     /// How long to wait for the service at start-up, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Dead-letter policy for subscriptions switchyard creates: after
+    /// `max_delivery_attempts` deliveries (5 to 100) Pub/Sub moves a message to this topic.
+    pub dead_letter_topic: Option<String>,
+    /// Deliveries before a message is dead-lettered (with `dead_letter_topic`).
+    #[serde(default = "default_max_delivery_attempts")]
+    pub max_delivery_attempts: i32,
+}
+
+fn default_max_delivery_attempts() -> i32 {
+    5
 }
 
 fn default_true() -> bool {
@@ -135,6 +145,8 @@ impl PubSubConfig {
             batch_max_messages: default_batch_messages(),
             batch_max_delay_ms: default_batch_delay_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            dead_letter_topic: None,
+            max_delivery_attempts: default_max_delivery_attempts(),
         }
     }
 
@@ -156,11 +168,13 @@ impl PubSubConfig {
         }
     }
 
-    fn topic_path(&self, topic: &str) -> String {
+    /// The full resource name of a topic in this project (`projects/P/topics/T`).
+    pub fn topic_path(&self, topic: &str) -> String {
         format!("projects/{}/topics/{topic}", self.project)
     }
 
-    fn subscription_path(&self, subscription: &str) -> String {
+    /// The full resource name of a subscription in this project.
+    pub fn subscription_path(&self, subscription: &str) -> String {
         format!("projects/{}/subscriptions/{subscription}", self.project)
     }
 
@@ -345,15 +359,22 @@ impl PubSub {
         topic: &str,
     ) -> Result<(), BrokerError> {
         check_resource_id("subscription", subscription)?;
-        let result = self
+        let mut request = self
             .subscriptions
             .create_subscription()
             .set_name(self.config.subscription_path(subscription))
             .set_topic(self.config.topic_path(topic))
             .set_ack_deadline_seconds(self.config.ack_deadline_s)
-            .set_enable_message_ordering(true)
-            .send()
-            .await;
+            .set_enable_message_ordering(true);
+        if let Some(dead_letters) = &self.config.dead_letter_topic {
+            self.ensure_topic(dead_letters).await?;
+            request = request.set_dead_letter_policy(
+                DeadLetterPolicy::new()
+                    .set_dead_letter_topic(self.config.topic_path(dead_letters))
+                    .set_max_delivery_attempts(self.config.max_delivery_attempts.clamp(5, 100)),
+            );
+        }
+        let result = request.send().await;
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_code(&e, Code::AlreadyExists) => Ok(()),
@@ -432,7 +453,7 @@ impl Broker for PubSub {
         let (sender, receiver) =
             mpsc::channel(self.config.max_outstanding_messages.max(1) as usize);
         let mut pumps = Vec::new();
-        let mut shutdowns = Vec::new();
+        let (stop, _) = watch::channel(false);
         for topic in &spec.topics {
             let subscription = self
                 .config
@@ -450,45 +471,97 @@ impl Broker for PubSub {
                 self.check_subscription(&subscription).await?;
             }
             for _ in 0..self.config.streams.max(1) {
-                let stream = self
-                    .subscriber
-                    .subscribe(self.config.subscription_path(&subscription))
-                    .set_max_outstanding_messages(self.config.max_outstanding_messages)
-                    // The stream's own ack deadline (the SDK defaults to 60 s): how long a
-                    // message leased by a client that vanished waits for another one.
-                    .set_max_lease_extension(Duration::from_secs(
-                        u64::try_from(self.config.ack_deadline_s).unwrap_or(10),
-                    ))
-                    // Closing hands unsettled messages to other clients at once instead of
-                    // after their lease runs out.
-                    .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
-                    .build();
-                shutdowns.push(stream.shutdown_token());
-                pumps.push(tokio::spawn(pump(stream, topic.clone(), sender.clone())));
+                let stream = StreamSettings {
+                    subscriber: self.subscriber.clone(),
+                    path: self.config.subscription_path(&subscription),
+                    topic: topic.clone(),
+                    max_outstanding_messages: self.config.max_outstanding_messages,
+                    ack_deadline_s: self.config.ack_deadline_s,
+                };
+                pumps.push(tokio::spawn(pump(stream, sender.clone(), stop.subscribe())));
             }
         }
         Ok(Arc::new(PubSubSubscriber {
             receiver: tokio::sync::Mutex::new(Some(receiver)),
             pumps: Mutex::new(pumps),
-            shutdowns: Mutex::new(shutdowns),
+            stop,
         }))
     }
 }
 
-/// Moves messages from one streaming pull into the subscriber's channel.
-async fn pump(
-    mut stream: google_cloud_pubsub::subscriber::MessageStream,
+/// What a pump needs to (re)open one streaming pull.
+struct StreamSettings {
+    subscriber: SdkSubscriber,
+    path: String,
     topic: String,
+    max_outstanding_messages: i64,
+    ack_deadline_s: i32,
+}
+
+impl StreamSettings {
+    fn open(&self) -> MessageStream {
+        self.subscriber
+            .subscribe(&self.path)
+            .set_max_outstanding_messages(self.max_outstanding_messages)
+            // The stream's own ack deadline (the SDK defaults to 60 s): how long a message
+            // leased by a client that vanished waits for another one.
+            .set_max_lease_extension(Duration::from_secs(
+                u64::try_from(self.ack_deadline_s).unwrap_or(10),
+            ))
+            // Closing hands unsettled messages to other clients at once instead of after
+            // their lease runs out.
+            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            .build()
+    }
+}
+
+/// How long a pump waits before reopening a stream that failed.
+const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Moves messages from one streaming pull into the subscriber's channel, reopening the stream
+/// when it fails (the error is passed on, so the consumer hears of it), until stopped.
+async fn pump(
+    settings: StreamSettings,
     sender: mpsc::Sender<Result<Delivery, BrokerError>>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    while let Some(next) = stream.next().await {
-        let item = match next {
-            Ok((message, handler)) => Ok(delivery(&topic, message, handler)),
-            Err(e) => Err(rpc_error(&format!("receiving from topic {topic:?}"), &e)),
-        };
-        let failed = item.is_err();
-        if sender.send(item).await.is_err() || failed {
-            return;
+    loop {
+        let mut stream = settings.open();
+        let shutdown = stream.shutdown_token();
+        loop {
+            let next = tokio::select! {
+                _ = stop.wait_for(|s| *s) => None,
+                next = stream.next() => Some(next),
+            };
+            let Some(next) = next else {
+                shutdown.shutdown().await;
+                return;
+            };
+            match next {
+                Some(Ok((message, handler))) => {
+                    if sender
+                        .send(Ok(delivery(&settings.topic, message, handler)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let error =
+                        rpc_error(&format!("receiving from topic {:?}", settings.topic), &e);
+                    tracing::warn!("{error}; reopening the stream");
+                    if sender.send(Err(error)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(REOPEN_BACKOFF) => {}
         }
     }
 }
@@ -635,7 +708,7 @@ type Received = Result<Delivery, BrokerError>;
 struct PubSubSubscriber {
     receiver: tokio::sync::Mutex<Option<mpsc::Receiver<Received>>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
-    shutdowns: Mutex<Vec<google_cloud_pubsub::subscriber::ShutdownToken>>,
+    stop: watch::Sender<bool>,
 }
 
 #[async_trait]
@@ -647,24 +720,22 @@ impl Subscriber for PubSubSubscriber {
     }
 
     async fn close(&self) -> Result<(), BrokerError> {
-        let shutdowns: Vec<_> =
-            std::mem::take(&mut *self.shutdowns.lock().unwrap_or_else(|p| p.into_inner()));
         let pumps: Vec<_> =
             std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
         // Stop the streams first: pending acks are sent, and every message still under lease
         // (those waiting in the channel too) is nacked, so other clients get it now.
-        futures::future::join_all(shutdowns.iter().map(|s| s.shutdown())).await;
-        // What the channel still holds was never handed out; dropping a handle is a nack.
-        self.receiver.lock().await.take();
+        let _ = self.stop.send(true);
         for mut pump in pumps {
-            if tokio::time::timeout(Duration::from_secs(5), &mut pump)
+            if tokio::time::timeout(Duration::from_secs(10), &mut pump)
                 .await
                 .is_err()
             {
-                tracing::debug!("a Pub/Sub stream did not end within 5 s of its shutdown");
+                tracing::debug!("a Pub/Sub stream did not end within 10 s of its shutdown");
                 pump.abort();
             }
         }
+        // What the channel still holds was never handed out; dropping a handle is a nack.
+        self.receiver.lock().await.take();
         Ok(())
     }
 }

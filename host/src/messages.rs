@@ -1,0 +1,185 @@
+//! `switchyard publish` and `switchyard consume`: send and read messages on any backend from
+//! the command line, the same way on Kafka and Pub/Sub (like `kcat -P` / `kcat -C -J`).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use serde_json::json;
+use switchyard::broker::kafka::EMBEDDED_PROPERTIES;
+use switchyard::broker::{OutgoingMessage, StartPosition};
+use switchyard::client::{Client, ClientConfig, ValueSerializer};
+use switchyard::config::BrokerConfig;
+
+/// The URL for clients of a `switchyard broker` at `servers`, with the client settings that
+/// suit the embedded broker.
+pub fn embedded_broker_url(servers: &str) -> String {
+    let properties: Vec<String> = EMBEDDED_PROPERTIES
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    format!("kafka://{servers}?{}", properties.join("&"))
+}
+
+/// The broker `switchyard broker` runs by default.
+fn local_broker_url() -> String {
+    embedded_broker_url("127.0.0.1:9092")
+}
+
+fn broker(url: Option<String>) -> anyhow::Result<BrokerConfig> {
+    let url = url.unwrap_or_else(local_broker_url);
+    let config = BrokerConfig::from_url(&url).map_err(anyhow::Error::msg)?;
+    if matches!(config, BrokerConfig::Embedded(_)) {
+        bail!(
+            "`embedded` lives inside one process, so publish and consume cannot share it: run \
+             `switchyard broker` and use its URL (the default), or kafka:// / pubsub://"
+        );
+    }
+    Ok(config)
+}
+
+/// What `switchyard publish` sends.
+pub struct PublishArgs {
+    /// Broker URL (default: the local `switchyard broker`).
+    pub broker: Option<String>,
+    /// Destination topic.
+    pub topic: String,
+    /// Key (Kafka) or ordering key (Pub/Sub).
+    pub key: Option<String>,
+    /// Headers / attributes as `name=value`.
+    pub headers: Vec<String>,
+    /// Content type of the payloads.
+    pub content_type: Option<String>,
+    /// One message: this text.
+    pub payload: Option<String>,
+    /// One message: this file's bytes.
+    pub file: Option<PathBuf>,
+}
+
+/// Publishes one message (`--payload`, `--file`) or one per line of standard input, and waits
+/// until the broker stored every one.
+pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let mut headers = Vec::new();
+    for header in &args.headers {
+        let Some((name, value)) = header.split_once('=') else {
+            bail!("--header {header}: use NAME=VALUE");
+        };
+        headers.push((name.to_string(), value.to_string()));
+    }
+    let payloads: Vec<Vec<u8>> = match (&args.payload, &args.file) {
+        (Some(_), Some(_)) => bail!("give --payload or --file, not both"),
+        (Some(text), None) => vec![text.clone().into_bytes()],
+        (None, Some(path)) => {
+            vec![std::fs::read(path).with_context(|| format!("reading {}", path.display()))?]
+        }
+        (None, None) => std::io::stdin()
+            .lock()
+            .lines()
+            .map(|line| line.map(String::into_bytes))
+            .collect::<Result<_, _>>()
+            .context("reading standard input")?,
+    };
+    let client = Client::connect(&ClientConfig {
+        broker: broker(args.broker)?,
+        topic: Some(args.topic.clone()),
+        group: None,
+        serializer: ValueSerializer::Bytes,
+        start: StartPosition::Earliest,
+        auto_ack: false,
+    })
+    .await?;
+    let producer = client.producer().await?;
+    producer.ensure_topic(&args.topic, 8).await?;
+    let mut receipts = Vec::with_capacity(payloads.len());
+    for payload in payloads {
+        let message = OutgoingMessage {
+            topic: args.topic.clone(),
+            key: args.key.clone().map(String::into_bytes),
+            payload,
+            headers: headers.clone(),
+            content_type: args.content_type.clone(),
+        };
+        receipts.push(producer.send_nowait(message).await?);
+    }
+    let count = receipts.len();
+    for receipt in receipts {
+        receipt.wait().await?;
+    }
+    eprintln!("published {count} message(s) to {}", args.topic);
+    Ok(())
+}
+
+/// What `switchyard consume` reads.
+pub struct ConsumeArgs {
+    /// Broker URL (default: the local `switchyard broker`).
+    pub broker: Option<String>,
+    /// Topic to read.
+    pub topic: String,
+    /// Consumer group (Kafka) or subscription (Pub/Sub).
+    pub group: String,
+    /// Where a new group starts.
+    pub start: StartPosition,
+    /// Stop after this many messages.
+    pub count: Option<u64>,
+    /// Stop when nothing arrived for this long.
+    pub idle_exit: Option<Duration>,
+    /// Leave the messages unsettled (they are delivered again to the group).
+    pub no_ack: bool,
+}
+
+/// Prints one JSON object per message on standard output and acknowledges it.
+pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let config = ClientConfig {
+        broker: broker(args.broker)?,
+        topic: Some(args.topic.clone()),
+        group: Some(args.group.clone()),
+        serializer: ValueSerializer::Bytes,
+        start: args.start,
+        auto_ack: false,
+    };
+    let client = Client::connect(&config).await?;
+    let consumer = client.consumer().await?;
+    let mut printed = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    while args.count.is_none_or(|count| printed < count) {
+        let next = match args.idle_exit {
+            Some(idle) => match tokio::time::timeout(idle, consumer.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => consumer.next().await,
+        };
+        let received = next?;
+        let message = received.message();
+        let mut line = json!({
+            "topic": message.topic,
+            "position": message.position,
+            "key": message.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+            "headers": message
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), json!(value)))
+                .collect::<serde_json::Map<_, _>>(),
+            "content_type": message.content_type,
+        });
+        match std::str::from_utf8(&message.payload) {
+            Ok(text) => line["payload"] = json!(text),
+            Err(_) => {
+                line["payload_base64"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(&message.payload))
+            }
+        }
+        writeln!(stdout, "{line}")?;
+        stdout.flush()?;
+        printed += 1;
+        if !args.no_ack {
+            received.ack()?;
+        }
+    }
+    drop(stdout);
+    consumer.close().await?;
+    eprintln!("consumed {printed} message(s) from {}", args.topic);
+    Ok(())
+}
