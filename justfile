@@ -32,6 +32,11 @@ pubsub-emulator:
 test:
     cargo test --release --workspace
 
+# Broker throughput side by side: embedded Kafka, Pub/Sub emulator with 1 and 4 streams
+# (pass N ROUNDS, e.g. `just bench 20000 5`).
+bench *ARGS:
+    cargo bench -p switchyard --bench broker_throughput -- {{ARGS}}
+
 # Three-terminal mode, 1/4: the embedded Kafka broker on 127.0.0.1:9092.
 broker:
     cargo run --release -- broker

@@ -580,7 +580,12 @@ impl Subscriber for KafkaSubscriber {
         let Some(consumer) = taken else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || {
+        // A thread of its own rather than tokio's blocking pool: librdkafka's close can wait
+        // forever (seen on the mock cluster when the group rebalances at that moment: the
+        // revoke's assign() never returns). The wait below is bounded, and a stuck thread must
+        // not hold up the runtime's shutdown as a blocking task would.
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let closer = move || {
             let mut result = consumer.commit_consumer_state(CommitMode::Sync);
             // A group that is rebalancing refuses commits for a moment; try again briefly.
             for _ in 0..20 {
@@ -613,15 +618,34 @@ impl Subscriber for KafkaSubscriber {
             // The last strong reference: dropping it leaves the group (librdkafka's
             // consumer close), so the partitions move to the other members now.
             drop(consumer);
-            result
-        })
-        .await
-        .map_err(|e| BrokerError::Connection(e.to_string()))?
-        .map_err(|e| kafka_error("committing offsets on close", &e))?;
+            let _ = done.send(result);
+        };
+        std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(closer)
+            .map_err(|e| BrokerError::Connection(format!("cannot start closing: {e}")))?;
+        match tokio::time::timeout(CLOSE_TIMEOUT, finished).await {
+            Ok(Ok(result)) => {
+                result.map_err(|e| kafka_error("committing offsets on close", &e))?;
+            }
+            Ok(Err(_)) => {
+                return Err(BrokerError::Connection(
+                    "closing the consumer failed before it finished".into(),
+                ));
+            }
+            Err(_) => tracing::warn!(
+                "leaving the consumer group took over {CLOSE_TIMEOUT:?}; going on without it. \
+                 Its partitions move to other members after the session timeout, and what was \
+                 not committed is delivered again"
+            ),
+        }
         self.tracker.revoke_all();
         Ok(())
     }
 }
+
+/// How long closing a consumer (final commit, leaving the group) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
 struct KafkaSettle {
     consumer: std::sync::Weak<GroupConsumer>,
