@@ -214,6 +214,23 @@ fn default_workers() -> usize {
 }
 
 impl ComponentConfig {
+    /// A component at `wasm` with what a manifest entry naming only `wasm` gets: a command
+    /// with one instance, no grants, the default limits and retries.
+    pub fn new(wasm: impl Into<PathBuf>) -> Self {
+        Self {
+            wasm: wasm.into(),
+            subscribe: Vec::new(),
+            group: None,
+            start: StartPosition::default(),
+            publish: Vec::new(),
+            workers: default_workers(),
+            args: Vec::new(),
+            preopens: Vec::new(),
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+
     /// Whether the host calls the component per message (it subscribes to something).
     pub fn is_handler(&self) -> bool {
         !self.subscribe.is_empty()

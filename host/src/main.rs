@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use switchyard::app::{self, App};
+use switchyard::broker::TopicSpec;
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::pubsub_emulator::PubSubEmulator;
-use switchyard::broker::{StartPosition, TopicSpec};
 use switchyard::config::{
-    BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen, RetryPolicy,
+    BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen,
 };
 use switchyard::pipeline::{self, DemoOptions};
 use switchyard::runtime::{Runtime, RuntimeOptions};
@@ -45,55 +45,10 @@ enum Commands {
     },
     /// Publish messages to a topic on any backend: --payload, --file, or one message per line
     /// of standard input (like `kcat -P`).
-    Publish {
-        /// Broker URL (default: the local `switchyard broker`, or $BROKER).
-        #[arg(long, env = "BROKER")]
-        broker: Option<String>,
-        /// Destination topic.
-        #[arg(long, short)]
-        topic: String,
-        /// Key (Kafka) or ordering key (Pub/Sub).
-        #[arg(long, short)]
-        key: Option<String>,
-        /// Header (Kafka) or attribute (Pub/Sub), as NAME=VALUE; repeatable.
-        #[arg(long = "header", short = 'H')]
-        headers: Vec<String>,
-        /// Content type of the payload.
-        #[arg(long)]
-        content_type: Option<String>,
-        /// Send this text as one message.
-        #[arg(long)]
-        payload: Option<String>,
-        /// Send this file as one message.
-        #[arg(long)]
-        file: Option<PathBuf>,
-    },
+    Publish(messages::PublishArgs),
     /// Read messages from a topic on any backend, one JSON object per line on standard output
     /// (like `kcat -C -J`), acknowledging each.
-    Consume {
-        /// Broker URL (default: the local `switchyard broker`, or $BROKER).
-        #[arg(long, env = "BROKER")]
-        broker: Option<String>,
-        /// Topic to read.
-        #[arg(long, short)]
-        topic: String,
-        /// Consumer group (Kafka) or subscription (Pub/Sub; it receives only what is published
-        /// after it exists).
-        #[arg(long, short, default_value = "switchyard-consume")]
-        group: String,
-        /// Where a new Kafka group starts: earliest or latest.
-        #[arg(long, default_value = "earliest", value_parser = parse_start)]
-        from: StartPosition,
-        /// Stop after this many messages.
-        #[arg(long, short)]
-        count: Option<u64>,
-        /// Stop when nothing arrived for this many seconds.
-        #[arg(long)]
-        idle_exit: Option<f64>,
-        /// Do not acknowledge: the messages are delivered again to the group.
-        #[arg(long)]
-        no_ack: bool,
-    },
+    Consume(messages::ConsumeArgs),
     /// Run Google's Pub/Sub emulator (from the Cloud SDK) until Ctrl-C, with a capped heap.
     PubsubEmulator {
         /// Port to listen on (127.0.0.1).
@@ -204,61 +159,15 @@ fn broker_config(url: &str) -> anyhow::Result<BrokerConfig> {
     BrokerConfig::from_url(url).map_err(anyhow::Error::msg)
 }
 
-fn parse_start(value: &str) -> Result<StartPosition, String> {
-    match value {
-        "earliest" => Ok(StartPosition::Earliest),
-        "latest" => Ok(StartPosition::Latest),
-        other => Err(format!("{other:?}: use earliest or latest")),
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let options = runtime_options(cli.cache_dir);
     match cli.command {
-        Commands::Publish {
-            broker,
-            topic,
-            key,
-            headers,
-            content_type,
-            payload,
-            file,
-        } => {
-            messages::publish(messages::PublishArgs {
-                broker,
-                topic,
-                key,
-                headers,
-                content_type,
-                payload,
-                file,
-            })
-            .await?;
+        Commands::Publish(args) => {
+            messages::publish(args).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Consume {
-            broker,
-            topic,
-            group,
-            from,
-            count,
-            idle_exit,
-            no_ack,
-        } => {
-            let idle_exit = idle_exit
-                .map(Duration::try_from_secs_f64)
-                .transpose()
-                .context("--idle-exit takes seconds")?;
-            messages::consume(messages::ConsumeArgs {
-                broker,
-                topic,
-                group,
-                start: from,
-                count,
-                idle_exit,
-                no_ack,
-            })
-            .await?;
+        Commands::Consume(args) => {
+            messages::consume(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Run { manifest, broker } => {
@@ -470,19 +379,14 @@ async fn exec(
         });
     }
     let config = ComponentConfig {
-        wasm: wasm.clone(),
-        subscribe: Vec::new(),
-        group: None,
-        start: Default::default(),
         publish,
-        workers: 1,
         args,
         preopens,
         limits: Limits {
             max_call_ms: 0,
             max_memory_mb: 1024,
         },
-        retry: RetryPolicy::default(),
+        ..ComponentConfig::new(wasm.clone())
     };
     let broker = match broker_config(broker)? {
         BrokerConfig::Embedded(_) => BrokerConfig::Embedded(EmbeddedConfig::default()),

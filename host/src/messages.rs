@@ -41,20 +41,28 @@ fn broker(url: Option<String>) -> anyhow::Result<BrokerConfig> {
 }
 
 /// What `switchyard publish` sends.
+#[derive(Debug, clap::Args)]
 pub struct PublishArgs {
-    /// Broker URL (default: the local `switchyard broker`).
+    /// Broker URL (default: the local `switchyard broker`, or $BROKER).
+    #[arg(long, env = "BROKER")]
     pub broker: Option<String>,
     /// Destination topic.
+    #[arg(long, short)]
     pub topic: String,
     /// Key (Kafka) or ordering key (Pub/Sub).
+    #[arg(long, short)]
     pub key: Option<String>,
-    /// Headers / attributes as `name=value`.
+    /// Header (Kafka) or attribute (Pub/Sub), as NAME=VALUE; repeatable.
+    #[arg(long = "header", short = 'H')]
     pub headers: Vec<String>,
-    /// Content type of the payloads.
+    /// Content type of the payload.
+    #[arg(long)]
     pub content_type: Option<String>,
-    /// One message: this text.
+    /// Send this text as one message.
+    #[arg(long)]
     pub payload: Option<String>,
-    /// One message: this file's bytes.
+    /// Send this file as one message.
+    #[arg(long)]
     pub file: Option<PathBuf>,
 }
 
@@ -112,21 +120,47 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
 }
 
 /// What `switchyard consume` reads.
+#[derive(Debug, clap::Args)]
 pub struct ConsumeArgs {
-    /// Broker URL (default: the local `switchyard broker`).
+    /// Broker URL (default: the local `switchyard broker`, or $BROKER).
+    #[arg(long, env = "BROKER")]
     pub broker: Option<String>,
     /// Topic to read.
+    #[arg(long, short)]
     pub topic: String,
-    /// Consumer group (Kafka) or subscription (Pub/Sub).
+    /// Consumer group (Kafka) or subscription (Pub/Sub; it receives only what is published
+    /// after it exists).
+    #[arg(long, short, default_value = "switchyard-consume")]
     pub group: String,
-    /// Where a new group starts.
+    /// Where a new Kafka group starts: earliest or latest.
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
     pub start: StartPosition,
     /// Stop after this many messages.
+    #[arg(long, short)]
     pub count: Option<u64>,
-    /// Stop when nothing arrived for this long.
+    /// Stop when nothing arrived for this many seconds.
+    #[arg(long, value_parser = parse_seconds)]
     pub idle_exit: Option<Duration>,
-    /// Leave the messages unsettled (they are delivered again to the group).
+    /// Do not acknowledge: the messages are delivered again to the group.
+    #[arg(long)]
     pub no_ack: bool,
+}
+
+/// `earliest` or `latest`, for `--start`.
+fn parse_start(value: &str) -> Result<StartPosition, String> {
+    match value {
+        "earliest" => Ok(StartPosition::Earliest),
+        "latest" => Ok(StartPosition::Latest),
+        other => Err(format!("{other:?}: use earliest or latest")),
+    }
+}
+
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("{value:?}: give a number of seconds, e.g. 2 or 0.5"))
 }
 
 /// Prints one JSON object per message on standard output and acknowledges it.

@@ -16,10 +16,7 @@ use pipeline_core::tally::Summary;
 use serde::Serialize;
 
 use crate::app::App;
-use crate::broker::StartPosition;
-use crate::config::{
-    BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, RetryPolicy, TopicConfig,
-};
+use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
 
 /// Topic of classification requests.
@@ -155,18 +152,8 @@ pub struct DemoReport {
 
 /// The manifest of the pipeline: the same one `components/pipeline.toml` spells out.
 pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
-    let component = |name: &str| ComponentConfig {
-        wasm: options.components.join(format!("{name}.wasm")),
-        subscribe: Vec::new(),
-        group: None,
-        start: StartPosition::Earliest,
-        publish: Vec::new(),
-        workers: 1,
-        args: Vec::new(),
-        preopens: Vec::new(),
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
-    };
+    let component =
+        |name: &str| ComponentConfig::new(options.components.join(format!("{name}.wasm")));
     let models = Preopen {
         host: options.models.clone(),
         guest: "/models".into(),

@@ -19,18 +19,7 @@ use switchyard::runtime::engine::{CacheOutcome, PoolSize};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeError, RuntimeOptions};
 
 fn config(name: &str) -> ComponentConfig {
-    ComponentConfig {
-        wasm: support::component(name),
-        subscribe: Vec::new(),
-        group: None,
-        start: StartPosition::Earliest,
-        publish: Vec::new(),
-        workers: 1,
-        args: Vec::new(),
-        preopens: Vec::new(),
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
-    }
+    ComponentConfig::new(support::component(name))
 }
 
 /// Runtime options with the cache at `cache`; tests that do not test the cache share the

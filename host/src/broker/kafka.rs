@@ -373,12 +373,7 @@ impl Broker for Kafka {
     }
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
-        if spec.topics.is_empty() {
-            return Err(BrokerError::Config(format!(
-                "subscription {:?} names no topics",
-                spec.group
-            )));
-        }
+        spec.check()?;
         for topic in &spec.topics {
             check_topic_name(topic)?;
         }

@@ -184,6 +184,19 @@ pub struct SubscriptionSpec {
     pub start: StartPosition,
 }
 
+impl SubscriptionSpec {
+    /// Refuses a subscription without topics, which every backend would wait on forever.
+    pub fn check(&self) -> Result<(), BrokerError> {
+        if self.topics.is_empty() {
+            return Err(BrokerError::Config(format!(
+                "subscription {:?} names no topics",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]

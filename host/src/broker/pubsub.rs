@@ -444,12 +444,7 @@ impl Broker for PubSub {
     }
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
-        if spec.topics.is_empty() {
-            return Err(BrokerError::Config(format!(
-                "subscription {:?} names no topics",
-                spec.group
-            )));
-        }
+        spec.check()?;
         let (sender, receiver) =
             mpsc::channel(self.config.max_outstanding_messages.max(1) as usize);
         let mut pumps = Vec::new();
