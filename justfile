@@ -1,5 +1,6 @@
-# Day-to-day targets. `just --list` shows them. Every target runs from a fresh clone: cargo
-# and rustup (through rust-toolchain.toml) fetch what they need.
+# Day-to-day targets. `just --list` shows them. Every target runs from a fresh clone: rustup
+# installs the pinned toolchain (rust-toolchain.toml), cargo fetches the crates, and the host
+# adds the wasm32-wasip2 target when it builds components.
 
 # The broker the three-terminal targets use: by default `just broker`'s, with the client
 # settings that suit it (`switchyard broker` prints them).
@@ -11,9 +12,10 @@ export SWITCHYARD_COMPONENTS := target / "components/wasm32-wasip2/component"
 default:
     @just --list
 
-# Build the three components for wasm32-wasip2 (into $CARGO_TARGET_DIR/components).
+# Build the three components for wasm32-wasip2 (into $CARGO_TARGET_DIR/components), adding the
+# target to the toolchain when it is missing.
 components:
-    CARGO_TARGET_DIR={{target}}/components cargo build --profile component --target wasm32-wasip2 -p producer -p classifier -p consumer
+    cargo run --release -- build
 
 # Run the whole pipeline on the embedded broker and print the summary (pass e.g. --images 1000).
 demo *ARGS:

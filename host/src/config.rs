@@ -372,7 +372,7 @@ impl Manifest {
                 return Err(invalid(
                     name,
                     format!(
-                        "no file at {}: build the component (`just components`) or fix `wasm`",
+                        "no file at {}: build the component (`switchyard build`, or `just components`) or fix `wasm`",
                         component.wasm.display()
                     ),
                 ));

@@ -10,12 +10,15 @@
 //!   `wasi:messaging` host implementation and the handler workers;
 //! - [`client`]: producers and consumers for Rust programs, on any backend;
 //! - [`config`]: the TOML manifest;
+//! - [`build`]: building components from source for `wasm32-wasip2` (adding the target when
+//!   the toolchain lacks it);
 //! - [`app`]: starting a whole manifest, as `switchyard run` does;
 //! - [`pipeline`]: the Fashion-MNIST demo built on the above.
 #![deny(missing_docs)]
 
 pub mod app;
 pub mod broker;
+pub mod build;
 pub mod client;
 pub mod config;
 pub mod pipeline;

@@ -96,6 +96,13 @@ enum Commands {
         #[arg(long)]
         show_predictions: bool,
     },
+    /// Build components of this source tree for wasm32-wasip2 (adding the target with rustup
+    /// when the toolchain lacks it) and print the directory of the `.wasm` files.
+    Build {
+        /// A package to build; repeatable (default: producer, classifier and consumer).
+        #[arg(short = 'p', long = "package")]
+        packages: Vec<String>,
+    },
     /// Run one command component (a WASI command that may send messages), such as a
     /// component's test binary; exits with its exit code.
     Exec {
@@ -205,7 +212,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(dir) => dir,
                 None => {
                     eprintln!("building the components (cargo build --target wasm32-wasip2)…");
-                    pipeline::build_components().map_err(anyhow::Error::msg)?
+                    pipeline::build_components().context(
+                        "building the components; or build them elsewhere and pass \
+                         --components DIR",
+                    )?
                 }
             };
             let mut broker = broker_config(&broker)?;
@@ -246,6 +256,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Commands::Build { packages } => {
+            let packages = if packages.is_empty() {
+                pipeline::COMPONENTS.map(String::from).to_vec()
+            } else {
+                packages
+            };
+            let output = pipeline::source_build().packages(packages).build()?;
+            println!("{}", output.display());
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Exec {
             wasm,

@@ -9,13 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pipeline_core::tally::Summary;
 use serde::Serialize;
 
 use crate::app::App;
+use crate::build::{BuildError, ComponentBuild};
 use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
 
@@ -64,41 +64,22 @@ pub fn components_target_dir() -> PathBuf {
     target.join("components")
 }
 
-/// Where the built `.wasm` files are.
-pub fn components_dir() -> PathBuf {
-    components_target_dir()
-        .join("wasm32-wasip2")
-        .join("component")
+/// A build of components of this source tree into [`components_target_dir`]; add packages with
+/// [`ComponentBuild::packages`].
+pub fn source_build() -> ComponentBuild {
+    ComponentBuild::new(workspace_root(), components_target_dir())
 }
 
-/// Builds the three components (profile `component`, wasm32-wasip2) with cargo and returns their
-/// directory. Cargo makes this a no-op when nothing changed.
-pub fn build_components() -> Result<PathBuf, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", components_target_dir())
-        .args([
-            "build",
-            "--profile",
-            "component",
-            "--target",
-            "wasm32-wasip2",
-        ]);
-    for name in COMPONENTS {
-        command.args(["-p", name]);
-    }
-    let status = command.status().map_err(|e| {
-        format!("cannot run cargo to build the components ({e}); build them yourself with `just components` and pass --components DIR")
-    })?;
-    if !status.success() {
-        return Err(format!(
-            "building the components failed ({status}); the wasm32-wasip2 target comes with \
-             rust-toolchain.toml (rustup installs it), see the cargo output above"
-        ));
-    }
-    Ok(components_dir())
+/// Where the built `.wasm` files are.
+pub fn components_dir() -> PathBuf {
+    source_build().output_dir()
+}
+
+/// Builds the three components (profile `component`, wasm32-wasip2, adding the target when it
+/// is missing) with cargo and returns their directory. Cargo makes this a no-op when nothing
+/// changed.
+pub fn build_components() -> Result<PathBuf, BuildError> {
+    source_build().packages(COMPONENTS).build()
 }
 
 /// What the demo should do.

@@ -2,7 +2,8 @@
 //! the problem and the fix, and a failing exit code, never a panic: a missing manifest, a
 //! malformed one (with its line), an unknown key, a missing `.wasm`, a file that is not a
 //! component, an unknown broker URL, and a Kafka broker that is not running. And that `exec`
-//! runs a command component with the directories and topics it is granted.
+//! runs a command component with the directories and topics it is granted, and that `build`
+//! names the cargo build that failed.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -141,5 +142,15 @@ fn exec_runs_a_command_component_with_its_grants() {
     assert!(
         stderr.contains("may not send to topic \"elsewhere\""),
         "{stderr}"
+    );
+}
+
+#[test]
+fn build_names_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(
+        &["build", "-p", "no-such-component"],
+        dir.path(),
+        &["no-such-component", "cargo build", "failed"],
     );
 }

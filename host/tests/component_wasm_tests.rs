@@ -5,45 +5,14 @@
 
 mod support;
 
-use std::process::Command;
-
 use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
-use switchyard::pipeline;
 use switchyard::runtime::{Runtime, RuntimeOptions};
 
 fn build_wasm_tests() -> Vec<std::path::PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(pipeline::workspace_root())
-        .env("CARGO_TARGET_DIR", support::test_target_dir())
-        .args([
-            "test",
-            "--no-run",
-            "--profile",
-            "component",
-            "--target",
-            "wasm32-wasip2",
-            "--message-format=json",
-            "-p",
-            "pipeline-core",
-            "-p",
-            "producer",
-            "-p",
-            "consumer",
-        ])
-        .output()
-        .expect("running cargo");
-    assert!(
-        output.status.success(),
-        "building the wasm tests failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| message["profile"]["test"] == true)
-        .filter_map(|message| message["executable"].as_str().map(Into::into))
-        .collect()
+    support::test_build()
+        .packages(["pipeline-core", "producer", "consumer"])
+        .build_tests()
+        .expect("building the wasm tests")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

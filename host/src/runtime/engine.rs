@@ -154,16 +154,25 @@ pub fn load_component(
         }
     }
 
+    // Cranelift takes tens of seconds for a large component on a small machine: say so, so a
+    // first run does not look hung, and say how long it took.
     tracing::info!(
-        "compiling {} ({} KiB); the result is cached in {}",
+        "compiling {} ({} KiB) to native code, once: large components take up to a minute; \
+         the result is cached in {}",
         wasm_path.display(),
         bytes.len() / 1024,
         cache_dir.display()
     );
+    let started = std::time::Instant::now();
     let component = Component::new(engine, &bytes).map_err(|e| RuntimeError::Component {
         path: wasm_path.to_path_buf(),
         message: format!("it does not compile: {e:#}"),
     })?;
+    tracing::info!(
+        "compiled {} in {:.1} s",
+        wasm_path.display(),
+        started.elapsed().as_secs_f64()
+    );
     if let Err(e) = store_artifact(&component, cache_dir, &artifact) {
         // Only costs time on the next start.
         tracing::warn!(

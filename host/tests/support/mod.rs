@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use switchyard::broker::Broker;
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::Kafka;
+use switchyard::build::ComponentBuild;
 
 /// An embedded broker and the Kafka backend on it.
 pub async fn embedded() -> (Arc<EmbeddedKafka>, Arc<dyn Broker>) {
@@ -34,27 +35,22 @@ pub fn test_target_dir() -> PathBuf {
     switchyard::pipeline::components_target_dir().with_file_name("component-tests")
 }
 
+/// A build of test-only components (the test handler, the components' unit tests for wasm)
+/// into [`test_target_dir`].
+pub fn test_build() -> ComponentBuild {
+    ComponentBuild::new(switchyard::pipeline::workspace_root(), test_target_dir())
+}
+
 /// `test_handler.wasm` (components/test-handler), built once per test binary.
 pub fn test_handler() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .current_dir(switchyard::pipeline::workspace_root())
-                .env("CARGO_TARGET_DIR", test_target_dir())
-                .args([
-                    "build",
-                    "--profile",
-                    "component",
-                    "--target",
-                    "wasm32-wasip2",
-                ])
-                .args(["-p", "test-handler"])
-                .status()
-                .expect("running cargo");
-            assert!(status.success(), "building the test handler failed");
-            test_target_dir().join("wasm32-wasip2/component/test_handler.wasm")
+            test_build()
+                .packages(["test-handler"])
+                .build()
+                .expect("building the test handler")
+                .join("test_handler.wasm")
         })
         .clone()
 }
