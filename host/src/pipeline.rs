@@ -26,9 +26,22 @@ pub const PREDICTIONS_TOPIC: &str = "predictions";
 /// The three pipeline components, by crate name.
 pub const COMPONENTS: [&str; 3] = ["producer", "classifier", "consumer"];
 
-/// The source tree this binary was built from.
+/// The source tree this binary runs from: the host package's parent directory, as cargo
+/// names it to `cargo run` and `cargo test` (`CARGO_MANIFEST_DIR`), else as it was when this
+/// binary was built.
+///
+/// The runtime value comes first because cargo decides freshness by file times, not paths:
+/// two clones sharing one `CARGO_TARGET_DIR` (CI's clean clone and a working copy) share one
+/// binary, and the path baked into it may name the other clone, which may be gone by now.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let host_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|manifest| manifest.contains("name = \"switchyard\""))
+        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    host_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))

@@ -46,8 +46,19 @@ impl std::fmt::Debug for Lenet {
 }
 
 impl Lenet {
-    /// Loads ONNX bytes and optimises the graph for batches of `batch` images.
+    /// Loads ONNX bytes and optimises the graph for batches of `batch` images, with
+    /// switchyard's 2×2 max-pool kernel in place of tract's (see [`crate::pool`]).
     pub fn load(onnx: &[u8], batch: usize) -> Result<Self, ModelError> {
+        Self::load_with(onnx, batch, true)
+    }
+
+    /// Loads the graph exactly as tract optimises it, without switchyard's kernels: the
+    /// reference the tests compare [`Lenet::load`] with.
+    pub fn load_tract_kernels_only(onnx: &[u8], batch: usize) -> Result<Self, ModelError> {
+        Self::load_with(onnx, batch, false)
+    }
+
+    fn load_with(onnx: &[u8], batch: usize, fast_pools: bool) -> Result<Self, ModelError> {
         let batch = batch.max(1);
         let plan = tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])
@@ -55,7 +66,12 @@ impl Lenet {
                 m.with_input_fact(0, f32::fact([batch, 1, IMAGE_SIDE, IMAGE_SIDE]).into())
             })
             .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
+            .and_then(|mut m| {
+                if fast_pools {
+                    crate::pool::use_fast_max_pools(&mut m)?;
+                }
+                m.into_runnable()
+            })
             .map_err(ModelError::Load)?;
         let digest = Sha256::digest(onnx);
         let version = format!(

@@ -1,6 +1,7 @@
 //! Proves that tract, running models/lenet.onnx, computes the same logits PyTorch computed at
-//! training time (models/golden_logits.json, first 16 test images) within 1e-4, and that the
-//! model card's accuracy floor holds on the whole test set.
+//! training time (models/golden_logits.json, first 16 test images) within 1e-4, that the
+//! model card's accuracy floor holds on the whole test set, and that switchyard's max-pool
+//! kernel changes no logit by a single bit against tract's own on all 10,000 test images.
 
 use classifier::model::Lenet;
 use pipeline_core::IMAGE_BYTES;
@@ -76,4 +77,28 @@ fn a_file_that_is_not_onnx_is_refused_with_a_clear_error() {
         err.to_string().contains("cannot load the ONNX model"),
         "{err}"
     );
+}
+
+#[test]
+fn switchyard_pooling_gives_tract_logits_bit_for_bit() {
+    let onnx = read("lenet.onnx");
+    let images = test_images();
+    let refs: Vec<&[u8; IMAGE_BYTES]> = images.iter().collect();
+    for batch in [1, 64] {
+        let ours = Lenet::load(&onnx, batch).unwrap();
+        let tracts = Lenet::load_tract_kernels_only(&onnx, batch).unwrap();
+        for (chunk_index, chunk) in refs.chunks(batch).enumerate() {
+            let want = tracts.logits(chunk).unwrap();
+            let got = ours.logits(chunk).unwrap();
+            for (row, (w, g)) in want.iter().zip(&got).enumerate() {
+                let bits = |logits: &[f32; 10]| logits.map(f32::to_bits);
+                assert_eq!(
+                    bits(w),
+                    bits(g),
+                    "batch {batch}: image {} differs",
+                    chunk_index * batch + row
+                );
+            }
+        }
+    }
 }
