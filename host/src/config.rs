@@ -207,6 +207,10 @@ pub struct ComponentConfig {
     /// What to do when the handler fails.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Lets the component run models on the host through `wasi:nn`, and with which engine
+    /// (`"auto"` or `"tract"`). Absent: its `wasi:nn` calls get the `security` error.
+    #[serde(default)]
+    pub nn: Option<crate::nn::NnEngine>,
 }
 
 fn default_workers() -> usize {
@@ -228,6 +232,7 @@ impl ComponentConfig {
             preopens: Vec::new(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
+            nn: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //!   `wasi:messaging` host implementation and the handler workers;
 //! - [`client`]: producers and consumers for Rust programs, on any backend;
 //! - [`config`]: the TOML manifest;
+//! - [`nn`]: inference on the host, the engines behind `wasi:nn`;
 //! - [`build`]: building components from source for `wasm32-wasip2` (adding the target when
 //!   the toolchain lacks it);
 //! - [`app`]: starting a whole manifest, as `switchyard run` does;
@@ -21,5 +22,6 @@ pub mod broker;
 pub mod build;
 pub mod client;
 pub mod config;
+pub mod nn;
 pub mod pipeline;
 pub mod runtime;

@@ -15,6 +15,7 @@ use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::config::{
     BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen,
 };
+use switchyard::nn::NnEngine;
 use switchyard::pipeline::{self, DemoOptions};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 
@@ -85,6 +86,10 @@ enum Commands {
         /// Classifier instances.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Where the classifier runs LeNet: `host` (natively, through wasi:nn) or `wasm`
+        /// (tract inside the component).
+        #[arg(long, value_enum, default_value_t = Inference::Host)]
+        inference: Inference,
         /// Directory with producer.wasm, classifier.wasm and consumer.wasm; when absent they
         /// are built from this source tree.
         #[arg(long)]
@@ -124,6 +129,15 @@ enum Commands {
 }
 
 mod messages;
+
+/// Where the demo's classifier runs its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Inference {
+    /// On the host, natively, through wasi:nn.
+    Host,
+    /// Inside the component, with tract compiled to Wasm.
+    Wasm,
+}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -207,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             components,
             models,
             show_predictions,
+            inference,
         } => {
             let components = match components {
                 Some(dir) => dir,
@@ -242,6 +257,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 images: usize::try_from(images)?,
                 rate,
                 classifier_workers: workers,
+                inference: match inference {
+                    Inference::Host => Some(NnEngine::Auto),
+                    Inference::Wasm => None,
+                },
                 components,
                 models: models.unwrap_or_else(pipeline::models_dir),
                 show_predictions,
@@ -297,6 +316,7 @@ fn print_summary(report: &pipeline::DemoReport) {
         ms(report.p50_ms),
         ms(report.p99_ms)
     );
+    eprintln!("  inference          {}", report.inference);
     if let Some(first) = report.first_prediction_s {
         eprintln!("  first prediction   {first:.2} s after start");
     }

@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pipeline_core::tally::Summary;
+use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
 use serde::Serialize;
 
 use crate::app::App;
 use crate::build::{BuildError, ComponentBuild};
 use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
+use crate::nn::NnEngine;
 use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
 
 /// Topic of classification requests.
@@ -106,6 +108,9 @@ pub struct DemoOptions {
     pub rate: Option<f64>,
     /// Classifier instances.
     pub classifier_workers: usize,
+    /// Where the classifier runs its model: on the host through `wasi:nn` with this engine, or
+    /// (`None`) inside its Wasm.
+    pub inference: Option<NnEngine>,
     /// Directory with producer.wasm, classifier.wasm and consumer.wasm.
     pub components: PathBuf,
     /// Directory with lenet.onnx and the t10k files.
@@ -142,6 +147,9 @@ pub struct DemoReport {
     pub duplicates: u64,
     /// Requests the classifier gave up on.
     pub failed: u64,
+    /// What computed the predictions: `wasi-nn (tract)` on the host, or `wasm (tract)` inside
+    /// the classifier (both, with counts, if they were mixed).
+    pub inference: String,
 }
 
 /// The manifest of the pipeline: the same one `components/pipeline.toml` spells out.
@@ -185,6 +193,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
         group: Some("switchyard-classifier".into()),
         publish: vec![PREDICTIONS_TOPIC.into()],
         workers: options.classifier_workers.max(1),
+        nn: options.inference,
         args: [
             "--model",
             "/models/lenet.onnx",
@@ -232,6 +241,24 @@ fn unix_ms() -> f64 {
 async fn consumer_summary(app: &App) -> Option<Summary> {
     let reports = app.handler("consumer")?.reports().await;
     serde_json::from_str(reports.first()?).ok()
+}
+
+/// Names what computed the predictions, from the engines the predictions name.
+fn describe_engines(engines: &BTreeMap<String, u64>, granted: Option<NnEngine>) -> String {
+    let name = |engine: &str| match engine {
+        ENGINE_WASI_NN => format!("wasi-nn ({}, native)", granted.map_or("?", NnEngine::name)),
+        ENGINE_WASM => "wasm (tract)".to_string(),
+        other => format!("{other:?}"),
+    };
+    match engines.len() {
+        0 => "none".to_string(),
+        1 => engines.keys().map(|e| name(e)).collect(),
+        _ => engines
+            .iter()
+            .map(|(engine, count)| format!("{} for {count}", name(engine)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 /// Runs the pipeline once and reports.
@@ -305,6 +332,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         p99_ms: None,
         first_received_ms: None,
         last_received_ms: None,
+        engines: Default::default(),
     });
     let images_per_s = summary.last_received_ms.and_then(|last| {
         let seconds = (last - producer_started_ms) / 1000.0;
@@ -321,5 +349,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         first_prediction_s: summary.first_received_ms.map(|f| (f - started_ms) / 1000.0),
         duplicates: summary.duplicates,
         failed,
+        inference: describe_engines(&summary.engines, options.inference),
     })
 }

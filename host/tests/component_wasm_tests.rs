@@ -46,6 +46,7 @@ async fn component_unit_tests_pass_inside_wasm() {
                 max_call_ms: 0,
             },
             retry: RetryPolicy::default(),
+            nn: None,
         };
         let component = runtime.load("wasm-test", &config).unwrap();
         let outcome = runtime.run_command(&component).await.unwrap();

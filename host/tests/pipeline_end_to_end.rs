@@ -1,9 +1,11 @@
-//! Proves the Fashion-MNIST pipeline end to end, on both backends: the three components, built
-//! for wasm32-wasip2 and run by the host, classify 1,000 test images through a Kafka-protocol
-//! broker and through Google's Pub/Sub emulator, each reached over TCP. Every request gets
-//! exactly one prediction, and each prediction is the one tract computes offline for the same
-//! image (same class; scores within 1e-4, the difference between wasm SIMD and native
-//! kernels), so both backends reach the same accuracy.
+//! Proves the Fashion-MNIST pipeline end to end, on both backends and on both inference
+//! paths: the three components, built for wasm32-wasip2 and run by the host, classify 1,000 test
+//! images through a Kafka-protocol broker and through Google's Pub/Sub emulator, each reached
+//! over TCP, with the model run by the host through `wasi:nn` (the default) and, on Kafka, inside
+//! the classifier's Wasm. Every request gets exactly one prediction, it names the engine that
+//! computed it, and it is the one tract computes offline for the same image (same class; scores
+//! within 1e-4, the difference between wasm SIMD and native kernels), so every path reaches
+//! the same accuracy.
 
 mod support;
 
@@ -14,13 +16,14 @@ use std::time::Duration;
 use classifier::model::Lenet;
 use pipeline_core::IMAGE_BYTES;
 use pipeline_core::idx::IdxArray;
-use pipeline_core::wire::{Prediction, softmax};
+use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM, Prediction, softmax};
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::{Kafka, KafkaConfig};
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
 use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
 use switchyard::config::BrokerConfig;
+use switchyard::nn::NnEngine;
 use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
 use switchyard::runtime::RuntimeOptions;
 
@@ -28,7 +31,17 @@ const IMAGES: usize = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka_every_request_gets_exactly_the_prediction_tract_computes_offline() {
-    // A broker of the test's own, so the predictions can be read back after the run.
+    check_pipeline_on_kafka(Some(NnEngine::Auto)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_model_inside_wasm_every_request_gets_the_same_prediction() {
+    check_pipeline_on_kafka(None).await;
+}
+
+/// [`check_pipeline`] on an embedded broker of the test's own, so the predictions can be read
+/// back after the run.
+async fn check_pipeline_on_kafka(inference: Option<NnEngine>) {
     let cluster = Arc::new(EmbeddedKafka::start(None).await.unwrap());
     for name in [REQUESTS_TOPIC, PREDICTIONS_TOPIC] {
         cluster
@@ -40,7 +53,7 @@ async fn on_kafka_every_request_gets_exactly_the_prediction_tract_computes_offli
     }
     let reader: Arc<dyn Broker> = Arc::new(Kafka::embedded(cluster.clone()));
     let config = BrokerConfig::Kafka(KafkaConfig::new(cluster.bootstrap_servers()));
-    check_pipeline(config, reader).await;
+    check_pipeline(config, reader, inference).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,13 +66,23 @@ async fn on_pubsub_every_request_gets_exactly_the_prediction_tract_computes_offl
     config.endpoint = Some(emulator.endpoint());
     config.anonymous = true;
     let reader: Arc<dyn Broker> = Arc::new(PubSub::connect(config.clone()).await.unwrap());
-    check_pipeline(BrokerConfig::Pubsub(config), reader).await;
+    check_pipeline(BrokerConfig::Pubsub(config), reader, Some(NnEngine::Auto)).await;
     drop(emulator);
 }
 
-/// Runs the demo's pipeline over `IMAGES` images on `broker` and checks every prediction,
-/// read back through `reader` (the same broker, seen by the test).
-async fn check_pipeline(broker: BrokerConfig, reader: Arc<dyn Broker>) {
+/// Runs the demo's pipeline over `IMAGES` images on `broker`, with the model on the host
+/// (`inference`) or inside Wasm (`None`), and checks every prediction, read back through
+/// `reader` (the same broker, seen by the test).
+async fn check_pipeline(
+    broker: BrokerConfig,
+    reader: Arc<dyn Broker>,
+    inference: Option<NnEngine>,
+) {
+    let engine = if inference.is_some() {
+        ENGINE_WASI_NN
+    } else {
+        ENGINE_WASM
+    };
     // The reading group subscribes first: a Pub/Sub subscription only receives what is
     // published after it exists.
     let subscriber = reader
@@ -75,6 +98,7 @@ async fn check_pipeline(broker: BrokerConfig, reader: Arc<dyn Broker>) {
         images: IMAGES,
         rate: None,
         classifier_workers: 2,
+        inference,
         components: support::components(),
         models: support::models(),
         show_predictions: false,
@@ -87,6 +111,7 @@ async fn check_pipeline(broker: BrokerConfig, reader: Arc<dyn Broker>) {
     assert_eq!(report.duplicates, 0, "{report:?}");
     assert_eq!(report.failed, 0, "{report:?}");
     assert!(report.accuracy.unwrap() > 0.88, "{report:?}");
+    assert!(report.inference.starts_with(engine), "{report:?}");
 
     // Read every prediction back with the group of our own.
     let mut predictions: HashMap<usize, Prediction> = HashMap::new();
@@ -151,6 +176,7 @@ async fn check_pipeline(broker: BrokerConfig, reader: Arc<dyn Broker>) {
                 );
             }
             assert_eq!(got.model, model.version());
+            assert_eq!(got.engine, engine, "image {index}");
         }
     }
 }

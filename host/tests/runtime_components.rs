@@ -6,7 +6,8 @@
 //! handler gives up on is settled so the partition moves on. With the test handler
 //! (components/test-handler): an instance is reused message after message; a trap, a call past
 //! its time limit or a memory grab past its limit costs that one instance, which is replaced,
-//! never the host.
+//! never the host. A model the host's `wasi:nn` cannot load reaches the classifier as an error
+//! value: the request is given up on, no instance traps.
 
 mod support;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use switchyard::broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
 use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
+use switchyard::nn::NnEngine;
 use switchyard::runtime::engine::{CacheOutcome, PoolSize};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeError, RuntimeOptions};
 
@@ -291,6 +293,53 @@ async fn a_bad_message_is_given_up_on_and_the_pipeline_moves_on() {
         .unwrap();
     assert_eq!(first.message.payload, b"marker");
     next.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_the_host_cannot_load_is_an_error_for_the_guest_not_a_trap() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output, group) = (
+        support::unique("in"),
+        support::unique("out"),
+        support::unique("g"),
+    );
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let models = tempfile::tempdir().unwrap();
+    std::fs::write(models.path().join("lenet.onnx"), b"not an ONNX model").unwrap();
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let config = ComponentConfig {
+        nn: Some(NnEngine::Auto),
+        preopens: vec![Preopen {
+            host: models.path().to_path_buf(),
+            guest: "/models".into(),
+            writable: false,
+        }],
+        ..classifier(
+            &input,
+            &output,
+            &group,
+            RetryPolicy {
+                max_attempts: 1,
+                backoff_ms: 10,
+            },
+        )
+    };
+    let loaded = runtime.load("classifier", &config).unwrap();
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    send(broker.as_ref(), &input, vec![0u8; 784], "doomed-1").await;
+    let stats = Arc::clone(handler.stats());
+    support::wait_until(
+        "the request to be given up",
+        Duration::from_secs(30),
+        async || HandlerStats::get(&stats.gave_up) == 1,
+    )
+    .await;
+    assert_eq!(
+        HandlerStats::get(&stats.traps),
+        0,
+        "wasi:nn errors are values"
+    );
+    handler.stop().await.unwrap();
 }
 
 /// The test handler subscribed to `input`, allowed to send to `output`.

@@ -1,9 +1,15 @@
-//! The classifier as a switchyard handler component (`switchyard:host/handler`).
+//! The classifier as a switchyard handler component (`switchyard:host/inference-handler`).
 //!
 //! For every request it decodes the image, runs LeNet-5 and sends one JSON prediction to the
 //! predictions topic with the request's `request-id`, `sent-at` and `label` headers copied. A
 //! request it cannot use (not an image, no request id) is answered with a WIT `error`, never a
 //! trap, so the host counts it and moves on.
+//!
+//! Where the model runs is the manifest's choice: when the host grants `wasi:nn` (`nn` in the
+//! manifest entry), the classifier hands it the model's bytes once and its tensors per request,
+//! and the host computes natively; without the grant (`security` from `load`) it runs tract
+//! here, inside Wasm. Both paths use the same model file, the same input scaling and the same
+//! kernels, and each prediction says which one computed it (`engine`).
 //!
 //! Arguments (from the manifest's `args`):
 //! `--model PATH` (default `/models/lenet.onnx`, a file in a directory the manifest preopens),
@@ -15,14 +21,16 @@
 use std::cell::OnceCell;
 use std::time::Instant;
 
+use pipeline_core::IMAGE_BYTES;
 use pipeline_core::wire::{
-    self, LABEL, PREDICTION_CONTENT_TYPE, Prediction, REQUEST_ID, SENT_AT, Timings,
+    self, ENGINE_WASI_NN, ENGINE_WASM, LABEL, PREDICTION_CONTENT_TYPE, Prediction, REQUEST_ID,
+    SENT_AT, Timings,
 };
 
-use crate::model::Lenet;
+use crate::model::{self, CLASSES, INPUT_NAME, Lenet, OUTPUT_NAME};
 
 wit_bindgen::generate!({
-    world: "switchyard:host/handler",
+    world: "switchyard:host/inference-handler",
     path: "../../wit",
     generate_all,
 });
@@ -30,6 +38,10 @@ wit_bindgen::generate!({
 use exports::wasi::messaging::incoming_handler::Guest;
 use wasi::messaging::producer;
 use wasi::messaging::types::{Client, Error, Message};
+use wasi::nn::errors::ErrorCode;
+use wasi::nn::graph::{self, ExecutionTarget, GraphEncoding};
+use wasi::nn::inference::GraphExecutionContext;
+use wasi::nn::tensor::{Tensor, TensorType};
 
 struct Settings {
     model_path: String,
@@ -63,8 +75,94 @@ impl Settings {
     }
 }
 
+/// Where the model runs.
+enum Engine {
+    /// On the host, through `wasi:nn`. The graph is kept alive with its context.
+    Host {
+        _graph: graph::Graph,
+        context: GraphExecutionContext,
+    },
+    /// Here, with tract compiled to Wasm.
+    Wasm(Lenet),
+}
+
+impl Engine {
+    /// The host's engine when `wasi:nn` is granted, else tract in Wasm.
+    fn load(onnx: &[u8]) -> Result<Self, Error> {
+        match graph::load(&[onnx.to_vec()], GraphEncoding::Onnx, ExecutionTarget::Cpu) {
+            Ok(graph) => {
+                let context = graph.init_execution_context().map_err(|e| {
+                    Error::Other(format!("classifier: wasi:nn has no context: {}", e.data()))
+                })?;
+                Ok(Engine::Host {
+                    _graph: graph,
+                    context,
+                })
+            }
+            Err(e) if e.code() == ErrorCode::Security => {
+                eprintln!(
+                    "classifier: running the model inside Wasm (the host does not grant \
+                     wasi:nn: {})",
+                    e.data()
+                );
+                Ok(Engine::Wasm(
+                    Lenet::load(onnx, 1).map_err(|e| Error::Other(e.to_string()))?,
+                ))
+            }
+            Err(e) => Err(Error::Other(format!(
+                "classifier: the host's wasi:nn cannot load the model ({:?}): {}",
+                e.code(),
+                e.data()
+            ))),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Host { .. } => ENGINE_WASI_NN,
+            Engine::Wasm(_) => ENGINE_WASM,
+        }
+    }
+
+    fn logits(&self, image: &[u8; IMAGE_BYTES]) -> Result<[f32; CLASSES], String> {
+        match self {
+            Engine::Wasm(lenet) => lenet.logits_one(image).map_err(|e| e.to_string()),
+            Engine::Host { context, .. } => {
+                let mut pixels = [0f32; IMAGE_BYTES];
+                model::fill_input(&mut pixels, &[image]);
+                let bytes: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
+                let side = pipeline_core::IMAGE_SIDE as u32;
+                let input = Tensor::new(&[1, 1, side, side], TensorType::Fp32, &bytes);
+                let outputs = context
+                    .compute(vec![(INPUT_NAME.to_string(), input)])
+                    .map_err(|e| {
+                        format!("wasi:nn compute failed ({:?}): {}", e.code(), e.data())
+                    })?;
+                let (_, logits) = outputs
+                    .into_iter()
+                    .find(|(name, _)| name == OUTPUT_NAME)
+                    .ok_or_else(|| format!("wasi:nn returned no {OUTPUT_NAME:?} output"))?;
+                let data = logits.data();
+                if logits.ty() != TensorType::Fp32 || data.len() != CLASSES * 4 {
+                    return Err(format!(
+                        "wasi:nn returned {:?} {:?}, expected {CLASSES} FP32 logits",
+                        logits.ty(),
+                        logits.dimensions()
+                    ));
+                }
+                let mut row = [0f32; CLASSES];
+                for (value, bytes) in row.iter_mut().zip(data.chunks_exact(4)) {
+                    *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                }
+                Ok(row)
+            }
+        }
+    }
+}
+
 struct Classifier {
-    model: Lenet,
+    engine: Engine,
+    version: String,
     client: Client,
     predictions_topic: String,
 }
@@ -79,10 +177,11 @@ impl Classifier {
                 settings.model_path
             ))
         })?;
-        let model = Lenet::load(&onnx, 1).map_err(|e| Error::Other(e.to_string()))?;
+        let engine = Engine::load(&onnx)?;
         let client = Client::connect("default")?;
         Ok(Self {
-            model,
+            engine,
+            version: model::version_of(&onnx),
             client,
             predictions_topic: settings.predictions_topic,
         })
@@ -109,24 +208,27 @@ impl Classifier {
             .map_err(|e| Error::Other(format!("request {request_id}: {e}")))?;
         let decoded = Instant::now();
         let logits = self
-            .model
-            .logits_one(image)
+            .engine
+            .logits(image)
             .map_err(|e| Error::Other(format!("request {request_id}: {e}")))?;
         let inferred = Instant::now();
 
         let label = header(LABEL).and_then(wire::parse_label);
         let sent_at = header(SENT_AT).and_then(wire::parse_sent_at);
-        let prediction = Prediction::from_logits(
-            request_id.to_string(),
-            &logits,
-            label,
-            sent_at,
-            self.model.version().to_string(),
-            Timings {
-                decode_us: micros(decoded - started),
-                inference_us: micros(inferred - decoded),
-            },
-        );
+        let prediction = Prediction {
+            engine: self.engine.name().to_string(),
+            ..Prediction::from_logits(
+                request_id.to_string(),
+                &logits,
+                label,
+                sent_at,
+                self.version.clone(),
+                Timings {
+                    decode_us: micros(decoded - started),
+                    inference_us: micros(inferred - decoded),
+                },
+            )
+        };
         let body = serde_json::to_vec(&prediction)
             .map_err(|e| Error::Other(format!("cannot encode the prediction: {e}")))?;
         let reply = Message::new(&body);

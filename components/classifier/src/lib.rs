@@ -7,7 +7,6 @@
 #![deny(missing_docs)]
 
 pub mod model;
-pub mod pool;
 
 #[cfg(target_arch = "wasm32")]
 mod component;

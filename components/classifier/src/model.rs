@@ -29,6 +29,29 @@ pub enum ModelError {
 /// Number of classes the model predicts.
 pub const CLASSES: usize = 10;
 
+/// The name of the graph's input.
+pub const INPUT_NAME: &str = "image";
+/// The name of the graph's output.
+pub const OUTPUT_NAME: &str = "logits";
+
+/// `lenet5-` and the first four bytes of the model file's SHA-256: names exactly which weights
+/// produced a prediction.
+pub fn version_of(onnx: &[u8]) -> String {
+    let digest = Sha256::digest(onnx);
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("lenet5-{hex}")
+}
+
+/// Writes images into the graph's input: each gray8 pixel divided by 255, one image after
+/// the other (`N × 1 × 28 × 28`); slots without an image keep their value.
+pub fn fill_input(input: &mut [f32], images: &[&[u8; IMAGE_BYTES]]) {
+    for (slot, image) in input.chunks_exact_mut(IMAGE_BYTES).zip(images) {
+        for (x, &p) in slot.iter_mut().zip(image.iter()) {
+            *x = f32::from(p) / 255.0;
+        }
+    }
+}
+
 /// A loaded, optimised LeNet-5 for a fixed batch size.
 pub struct Lenet {
     plan: Arc<TypedRunnableModel>,
@@ -47,7 +70,7 @@ impl std::fmt::Debug for Lenet {
 
 impl Lenet {
     /// Loads ONNX bytes and optimises the graph for batches of `batch` images, with
-    /// switchyard's 2×2 max-pool kernel in place of tract's (see [`crate::pool`]).
+    /// switchyard's 2×2 max-pool kernel in place of tract's (see [`tract_kernels`]).
     pub fn load(onnx: &[u8], batch: usize) -> Result<Self, ModelError> {
         Self::load_with(onnx, batch, true)
     }
@@ -68,23 +91,15 @@ impl Lenet {
             .and_then(|m| m.into_optimized())
             .and_then(|mut m| {
                 if fast_pools {
-                    crate::pool::use_fast_max_pools(&mut m)?;
+                    tract_kernels::use_fast_max_pools(&mut m)?;
                 }
                 m.into_runnable()
             })
             .map_err(ModelError::Load)?;
-        let digest = Sha256::digest(onnx);
-        let version = format!(
-            "lenet5-{}",
-            digest[..4]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
         Ok(Self {
             plan,
             batch,
-            version,
+            version: version_of(onnx),
         })
     }
 
@@ -107,11 +122,7 @@ impl Lenet {
             "more images than the batch size"
         );
         let mut input = vec![0f32; self.batch * IMAGE_BYTES];
-        for (slot, image) in input.chunks_exact_mut(IMAGE_BYTES).zip(images) {
-            for (x, &p) in slot.iter_mut().zip(image.iter()) {
-                *x = f32::from(p) / 255.0;
-            }
-        }
+        fill_input(&mut input, images);
         let tensor = Tensor::from_shape(&[self.batch, 1, IMAGE_SIDE, IMAGE_SIDE], &input)
             .map_err(ModelError::Run)?;
         let outputs = self

@@ -2,7 +2,7 @@
 //! prediction never counts twice), accuracy against the ground truth the requests carried, and
 //! the end-to-end latency from `sent-at` to the prediction's arrival.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,7 @@ pub struct Tally {
     latencies_ms: Vec<f64>,
     first_received_ms: Option<f64>,
     last_received_ms: Option<f64>,
+    engines: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -51,6 +52,9 @@ pub struct Summary {
     pub first_received_ms: Option<f64>,
     /// Unix milliseconds of the last prediction's arrival.
     pub last_received_ms: Option<f64>,
+    /// Predictions by the engine that computed them (`wasm`, `wasi-nn`).
+    #[serde(default)]
+    pub engines: BTreeMap<String, u64>,
 }
 
 impl Tally {
@@ -68,6 +72,7 @@ impl Tally {
             self.per_class[label].labelled += 1;
             self.per_class[label].correct += u64::from(right);
         }
+        *self.engines.entry(prediction.engine.clone()).or_default() += 1;
         if let Some(sent) = prediction.sent_at_ms {
             self.latencies_ms.push((received_ms - sent).max(0.0));
         }
@@ -103,6 +108,7 @@ impl Tally {
             p99_ms: percentile(&sorted, 0.99),
             first_received_ms: self.first_received_ms,
             last_received_ms: self.last_received_ms,
+            engines: self.engines.clone(),
         }
     }
 }

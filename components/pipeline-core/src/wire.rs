@@ -106,7 +106,16 @@ pub struct Prediction {
     pub model: String,
     /// Where the classifier spent its time.
     pub timings: Timings,
+    /// What computed the logits: [`ENGINE_WASM`] (tract inside the classifier) or
+    /// [`ENGINE_WASI_NN`] (the host, natively, through `wasi:nn`); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
 }
+
+/// [`Prediction::engine`] of logits computed inside the classifier's Wasm.
+pub const ENGINE_WASM: &str = "wasm";
+/// [`Prediction::engine`] of logits computed by the host through `wasi:nn`.
+pub const ENGINE_WASI_NN: &str = "wasi-nn";
 
 impl Prediction {
     /// Builds a prediction from logits: softmax scores, arg-max class.
@@ -129,6 +138,7 @@ impl Prediction {
             sent_at_ms,
             model,
             timings,
+            engine: String::new(),
         }
     }
 }

@@ -115,18 +115,26 @@ pub struct ComponentState {
     limits: StoreLimits,
     /// The messaging context.
     pub messaging: MessagingCtx,
+    /// The `wasi:nn` context.
+    pub nn: super::nn::NnCtx,
     /// When the current call must have returned, if it is limited.
     pub deadline: Option<Instant>,
 }
 
 impl ComponentState {
     /// Assembles a component's state.
-    pub fn new(wasi: WasiCtx, limits: StoreLimits, messaging: MessagingCtx) -> Self {
+    pub fn new(
+        wasi: WasiCtx,
+        limits: StoreLimits,
+        messaging: MessagingCtx,
+        nn: super::nn::NnCtx,
+    ) -> Self {
         Self {
             wasi,
             table: ResourceTable::new(),
             limits,
             messaging,
+            nn,
             deadline: None,
         }
     }
@@ -151,10 +159,11 @@ impl WasiView for ComponentState {
     }
 }
 
-/// Adds WASI and `wasi:messaging` to a linker.
+/// Adds WASI, `wasi:messaging` and `wasi:nn` to a linker.
 pub fn add_to_linker(linker: &mut Linker<ComponentState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
-    bindings::Handler::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+    bindings::Handler::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    super::nn::add_to_linker(linker)
 }
 
 fn wit_error(error: BrokerError) -> Error {

@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod host;
+pub mod nn;
 mod worker;
 
 use std::collections::HashSet;
@@ -22,8 +23,10 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::ComponentConfig;
+use crate::nn::NnHost;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
 use host::{ComponentState, MessagingCtx, ReceiptSink};
+use nn::NnCtx;
 
 pub use worker::{HandlerGroup, HandlerStats};
 
@@ -85,6 +88,7 @@ pub struct Runtime {
     // Before `broker`: the publisher must go before the broker (an embedded one stops with it).
     publisher: Arc<dyn Publisher>,
     broker: Arc<dyn Broker>,
+    nn: Arc<NnHost>,
     cache_dir: PathBuf,
     _ticker: EpochTicker,
 }
@@ -138,6 +142,7 @@ impl Runtime {
             linker,
             broker,
             publisher,
+            nn: Arc::new(NnHost::new()),
             cache_dir: options.cache_dir,
         })
     }
@@ -164,7 +169,7 @@ impl Runtime {
                 path: path.clone(),
                 message: format!(
                     "it needs imports this host does not provide ({e:#}); switchyard provides WASI \
-                 0.2 and wasi:messaging@0.2.0-draft"
+                 0.2, wasi:messaging@0.2.0-draft and wasi:nn@0.2.0-rc-2024-10-28"
                 ),
             })?;
         let role_error = |world: &str, export: &str| RuntimeError::Component {
@@ -205,7 +210,7 @@ impl Runtime {
         component: &LoadedComponent,
         receipts: ReceiptSink,
     ) -> Result<Store<ComponentState>, RuntimeError> {
-        new_store(&self.engine, &self.publisher, component, receipts)
+        new_store(&self.engine, &self.publisher, &self.nn, component, receipts)
     }
 
     /// Runs a command component once (its `wasi:cli/run`), waits until the broker has
@@ -277,6 +282,7 @@ impl Runtime {
 fn new_store(
     engine: &Engine,
     publisher: &Arc<dyn Publisher>,
+    nn: &Arc<NnHost>,
     component: &LoadedComponent,
     receipts: ReceiptSink,
 ) -> Result<Store<ComponentState>, RuntimeError> {
@@ -311,7 +317,11 @@ fn new_store(
         Arc::new(config.publish.iter().cloned().collect::<HashSet<_>>()),
         receipts,
     );
-    let mut store = Store::new(engine, ComponentState::new(wasi.build(), limits, messaging));
+    let nn = NnCtx::new(component.name.clone(), config.nn, nn.clone());
+    let mut store = Store::new(
+        engine,
+        ComponentState::new(wasi.build(), limits, messaging, nn),
+    );
     store.limiter(|state| state.limiter());
     let name = component.name.clone();
     store.epoch_deadline_callback(move |context| match context.data().deadline {

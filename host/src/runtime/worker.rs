@@ -148,6 +148,7 @@ pub(super) async fn start(
             index,
             engine: runtime.engine.clone(),
             publisher: runtime.publisher.clone(),
+            nn: runtime.nn.clone(),
             component: component.clone(),
             settling: settling.clone(),
             unsettled: unsettled.clone(),
@@ -319,6 +320,7 @@ struct Worker {
     index: usize,
     engine: wasmtime::Engine,
     publisher: Arc<dyn Publisher>,
+    nn: Arc<crate::nn::NnHost>,
     component: LoadedComponent,
     settling: Settling,
     unsettled: Arc<Semaphore>,
@@ -386,6 +388,7 @@ impl Worker {
             let mut store = new_store(
                 &self.engine,
                 &self.publisher,
+                &self.nn,
                 &self.component,
                 ReceiptSink::Collect(Vec::new()),
             )
