@@ -26,6 +26,11 @@ demo *ARGS:
 demo-pubsub *ARGS:
     cargo run --release -- demo --broker pubsub://switchyard-demo {{ARGS}}
 
+# ONNX Runtime for the host's wasi:nn (pip downloads the onnxruntime wheel; kept in
+# ~/.cache/switchyard). Then `nn = "auto"` and `demo --inference host` use it.
+onnxruntime:
+    cargo run --release -- install-onnxruntime
+
 # Google's Pub/Sub emulator on 127.0.0.1:8085 (capped heap), until Ctrl-C.
 pubsub-emulator:
     cargo run --release -- pubsub-emulator --port 8085

@@ -207,8 +207,9 @@ pub struct ComponentConfig {
     /// What to do when the handler fails.
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// Lets the component run models on the host through `wasi:nn`, and with which engine
-    /// (`"auto"` or `"tract"`). Absent: its `wasi:nn` calls get the `security` error.
+    /// Lets the component run models on the host through `wasi:nn`, and with which engine:
+    /// `"auto"` (ONNX Runtime when installed, else tract), `"tract"` or `"onnxruntime"`.
+    /// Absent: its `wasi:nn` calls get the `security` error.
     #[serde(default)]
     pub nn: Option<crate::nn::NnEngine>,
 }

@@ -15,7 +15,7 @@ use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::config::{
     BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen,
 };
-use switchyard::nn::NnEngine;
+use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 
@@ -86,8 +86,9 @@ enum Commands {
         /// Classifier instances.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Where the classifier runs LeNet: `host` (natively, through wasi:nn) or `wasm`
-        /// (tract inside the component).
+        /// Where the classifier runs LeNet: `host` (natively through wasi:nn, with ONNX
+        /// Runtime when installed, else tract), `tract`, `onnxruntime`, or `wasm` (tract inside
+        /// the component).
         #[arg(long, value_enum, default_value_t = Inference::Host)]
         inference: Inference,
         /// Directory with producer.wasm, classifier.wasm and consumer.wasm; when absent they
@@ -108,6 +109,9 @@ enum Commands {
         #[arg(short = 'p', long = "package")]
         packages: Vec<String>,
     },
+    /// Install ONNX Runtime for the host's wasi:nn: pip downloads the `onnxruntime` wheel
+    /// from PyPI and its shared library is kept in ~/.cache/switchyard. Prints its path.
+    InstallOnnxruntime,
     /// Run one command component (a WASI command that may send messages), such as a
     /// component's test binary; exits with its exit code.
     Exec {
@@ -133,10 +137,25 @@ mod messages;
 /// Where the demo's classifier runs its model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Inference {
-    /// On the host, natively, through wasi:nn.
+    /// On the host, natively, through wasi:nn: ONNX Runtime when installed, else tract.
     Host,
+    /// On the host with tract.
+    Tract,
+    /// On the host with ONNX Runtime (`switchyard install-onnxruntime`).
+    Onnxruntime,
     /// Inside the component, with tract compiled to Wasm.
     Wasm,
+}
+
+impl Inference {
+    fn engine(self) -> Option<NnEngine> {
+        match self {
+            Inference::Host => Some(NnEngine::Auto),
+            Inference::Tract => Some(NnEngine::Tract),
+            Inference::Onnxruntime => Some(NnEngine::Onnxruntime),
+            Inference::Wasm => None,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -257,10 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 images: usize::try_from(images)?,
                 rate,
                 classifier_workers: workers,
-                inference: match inference {
-                    Inference::Host => Some(NnEngine::Auto),
-                    Inference::Wasm => None,
-                },
+                inference: inference.engine(),
                 components,
                 models: models.unwrap_or_else(pipeline::models_dir),
                 show_predictions,
@@ -275,6 +291,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Commands::InstallOnnxruntime => {
+            eprintln!(
+                "installing ONNX Runtime {} (pip download onnxruntime=={})…",
+                onnxruntime::VERSION,
+                onnxruntime::VERSION
+            );
+            let path = tokio::task::spawn_blocking(onnxruntime::install).await??;
+            println!("{}", path.display());
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Build { packages } => {
             let packages = if packages.is_empty() {
@@ -317,6 +343,11 @@ fn print_summary(report: &pipeline::DemoReport) {
         ms(report.p99_ms)
     );
     eprintln!("  inference          {}", report.inference);
+    if report.inference.contains("tract, native") && onnxruntime::library_path().is_none() {
+        eprintln!(
+            "                     (ONNX Runtime is faster: `switchyard install-onnxruntime`)"
+        );
+    }
     if let Some(first) = report.first_prediction_s {
         eprintln!("  first prediction   {first:.2} s after start");
     }

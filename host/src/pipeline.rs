@@ -310,9 +310,25 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         if seen + failed > last_progress.1 {
             last_progress = (Instant::now(), seen + failed);
         } else if last_progress.0.elapsed() > options.stall_timeout {
+            // Say which hop holds the missing messages: the classifier's intake, its output,
+            // or the consumer's intake.
+            let counts = |name: &str| {
+                app.handler(name).map_or("not running".to_string(), |h| {
+                    let stats = h.stats();
+                    format!(
+                        "received {}, handled {}, gave up {}",
+                        HandlerStats::get(&stats.received),
+                        HandlerStats::get(&stats.handled),
+                        HandlerStats::get(&stats.gave_up)
+                    )
+                })
+            };
             tracing::error!(
-                "no prediction for {:?}: stopping with {seen} of {sent}",
-                options.stall_timeout
+                "no prediction for {:?}: stopping with {seen} of {sent} (classifier: {}; \
+                 consumer: {})",
+                options.stall_timeout,
+                counts("classifier"),
+                counts("consumer")
             );
             break;
         }

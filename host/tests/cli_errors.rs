@@ -3,7 +3,8 @@
 //! malformed one (with its line), an unknown key, a missing `.wasm`, a file that is not a
 //! component, an unknown broker URL, and a Kafka broker that is not running. And that `exec`
 //! runs a command component with the directories and topics it is granted, and that `build`
-//! names the cargo build that failed.
+//! names the cargo build that failed, and a manifest asking for an inference engine the host
+//! cannot load names the library it tried.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -153,4 +154,34 @@ fn build_names_what_failed() {
         dir.path(),
         &["no-such-component", "cargo build", "failed"],
     );
+}
+
+#[test]
+fn an_engine_the_host_cannot_load_is_named_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let classifier = support::component("classifier");
+    std::fs::write(
+        dir.path().join("nn.toml"),
+        format!(
+            "[components.classifier]\nwasm = {:?}\nsubscribe = [\"requests\"]\nnn = \"onnxruntime\"\n",
+            classifier.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "nn.toml"])
+        .current_dir(dir.path())
+        .env("SWITCHYARD_CACHE_DIR", dir.path().join("cache"))
+        .env(
+            "SWITCHYARD_ONNXRUNTIME",
+            dir.path().join("libonnxruntime.so"),
+        )
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    for needle in ["classifier", "onnxruntime", "libonnxruntime.so"] {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
 }

@@ -3,8 +3,9 @@
 //! not acknowledged is delivered again to the next member of the group, while an acknowledged
 //! one is not; the embedded broker on a fixed address serves clients that know only that
 //! address (other processes, kcat); a producer whose local queue is full waits instead of
-//! dropping; an unreachable broker fails within the bounded wait with an error that says what
-//! to do.
+//! dropping; a burst of keyless messages is spread over the partitions so that the embedded
+//! broker's 5 MiB per partition loses none of it; an unreachable broker fails within the
+//! bounded wait with an error that says what to do.
 
 mod support;
 
@@ -268,4 +269,61 @@ async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
         delivery.ack().unwrap();
     }
     subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
+    // The embedded broker keeps 5 MiB per partition and drops older data beyond it, read or
+    // not; 12 MiB sent at once into 8 partitions fits only if no partition takes much more
+    // than its share.
+    const MESSAGES: u32 = 12_000;
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("burst");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 8,
+        }])
+        .await
+        .unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..MESSAGES {
+        let mut payload = vec![0u8; 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        let message = OutgoingMessage {
+            topic: topic.clone(),
+            payload,
+            ..OutgoingMessage::default()
+        };
+        receipts.push(publisher.publish(message).await.unwrap());
+    }
+    for receipt in receipts {
+        receipt.wait().await.unwrap();
+    }
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut partitions = std::collections::HashMap::<String, u32>::new();
+    while seen.len() < MESSAGES as usize {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {MESSAGES} arrived", seen.len()))
+            .unwrap();
+        let payload = &delivery.message.payload;
+        seen.insert(u32::from_be_bytes([
+            payload[0], payload[1], payload[2], payload[3],
+        ]));
+        let partition = delivery.message.position.split('@').next().unwrap_or("");
+        *partitions.entry(partition.to_string()).or_default() += 1;
+        delivery.ack().unwrap();
+    }
+    subscriber.close().await.unwrap();
+    assert_eq!(
+        partitions.len(),
+        8,
+        "every partition got some: {partitions:?}"
+    );
 }

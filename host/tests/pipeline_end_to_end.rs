@@ -1,11 +1,11 @@
-//! Proves the Fashion-MNIST pipeline end to end, on both backends and on both inference
-//! paths: the three components, built for wasm32-wasip2 and run by the host, classify 1,000 test
-//! images through a Kafka-protocol broker and through Google's Pub/Sub emulator, each reached
-//! over TCP, with the model run by the host through `wasi:nn` (the default) and, on Kafka, inside
-//! the classifier's Wasm. Every request gets exactly one prediction, it names the engine that
-//! computed it, and it is the one tract computes offline for the same image (same class; scores
-//! within 1e-4, the difference between wasm SIMD and native kernels), so every path reaches
-//! the same accuracy.
+//! Proves the Fashion-MNIST pipeline end to end, on both backends and on every inference path:
+//! the three components, built for wasm32-wasip2 and run by the host, classify 1,000 test images
+//! through a Kafka-protocol broker and through Google's Pub/Sub emulator, each reached over TCP,
+//! with the model run by the host through `wasi:nn` (tract on Kafka, ONNX Runtime on Pub/Sub)
+//! and, on Kafka, inside the classifier's Wasm. Every request gets exactly one prediction, it
+//! names the engine that computed it, and it is the one tract computes offline for the same
+//! image (same class; scores within 1e-4, the difference between engines and SIMD widths), so
+//! every path reaches the same accuracy.
 
 mod support;
 
@@ -23,7 +23,7 @@ use switchyard::broker::pubsub::{PubSub, PubSubConfig};
 use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
 use switchyard::config::BrokerConfig;
-use switchyard::nn::NnEngine;
+use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
 use switchyard::runtime::RuntimeOptions;
 
@@ -31,7 +31,7 @@ const IMAGES: usize = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka_every_request_gets_exactly_the_prediction_tract_computes_offline() {
-    check_pipeline_on_kafka(Some(NnEngine::Auto)).await;
+    check_pipeline_on_kafka(Some(NnEngine::Tract)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +66,17 @@ async fn on_pubsub_every_request_gets_exactly_the_prediction_tract_computes_offl
     config.endpoint = Some(emulator.endpoint());
     config.anonymous = true;
     let reader: Arc<dyn Broker> = Arc::new(PubSub::connect(config.clone()).await.unwrap());
-    check_pipeline(BrokerConfig::Pubsub(config), reader, Some(NnEngine::Auto)).await;
+    // This one runs the model with ONNX Runtime, installed as users install it.
+    tokio::task::spawn_blocking(onnxruntime::install)
+        .await
+        .unwrap()
+        .expect("installing ONNX Runtime");
+    check_pipeline(
+        BrokerConfig::Pubsub(config),
+        reader,
+        Some(NnEngine::Onnxruntime),
+    )
+    .await;
     drop(emulator);
 }
 
@@ -112,6 +122,9 @@ async fn check_pipeline(
     assert_eq!(report.failed, 0, "{report:?}");
     assert!(report.accuracy.unwrap() > 0.88, "{report:?}");
     assert!(report.inference.starts_with(engine), "{report:?}");
+    if let Some(granted) = inference {
+        assert!(report.inference.contains(granted.name()), "{report:?}");
+    }
 
     // Read every prediction back with the group of our own.
     let mut predictions: HashMap<usize, Prediction> = HashMap::new();

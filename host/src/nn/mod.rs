@@ -1,5 +1,8 @@
 //! Inference on the host: the engines behind `wasi:nn`.
 //!
+//! Engines: tract (pure Rust, always there) and ONNX Runtime (faster, loaded at run time when
+//! installed); `nn = "auto"` picks ONNX Runtime when it can.
+//!
 //! Why on the host: a LeNet-5 inference is 2.45 M multiply-adds, and Wasm SIMD is 128 bits wide
 //! with no fused multiply-add, so tract inside the classifier cannot come near what the CPU
 //! does natively (measured: about 4× slower). A component that is granted `nn` in its manifest
@@ -12,6 +15,7 @@
 //! SHA-256 of their bytes and the engine, so warm instances and their replacements share one
 //! parsed model and its optimized plans.
 
+pub mod onnxruntime;
 pub mod tract;
 
 use std::collections::HashMap;
@@ -24,24 +28,47 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NnEngine {
-    /// The best engine this host has (today: tract).
+    /// The fastest engine this host has: ONNX Runtime when it is installed, else tract.
     Auto,
     /// tract, natively, with switchyard's kernels (`tract-kernels`): pure Rust, always there.
     Tract,
+    /// ONNX Runtime, loaded at run time ([`onnxruntime`]); the component fails to start when it
+    /// is not installed.
+    Onnxruntime,
 }
 
 impl NnEngine {
-    /// The engine `Auto` stands for on this host.
+    /// The engine `Auto` stands for on this host (loading ONNX Runtime to find out).
     pub fn resolve(self) -> NnEngine {
         match self {
+            NnEngine::Auto if onnxruntime::available().is_ok() => NnEngine::Onnxruntime,
             NnEngine::Auto | NnEngine::Tract => NnEngine::Tract,
+            NnEngine::Onnxruntime => NnEngine::Onnxruntime,
         }
     }
 
-    /// The engine's name, as predictions and logs report it.
+    /// The name of the engine it resolves to, as the demo and logs report it.
     pub fn name(self) -> &'static str {
         match self.resolve() {
             NnEngine::Auto | NnEngine::Tract => "tract",
+            NnEngine::Onnxruntime => "onnxruntime",
+        }
+    }
+
+    /// The engine's value in a manifest (`nn = "..."`).
+    pub fn manifest_value(self) -> &'static str {
+        match self {
+            NnEngine::Auto => "auto",
+            NnEngine::Tract => "tract",
+            NnEngine::Onnxruntime => "onnxruntime",
+        }
+    }
+
+    /// Whether this host can run the engine; the error says how to make it able.
+    pub fn check_available(self) -> Result<(), String> {
+        match self {
+            NnEngine::Onnxruntime => onnxruntime::available(),
+            NnEngine::Auto | NnEngine::Tract => Ok(()),
         }
     }
 }
@@ -167,7 +194,7 @@ impl Encoding {
 pub trait Graph: Send + Sync {
     /// A new execution context: the per-caller state that lets repeated computes reuse their
     /// buffers.
-    fn session(self: Arc<Self>) -> Box<dyn Session>;
+    fn session(self: Arc<Self>) -> Result<Box<dyn Session>, NnError>;
 }
 
 /// The state of one caller's inferences.
@@ -218,6 +245,10 @@ impl NnHost {
         // otherwise all parse the same model at once.
         let graph: Arc<dyn Graph> = match engine {
             NnEngine::Auto | NnEngine::Tract => Arc::new(tract::TractGraph::load(model, encoding)?),
+            NnEngine::Onnxruntime => {
+                onnxruntime::available().map_err(NnError::Unsupported)?;
+                Arc::new(onnxruntime::OrtGraph::load(model)?)
+            }
         };
         loaded.retain(|_, graph| graph.strong_count() > 0);
         loaded.insert(key, Arc::downgrade(&graph));

@@ -92,11 +92,11 @@ impl TractGraph {
 }
 
 impl Graph for TractGraph {
-    fn session(self: Arc<Self>) -> Box<dyn Session> {
-        Box::new(TractSession {
+    fn session(self: Arc<Self>) -> Result<Box<dyn Session>, NnError> {
+        Ok(Box::new(TractSession {
             graph: self,
             states: HashMap::new(),
-        })
+        }))
     }
 }
 
@@ -228,9 +228,9 @@ mod tests {
     fn runs_lenet_and_names_its_output() {
         let host = NnHost::new();
         let graph = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Auto)
+            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
-        let mut session = graph.session();
+        let mut session = graph.session().unwrap();
         for batch in [1, 3] {
             let outputs = session
                 .compute(vec![("image".into(), image(batch, 0.5))])
@@ -251,9 +251,10 @@ mod tests {
             .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
         let second = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Auto)
+            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
-        assert!(Arc::ptr_eq(&first, &second));
+        // Compare addresses only: the vtable half of a `dyn` pointer may differ per codegen unit.
+        assert!(std::ptr::addr_eq(Arc::as_ptr(&first), Arc::as_ptr(&second)));
     }
 
     #[test]
@@ -271,7 +272,7 @@ mod tests {
         let graph = host
             .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
-        let mut session = graph.session();
+        let mut session = graph.session().unwrap();
         let error = session
             .compute(vec![("pixels".into(), image(1, 0.0))])
             .unwrap_err();

@@ -161,6 +161,18 @@ impl Runtime {
     ) -> Result<LoadedComponent, RuntimeError> {
         let started = Instant::now();
         let path = config.wasm.clone();
+        if let Some(engine) = config.nn {
+            engine
+                .check_available()
+                .map_err(|reason| RuntimeError::Failed {
+                    component: name.to_string(),
+                    message: format!(
+                        "its manifest entry asks for nn = \"{}\", but {reason}; or choose \
+                         nn = \"auto\" or \"tract\"",
+                        engine.manifest_value()
+                    ),
+                })?;
+        }
         let (component, cache) = engine::load_component(&self.engine, &path, &self.cache_dir)?;
         let pre = self
             .linker

@@ -167,8 +167,10 @@ impl graph::HostGraph for ComponentState {
         &mut self,
         graph: Resource<HostGraph>,
     ) -> wasmtime::Result<Result<Resource<HostExecutionContext>, Resource<HostError>>> {
-        let session = self.table().get(&graph)?.0.clone().session();
-        Ok(Ok(self.table().push(HostExecutionContext(session))?))
+        match self.table().get(&graph)?.0.clone().session() {
+            Ok(session) => Ok(Ok(self.table().push(HostExecutionContext(session))?)),
+            Err(e) => Ok(Err(self.nn_error(e)?)),
+        }
     }
 
     fn drop(&mut self, graph: Resource<HostGraph>) -> wasmtime::Result<()> {
