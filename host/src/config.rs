@@ -195,6 +195,12 @@ pub struct ComponentConfig {
     /// Instances handling messages concurrently (handlers only).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// The most messages one call may take, for components that export
+    /// `switchyard:host/batch`: a worker takes what is already waiting, up to this many,
+    /// without waiting for more, so a quiet topic still gets one message per call. 1 turns
+    /// batching off. Components without the export get one message per call whatever it says.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
     /// Arguments the component sees (`wasi:cli/environment`); the component's name is `argv[0]`.
     #[serde(default)]
     pub args: Vec<String>,
@@ -218,6 +224,14 @@ fn default_workers() -> usize {
     1
 }
 
+fn default_batch() -> usize {
+    32
+}
+
+/// The largest `batch` a manifest may ask for: a batch's messages are all held, and their
+/// replies all wait for the broker, before any of them is settled.
+pub const MAX_BATCH: usize = 1024;
+
 impl ComponentConfig {
     /// A component at `wasm` with what a manifest entry naming only `wasm` gets: a command
     /// with one instance, no grants, the default limits and retries.
@@ -229,6 +243,7 @@ impl ComponentConfig {
             start: StartPosition::default(),
             publish: Vec::new(),
             workers: default_workers(),
+            batch: default_batch(),
             args: Vec::new(),
             preopens: Vec::new(),
             limits: Limits::default(),
@@ -264,7 +279,8 @@ pub struct Limits {
     #[serde(default = "default_memory_mb")]
     pub max_memory_mb: u64,
     /// Wall-clock time one call (`handle`, or a command's `run`) may take, in milliseconds;
-    /// 0 means no limit. A call past it traps and costs its instance.
+    /// 0 means no limit. A call past it traps and costs its instance. It is per message: a
+    /// `handle-batch` call with n messages may take n times as long.
     #[serde(default = "default_call_ms")]
     pub max_call_ms: u64,
 }
@@ -388,6 +404,12 @@ impl Manifest {
             }
             if component.workers == 0 {
                 return Err(invalid(name, "`workers` must be at least 1".into()));
+            }
+            if !(1..=MAX_BATCH).contains(&component.batch) {
+                return Err(invalid(
+                    name,
+                    format!("`batch` must be between 1 and {MAX_BATCH} (1: one message per call)"),
+                ));
             }
             if component.retry.max_attempts == 0 {
                 return Err(invalid(
@@ -559,6 +581,8 @@ mod tests {
     fn invalid_values_are_refused() {
         for (snippet, expected) in [
             ("workers = 0", "workers"),
+            ("batch = 0", "batch"),
+            ("batch = 5000", "batch"),
             (
                 "subscribe = [\"bad topic\"]",
                 "not a valid Kafka topic name",

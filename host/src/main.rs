@@ -86,6 +86,10 @@ enum Commands {
         /// Classifier instances.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// The most requests a classifier instance takes in one call (1: one at a time). It
+        /// takes what is already waiting, never waiting for more.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        batch: u64,
         /// Where the classifier runs LeNet: `host` (natively through wasi:nn, with ONNX
         /// Runtime when installed, else tract), `tract`, `onnxruntime`, or `wasm` (tract inside
         /// the component).
@@ -237,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             images,
             rate,
             workers,
+            batch,
             components,
             models,
             show_predictions,
@@ -276,6 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 images: usize::try_from(images)?,
                 rate,
                 classifier_workers: workers,
+                classifier_batch: usize::try_from(batch)?,
                 inference: inference.engine(),
                 components,
                 models: models.unwrap_or_else(pipeline::models_dir),

@@ -108,6 +108,8 @@ pub struct DemoOptions {
     pub rate: Option<f64>,
     /// Classifier instances.
     pub classifier_workers: usize,
+    /// The most requests the classifier takes in one call (its manifest's `batch`).
+    pub classifier_batch: usize,
     /// Where the classifier runs its model: on the host through `wasi:nn` with this engine, or
     /// (`None`) inside its Wasm.
     pub inference: Option<NnEngine>,
@@ -193,6 +195,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
         group: Some("switchyard-classifier".into()),
         publish: vec![PREDICTIONS_TOPIC.into()],
         workers: options.classifier_workers.max(1),
+        batch: options.classifier_batch.max(1),
         nn: options.inference,
         args: [
             "--model",
@@ -349,6 +352,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         first_received_ms: None,
         last_received_ms: None,
         engines: Default::default(),
+        mean_batch: None,
     });
     let images_per_s = summary.last_received_ms.and_then(|last| {
         let seconds = (last - producer_started_ms) / 1000.0;
@@ -365,6 +369,12 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         first_prediction_s: summary.first_received_ms.map(|f| (f - started_ms) / 1000.0),
         duplicates: summary.duplicates,
         failed,
-        inference: describe_engines(&summary.engines, options.inference),
+        inference: match summary.mean_batch {
+            Some(batch) => format!(
+                "{}, {batch:.1} images per model run on average",
+                describe_engines(&summary.engines, options.inference)
+            ),
+            None => describe_engines(&summary.engines, options.inference),
+        },
     })
 }

@@ -5,7 +5,7 @@
 
 mod support;
 
-use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
+use switchyard::config::{ComponentConfig, Limits, Preopen};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 
 fn build_wasm_tests() -> Vec<std::path::PathBuf> {
@@ -29,13 +29,6 @@ async fn component_unit_tests_pass_inside_wasm() {
     for binary in binaries {
         let scratch = tempfile::tempdir().unwrap();
         let config = ComponentConfig {
-            wasm: binary.clone(),
-            subscribe: Vec::new(),
-            group: None,
-            start: Default::default(),
-            publish: Vec::new(),
-            workers: 1,
-            args: Vec::new(),
             preopens: vec![Preopen {
                 host: scratch.path().to_path_buf(),
                 guest: "/tmp".into(),
@@ -45,8 +38,7 @@ async fn component_unit_tests_pass_inside_wasm() {
                 max_memory_mb: 256,
                 max_call_ms: 0,
             },
-            retry: RetryPolicy::default(),
-            nn: None,
+            ..ComponentConfig::new(binary.clone())
         };
         let component = runtime.load("wasm-test", &config).unwrap();
         let outcome = runtime.run_command(&component).await.unwrap();

@@ -108,6 +108,7 @@ async fn check_pipeline(
         images: IMAGES,
         rate: None,
         classifier_workers: 2,
+        classifier_batch: 32,
         inference,
         components: support::components(),
         models: support::models(),

@@ -6,7 +6,9 @@
 //! handler gives up on is settled so the partition moves on. With the test handler
 //! (components/test-handler): an instance is reused message after message; a trap, a call past
 //! its time limit or a memory grab past its limit costs that one instance, which is replaced,
-//! never the host. A model the host's `wasi:nn` cannot load reaches the classifier as an error
+//! never the host. Messages that are waiting reach a batch-taking component together, never more
+//! than its `batch`, each with its own outcome; a trap in a batch costs only the message that
+//! caused it. A model the host's `wasi:nn` cannot load reaches the classifier as an error
 //! value: the request is given up on, no instance traps.
 
 mod support;
@@ -342,10 +344,12 @@ async fn a_model_the_host_cannot_load_is_an_error_for_the_guest_not_a_trap() {
     handler.stop().await.unwrap();
 }
 
-/// The test handler subscribed to `input`, allowed to send to `output`.
+/// The test handler subscribed to `input`, allowed to send to `output`, given one message per
+/// call (the tests of batches set `batch`).
 fn test_handler(input: &str, output: &str, limits: Limits, retry: RetryPolicy) -> ComponentConfig {
     ComponentConfig {
         wasm: support::test_handler(),
+        batch: 1,
         subscribe: vec![input.into()],
         group: Some(support::unique("g")),
         publish: vec![output.into()],
@@ -407,9 +411,16 @@ async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
         "after the trap a fresh instance handles the next message"
     );
     let stats = Arc::clone(handler.stats());
+    // A reply can reach the reader before the broker's acknowledgement reaches the host, which
+    // is when its message counts as handled.
+    support::wait_until(
+        "the last message to be settled",
+        Duration::from_secs(30),
+        async || HandlerStats::get(&stats.handled) == 3,
+    )
+    .await;
     assert_eq!(HandlerStats::get(&stats.traps), 1);
     assert_eq!(HandlerStats::get(&stats.gave_up), 1);
-    assert_eq!(HandlerStats::get(&stats.handled), 3);
     replies.close().await.unwrap();
     handler.stop().await.unwrap();
 }
@@ -453,13 +464,113 @@ async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_hos
     assert_eq!(next_payload(replies.as_ref()).await, "hello");
     let stats = Arc::clone(handler.stats());
     support::wait_until(
-        "both bad messages to be given up",
+        "both bad messages to be given up and both good ones settled",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.gave_up) == 2,
+        async || HandlerStats::get(&stats.gave_up) == 2 && HandlerStats::get(&stats.handled) == 2,
     )
     .await;
     assert_eq!(HandlerStats::get(&stats.traps), 4);
-    assert_eq!(HandlerStats::get(&stats.handled), 2);
     replies.close().await.unwrap();
+    handler.stop().await.unwrap();
+}
+
+/// The test handler with `batch`, one attempt per message: any failure charged to a message
+/// that did nothing wrong would show as a message given up on.
+fn batching_test_handler(input: &str, output: &str) -> ComponentConfig {
+    ComponentConfig {
+        batch: 8,
+        ..test_handler(
+            input,
+            output,
+            Limits::default(),
+            RetryPolicy {
+                max_attempts: 1,
+                backoff_ms: 10,
+            },
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_messages_come_in_batches_and_each_keeps_its_own_outcome() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let loaded = runtime
+        .load("test", &batching_test_handler(&input, &output))
+        .unwrap();
+    assert!(loaded.takes_batches());
+    // Every fourth message fails; all are waiting before the handler starts.
+    let batch = format!("batch {output}");
+    let commands: Vec<&str> = (0..40)
+        .map(|i| if i % 4 == 3 { "error" } else { &batch })
+        .collect();
+    for command in &commands {
+        send(broker.as_ref(), &input, command.as_bytes().to_vec(), "t").await;
+    }
+    let replies = broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("reader"),
+            topics: vec![output.clone()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    let mut sizes = Vec::new();
+    for _ in 0..30 {
+        sizes.push(
+            next_payload(replies.as_ref())
+                .await
+                .parse::<usize>()
+                .unwrap(),
+        );
+    }
+    let stats = Arc::clone(handler.stats());
+    support::wait_until(
+        "every message to be settled",
+        Duration::from_secs(30),
+        async || HandlerStats::get(&stats.handled) + HandlerStats::get(&stats.gave_up) == 40,
+    )
+    .await;
+    assert_eq!(HandlerStats::get(&stats.handled), 30, "{sizes:?}");
+    assert_eq!(HandlerStats::get(&stats.gave_up), 10, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|&size| (1..=8).contains(&size)),
+        "no call beyond the manifest's batch: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|&size| size > 1),
+        "waiting messages share calls: {sizes:?}"
+    );
+    replies.close().await.unwrap();
+    handler.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_a_batch_costs_only_the_message_that_caused_it() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let loaded = runtime
+        .load("test", &batching_test_handler(&input, &output))
+        .unwrap();
+    for command in ["ok", "ok", "ok", "trap", "ok", "ok", "ok", "ok"] {
+        send(broker.as_ref(), &input, command.as_bytes().to_vec(), "t").await;
+    }
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    let stats = Arc::clone(handler.stats());
+    support::wait_until(
+        "every message to be settled",
+        Duration::from_secs(30),
+        async || HandlerStats::get(&stats.handled) + HandlerStats::get(&stats.gave_up) == 8,
+    )
+    .await;
+    // Whether the trap came alone or in a batch, only it is given up on.
+    assert_eq!(HandlerStats::get(&stats.gave_up), 1);
+    assert_eq!(HandlerStats::get(&stats.handled), 7);
+    assert!(HandlerStats::get(&stats.traps) >= 1);
     handler.stop().await.unwrap();
 }

@@ -1,9 +1,13 @@
-//! The classifier as a switchyard handler component (`switchyard:host/inference-handler`).
+//! The classifier as a switchyard handler component (`switchyard:host/batch-inference-handler`).
 //!
 //! For every request it decodes the image, runs LeNet-5 and sends one JSON prediction to the
 //! predictions topic with the request's `request-id`, `sent-at` and `label` headers copied. A
 //! request it cannot use (not an image, no request id) is answered with a WIT `error`, never a
 //! trap, so the host counts it and moves on.
+//!
+//! It takes requests one at a time (`handle`) or in batches (`handle-batch`, when the host has
+//! several waiting): a batch's usable images go through the model in one run, and a request it
+//! cannot use fails alone, its neighbours still answered.
 //!
 //! Where the model runs is the manifest's choice: when the host grants `wasi:nn` (`nn` in the
 //! manifest entry), the classifier hands it the model's bytes once and its tensors per request,
@@ -30,11 +34,12 @@ use pipeline_core::wire::{
 use crate::model::{self, CLASSES, INPUT_NAME, Lenet, OUTPUT_NAME};
 
 wit_bindgen::generate!({
-    world: "switchyard:host/inference-handler",
+    world: "switchyard:host/batch-inference-handler",
     path: "../../wit",
     generate_all,
 });
 
+use exports::switchyard::host::batch;
 use exports::wasi::messaging::incoming_handler::Guest;
 use wasi::messaging::producer;
 use wasi::messaging::types::{Client, Error, Message};
@@ -124,15 +129,22 @@ impl Engine {
         }
     }
 
-    fn logits(&self, image: &[u8; IMAGE_BYTES]) -> Result<[f32; CLASSES], String> {
+    /// Ten logits per image, in order; one model run for all of them.
+    fn logits(&self, images: &[&[u8; IMAGE_BYTES]]) -> Result<Vec<[f32; CLASSES]>, String> {
         match self {
-            Engine::Wasm(lenet) => lenet.logits_one(image).map_err(|e| e.to_string()),
+            // The in-Wasm plan is built for one image, which tract runs fastest here.
+            Engine::Wasm(lenet) => images
+                .iter()
+                .map(|image| lenet.logits_one(image).map_err(|e| e.to_string()))
+                .collect(),
             Engine::Host { context, .. } => {
-                let mut pixels = [0f32; IMAGE_BYTES];
-                model::fill_input(&mut pixels, &[image]);
+                let mut pixels = vec![0f32; IMAGE_BYTES * images.len()];
+                model::fill_input(&mut pixels, images);
                 let bytes: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
                 let side = pipeline_core::IMAGE_SIDE as u32;
-                let input = Tensor::new(&[1, 1, side, side], TensorType::Fp32, &bytes);
+                let batch = u32::try_from(images.len())
+                    .map_err(|_| format!("a batch of {} images is too large", images.len()))?;
+                let input = Tensor::new(&[batch, 1, side, side], TensorType::Fp32, &bytes);
                 let outputs = context
                     .compute(vec![(INPUT_NAME.to_string(), input)])
                     .map_err(|e| {
@@ -143,21 +155,48 @@ impl Engine {
                     .find(|(name, _)| name == OUTPUT_NAME)
                     .ok_or_else(|| format!("wasi:nn returned no {OUTPUT_NAME:?} output"))?;
                 let data = logits.data();
-                if logits.ty() != TensorType::Fp32 || data.len() != CLASSES * 4 {
+                if logits.ty() != TensorType::Fp32 || data.len() != images.len() * CLASSES * 4 {
                     return Err(format!(
-                        "wasi:nn returned {:?} {:?}, expected {CLASSES} FP32 logits",
+                        "wasi:nn returned {:?} {:?}, expected {} x {CLASSES} FP32 logits",
                         logits.ty(),
-                        logits.dimensions()
+                        logits.dimensions(),
+                        images.len()
                     ));
                 }
-                let mut row = [0f32; CLASSES];
-                for (value, bytes) in row.iter_mut().zip(data.chunks_exact(4)) {
-                    *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-                }
-                Ok(row)
+                Ok(data
+                    .chunks_exact(CLASSES * 4)
+                    .map(|row| {
+                        let mut logits = [0f32; CLASSES];
+                        for (value, bytes) in logits.iter_mut().zip(row.chunks_exact(4)) {
+                            *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                        }
+                        logits
+                    })
+                    .collect())
             }
         }
     }
+}
+
+/// A request the classifier can answer: its image and the headers the prediction copies.
+struct Request<'a> {
+    metadata: Vec<(String, String)>,
+    request_id: String,
+    image: &'a [u8; IMAGE_BYTES],
+    decode_us: u64,
+}
+
+impl Request<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        header(&self.metadata, name)
+    }
+}
+
+fn header<'m>(metadata: &'m [(String, String)], name: &str) -> Option<&'m str> {
+    metadata
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 struct Classifier {
@@ -187,45 +226,73 @@ impl Classifier {
         })
     }
 
-    fn classify(&self, message: &Message) -> Result<(), Error> {
+    /// Checks one request and decodes its image (borrowed from `data`, the message's payload).
+    fn request<'a>(&self, message: &Message, data: &'a [u8]) -> Result<Request<'a>, Error> {
         let started = Instant::now();
         let metadata = message.metadata().unwrap_or_default();
-        let header = |name: &str| {
-            metadata
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        let request_id = header(REQUEST_ID).ok_or_else(|| {
-            Error::Other(format!(
-                "request has no {REQUEST_ID:?} header: the producer must set one so the \
-                 prediction can be joined to its request"
-            ))
-        })?;
-        let data = message.data();
+        let request_id = header(&metadata, REQUEST_ID)
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "request has no {REQUEST_ID:?} header: the producer must set one so the \
+                     prediction can be joined to its request"
+                ))
+            })?
+            .to_string();
         let content_type = message.content_type();
-        let image = wire::decode_image(content_type.as_deref(), &data)
+        let image = wire::decode_image(content_type.as_deref(), data)
             .map_err(|e| Error::Other(format!("request {request_id}: {e}")))?;
-        let decoded = Instant::now();
-        let logits = self
-            .engine
-            .logits(image)
-            .map_err(|e| Error::Other(format!("request {request_id}: {e}")))?;
-        let inferred = Instant::now();
+        Ok(Request {
+            decode_us: micros(started.elapsed()),
+            metadata,
+            request_id,
+            image,
+        })
+    }
 
-        let label = header(LABEL).and_then(wire::parse_label);
-        let sent_at = header(SENT_AT).and_then(wire::parse_sent_at);
+    /// Runs the model once over `requests` and sends each its prediction. A failed model run
+    /// fails every request in it; a failed send fails its own.
+    fn answer(&self, requests: &[Request]) -> Vec<Result<(), Error>> {
+        let started = Instant::now();
+        let images: Vec<_> = requests.iter().map(|r| r.image).collect();
+        let logits = match self.engine.logits(&images) {
+            Ok(logits) => logits,
+            Err(e) => {
+                return requests
+                    .iter()
+                    .map(|r| Err(Error::Other(format!("request {}: {e}", r.request_id))))
+                    .collect();
+            }
+        };
+        let batch = u32::try_from(requests.len()).unwrap_or(u32::MAX);
+        let share = micros(started.elapsed()) / u64::from(batch.max(1));
+        requests
+            .iter()
+            .zip(&logits)
+            .map(|(request, logits)| self.send_prediction(request, logits, share, batch))
+            .collect()
+    }
+
+    fn send_prediction(
+        &self,
+        request: &Request,
+        logits: &[f32; CLASSES],
+        inference_us: u64,
+        batch: u32,
+    ) -> Result<(), Error> {
+        let label = request.header(LABEL).and_then(wire::parse_label);
+        let sent_at = request.header(SENT_AT).and_then(wire::parse_sent_at);
         let prediction = Prediction {
             engine: self.engine.name().to_string(),
             ..Prediction::from_logits(
-                request_id.to_string(),
-                &logits,
+                request.request_id.clone(),
+                logits,
                 label,
                 sent_at,
                 self.version.clone(),
                 Timings {
-                    decode_us: micros(decoded - started),
-                    inference_us: micros(inferred - decoded),
+                    decode_us: request.decode_us,
+                    inference_us,
+                    batch,
                 },
             )
         };
@@ -236,11 +303,35 @@ impl Classifier {
         // prediction is still useful without them, so do not fail the request over it.
         let _ = reply.set_content_type(PREDICTION_CONTENT_TYPE);
         for name in [REQUEST_ID, SENT_AT, LABEL] {
-            if let Some(value) = header(name) {
+            if let Some(value) = request.header(name) {
                 let _ = reply.add_metadata(name, value);
             }
         }
         producer::send(&self.client, &self.predictions_topic, reply)
+    }
+
+    /// One outcome per message: usable requests share one model run, the others fail alone.
+    fn classify(&self, messages: &[Message]) -> Vec<Result<(), Error>> {
+        let payloads: Vec<Vec<u8>> = messages.iter().map(Message::data).collect();
+        let mut outcomes: Vec<Result<(), Error>> = Vec::with_capacity(messages.len());
+        let mut usable = Vec::with_capacity(messages.len());
+        let mut slots = Vec::with_capacity(messages.len());
+        for (message, data) in messages.iter().zip(&payloads) {
+            match self.request(message, data) {
+                Ok(request) => {
+                    slots.push(outcomes.len());
+                    usable.push(request);
+                    outcomes.push(Ok(()));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        if !usable.is_empty() {
+            for (slot, outcome) in slots.into_iter().zip(self.answer(&usable)) {
+                outcomes[slot] = outcome;
+            }
+        }
+        outcomes
     }
 }
 
@@ -252,20 +343,36 @@ thread_local! {
     static CLASSIFIER: OnceCell<Classifier> = const { OnceCell::new() };
 }
 
+/// Runs `work` with the instance's classifier, starting it on first use.
+fn with_classifier<R>(work: impl FnOnce(&Classifier) -> R) -> Result<R, Error> {
+    CLASSIFIER.with(|cell| {
+        let classifier = match cell.get() {
+            Some(classifier) => classifier,
+            None => {
+                let started = Classifier::start()?;
+                cell.get_or_init(|| started)
+            }
+        };
+        Ok(work(classifier))
+    })
+}
+
 struct Component;
 
 impl Guest for Component {
     fn handle(message: Message) -> Result<(), Error> {
-        CLASSIFIER.with(|cell| {
-            let classifier = match cell.get() {
-                Some(classifier) => classifier,
-                None => {
-                    let started = Classifier::start()?;
-                    cell.get_or_init(|| started)
-                }
-            };
-            classifier.classify(&message)
-        })
+        let mut outcomes = with_classifier(|c| c.classify(std::slice::from_ref(&message)))?;
+        outcomes.pop().unwrap_or(Ok(()))
+    }
+}
+
+impl batch::Guest for Component {
+    fn handle_batch(messages: Vec<Message>) -> Vec<Result<(), Error>> {
+        match with_classifier(|c| c.classify(&messages)) {
+            Ok(outcomes) => outcomes,
+            // Without a classifier (a missing model, bad arguments) no request can be answered.
+            Err(e) => vec![Err(e); messages.len()],
+        }
     }
 }
 

@@ -107,6 +107,7 @@ mod tests {
             Timings {
                 decode_us: 1,
                 inference_us: 1,
+                batch: 1,
             },
         );
         let line = describe(&p, 112.5);
@@ -134,6 +135,7 @@ mod tests {
             Timings {
                 decode_us: 0,
                 inference_us: 0,
+                batch: 1,
             },
         );
         assert!(s.counts(&p));

@@ -21,6 +21,7 @@ pub struct Tally {
     first_received_ms: Option<f64>,
     last_received_ms: Option<f64>,
     engines: BTreeMap<String, u64>,
+    batched: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -55,6 +56,9 @@ pub struct Summary {
     /// Predictions by the engine that computed them (`wasm`, `wasi-nn`).
     #[serde(default)]
     pub engines: BTreeMap<String, u64>,
+    /// How many requests shared a model run, on average over the predictions.
+    #[serde(default)]
+    pub mean_batch: Option<f64>,
 }
 
 impl Tally {
@@ -73,6 +77,7 @@ impl Tally {
             self.per_class[label].correct += u64::from(right);
         }
         *self.engines.entry(prediction.engine.clone()).or_default() += 1;
+        self.batched += u64::from(prediction.timings.batch.max(1));
         if let Some(sent) = prediction.sent_at_ms {
             self.latencies_ms.push((received_ms - sent).max(0.0));
         }
@@ -109,6 +114,8 @@ impl Tally {
             first_received_ms: self.first_received_ms,
             last_received_ms: self.last_received_ms,
             engines: self.engines.clone(),
+            mean_batch: (!self.seen.is_empty())
+                .then(|| self.batched as f64 / self.seen.len() as f64),
         }
     }
 }
@@ -139,6 +146,7 @@ mod tests {
             Timings {
                 decode_us: 0,
                 inference_us: 0,
+                batch: 1,
             },
         )
     }

@@ -81,8 +81,15 @@ fn is_gray8(content_type: &str) -> bool {
 pub struct Timings {
     /// Checking and converting the payload into the model's input.
     pub decode_us: u64,
-    /// Running the model.
+    /// Running the model: this request's share of the run, when several requests shared it.
     pub inference_us: u64,
+    /// How many requests the model ran on at once (1 for a request handled alone).
+    #[serde(default = "one")]
+    pub batch: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The classifier's answer to one request.
@@ -228,6 +235,7 @@ mod tests {
             Timings {
                 decode_us: 1,
                 inference_us: 2,
+                batch: 1,
             },
         );
         assert_eq!(p.class, 9);

@@ -10,7 +10,10 @@
 //! | `grow MB` | allocates and touches `MB` MiB of memory |
 //! | `count TOPIC` | sends to TOPIC how many messages this instance has handled so far |
 //! | `send TOPIC` | sends `hello` to TOPIC and returns what the host said |
+//! | `batch TOPIC` | sends to TOPIC how many messages came in the same call |
 //!
+//! It exports `switchyard:host/batch` too, handling a batch's messages one after the other, so
+//! one `trap` fails the whole call.
 //! It is not part of the pipeline and not meant for production.
 
 #[cfg(target_arch = "wasm32")]
@@ -18,11 +21,12 @@ mod component {
     use std::cell::Cell;
 
     wit_bindgen::generate!({
-        world: "switchyard:host/handler",
+        world: "switchyard:host/batch-handler",
         path: "../../wit",
         generate_all,
     });
 
+    use exports::switchyard::host::batch;
     use exports::wasi::messaging::incoming_handler::Guest;
     use wasi::messaging::producer;
     use wasi::messaging::types::{Client, Error, Message};
@@ -38,34 +42,47 @@ mod component {
 
     struct Component;
 
+    impl batch::Guest for Component {
+        fn handle_batch(messages: Vec<Message>) -> Vec<Result<(), Error>> {
+            let size = messages.len();
+            messages.into_iter().map(|m| handle(m, size)).collect()
+        }
+    }
+
     impl Guest for Component {
         fn handle(message: Message) -> Result<(), Error> {
-            let handled = HANDLED.with(|h| {
-                h.set(h.get() + 1);
-                h.get()
-            });
-            let payload = String::from_utf8_lossy(&message.data()).into_owned();
-            let mut words = payload.split_whitespace();
-            match (words.next(), words.next()) {
-                (Some("ok"), _) => Ok(()),
-                (Some("error"), _) => Err(Error::Other("asked to fail".into())),
-                (Some("trap"), _) => panic!("asked to trap"),
-                (Some("spin"), _) => {
-                    let mut x = 0u64;
-                    loop {
-                        x = std::hint::black_box(x.wrapping_add(1));
-                    }
+            handle(message, 1)
+        }
+    }
+
+    /// One message that came in a call with `size` messages.
+    fn handle(message: Message, size: usize) -> Result<(), Error> {
+        let handled = HANDLED.with(|h| {
+            h.set(h.get() + 1);
+            h.get()
+        });
+        let payload = String::from_utf8_lossy(&message.data()).into_owned();
+        let mut words = payload.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("ok"), _) => Ok(()),
+            (Some("error"), _) => Err(Error::Other("asked to fail".into())),
+            (Some("trap"), _) => panic!("asked to trap"),
+            (Some("spin"), _) => {
+                let mut x = 0u64;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
                 }
-                (Some("grow"), Some(mb)) => {
-                    let mb: usize = mb.parse().map_err(|_| Error::Other("grow MB".into()))?;
-                    let block = vec![1u8; mb << 20];
-                    std::hint::black_box(&block);
-                    Ok(())
-                }
-                (Some("count"), Some(topic)) => send(topic, handled.to_string().as_bytes()),
-                (Some("send"), Some(topic)) => send(topic, b"hello"),
-                _ => Err(Error::Other(format!("unknown command {payload:?}"))),
             }
+            (Some("grow"), Some(mb)) => {
+                let mb: usize = mb.parse().map_err(|_| Error::Other("grow MB".into()))?;
+                let block = vec![1u8; mb << 20];
+                std::hint::black_box(&block);
+                Ok(())
+            }
+            (Some("count"), Some(topic)) => send(topic, handled.to_string().as_bytes()),
+            (Some("send"), Some(topic)) => send(topic, b"hello"),
+            (Some("batch"), Some(topic)) => send(topic, size.to_string().as_bytes()),
+            _ => Err(Error::Other(format!("unknown command {payload:?}"))),
         }
     }
 

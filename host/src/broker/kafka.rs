@@ -43,7 +43,7 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// librdkafka settings for clients of the embedded broker (see [`Kafka::embedded`]); also
 /// right for other processes that use it (`switchyard broker`).
 pub const EMBEDDED_PROPERTIES: [(&str, &str); 3] = [
-    ("fetch.wait.max.ms", "5"),
+    ("fetch.wait.max.ms", "1"),
     ("session.timeout.ms", "3000"),
     ("heartbeat.interval.ms", "500"),
 ];
@@ -360,8 +360,15 @@ impl Broker for Kafka {
             .producer
             .get_or_try_init(|| async {
                 let mut config = self.config.client_config();
-                let mut defaults = vec![("enable.idempotence", "true"), ("linger.ms", "2")];
-                if self.embedded.is_some() {
+                let mut defaults = vec![("enable.idempotence", "true")];
+                if self.embedded.is_none() {
+                    defaults.push(("linger.ms", "2"));
+                } else {
+                    // On loopback a batch fills in well under a millisecond: measured side by
+                    // side (with fetch.wait.max.ms 1 instead of 5), the paced demo's p50 fell
+                    // from 11 to 4.7 ms; full-speed throughput moved within the machine's
+                    // noise (one sitting even, another up to 15 % lower).
+                    defaults.push(("linger.ms", "0.5"));
                     // The embedded (mock) broker keeps at most 5 MiB per partition and drops
                     // the oldest data beyond that, read or not. The sticky partitioner sends a
                     // run of keyless messages to one partition, which measured 5,800 of the

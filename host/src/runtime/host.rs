@@ -26,7 +26,9 @@ use crate::broker::{BrokerError, DeliveryReceipt, IncomingMessage, OutgoingMessa
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "switchyard:host/handler",
+        // A superset of `handler`: the host finds each export (the single-message handler,
+        // the optional batch call) by its own indices, so components need only the ones they use.
+        world: "switchyard:host/batch-handler",
         imports: { default: async | trappable },
         exports: { default: async },
         with: {
@@ -162,7 +164,7 @@ impl WasiView for ComponentState {
 /// Adds WASI, `wasi:messaging` and `wasi:nn` to a linker.
 pub fn add_to_linker(linker: &mut Linker<ComponentState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
-    bindings::Handler::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    bindings::BatchHandler::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
     super::nn::add_to_linker(linker)
 }
 

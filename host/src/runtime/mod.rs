@@ -25,6 +25,8 @@ use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::ComponentConfig;
 use crate::nn::NnHost;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
+use host::bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
+use host::bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
 use host::{ComponentState, MessagingCtx, ReceiptSink};
 use nn::NnCtx;
 
@@ -100,6 +102,8 @@ pub struct LoadedComponent {
     config: Arc<ComponentConfig>,
     pre: InstancePre<ComponentState>,
     report: Option<ComponentExportIndex>,
+    /// Where its `switchyard:host/batch` export is, when it has one.
+    batch: Option<BatchIndices>,
     /// Whether it was compiled now or loaded from the cache.
     pub cache: CacheOutcome,
     /// How long compiling or loading took.
@@ -110,6 +114,12 @@ impl LoadedComponent {
     /// The component's name in the manifest.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the host hands it several messages per call (it exports
+    /// `switchyard:host/batch`).
+    pub fn takes_batches(&self) -> bool {
+        self.batch.is_some()
     }
 }
 
@@ -196,7 +206,7 @@ impl Runtime {
             ),
         };
         if config.is_handler() {
-            host::bindings::HandlerPre::new(pre.clone()).map_err(|_| {
+            IncomingHandlerIndices::new(&pre).map_err(|_| {
                 role_error(
                     "switchyard:host/handler",
                     "wasi:messaging/incoming-handler@0.2.0-draft",
@@ -207,11 +217,17 @@ impl Runtime {
                 .map_err(|_| role_error("switchyard:host/producer", "wasi:cli/run@0.2.x"))?;
         }
         let report = report_export(&component);
+        let batch = if config.is_handler() {
+            BatchIndices::new(&pre).ok()
+        } else {
+            None
+        };
         Ok(LoadedComponent {
             name: name.into(),
             config: Arc::new(config.clone()),
             pre,
             report,
+            batch,
             cache,
             load_time: started.elapsed(),
         })

@@ -10,6 +10,17 @@
 //! attempts; a trap also replaces the instance. After the last attempt the message is logged,
 //! counted and acknowledged so its partition moves on.
 //!
+//! A component that exports `switchyard:host/batch` gets, in one `handle-batch` call, the
+//! message the worker waited for plus whatever else is already waiting, up to the manifest's
+//! `batch`. The worker never waits to fill a batch, so at a low rate every call still carries
+//! one message and latency is what it would be without batching; under load the call's fixed
+//! costs are shared. Each message keeps its own outcome: one that fails is retried alone
+//! through `handle`. A call that traps says nothing about which message caused it, so its
+//! messages go again one by one without counting an attempt, and only the culprit is charged:
+//! a poison message never costs its neighbours an attempt. What the batch sent
+//! is one set of broker acknowledgements, so the batch's successes are settled together once
+//! all of them are stored (or retried together if the broker refused one).
+//!
 //! Stopping stops the intake, lets the workers finish what they hold and every handled message
 //! settle, and commits before the member leaves its group; a message waiting for a retry is
 //! left unsettled for redelivery.
@@ -23,13 +34,13 @@ use tokio::task::{JoinHandle, JoinSet};
 use wasmtime::Store;
 use wasmtime::component::Instance;
 
-use super::host::bindings::Handler;
+use super::host::bindings::exports::switchyard::host::batch::Guest as BatchExport;
+use super::host::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
 use super::host::bindings::wasi::messaging::types::Error as WitError;
 use super::host::{ComponentState, HostMessage, ReceiptSink};
-use super::{LoadedComponent, Runtime, RuntimeError, new_store};
+use super::{IncomingHandlerIndices, LoadedComponent, Runtime, RuntimeError, new_store};
 use crate::broker::{
-    BrokerError, Delivery, DeliveryReceipt, IncomingMessage, Publisher, Subscriber,
-    SubscriptionSpec,
+    BrokerError, Delivery, DeliveryReceipt, Publisher, Subscriber, SubscriptionSpec,
 };
 
 /// Counters of one handler component, updated as it works.
@@ -128,7 +139,8 @@ pub(super) async fn start(
     let subscriber = runtime.broker.subscribe(&spec).await?;
     let stats = Arc::new(HandlerStats::default());
     let (stop, stopped) = watch::channel(false);
-    let (sender, receiver) = mpsc::channel::<Delivery>(config.workers);
+    // Room for every worker's next batch, so a worker that finishes one finds the next waiting.
+    let (sender, receiver) = mpsc::channel::<Delivery>(config.workers * batch_bound(component));
     let receiver = Arc::new(Mutex::new(receiver));
 
     let (retry_sender, retry_receiver) = mpsc::unbounded_channel();
@@ -206,14 +218,25 @@ async fn dispatch(
     }
 }
 
+/// The most messages a worker hands `component` in one call.
+fn batch_bound(component: &LoadedComponent) -> usize {
+    if component.takes_batches() {
+        component.config.batch.max(1)
+    } else {
+        1
+    }
+}
+
 /// A warm instance.
 struct Live {
     store: Store<ComponentState>,
     instance: Instance,
-    handler: Handler,
+    handle: HandleExport,
+    batch: Option<BatchExport>,
 }
 
 /// Why one attempt at a message failed.
+#[derive(Clone)]
 enum Failure {
     /// The guest returned a WIT error.
     Handler(String),
@@ -231,6 +254,10 @@ impl std::fmt::Display for Failure {
             Failure::Publish(m) => write!(f, "a message it sent was not delivered: {m}"),
         }
     }
+}
+
+fn outcome(result: Result<(), WitError>) -> Result<(), Failure> {
+    result.map_err(|error| Failure::Handler(describe(&error)))
 }
 
 fn describe(error: &WitError) -> String {
@@ -259,6 +286,35 @@ struct Settling {
 }
 
 impl Settling {
+    /// Settles what one call handled: each message that succeeded once every message the call
+    /// sent is stored; the others (and all of them, if the broker refused one) go to
+    /// [`Settling::failed`].
+    async fn settle(
+        &self,
+        jobs: Vec<Job>,
+        receipts: Vec<DeliveryReceipt>,
+        outcomes: Vec<Result<(), Failure>>,
+    ) {
+        let mut refused = None;
+        if outcomes.iter().any(Result::is_ok) {
+            for receipt in receipts {
+                if let Err(e) = receipt.wait().await {
+                    refused = Some(Failure::Publish(e.to_string()));
+                    break;
+                }
+            }
+        }
+        let mut failures = Vec::new();
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            match (outcome, &refused) {
+                (Ok(()), None) => self.succeeded(job),
+                (Ok(()), Some(failure)) => failures.push(self.failed(job, failure.clone())),
+                (Err(failure), _) => failures.push(self.failed(job, failure)),
+            }
+        }
+        futures::future::join_all(failures).await;
+    }
+
     fn succeeded(&self, job: Job) {
         HandlerStats::bump(&self.stats.handled);
         let position = job.delivery.message.position.clone();
@@ -336,6 +392,7 @@ impl Worker {
     ) {
         let mut tasks = JoinSet::new();
         let mut controlled = true;
+        let bound = batch_bound(&self.component);
         loop {
             while tasks.try_join_next().is_some() {}
             let job = tokio::select! {
@@ -356,28 +413,51 @@ impl Worker {
                     None => break,
                 },
             };
-            let Ok(permit) = self.unsettled.clone().acquire_owned().await else {
+            let mut jobs = vec![job];
+            // A first attempt takes along what else is already waiting; retries go alone.
+            if jobs[0].attempt == 1
+                && let Ok(mut waiting) = deliveries.try_lock()
+            {
+                while jobs.len() < bound {
+                    match waiting.try_recv() {
+                        Ok(delivery) => jobs.push(Job {
+                            delivery,
+                            attempt: 1,
+                        }),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let permits = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
+            let Ok(permit) = self.unsettled.clone().acquire_many_owned(permits).await else {
                 break;
             };
             let settling = self.settling.clone();
-            match self.attempt(&job.delivery.message).await {
-                // The broker's acknowledgements are awaited off the worker, which moves on to
-                // the next message; offsets are committed in order regardless.
-                Ok(receipts) => tasks.spawn(async move {
-                    let _permit = permit;
-                    for receipt in receipts {
-                        if let Err(e) = receipt.wait().await {
-                            settling.failed(job, Failure::Publish(e.to_string())).await;
-                            return;
-                        }
+            let (receipts, outcomes) = match self.call(&jobs).await {
+                Ok(done) => done,
+                // A batch that failed as a whole (a trap) says nothing about which message
+                // caused it: each goes again alone, without counting an attempt, so only the
+                // culprit is charged and its neighbours are handled.
+                Err(failure) if jobs.len() > 1 => {
+                    tracing::warn!(
+                        "{}: a batch of {} failed as a whole ({failure}); handling its messages \
+                         one by one",
+                        self.component.name,
+                        jobs.len()
+                    );
+                    for job in jobs {
+                        let _ = self.settling.retries.send(job);
                     }
-                    settling.succeeded(job);
-                }),
-                Err(failure) => tasks.spawn(async move {
-                    let _permit = permit;
-                    settling.failed(job, failure).await;
-                }),
+                    continue;
+                }
+                Err(failure) => (Vec::new(), vec![Err(failure)]),
             };
+            // The broker's acknowledgements are awaited off the worker, which moves on to the
+            // next message; offsets are committed in order regardless.
+            tasks.spawn(async move {
+                let _permit = permit;
+                settling.settle(jobs, receipts, outcomes).await;
+            });
         }
         // Stopping: let every handled message settle before the group commits.
         tasks.join_all().await;
@@ -399,8 +479,14 @@ impl Worker {
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| Failure::Trap(format!("cannot instantiate: {e:#}")))?;
-            let handler =
-                Handler::new(&mut store, &instance).map_err(|e| Failure::Trap(format!("{e:#}")))?;
+            let exports_error = |e: wasmtime::Error| Failure::Trap(format!("{e:#}"));
+            let handle = IncomingHandlerIndices::new(&self.component.pre)
+                .and_then(|indices| indices.load(&mut store, &instance))
+                .map_err(exports_error)?;
+            let batch = match &self.component.batch {
+                Some(indices) => Some(indices.load(&mut store, &instance).map_err(exports_error)?),
+                None => None,
+            };
             tracing::debug!(
                 "{} worker {}: new instance",
                 self.component.name,
@@ -409,7 +495,8 @@ impl Worker {
             self.live = Some(Live {
                 store,
                 instance,
-                handler,
+                handle,
+                batch,
             });
         }
         self.live
@@ -417,25 +504,41 @@ impl Worker {
             .ok_or_else(|| Failure::Trap("no instance".into()))
     }
 
-    /// Calls `handle` once; on `ok`, returns the receipts of the messages it sent.
-    async fn attempt(
+    /// Hands `jobs` to the instance in one call (`handle` for one, `handle-batch` for more) and
+    /// returns the receipts of the messages it sent and one outcome per job; `Err` when the
+    /// call as a whole failed (the instance trapped or could not be made).
+    async fn call(
         &mut self,
-        message: &IncomingMessage,
-    ) -> Result<Vec<DeliveryReceipt>, Failure> {
+        jobs: &[Job],
+    ) -> Result<(Vec<DeliveryReceipt>, Vec<Result<(), Failure>>), Failure> {
         let max_call_ms = self.component.config.limits.max_call_ms;
         let live = self.live().await?;
         let state = live.store.data_mut();
-        state.deadline =
-            (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
-        let resource = state
-            .table()
-            .push(HostMessage::from(message))
-            .map_err(|e| Failure::Trap(e.to_string()))?;
-        let result = live
-            .handler
-            .wasi_messaging_incoming_handler()
-            .call_handle(&mut live.store, resource)
-            .await;
+        // The limit is per message, so a batch gets the time its messages would get one by one.
+        let budget = max_call_ms.saturating_mul(jobs.len() as u64);
+        state.deadline = (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(budget));
+        let mut messages = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let message = state
+                .table()
+                .push(HostMessage::from(&job.delivery.message))
+                .map_err(|e| Failure::Trap(e.to_string()))?;
+            messages.push(message);
+        }
+        let result = match (&live.batch, messages.len()) {
+            (Some(batch), 2..) => batch
+                .call_handle_batch(&mut live.store, &messages)
+                .await
+                .map(|outcomes| outcomes.into_iter().map(outcome).collect::<Vec<_>>()),
+            _ => match messages.pop() {
+                Some(message) => live
+                    .handle
+                    .call_handle(&mut live.store, message)
+                    .await
+                    .map(|result| vec![outcome(result)]),
+                None => Ok(Vec::new()),
+            },
+        };
         let state = live.store.data_mut();
         state.deadline = None;
         let receipts = state.messaging.take_receipts();
@@ -445,8 +548,13 @@ impl Worker {
                 self.live = None;
                 Err(Failure::Trap(format!("{trap:#}")))
             }
-            Ok(Err(error)) => Err(Failure::Handler(describe(&error))),
-            Ok(Ok(())) => Ok(receipts),
+            Ok(outcomes) if outcomes.len() != jobs.len() => Err(Failure::Handler(format!(
+                "handle-batch returned {} outcomes for {} messages; it must return one per \
+                 message, in order",
+                outcomes.len(),
+                jobs.len()
+            ))),
+            Ok(outcomes) => Ok((receipts, outcomes)),
         }
     }
 
