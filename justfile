@@ -39,9 +39,15 @@ pubsub-emulator:
 test:
     cargo test --release --workspace
 
-# Broker throughput side by side: embedded Kafka, Pub/Sub emulator with 1 and 4 streams
-# (pass N ROUNDS, e.g. `just bench 20000 5`).
+# The performance table (BENCHMARKS.md): broker and inference ceilings, the pipeline per
+# engine, batch and worker count, paced latency, cold and warm start (pass ROUNDS, e.g.
+# `just bench 5`). Also written as JSON to $CARGO_TARGET_DIR/bench/pipeline.json.
 bench *ARGS:
+    cargo bench -p switchyard --bench pipeline -- {{ARGS}}
+
+# Broker throughput side by side: embedded Kafka, Pub/Sub emulator with 1 and 4 streams
+# (pass N ROUNDS, e.g. `just bench-brokers 20000 5`).
+bench-brokers *ARGS:
     cargo bench -p switchyard --bench broker_throughput -- {{ARGS}}
 
 # Three-terminal mode, 1/4: the embedded Kafka broker on 127.0.0.1:9092.

@@ -13,92 +13,17 @@
 //! cargo bench -p switchyard --bench broker_throughput -- 20000 5  # N, rounds
 //! ```
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::sync::Arc;
+
+use common::{Case, Sample, median, run_once};
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::Kafka;
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
 use switchyard::broker::pubsub_emulator::PubSubEmulator;
-use switchyard::broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
 
 const PAYLOAD_BYTES: usize = 1024;
-const PARTITIONS: i32 = 8;
-
-struct Case {
-    name: String,
-    broker: Arc<dyn Broker>,
-}
-
-struct Sample {
-    publish_per_s: f64,
-    end_to_end_per_s: f64,
-}
-
-async fn run_once(case: &Case, round: usize, messages: usize) -> anyhow::Result<Sample> {
-    let slug: String = case
-        .name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let topic = format!("bench-{round}-{slug}");
-    case.broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: PARTITIONS,
-        }])
-        .await?;
-    let subscriber = case
-        .broker
-        .subscribe(&SubscriptionSpec {
-            group: format!("{topic}-group"),
-            topics: vec![topic.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await?;
-    let publisher = case.broker.publisher().await?;
-    let payload = vec![b'x'; PAYLOAD_BYTES];
-
-    let started = Instant::now();
-    let receiving = {
-        let subscriber = subscriber.clone();
-        tokio::spawn(async move {
-            for _ in 0..messages {
-                subscriber.next().await?.ack()?;
-            }
-            anyhow::Ok(started.elapsed())
-        })
-    };
-    let mut receipts = Vec::with_capacity(messages);
-    for _ in 0..messages {
-        receipts.push(
-            publisher
-                .publish(OutgoingMessage {
-                    topic: topic.clone(),
-                    payload: payload.clone(),
-                    ..OutgoingMessage::default()
-                })
-                .await?,
-        );
-    }
-    for receipt in receipts {
-        receipt.wait().await?;
-    }
-    let published = started.elapsed();
-    let received = tokio::time::timeout(Duration::from_secs(600), receiving)
-        .await
-        .map_err(|_| anyhow::anyhow!("{}: messages did not all arrive in 600 s", case.name))???;
-    subscriber.close().await?;
-    Ok(Sample {
-        publish_per_s: messages as f64 / published.as_secs_f64(),
-        end_to_end_per_s: messages as f64 / received.as_secs_f64(),
-    })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -131,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let mut samples: Vec<Vec<Sample>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (case, into) in cases.iter().zip(samples.iter_mut()) {
-            let sample = run_once(case, round, messages).await?;
+            let sample = run_once(case, round, messages, PAYLOAD_BYTES).await?;
             eprintln!(
                 "  round {} {:<28} publish {:>8.0}/s  end to end {:>8.0}/s",
                 round + 1,

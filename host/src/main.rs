@@ -357,6 +357,9 @@ fn print_summary(report: &pipeline::DemoReport) {
     if let Some(first) = report.first_prediction_s {
         eprintln!("  first prediction   {first:.2} s after start");
     }
+    if let Some(rss) = report.peak_rss_mb {
+        eprintln!("  peak memory        {rss:.0} MiB (this process, broker included)");
+    }
 }
 
 async fn run_manifest(

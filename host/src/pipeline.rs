@@ -149,6 +149,9 @@ pub struct DemoReport {
     pub duplicates: u64,
     /// Requests the classifier gave up on.
     pub failed: u64,
+    /// The host process's peak resident memory in MiB (Linux: `VmHWM`), broker included when it
+    /// is the embedded one.
+    pub peak_rss_mb: Option<f64>,
     /// What computed the predictions: `wasi-nn (tract)` on the host, or `wasm (tract)` inside
     /// the classifier (both, with counts, if they were mixed).
     pub inference: String,
@@ -239,6 +242,14 @@ fn unix_ms() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
+}
+
+/// This process's peak resident set so far, from `/proc/self/status` (Linux only).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 async fn consumer_summary(app: &App) -> Option<Summary> {
@@ -369,6 +380,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         first_prediction_s: summary.first_received_ms.map(|f| (f - started_ms) / 1000.0),
         duplicates: summary.duplicates,
         failed,
+        peak_rss_mb: peak_rss_mb(),
         inference: match summary.mean_batch {
             Some(batch) => format!(
                 "{}, {batch:.1} images per model run on average",
