@@ -86,6 +86,9 @@ pub fn topics(manifest: &Manifest) -> Vec<TopicSpec> {
     specs
 }
 
+/// How long [`App::start`] waits for its handlers to join their groups.
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A manifest, running.
 pub struct App {
     /// The broker connection (and embedded broker) the components use.
@@ -130,6 +133,19 @@ impl App {
             } else {
                 commands.push(component);
             }
+        }
+        // Commands run after every handler has joined its group, so their first messages are
+        // handled at once instead of waiting for the joins. A join that takes longer than this
+        // (a slow or far broker) only delays those first messages, so the start goes on.
+        let joins = futures::future::try_join_all(handlers.iter().map(HandlerGroup::joined));
+        match tokio::time::timeout(JOIN_WAIT, joins).await {
+            Ok(joined) => {
+                joined?;
+            }
+            Err(_) => tracing::warn!(
+                "not every handler has joined its group after {JOIN_WAIT:?}; starting anyway \
+                 (the first messages wait for the join)"
+            ),
         }
         Ok(Self {
             broker,

@@ -4,8 +4,8 @@
 //! one is not; the embedded broker on a fixed address serves clients that know only that
 //! address (other processes, kcat); a producer whose local queue is full waits instead of
 //! dropping; a burst of keyless messages is spread over the partitions so that the embedded
-//! broker's 5 MiB per partition loses none of it; an unreachable broker fails within the
-//! bounded wait with an error that says what to do.
+//! broker's 5 MiB per partition loses none of it; a member says when it has joined its group;
+//! an unreachable broker fails within the bounded wait with an error that says what to do.
 
 mod support;
 
@@ -326,4 +326,41 @@ async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
         8,
         "every partition got some: {partitions:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_says_when_it_has_joined_its_group() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("joined");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    // Not a member until someone receives, which drives the join.
+    let early = tokio::time::timeout(Duration::from_millis(300), subscriber.joined()).await;
+    assert!(early.is_err(), "joined before anyone received");
+    let receiving = tokio::spawn({
+        let subscriber = subscriber.clone();
+        async move { subscriber.next().await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), subscriber.joined())
+        .await
+        .expect("the member joins within 30 s")
+        .unwrap();
+    publish(broker.as_ref(), &topic, "k", b"after the join").await;
+    let delivery = tokio::time::timeout(Duration::from_secs(30), receiving)
+        .await
+        .expect("the message arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message.payload, b"after the join");
+    delivery.ack().unwrap();
+    subscriber.close().await.unwrap();
 }

@@ -13,7 +13,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
 use std::time::Duration;
+use tokio::sync::watch;
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -409,8 +411,10 @@ impl Broker for Kafka {
                     StartPosition::Latest => "latest",
                 },
             );
+        let (joined, joined_receiver) = watch::channel(false);
         let context = GroupContext {
             tracker: tracker.clone(),
+            joined,
         };
         let consumer: StreamConsumer<GroupContext> =
             config.create_with_context(context).map_err(config_error)?;
@@ -421,6 +425,7 @@ impl Broker for Kafka {
         Ok(Arc::new(KafkaSubscriber {
             consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
             tracker,
+            joined: joined_receiver,
         }))
     }
 }
@@ -490,6 +495,8 @@ impl Publisher for KafkaPublisher {
 /// new owner.
 struct GroupContext {
     tracker: Arc<OffsetTracker>,
+    /// Set once the group gave this member its first assignment (see [`Subscriber::joined`]).
+    joined: watch::Sender<bool>,
 }
 
 impl ClientContext for GroupContext {}
@@ -512,6 +519,14 @@ impl ConsumerContext for GroupContext {
             Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
         }
     }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // An assignment, even of no partitions (more members than partitions), means the
+        // member is in the group.
+        if let Rebalance::Assign(_) = rebalance {
+            self.joined.send_replace(true);
+        }
+    }
 }
 
 type GroupConsumer = StreamConsumer<GroupContext>;
@@ -522,6 +537,7 @@ type GroupConsumer = StreamConsumer<GroupContext>;
 struct KafkaSubscriber {
     consumer: std::sync::Mutex<Option<Arc<GroupConsumer>>>,
     tracker: Arc<OffsetTracker>,
+    joined: watch::Receiver<bool>,
 }
 
 impl KafkaSubscriber {
@@ -536,6 +552,15 @@ impl KafkaSubscriber {
 
 #[async_trait]
 impl Subscriber for KafkaSubscriber {
+    async fn joined(&self) -> Result<(), BrokerError> {
+        let mut joined = self.joined.clone();
+        joined
+            .wait_for(|joined| *joined)
+            .await
+            .map(|_| ())
+            .map_err(|_| BrokerError::Closed)
+    }
+
     async fn next(&self) -> Result<Delivery, BrokerError> {
         let consumer = self.consumer()?;
         loop {

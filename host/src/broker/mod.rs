@@ -168,6 +168,16 @@ pub trait Subscriber: Send + Sync {
     /// The next delivery; waits until one arrives.
     async fn next(&self) -> Result<Delivery, BrokerError>;
 
+    /// Waits until the subscription is receiving: a Kafka member has joined its group and
+    /// been given its partitions (while someone calls [`Subscriber::next`], which drives the
+    /// join). Nothing sent before is lost either way (a new group starts at its start
+    /// position), but it waits for the join, so whoever measures latency or wants the first
+    /// messages handled at once starts sending after this. Backends that receive as soon as
+    /// they subscribe return at once.
+    async fn joined(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// Commits what was acknowledged and leaves the group. Unsettled messages go to the next
     /// member.
     async fn close(&self) -> Result<(), BrokerError>;

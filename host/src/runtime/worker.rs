@@ -94,6 +94,12 @@ impl HandlerGroup {
         &self.stats
     }
 
+    /// Waits until its subscription is receiving (see
+    /// [`Subscriber::joined`](crate::broker::Subscriber::joined)).
+    pub async fn joined(&self) -> Result<(), RuntimeError> {
+        Ok(self.subscriber.joined().await?)
+    }
+
     /// Asks every worker's instance for its `switchyard:host/report`; components without the
     /// export give none.
     pub async fn reports(&self) -> Vec<String> {
