@@ -252,6 +252,17 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// How often, at most, the demo asks the consumer for its report while waiting.
+const REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Waits until `settled` moves; `false` when it never will (no such handler, or it stopped).
+async fn changed(settled: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match settled {
+        Some(settled) => settled.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 async fn consumer_summary(app: &App) -> Option<Summary> {
     let reports = app.handler("consumer")?.reports().await;
     serde_json::from_str(reports.first()?).ok()
@@ -306,24 +317,53 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         sent += outcome.delivered;
     }
 
-    // Wait for every prediction; give up only when nothing moves for `stall_timeout`.
+    // Wait for every prediction, woken when the consumer or the classifier settles a message.
+    // The consumer's report is a call into its guest, so it is asked for only once its count
+    // can be complete (and at most every REPORT_INTERVAL, for topics that hold other runs'
+    // predictions too). Give up only when nothing moves for `stall_timeout`.
     let mut summary = None;
-    let mut last_progress = (Instant::now(), 0u64);
     let classifier_failed = |app: &App| {
         app.handler("classifier")
             .map_or(0, |h| HandlerStats::get(&h.stats().gave_up))
     };
+    let watch = |name: &str| app.handler(name).map(|h| h.stats().settled());
+    let (mut consumer_settled, mut classifier_settled) = (watch("consumer"), watch("classifier"));
+    let mut last_report: Option<Instant> = None;
+    let (mut last_progress, mut last_count) = (Instant::now(), 0u64);
     loop {
-        let current = consumer_summary(&app).await;
-        let seen = current.as_ref().map_or(0, |s| s.predictions);
-        summary = current.or(summary);
         let failed = classifier_failed(&app);
-        if seen + failed >= sent {
-            break;
+        let consumed = consumer_settled
+            .as_ref()
+            .map_or(0, |settled| *settled.borrow());
+        if consumed + failed != last_count {
+            (last_progress, last_count) = (Instant::now(), consumed + failed);
         }
-        if seen + failed > last_progress.1 {
-            last_progress = (Instant::now(), seen + failed);
-        } else if last_progress.0.elapsed() > options.stall_timeout {
+        let mut recheck = None;
+        if consumed + failed >= sent {
+            let due = last_report.map_or(Duration::ZERO, |at| {
+                REPORT_INTERVAL.saturating_sub(at.elapsed())
+            });
+            if due.is_zero() {
+                last_report = Some(Instant::now());
+                let current = consumer_summary(&app).await;
+                let seen = current.as_ref().map_or(0, |s| s.predictions);
+                summary = current.or(summary);
+                if seen + failed >= sent {
+                    break;
+                }
+                recheck = Some(REPORT_INTERVAL);
+            } else {
+                recheck = Some(due);
+            }
+        }
+        let moved = tokio::select! {
+            moved = changed(&mut consumer_settled) => moved,
+            moved = changed(&mut classifier_settled) => moved,
+            _ = tokio::time::sleep(recheck.unwrap_or(options.stall_timeout)) => {
+                last_progress.elapsed() < options.stall_timeout
+            }
+        };
+        if !moved {
             // Say which hop holds the missing messages: the classifier's intake, its output,
             // or the consumer's intake.
             let counts = |name: &str| {
@@ -337,6 +377,9 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
                     )
                 })
             };
+            let current = consumer_summary(&app).await;
+            let seen = current.as_ref().map_or(0, |s| s.predictions);
+            summary = current.or(summary);
             tracing::error!(
                 "no prediction for {:?}: stopping with {seen} of {sent} (classifier: {}; \
                  consumer: {})",
@@ -346,7 +389,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             );
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let failed = classifier_failed(&app);
     app.stop().await?;

@@ -56,11 +56,23 @@ pub struct HandlerStats {
     pub retries: AtomicU64,
     /// Instances lost to a trap and replaced.
     pub traps: AtomicU64,
+    /// Deliveries settled so far (handled, or given up on): a watch, so whoever waits for a
+    /// handler's progress wakes when it moves instead of polling.
+    settled: watch::Sender<u64>,
 }
 
 impl HandlerStats {
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn settled_one(&self) {
+        self.settled.send_modify(|settled| *settled += 1);
+    }
+
+    /// Watches how many deliveries have been settled (handled or given up on).
+    pub fn settled(&self) -> watch::Receiver<u64> {
+        self.settled.subscribe()
     }
 
     /// Reads a counter.
@@ -323,6 +335,7 @@ impl Settling {
 
     fn succeeded(&self, job: Job) {
         HandlerStats::bump(&self.stats.handled);
+        self.stats.settled_one();
         let position = job.delivery.message.position.clone();
         if let Err(e) = job.delivery.ack() {
             tracing::warn!(
@@ -341,6 +354,7 @@ impl Settling {
         );
         if job.attempt >= self.policy.max_attempts {
             HandlerStats::bump(&self.stats.gave_up);
+            self.stats.settled_one();
             tracing::error!(
                 "{name}: giving up on message {position} after {} attempt(s): {failure}. It is \
                  settled so its partition moves on",
