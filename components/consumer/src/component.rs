@@ -1,4 +1,5 @@
-//! The consumer as a `switchyard:host/reporting-handler` component.
+//! The consumer as a `switchyard:host/batch-reporting-handler` component: predictions one at a
+//! time or, when several are waiting, in one call.
 //!
 //! Arguments: `--quiet` prints nothing per prediction (for benchmarks); `--run-id ID` counts
 //! only predictions for requests of that producer run (a shared topic may hold older runs).
@@ -9,12 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pipeline_core::tally::Tally;
 
 wit_bindgen::generate!({
-    world: "switchyard:host/reporting-handler",
+    world: "switchyard:host/batch-reporting-handler",
     path: "../../wit",
     generate_all,
 });
 
-use exports::switchyard::host::report;
+use exports::switchyard::host::{batch, report};
 use exports::wasi::messaging::incoming_handler::Guest;
 use wasi::messaging::types::{Error, Message};
 
@@ -41,22 +42,33 @@ fn unix_ms() -> f64 {
 
 struct Component;
 
+/// Counts one prediction (and prints it unless `--quiet`).
+fn record(message: &Message, received: f64) -> Result<(), Error> {
+    let prediction = crate::parse(&message.data()).map_err(Error::Other)?;
+    STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        let state = state.as_mut().map_err(|e| Error::Other(e.clone()))?;
+        if !state.settings.counts(&prediction) {
+            return Ok(());
+        }
+        let fresh = state.tally.record(&prediction, received);
+        if fresh && !state.settings.quiet {
+            println!("{}", crate::describe(&prediction, received));
+        }
+        Ok(())
+    })
+}
+
 impl Guest for Component {
     fn handle(message: Message) -> Result<(), Error> {
+        record(&message, unix_ms())
+    }
+}
+
+impl batch::Guest for Component {
+    fn handle_batch(messages: Vec<Message>) -> Vec<Result<(), Error>> {
         let received = unix_ms();
-        let prediction = crate::parse(&message.data()).map_err(Error::Other)?;
-        STATE.with(|state| {
-            let mut state = state.borrow_mut();
-            let state = state.as_mut().map_err(|e| Error::Other(e.clone()))?;
-            if !state.settings.counts(&prediction) {
-                return Ok(());
-            }
-            let fresh = state.tally.record(&prediction, received);
-            if fresh && !state.settings.quiet {
-                println!("{}", crate::describe(&prediction, received));
-            }
-            Ok(())
-        })
+        messages.iter().map(|m| record(m, received)).collect()
     }
 }
 
