@@ -412,27 +412,23 @@ fn parse_ceiling(stdout: &[u8]) -> anyhow::Result<Vec<(usize, f64)>> {
     Ok(measured)
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+/// Builds the classifier's `ceiling` example into `target_dir` with `profile` (cargo's profile
+/// and target options).
+fn build_ceiling(paths: &Paths, target_dir: &Path, profile: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(&paths.workspace)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args(["build", "-q", "-p", "classifier", "--example", "ceiling"])
+        .args(profile)
+        .status()?;
+    if !status.success() {
+        bail!("building the ceiling example ({profile:?}) failed");
+    }
+    Ok(())
 }
 
 fn ceiling_native(paths: &Paths) -> anyhow::Result<Vec<(usize, f64)>> {
-    let status = cargo()
-        .current_dir(&paths.workspace)
-        .env("CARGO_TARGET_DIR", &paths.target)
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "classifier",
-            "--example",
-            "ceiling",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building the ceiling example failed");
-    }
+    build_ceiling(paths, &paths.target, &["--release"])?;
     let output = Command::new(paths.target.join("release/examples/ceiling"))
         .arg(&paths.models)
         .arg(CEILING_IMAGES.to_string())
@@ -443,25 +439,11 @@ fn ceiling_native(paths: &Paths) -> anyhow::Result<Vec<(usize, f64)>> {
 
 fn ceiling_wasm(paths: &Paths, components_target: &Path) -> anyhow::Result<Vec<(usize, f64)>> {
     switchyard::build::ensure_wasm_target(&paths.workspace)?;
-    let status = cargo()
-        .current_dir(&paths.workspace)
-        .env("CARGO_TARGET_DIR", components_target)
-        .args([
-            "build",
-            "-q",
-            "--profile",
-            "component",
-            "--target",
-            "wasm32-wasip2",
-            "-p",
-            "classifier",
-            "--example",
-            "ceiling",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building the ceiling example for wasm32-wasip2 failed");
-    }
+    build_ceiling(
+        paths,
+        components_target,
+        &["--profile", "component", "--target", "wasm32-wasip2"],
+    )?;
     let wasm = components_target.join("wasm32-wasip2/component/examples/ceiling.wasm");
     let output = Command::new(&paths.switchyard)
         .arg("exec")

@@ -13,9 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
 use std::time::Duration;
-use tokio::sync::watch;
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -30,6 +28,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Deserialize;
+use tokio::sync::watch;
 
 use super::embedded::EmbeddedKafka;
 use super::offsets::InFlight;

@@ -102,6 +102,8 @@ pub struct LoadedComponent {
     config: Arc<ComponentConfig>,
     pre: InstancePre<ComponentState>,
     report: Option<ComponentExportIndex>,
+    /// Where its `wasi:messaging/incoming-handler` export is (handlers only).
+    handle: Option<IncomingHandlerIndices>,
     /// Where its `switchyard:host/batch` export is, when it has one.
     batch: Option<BatchIndices>,
     /// Whether it was compiled now or loaded from the cache.
@@ -205,28 +207,26 @@ impl Runtime {
                 }
             ),
         };
-        if config.is_handler() {
-            IncomingHandlerIndices::new(&pre).map_err(|_| {
+        let (handle, batch) = if config.is_handler() {
+            let handle = IncomingHandlerIndices::new(&pre).map_err(|_| {
                 role_error(
                     "switchyard:host/handler",
                     "wasi:messaging/incoming-handler@0.2.0-draft",
                 )
             })?;
+            (Some(handle), BatchIndices::new(&pre).ok())
         } else {
             wasmtime_wasi::p2::bindings::CommandPre::new(pre.clone())
                 .map_err(|_| role_error("switchyard:host/producer", "wasi:cli/run@0.2.x"))?;
-        }
-        let report = report_export(&component);
-        let batch = if config.is_handler() {
-            BatchIndices::new(&pre).ok()
-        } else {
-            None
+            (None, None)
         };
+        let report = report_export(&component);
         Ok(LoadedComponent {
             name: name.into(),
             config: Arc::new(config.clone()),
             pre,
             report,
+            handle,
             batch,
             cache,
             load_time: started.elapsed(),

@@ -38,7 +38,7 @@ use super::host::bindings::exports::switchyard::host::batch::Guest as BatchExpor
 use super::host::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
 use super::host::bindings::wasi::messaging::types::Error as WitError;
 use super::host::{ComponentState, HostMessage, ReceiptSink};
-use super::{IncomingHandlerIndices, LoadedComponent, Runtime, RuntimeError, new_store};
+use super::{LoadedComponent, Runtime, RuntimeError, new_store};
 use crate::broker::{
     BrokerError, Delivery, DeliveryReceipt, Publisher, Subscriber, SubscriptionSpec,
 };
@@ -500,8 +500,12 @@ impl Worker {
                 .await
                 .map_err(|e| Failure::Trap(format!("cannot instantiate: {e:#}")))?;
             let exports_error = |e: wasmtime::Error| Failure::Trap(format!("{e:#}"));
-            let handle = IncomingHandlerIndices::new(&self.component.pre)
-                .and_then(|indices| indices.load(&mut store, &instance))
+            let handle = self
+                .component
+                .handle
+                .as_ref()
+                .ok_or_else(|| Failure::Trap("not a handler: it has no incoming-handler".into()))?
+                .load(&mut store, &instance)
                 .map_err(exports_error)?;
             let batch = match &self.component.batch {
                 Some(indices) => Some(indices.load(&mut store, &instance).map_err(exports_error)?),
