@@ -16,6 +16,10 @@
 //!    against two, and paced at 2,000 requests/s. Images/s, p50, p99 and the process's peak RSS.
 //!    The cases alternate round by round and the table gives medians.
 //! 4. Start: the first prediction with an empty compile cache (cold) and a warm one.
+//! 5. Scale: the first pipeline case again over 100,000, 300,000 and 1,000,000 requests (the
+//!    producer cycles through the test set), once each: throughput should stay level against
+//!    the 10,000-image rounds and the peak RSS flat against the run before, and the rows say
+//!    whether they did.
 //!
 //! It prints one Markdown table and writes the same rows as JSON to
 //! `<target dir>/bench/pipeline.json`.
@@ -46,6 +50,14 @@ const CEILING_IMAGES: usize = 2048;
 /// A request on the wire: the 784-byte image plus its headers.
 const REQUEST_BYTES: usize = 900;
 const PACED_RATE: u32 = 2000;
+/// Request counts of the scale rows.
+const SCALES: [u64; 3] = [100_000, 300_000, 1_000_000];
+/// Throughput at scale counts as level from this share of the 10,000-image median (the
+/// machine's run-to-run noise is 10 to 20 %).
+const LEVEL: f64 = 0.8;
+/// Peak RSS at scale counts as flat up to this many MiB above the run with ten times fewer
+/// requests.
+const FLAT_MB: f64 = 32.0;
 
 /// One line of the table.
 #[derive(Debug, Clone, Serialize)]
@@ -248,10 +260,46 @@ fn main() -> anyhow::Result<()> {
         )
         .detail("to the first prediction"),
     );
-    rows.push(skipped(
-        "pipeline",
-        "100,000 and 1,000,000 images: not measured yet (the demo sends at most the 10,000 test images)",
-    ));
+    // Each scale row's RSS is compared with the row before it: memory that grows with the
+    // work keeps growing from one to the next, while buffers that fill once (the embedded
+    // broker keeps up to 5 MiB per partition) stop.
+    let mut previous = (10_000, median_of(runs[0].iter().map(|d| d.peak_rss_mb)));
+    for images in SCALES {
+        eprintln!("scale, {images} requests…");
+        let mut scale_args = cases[0].1.clone();
+        scale_args.extend(["--images".to_string(), images.to_string()]);
+        let demo = run_demo(&paths, &scale_args, None)?;
+        let level = ratio(demo.images_per_s, medians[0]);
+        let growth = match (demo.peak_rss_mb, previous.1) {
+            (Some(rss), Some(before)) => Some(rss - before),
+            _ => None,
+        };
+        let verdict = |holds: Option<bool>, yes: &str, no: &str| match holds {
+            Some(true) => yes.to_string(),
+            Some(false) => no.to_string(),
+            None => "not measured".to_string(),
+        };
+        rows.push(
+            Row::new(
+                "scale",
+                format!("{}, {} requests", cases[0].0, thousands(images)),
+                demo.images_per_s,
+                "images/s",
+            )
+            .detail(format!(
+                "{} x the 10,000-image median ({}); peak RSS {} MiB, {} MiB against {} ({}); \
+                 accuracy {}",
+                fmt(level, 2),
+                verdict(level.map(|l| l >= LEVEL), "level", "NOT level"),
+                fmt(demo.peak_rss_mb, 0),
+                growth.map_or("-".to_string(), |g| format!("{g:+.0}")),
+                thousands(previous.0),
+                verdict(growth.map(|g| g <= FLAT_MB), "flat", "NOT flat"),
+                fmt(demo.accuracy.map(|a| a * 100.0), 2),
+            )),
+        );
+        previous = (images, demo.peak_rss_mb);
+    }
 
     // The ratios the performance issue sets targets for.
     let best = medians[0];
@@ -581,6 +629,19 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> Option<f64> {
     }
 }
 
+/// 1000000 as 1,000,000.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 fn fmt(value: Option<f64>, decimals: usize) -> String {
     value.map_or("-".to_string(), |v| format!("{v:.decimals$}"))
 }
@@ -605,7 +666,8 @@ fn print_table(rows: &[Row], rounds: usize) {
         );
     }
     println!(
-        "\npipeline rows: medians of {rounds} round(s), 10,000 images each; {} cores",
+        "\npipeline rows: medians of {rounds} round(s), 10,000 images each; scale rows: one run \
+         each; {} cores",
         std::thread::available_parallelism().map_or(1, usize::from)
     );
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::broker::embedded::EmbeddedKafka;
 use crate::broker::kafka::Kafka;
 use crate::broker::pubsub::PubSub;
-use crate::broker::{Broker, BrokerError, TopicSpec};
+use crate::broker::{Broker, BrokerError, Publisher, TopicSpec};
 use crate::config::{BrokerConfig, Manifest};
 use crate::runtime::engine::PoolSize;
 use crate::runtime::{
@@ -157,10 +157,18 @@ impl App {
 
     /// Runs every command component concurrently and returns how each ended.
     pub async fn run_commands(&self) -> Vec<(String, Result<CommandOutcome, RuntimeError>)> {
+        self.run_commands_through(self.runtime.publisher()).await
+    }
+
+    /// [`App::run_commands`], the commands sending through `publisher`.
+    pub async fn run_commands_through(
+        &self,
+        publisher: &Arc<dyn Publisher>,
+    ) -> Vec<(String, Result<CommandOutcome, RuntimeError>)> {
         let runs = self.commands.iter().map(|command| async {
             (
                 command.name().to_string(),
-                self.runtime.run_command(command).await,
+                self.runtime.run_command_through(command, publisher).await,
             )
         });
         futures::future::join_all(runs).await

@@ -76,8 +76,9 @@ enum Commands {
         /// Google's Pub/Sub emulator unless PUBSUB_EMULATOR_HOST or ?endpoint= names one).
         #[arg(long, env = "BROKER", default_value = "embedded")]
         broker: String,
-        /// Number of test images to send (1 to 10000).
-        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        /// Number of requests to send (at least 1). Past the 10,000 test images it starts again
+        /// at the first, each request with an id of its own; at most 16,384 are in flight.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
         images: u64,
         /// Send at most this many requests per second (default: as fast as possible, which
         /// measures throughput; a rate below it measures latency without queueing).

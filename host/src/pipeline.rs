@@ -16,6 +16,7 @@ use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
 use serde::Serialize;
 
 use crate::app::App;
+use crate::broker::window::PublishWindow;
 use crate::build::{BuildError, ComponentBuild};
 use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::nn::NnEngine;
@@ -102,7 +103,8 @@ pub fn build_components() -> Result<PathBuf, BuildError> {
 pub struct DemoOptions {
     /// Broker; the embedded one by default.
     pub broker: BrokerConfig,
-    /// How many test images to send (at most 10,000).
+    /// How many requests to send; past the 10,000 test images the producer starts again at
+    /// the first. At most [`WINDOW`] are in flight at once.
     pub images: usize,
     /// Requests per second the producer paces itself to; `None`: as fast as it can.
     pub rate: Option<f64>,
@@ -173,7 +175,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
         "/models/t10k-labels-idx1-ubyte.gz",
         "--topic",
         REQUESTS_TOPIC,
-        "--limit",
+        "--count",
         &options.images.to_string(),
         "--run-id",
         run_id,
@@ -252,6 +254,12 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The most requests in flight (sent, not yet predicted and counted): the producer waits
+/// beyond it. Well within what the embedded broker keeps (5 MiB per partition, 8 partitions,
+/// about 1 KiB a request), and far more than keeps two classifier workers busy, so it bounds
+/// the backlog and the memory of a long run without slowing it.
+pub const WINDOW: usize = 16_384;
+
 /// How often, at most, the demo asks the consumer for its report while waiting.
 const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -266,6 +274,20 @@ async fn changed(settled: &mut Option<tokio::sync::watch::Receiver<u64>>) -> boo
 async fn consumer_summary(app: &App) -> Option<Summary> {
     let reports = app.handler("consumer")?.reports().await;
     serde_json::from_str(reports.first()?).ok()
+}
+
+/// A handler's counts, to say which hop holds missing messages: the classifier's intake, its
+/// output, or the consumer's intake.
+fn hop_counts(app: &App, name: &str) -> String {
+    app.handler(name).map_or("not running".to_string(), |h| {
+        let stats = h.stats();
+        format!(
+            "received {}, handled {}, gave up {}",
+            HandlerStats::get(&stats.received),
+            HandlerStats::get(&stats.handled),
+            HandlerStats::get(&stats.gave_up)
+        )
+    })
 }
 
 /// Names what computed the predictions, from the engines the predictions name.
@@ -294,8 +316,65 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     let app = App::start(&manifest, options.runtime.clone()).await?;
     let broker = app.runtime.broker().describe();
 
+    let classifier_failed = |app: &App| {
+        app.handler("classifier")
+            .map_or(0, |h| HandlerStats::get(&h.stats().gave_up))
+    };
+    let watch = |name: &str| app.handler(name).map(|h| h.stats().settled());
+
     let producer_started_ms = unix_ms();
-    let outcomes = app.run_commands().await;
+    // The producer sends through the window; room opens as predictions are counted (or
+    // given up on), read from the same watches the wait below uses.
+    let window = PublishWindow::new(WINDOW);
+    let windowed = window.publisher(app.runtime.publisher().clone());
+    let open_window = async {
+        let (mut consumer_settled, mut classifier_settled) =
+            (watch("consumer"), watch("classifier"));
+        let (mut last_progress, mut last_done) = (Instant::now(), 0u64);
+        loop {
+            let consumed = consumer_settled
+                .as_mut()
+                .map_or(0, |settled| *settled.borrow_and_update());
+            let done = consumed + classifier_failed(&app);
+            window.completed(done);
+            if done != last_done {
+                (last_progress, last_done) = (Instant::now(), done);
+            }
+            let moved = tokio::select! {
+                moved = changed(&mut consumer_settled) => moved,
+                moved = changed(&mut classifier_settled) => moved,
+                _ = tokio::time::sleep(options.stall_timeout) => true,
+            };
+            // The producer waits for room only while predictions come; without them it
+            // would wait for ever.
+            if !moved || (window.room() == 0 && last_progress.elapsed() >= options.stall_timeout) {
+                return format!(
+                    "the producer waited {:?} for predictions with {WINDOW} requests in \
+                     flight (classifier: {}; consumer: {})",
+                    last_progress.elapsed(),
+                    hop_counts(&app, "classifier"),
+                    hop_counts(&app, "consumer")
+                );
+            }
+        }
+    };
+    let ended = tokio::select! {
+        outcomes = app.run_commands_through(&windowed) => Ok(outcomes),
+        stalled = open_window => Err(stalled),
+    };
+    // The windowed publisher holds the runtime's publisher, which must go before the broker
+    // (an embedded one stops when the app does).
+    drop(windowed);
+    let outcomes = match ended {
+        Ok(outcomes) => outcomes,
+        Err(stalled) => {
+            app.stop().await?;
+            return Err(RuntimeError::Failed {
+                component: "producer".into(),
+                message: stalled,
+            });
+        }
+    };
     let mut sent = 0u64;
     for (name, outcome) in outcomes {
         let outcome = outcome?;
@@ -322,11 +401,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     // can be complete (and at most every REPORT_INTERVAL, for topics that hold other runs'
     // predictions too). Give up only when nothing moves for `stall_timeout`.
     let mut summary = None;
-    let classifier_failed = |app: &App| {
-        app.handler("classifier")
-            .map_or(0, |h| HandlerStats::get(&h.stats().gave_up))
-    };
-    let watch = |name: &str| app.handler(name).map(|h| h.stats().settled());
     let (mut consumer_settled, mut classifier_settled) = (watch("consumer"), watch("classifier"));
     let mut last_report: Option<Instant> = None;
     let (mut last_progress, mut last_count) = (Instant::now(), 0u64);
@@ -364,19 +438,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             }
         };
         if !moved {
-            // Say which hop holds the missing messages: the classifier's intake, its output,
-            // or the consumer's intake.
-            let counts = |name: &str| {
-                app.handler(name).map_or("not running".to_string(), |h| {
-                    let stats = h.stats();
-                    format!(
-                        "received {}, handled {}, gave up {}",
-                        HandlerStats::get(&stats.received),
-                        HandlerStats::get(&stats.handled),
-                        HandlerStats::get(&stats.gave_up)
-                    )
-                })
-            };
             let current = consumer_summary(&app).await;
             let seen = current.as_ref().map_or(0, |s| s.predictions);
             summary = current.or(summary);
@@ -384,8 +445,8 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
                 "no prediction for {:?}: stopping with {seen} of {sent} (classifier: {}; \
                  consumer: {})",
                 options.stall_timeout,
-                counts("classifier"),
-                counts("consumer")
+                hop_counts(&app, "classifier"),
+                hop_counts(&app, "consumer")
             );
             break;
         }

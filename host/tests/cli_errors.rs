@@ -126,7 +126,7 @@ fn exec_runs_a_command_component_with_its_grants() {
                 "/models/t10k-images-idx3-ubyte.gz",
                 "--topic",
                 topic,
-                "--limit",
+                "--count",
                 "5",
             ],
             dir.path(),

@@ -5,7 +5,8 @@
 //! address (other processes, kcat); a producer whose local queue is full waits instead of
 //! dropping; a burst of keyless messages is spread over the partitions so that the embedded
 //! broker's 5 MiB per partition loses none of it; a member says when it has joined its group;
-//! an unreachable broker fails within the bounded wait with an error that says what to do.
+//! an unreachable broker fails within the bounded wait with an error that says what to do; a
+//! publisher behind a window sends only as far ahead as its consumer has caught up.
 
 mod support;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka, KafkaConfig};
+use switchyard::broker::window::PublishWindow;
 use switchyard::broker::{
     Broker, BrokerError, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec,
 };
@@ -362,5 +364,64 @@ async fn a_member_says_when_it_has_joined_its_group() {
         .unwrap();
     assert_eq!(delivery.message.payload, b"after the join");
     delivery.ack().unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("window");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+    let window = PublishWindow::new(3);
+    let publisher = window.publisher(broker.publisher().await.unwrap());
+    let message = |i: u8| OutgoingMessage {
+        topic: topic.clone(),
+        payload: vec![i],
+        ..OutgoingMessage::default()
+    };
+    for i in 0..3 {
+        let receipt = publisher.publish(message(i)).await.unwrap();
+        receipt.wait().await.unwrap();
+    }
+    assert_eq!(window.room(), 0);
+
+    // The fourth waits until the consumer says it has caught up with one more.
+    let fourth = tokio::spawn({
+        let publisher = publisher.clone();
+        let message = message(3);
+        async move { publisher.publish(message).await.unwrap().wait().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!fourth.is_finished(), "sent without room in the window");
+    window.completed(1);
+    tokio::time::timeout(Duration::from_secs(10), fourth)
+        .await
+        .expect("sent once there was room")
+        .unwrap()
+        .unwrap();
+    // Counts lower than one already given make no room; higher ones make room for the rest.
+    window.completed(1);
+    assert_eq!(window.room(), 0);
+    window.completed(5);
+    assert_eq!(window.room(), 4);
+
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    for i in 0..4u8 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap();
+        assert_eq!(delivery.message.payload, vec![i]);
+        delivery.ack().unwrap();
+    }
     subscriber.close().await.unwrap();
 }

@@ -6,6 +6,10 @@
 //! names the engine that computed it, and it is the one tract computes offline for the same
 //! image (same class; scores within 1e-4, the difference between engines and SIMD widths), so
 //! every path reaches the same accuracy.
+//!
+//! A run of 150,000 requests, fifteen times the test set and several times what the embedded
+//! broker keeps per topic, loses nothing either: the demo keeps a window of requests in flight,
+//! and fifteen passes over the test set give exactly its accuracy.
 
 mod support;
 
@@ -37,6 +41,38 @@ async fn on_kafka_every_request_gets_exactly_the_prediction_tract_computes_offli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_model_inside_wasm_every_request_gets_the_same_prediction() {
     check_pipeline_on_kafka(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_fifteen_times_the_test_set_loses_nothing_and_keeps_its_accuracy() {
+    // 150,000 requests of about 1 KiB are several times what the embedded broker keeps (5 MiB
+    // in each of 8 partitions), and the producer outruns the classifier many times over:
+    // without the window the oldest requests are dropped before they are read (measured: the
+    // demo without it lost requests to "offset out of range" at 150,000).
+    const LONG_RUN: usize = 150_000;
+    tokio::task::spawn_blocking(onnxruntime::install)
+        .await
+        .unwrap()
+        .expect("installing ONNX Runtime");
+    let options = DemoOptions {
+        broker: BrokerConfig::default(),
+        images: LONG_RUN,
+        rate: None,
+        classifier_workers: 2,
+        classifier_batch: 32,
+        inference: Some(NnEngine::Onnxruntime),
+        components: support::components(),
+        models: support::models(),
+        show_predictions: false,
+        stall_timeout: Duration::from_secs(120),
+        runtime: RuntimeOptions::default(),
+    };
+    let report = pipeline::run(&options).await.expect("the demo runs");
+    assert_eq!(report.images, LONG_RUN as u64, "{report:?}");
+    assert_eq!(report.predictions, LONG_RUN as u64, "{report:?}");
+    assert_eq!((report.duplicates, report.failed), (0, 0), "{report:?}");
+    // Each image fifteen times under fifteen request ids: the test set's accuracy exactly.
+    assert_eq!(report.accuracy, Some(0.9167), "{report:?}");
 }
 
 /// [`check_pipeline`] on an embedded broker of the test's own, so the predictions can be read

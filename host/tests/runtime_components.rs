@@ -167,7 +167,7 @@ async fn a_component_cannot_send_to_a_topic_or_read_a_file_it_was_not_granted() 
             "/models/t10k-images-idx3-ubyte.gz",
             "--topic",
             "secret",
-            "--limit",
+            "--count",
             "3",
         ]
         .map(String::from)

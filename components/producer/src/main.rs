@@ -7,8 +7,12 @@
 //!
 //! ```text
 //! producer --images /data/t10k-images-idx3-ubyte.gz [--labels /data/t10k-labels-idx1-ubyte.gz]
-//!          [--topic requests] [--limit N] [--rate PER_SECOND] [--run-id ID]
+//!          [--topic requests] [--count N] [--rate PER_SECOND] [--run-id ID]
 //! ```
+//!
+//! `--count N` sends N requests (default: one per image in the file). Past the file's end it
+//! starts again at its first image, so a long run reuses the test set with its labels while
+//! every request keeps an id of its own (INDEX counts requests, not images).
 //!
 //! Without `--rate` it sends as fast as the host accepts, which measures throughput; with it,
 //! it paces the requests, which measures the pipeline's latency below saturation.
@@ -36,12 +40,12 @@ struct Settings {
     images: String,
     labels: Option<String>,
     topic: String,
-    limit: Option<usize>,
+    count: Option<usize>,
     run_id: Option<String>,
     rate: Option<f64>,
 }
 
-const USAGE: &str = "usage: producer --images PATH [--labels PATH] [--topic TOPIC] [--limit N] \
+const USAGE: &str = "usage: producer --images PATH [--labels PATH] [--topic TOPIC] [--count N] \
                      [--rate PER_SECOND] [--run-id ID]";
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String> {
@@ -50,7 +54,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String
         images: String::new(),
         labels: None,
         topic: "requests".into(),
-        limit: None,
+        count: None,
         run_id: None,
         rate: None,
     };
@@ -64,12 +68,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String
             "--images" => images = Some(value()?),
             "--labels" => settings.labels = Some(value()?),
             "--topic" => settings.topic = value()?,
-            "--limit" => {
+            "--count" => {
                 let raw = value()?;
-                let limit = raw
+                let count = raw
                     .parse()
-                    .map_err(|_| format!("--limit takes a number of images, not {raw:?}"))?;
-                settings.limit = Some(limit);
+                    .map_err(|_| format!("--count takes a number of requests, not {raw:?}"))?;
+                settings.count = Some(count);
             }
             "--run-id" => settings.run_id = Some(value()?),
             "--rate" => {
@@ -145,23 +149,27 @@ fn load(settings: &Settings) -> Result<(pipeline_core::idx::Images, Option<Vec<u
     Ok((images, labels))
 }
 
-/// The requests for the first `limit` images, headers included except `sent-at`, which is
-/// stamped at the moment of sending.
+/// `count` requests (default: one per image), cycling through the images, headers included
+/// except `sent-at`, which is stamped at the moment of sending.
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 fn requests<'a>(
     images: &'a pipeline_core::idx::Images,
     labels: Option<&'a [u8]>,
     run_id: &'a str,
-    limit: Option<usize>,
+    count: Option<usize>,
 ) -> impl Iterator<Item = Request<'a>> + 'a {
-    images
-        .iter()
-        .enumerate()
-        .take(limit.unwrap_or(usize::MAX))
-        .map(move |(index, pixels)| {
+    let available = images.len();
+    let count = if available == 0 {
+        0
+    } else {
+        count.unwrap_or(available)
+    };
+    (0..count)
+        .filter_map(move |index| Some((index, index % available, images.get(index % available)?)))
+        .map(move |(index, image, pixels)| {
             debug_assert_eq!(pixels.len(), IMAGE_BYTES);
             let mut headers = vec![(REQUEST_ID, format!("{run_id}-{index}"))];
-            if let Some(label) = labels.and_then(|l| l.get(index)) {
+            if let Some(label) = labels.and_then(|l| l.get(image)) {
                 headers.push((LABEL, label.to_string()));
             }
             Request { pixels, headers }
@@ -182,7 +190,7 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
         Client::connect("default").map_err(|e| format!("cannot connect: {}", describe(&e)))?;
     let mut sent = 0;
     let started = std::time::Instant::now();
-    for request in requests(&images, labels.as_deref(), &run_id, settings.limit) {
+    for request in requests(&images, labels.as_deref(), &run_id, settings.count) {
         if let Some(rate) = settings.rate {
             let due = std::time::Duration::from_secs_f64(sent as f64 / rate);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -254,15 +262,15 @@ mod tests {
     #[test]
     fn parses_arguments() {
         let s = parse_args(args(&[
-            "--images", "/d/i.gz", "--limit", "5", "--topic", "t",
+            "--images", "/d/i.gz", "--count", "5", "--topic", "t",
         ]))
         .unwrap();
         assert_eq!(s.images, "/d/i.gz");
-        assert_eq!(s.limit, Some(5));
+        assert_eq!(s.count, Some(5));
         assert_eq!(s.topic, "t");
         assert_eq!(s.labels, None);
         assert!(
-            parse_args(args(&["--limit", "5"]))
+            parse_args(args(&["--count", "5"]))
                 .unwrap_err()
                 .contains("--images is required")
         );
@@ -272,7 +280,7 @@ mod tests {
                 .contains("needs a value")
         );
         assert!(
-            parse_args(args(&["--images", "x", "--limit", "many"]))
+            parse_args(args(&["--images", "x", "--count", "many"]))
                 .unwrap_err()
                 .contains("many")
         );
@@ -292,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn builds_one_request_per_image_up_to_the_limit() {
+    fn builds_one_request_per_image_by_default_and_cycles_past_the_end() {
         let (images, labels) = tiny_set();
         let all: Vec<_> = requests(&images, Some(&labels), "run", None).collect();
         assert_eq!(all.len(), 3);
@@ -303,6 +311,15 @@ mod tests {
         );
         assert_eq!(requests(&images, None, "r", Some(2)).count(), 2);
         assert_eq!(requests(&images, None, "r", Some(0)).count(), 0);
+        // Past the end: the images (and their labels) again, under ids of their own.
+        let long: Vec<_> = requests(&images, Some(&labels), "run", Some(7)).collect();
+        assert_eq!(long.len(), 7);
+        assert_eq!(long[4].pixels, all[1].pixels);
+        assert_eq!(
+            long[4].headers,
+            vec![(REQUEST_ID, "run-4".to_string()), (LABEL, "8".to_string())]
+        );
+        assert_eq!(long[6].headers[0].1, "run-6");
         assert_eq!(
             requests(&images, None, "r", None)
                 .next()
@@ -332,7 +349,7 @@ mod tests {
             images,
             labels,
             topic: "requests".into(),
-            limit: None,
+            count: None,
             run_id: None,
             rate: None,
         }

@@ -12,6 +12,7 @@ pub mod kafka;
 mod offsets;
 pub mod pubsub;
 pub mod pubsub_emulator;
+pub mod window;
 
 use std::fmt;
 use std::sync::Arc;

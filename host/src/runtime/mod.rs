@@ -233,12 +233,9 @@ impl Runtime {
         })
     }
 
-    fn store(
-        &self,
-        component: &LoadedComponent,
-        receipts: ReceiptSink,
-    ) -> Result<Store<ComponentState>, RuntimeError> {
-        new_store(&self.engine, &self.publisher, &self.nn, component, receipts)
+    /// The publisher every component sends through.
+    pub fn publisher(&self) -> &Arc<dyn Publisher> {
+        &self.publisher
     }
 
     /// Runs a command component once (its `wasi:cli/run`), waits until the broker has
@@ -246,6 +243,16 @@ impl Runtime {
     pub async fn run_command(
         &self,
         component: &LoadedComponent,
+    ) -> Result<CommandOutcome, RuntimeError> {
+        self.run_command_through(component, &self.publisher).await
+    }
+
+    /// [`Runtime::run_command`], sending through `publisher` (a
+    /// [`crate::broker::window::PublishWindow`] around [`Runtime::publisher`], say).
+    pub async fn run_command_through(
+        &self,
+        component: &LoadedComponent,
+        publisher: &Arc<dyn Publisher>,
     ) -> Result<CommandOutcome, RuntimeError> {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let counter = tokio::spawn(async move {
@@ -266,7 +273,13 @@ impl Runtime {
             component: component.name.to_string(),
             message,
         };
-        let mut store = self.store(component, ReceiptSink::Forward(sender))?;
+        let mut store = new_store(
+            &self.engine,
+            publisher,
+            &self.nn,
+            component,
+            ReceiptSink::Forward(sender),
+        )?;
         let max_call_ms = component.config.limits.max_call_ms;
         store.data_mut().deadline =
             (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
