@@ -24,6 +24,7 @@ pub struct Tally {
     per_class: [ClassTally; 10],
     /// Microseconds from `sent-at` to arrival.
     latencies_us: Histogram<u64>,
+    first_sent_ms: Option<f64>,
     first_received_ms: Option<f64>,
     last_received_ms: Option<f64>,
     engines: BTreeMap<String, u64>,
@@ -43,6 +44,7 @@ impl Default for Tally {
             per_class: Default::default(),
             latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
                 .expect("1 µs to an hour at 3 significant digits is a valid histogram"),
+            first_sent_ms: None,
             first_received_ms: None,
             last_received_ms: None,
             engines: BTreeMap::new(),
@@ -128,6 +130,10 @@ pub struct Summary {
     pub p50_ms: Option<f64>,
     /// 99th percentile of that latency.
     pub p99_ms: Option<f64>,
+    /// Unix milliseconds of the earliest `sent-at` among the predictions' requests: when the
+    /// producer sent its first request.
+    #[serde(default)]
+    pub first_sent_ms: Option<f64>,
     /// Unix milliseconds of the first prediction's arrival.
     pub first_received_ms: Option<f64>,
     /// Unix milliseconds of the last prediction's arrival.
@@ -158,6 +164,7 @@ impl Tally {
         *self.engines.entry(prediction.engine.clone()).or_default() += 1;
         self.batched += u64::from(prediction.timings.batch.max(1));
         if let Some(sent) = prediction.sent_at_ms {
+            self.first_sent_ms = Some(self.first_sent_ms.map_or(sent, |f| f.min(sent)));
             let micros = ((received_ms - sent).max(0.0) * 1000.0).round() as u64;
             self.latencies_us.saturating_record(micros.max(1));
         }
@@ -189,6 +196,7 @@ impl Tally {
                 .collect(),
             p50_ms: self.latency_ms(0.50),
             p99_ms: self.latency_ms(0.99),
+            first_sent_ms: self.first_sent_ms,
             first_received_ms: self.first_received_ms,
             last_received_ms: self.last_received_ms,
             engines: self.engines.clone(),
@@ -248,6 +256,7 @@ mod tests {
             (s.first_received_ms, s.last_received_ms),
             (Some(10.0), Some(20.0))
         );
+        assert_eq!(s.first_sent_ms, Some(0.0));
     }
 
     #[test]
