@@ -21,6 +21,12 @@
 //!    the 10,000-image rounds and the peak RSS flat against the run before, and the rows say
 //!    whether they did.
 //!
+//! 6. The careful Python rebuild the performance issue measures switchyard against
+//!    (`benches/python/careful_pipeline.py`: confluent-kafka, batched polling, ONNX Runtime at
+//!    batch 64, one process per role) and `switchyard demo`, each against a standalone
+//!    `switchyard broker` of its own, alternating round by round; skipped with the reason when
+//!    the Python cannot import confluent_kafka, onnxruntime and numpy.
+//!
 //! It prints one Markdown table and writes the same rows as JSON to
 //! `<target dir>/bench/pipeline.json`.
 //!
@@ -31,15 +37,16 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::Kafka;
+use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka};
 use switchyard::nn::{Encoding, NnEngine, NnHost, Tensor, TensorType};
 use switchyard::pipeline;
 
@@ -236,6 +243,69 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    eprintln!("against the careful Python rebuild, each on a standalone broker…");
+    let mut standalone: Vec<(Demo, Demo)> = Vec::new();
+    let mut python_skipped = None;
+    for round in 0..rounds {
+        let python = match careful_python(&paths) {
+            Ok(python) => python,
+            Err(e) => {
+                python_skipped = Some(format!("{e:#}"));
+                break;
+            }
+        };
+        let ours = on_standalone_broker(&paths, &cases[0].1)?;
+        eprintln!(
+            "  round {} careful Python {:>6.0} images/s, switchyard {:>6.0} images/s",
+            round + 1,
+            python.images_per_s.unwrap_or(0.0),
+            ours.images_per_s.unwrap_or(0.0)
+        );
+        standalone.push((python, ours));
+    }
+    let python_median = median_of(standalone.iter().map(|(p, _)| p.images_per_s));
+    match &python_skipped {
+        Some(why) => rows.push(skipped(
+            "careful Python rebuild",
+            &format!(
+                "skipped: {why}; `pip install confluent-kafka onnxruntime numpy` in the \
+                 interpreter SWITCHYARD_PYTHON names adds it"
+            ),
+        )),
+        None => {
+            let pythons: Vec<&Demo> = standalone.iter().map(|(python, _)| python).collect();
+            let ours: Vec<&Demo> = standalone.iter().map(|(_, ours)| ours).collect();
+            for (name, demos) in [
+                (
+                    "careful Python rebuild, standalone broker".to_string(),
+                    pythons,
+                ),
+                (
+                    format!("switchyard demo, {}, standalone broker", cases[0].0),
+                    ours,
+                ),
+            ] {
+                rows.push(
+                    Row::new(
+                        "against Python",
+                        name,
+                        median_of(demos.iter().map(|d| d.images_per_s)),
+                        "images/s",
+                    )
+                    .detail(format!(
+                        "p50 {} ms, p99 {} ms, accuracy {}",
+                        fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
+                        fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
+                        fmt(
+                            median_of(demos.iter().map(|d| d.accuracy.map(|a| a * 100.0))),
+                            2
+                        ),
+                    )),
+                );
+            }
+        }
+    }
+
     eprintln!("start, cold and warm…");
     let cold_cache = tempfile::tempdir()?;
     let mut start_args = args(engine, BATCH, 2, None);
@@ -321,6 +391,28 @@ fn main() -> anyhow::Result<()> {
              {BATCH}) = {} images/s; target >= 0.70",
             fmt(ceiling, 0)
         )),
+    );
+    rows.push(
+        Row::new(
+            "ratio",
+            "pipeline (embedded broker) / careful Python",
+            ratio(best, python_median),
+            "x",
+        )
+        .detail("images/s; target >= 2"),
+    );
+    rows.push(
+        Row::new(
+            "ratio",
+            "pipeline / careful Python, both on a standalone broker",
+            median_of(
+                standalone
+                    .iter()
+                    .map(|(python, ours)| ratio(ours.images_per_s, python.images_per_s)),
+            ),
+            "x",
+        )
+        .detail("images/s, median of the rounds' ratios"),
     );
     let wasm_vs_native = |batch: usize| {
         let find = |measured: &[(usize, f64)]| {
@@ -418,6 +510,144 @@ fn run_demo(paths: &Paths, args: &[String], cache: Option<&Path>) -> anyhow::Res
         );
     }
     Ok(demo)
+}
+
+/// A `switchyard broker` child on a free port, killed when dropped.
+struct StandaloneBroker {
+    child: Child,
+    bootstrap: String,
+}
+
+impl StandaloneBroker {
+    fn start(paths: &Paths) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(&paths.switchyard)
+            .args(["broker", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting switchyard broker")?;
+        let bootstrap = format!("127.0.0.1:{port}");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&bootstrap).is_err() {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("switchyard broker did not listen on {bootstrap} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, bootstrap })
+    }
+}
+
+impl Drop for StandaloneBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process killed when dropped (the Python classifier never exits by itself).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The demo's first case against a fresh standalone broker, with the client settings the
+/// README gives for it (the embedded broker's: the mock answers an empty fetch only after
+/// `fetch.wait.max.ms`, 500 ms by default).
+fn on_standalone_broker(paths: &Paths, case_args: &[String]) -> anyhow::Result<Demo> {
+    let broker = StandaloneBroker::start(paths)?;
+    let properties: Vec<String> = EMBEDDED_PROPERTIES
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    let mut args = case_args.to_vec();
+    args.extend([
+        "--broker".to_string(),
+        format!("kafka://{}?{}", broker.bootstrap, properties.join("&")),
+    ]);
+    run_demo(paths, &args, None)
+}
+
+/// The careful Python rebuild over the 10,000 test images against a fresh standalone broker:
+/// its consumer and classifier first, the producer once both have joined their groups.
+fn careful_python(paths: &Paths) -> anyhow::Result<Demo> {
+    let python = std::env::var_os("SWITCHYARD_PYTHON").unwrap_or_else(|| "python3".into());
+    let check = Command::new(&python)
+        .args(["-c", "import confluent_kafka, onnxruntime, numpy"])
+        .output()
+        .with_context(|| format!("cannot run {}", python.to_string_lossy()))?;
+    if !check.status.success() {
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        bail!(
+            "{} cannot import its modules ({})",
+            python.to_string_lossy(),
+            stderr.lines().last().unwrap_or("no output")
+        );
+    }
+    let script = paths
+        .workspace
+        .join("host/benches/python/careful_pipeline.py");
+    let broker = StandaloneBroker::start(paths)?;
+    let run = format!("careful{}", std::process::id());
+    let images = 10_000.to_string();
+    let role = |args: &[&std::ffi::OsStr]| {
+        Command::new(&python)
+            .arg(&script)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the careful Python pipeline")
+    };
+    let mut consumer = Killed(role(&[
+        "consumer".as_ref(),
+        broker.bootstrap.as_ref(),
+        run.as_ref(),
+        images.as_ref(),
+    ])?);
+    let mut classifier = Killed(role(&[
+        "classifier".as_ref(),
+        broker.bootstrap.as_ref(),
+        paths.models.join("lenet.onnx").as_os_str(),
+    ])?);
+    let mut consumer_lines = BufReader::new(consumer.0.stdout.take().context("no stdout")?).lines();
+    let mut classifier_lines =
+        BufReader::new(classifier.0.stdout.take().context("no stdout")?).lines();
+    for lines in [&mut consumer_lines, &mut classifier_lines] {
+        match lines.next() {
+            Some(Ok(line)) if line == "ready" => {}
+            other => bail!("the careful Python pipeline did not join its group: {other:?}"),
+        }
+    }
+    let producer = Command::new(&python)
+        .arg(&script)
+        .arg("producer")
+        .arg(&broker.bootstrap)
+        .arg(paths.models.join("t10k-images-idx3-ubyte.gz"))
+        .arg(paths.models.join("t10k-labels-idx1-ubyte.gz"))
+        .arg(&run)
+        .arg(&images)
+        .status()?;
+    if !producer.success() {
+        bail!("the careful Python producer failed: {producer}");
+    }
+    let report = consumer_lines
+        .find_map(|line| serde_json::from_str::<Demo>(&line.ok()?).ok())
+        .context("the careful Python consumer ended without its report")?;
+    if report.predictions != 10_000 {
+        bail!(
+            "the careful Python consumer counted {} predictions",
+            report.predictions
+        );
+    }
+    Ok(report)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
