@@ -195,7 +195,7 @@ fn main() -> ExitCode {
 fn runtime_options(cache_dir: Option<PathBuf>) -> RuntimeOptions {
     let mut options = RuntimeOptions::default();
     if let Some(dir) = cache_dir {
-        options.cache_dir = dir;
+        options.cache_dir = Some(dir);
     }
     options
 }

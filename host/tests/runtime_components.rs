@@ -1,5 +1,7 @@
 //! Proves how the runtime treats components, with the real pipeline components on the
-//! embedded broker: compiled components are cached (a second load does not compile); files
+//! embedded broker: compiled components are cached (a second load does not compile), and the
+//! cache loads only artifacts it signed (a damaged, planted or foreign-key artifact is compiled
+//! again, and a directory others may write is not used); files
 //! that are not components, and components in the wrong role, are refused with the fix; a
 //! component cannot send to a topic or read a file its manifest does not grant; a handler's failing message is
 //! not settled while it is being retried (the next group member gets it), and a message the
@@ -31,7 +33,7 @@ fn config(name: &str) -> ComponentConfig {
 fn options(cache: Option<&std::path::Path>) -> RuntimeOptions {
     let defaults = RuntimeOptions::default();
     RuntimeOptions {
-        cache_dir: cache.map_or(defaults.cache_dir, std::path::Path::to_path_buf),
+        cache_dir: cache.map_or(defaults.cache_dir, |dir| Some(dir.to_path_buf())),
         pool: PoolSize {
             instances: 16,
             max_memory_bytes: 256 << 20,
@@ -106,6 +108,95 @@ async fn a_compiled_component_is_cached_and_loaded_without_compiling() {
         .unwrap();
     let loaded = second.load("consumer", &consumer).unwrap();
     assert_eq!(loaded.cache, CacheOutcome::Hit);
+}
+
+/// The `.cwasm` files in a cache directory.
+fn artifacts(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_loads_only_artifacts_it_signed_and_compiles_the_rest_again() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_cluster, broker) = support::embedded().await;
+    let consumer = ComponentConfig {
+        subscribe: vec!["predictions".into()],
+        ..config("consumer")
+    };
+    let load = async |name: &str, config: &ComponentConfig| {
+        let runtime = Runtime::new(broker.clone(), options(Some(cache.path())))
+            .await
+            .unwrap();
+        runtime.load(name, config).unwrap().cache
+    };
+    assert_eq!(load("consumer", &consumer).await, CacheOutcome::Compiled);
+    let [consumer_artifact] = artifacts(cache.path()).try_into().unwrap();
+    assert_eq!(
+        load("producer", &config("producer")).await,
+        CacheOutcome::Compiled
+    );
+    let producer_artifact = artifacts(cache.path())
+        .into_iter()
+        .find(|path| *path != consumer_artifact)
+        .unwrap();
+    let genuine = std::fs::read(&consumer_artifact).unwrap();
+
+    // Damaged on disk: zeroed in the middle, where wasmtime's own header check cannot see it
+    // (loading such a file used to crash the host).
+    let mut damaged = genuine.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle..middle + 4096].fill(0);
+    std::fs::write(&consumer_artifact, &damaged).unwrap();
+    assert_eq!(load("consumer", &consumer).await, CacheOutcome::Compiled);
+    assert_eq!(
+        load("consumer", &consumer).await,
+        CacheOutcome::Hit,
+        "the damaged file was replaced"
+    );
+
+    // Planted: a genuine artifact of another component under this one's name, and a bare
+    // wasmtime artifact (native code, without the cache's signature).
+    std::fs::copy(&producer_artifact, &consumer_artifact).unwrap();
+    assert_eq!(load("consumer", &consumer).await, CacheOutcome::Compiled);
+    let bare = &std::fs::read(&producer_artifact).unwrap()[8 + 32..];
+    std::fs::write(&consumer_artifact, bare).unwrap();
+    assert_eq!(load("consumer", &consumer).await, CacheOutcome::Compiled);
+    assert_eq!(load("consumer", &consumer).await, CacheOutcome::Hit);
+
+    // A cache of another key (another user's, say) signs nothing here.
+    let key = cache.path().join("artifact-key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    assert_eq!(load("consumer", &consumer).await, CacheOutcome::Compiled);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_directory_others_may_write_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (_cluster, broker) = support::embedded().await;
+    let consumer = ComponentConfig {
+        subscribe: vec!["predictions".into()],
+        ..config("consumer")
+    };
+    for _ in 0..2 {
+        let runtime = Runtime::new(broker.clone(), options(Some(shared.path())))
+            .await
+            .unwrap();
+        assert_eq!(
+            runtime.load("consumer", &consumer).unwrap().cache,
+            CacheOutcome::Compiled
+        );
+    }
+    assert!(artifacts(shared.path()).is_empty());
+    assert!(!shared.path().join("artifact-key").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,11 @@
-//! The wasmtime engine and the on-disk cache of compiled components.
+//! The wasmtime engine, and loading components through the compile cache.
 //!
 //! Cranelift needs tens of seconds for the classifier (tract is large); loading the compiled
 //! artifact takes tens of milliseconds. So every component is compiled once and the artifact
-//! stored under the cache directory, keyed by the SHA-256 of the `.wasm` and of the engine's
-//! compatibility hash (wasmtime version, compiler settings, CPU features): a changed component
-//! or a new wasmtime compiles again, nothing else does.
+//! stored in the cache ([`super::cache`], which trusts only artifacts it signed), keyed by the
+//! SHA-256 of the `.wasm` and of the engine's compatibility hash (wasmtime version, compiler
+//! settings, CPU features): a changed component or a new wasmtime compiles again, nothing else
+//! does.
 //!
 //! Instances come from the pooling allocator: slots are reserved once and reused, so replacing
 //! a trapped instance or starting a worker costs microseconds, not page faults.
@@ -20,6 +21,7 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::RuntimeError;
+use super::cache::ArtifactCache;
 
 /// How often the epoch advances; calls are interrupted (to yield, or to stop at their
 /// deadline) at this granularity.
@@ -92,19 +94,17 @@ impl Drop for EpochTicker {
 }
 
 /// The default cache directory: `$SWITCHYARD_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/switchyard/compiled`, else `$HOME/.cache/switchyard/compiled`, else a
-/// directory under the system temp dir.
-pub fn default_cache_dir() -> PathBuf {
+/// `$XDG_CACHE_HOME/switchyard/compiled`, else `$HOME/.cache/switchyard/compiled`; `None`
+/// without any of them. Never a shared directory such as the system's temp dir: compiled
+/// artifacts are native code (see [`super::cache`]).
+pub fn default_cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("SWITCHYARD_CACHE_DIR") {
-        return PathBuf::from(dir);
+        return Some(PathBuf::from(dir));
     }
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("switchyard").join("compiled");
+        return Some(PathBuf::from(dir).join("switchyard").join("compiled"));
     }
-    if let Some(home) = std::env::var_os("HOME") {
-        return PathBuf::from(home).join(".cache/switchyard/compiled");
-    }
-    std::env::temp_dir().join("switchyard-cache")
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/switchyard/compiled"))
 }
 
 /// Whether a component came from the cache or was compiled now.
@@ -116,11 +116,11 @@ pub enum CacheOutcome {
     Compiled,
 }
 
-/// Loads a component, compiling it only if the cache has no artifact for it.
+/// Loads a component, compiling it only if `cache` has no artifact of its own for it.
 pub fn load_component(
     engine: &Engine,
     wasm_path: &Path,
-    cache_dir: &Path,
+    cache: Option<&ArtifactCache>,
 ) -> Result<(Component, CacheOutcome), RuntimeError> {
     let bytes = std::fs::read(wasm_path).map_err(|e| RuntimeError::Component {
         path: wasm_path.to_path_buf(),
@@ -138,30 +138,25 @@ pub fn load_component(
     let mut key = Sha256::new();
     key.update(engine_hash.finish().to_le_bytes());
     key.update(&bytes);
-    let key = hex::encode(key.finalize());
-    let artifact = cache_dir.join(format!("{key}.cwasm"));
+    let name = hex::encode(key.finalize());
 
-    if artifact.is_file() {
-        // SAFETY: the file is one this function wrote with `Component::serialize` for an
-        // engine with the same compatibility hash (it is part of the name); wasmtime checks
-        // the header again and refuses an artifact from a different engine.
-        match unsafe { Component::deserialize_file(engine, &artifact) } {
-            Ok(component) => return Ok((component, CacheOutcome::Hit)),
-            Err(e) => tracing::warn!(
-                "cached artifact {} is unusable ({e}); compiling again",
-                artifact.display()
-            ),
-        }
+    if let Some(component) = cache.and_then(|cache| cache.load(engine, &name)) {
+        return Ok((component, CacheOutcome::Hit));
     }
 
     // Cranelift takes tens of seconds for a large component on a small machine: say so, so a
     // first run does not look hung, and say how long it took.
     tracing::info!(
-        "compiling {} ({} KiB) to native code, once: large components take up to a minute; \
-         the result is cached in {}",
+        "compiling {} ({} KiB) to native code{}",
         wasm_path.display(),
         bytes.len() / 1024,
-        cache_dir.display()
+        match cache {
+            Some(cache) => format!(
+                ", once: large components take up to a minute; the result is cached in {}",
+                cache.dir().display()
+            ),
+            None => ": large components take up to a minute (no compile cache)".to_string(),
+        }
     );
     let started = std::time::Instant::now();
     let component = Component::new(engine, &bytes).map_err(|e| RuntimeError::Component {
@@ -173,24 +168,16 @@ pub fn load_component(
         wasm_path.display(),
         started.elapsed().as_secs_f64()
     );
-    if let Err(e) = store_artifact(&component, cache_dir, &artifact) {
+    if let Some(cache) = cache
+        && let Err(e) = cache.store(&name, &component)
+    {
         // Only costs time on the next start.
         tracing::warn!(
             "cannot cache the compiled component in {}: {e}",
-            cache_dir.display()
+            cache.dir().display()
         );
     }
     Ok((component, CacheOutcome::Compiled))
-}
-
-fn store_artifact(component: &Component, dir: &Path, artifact: &Path) -> std::io::Result<()> {
-    let bytes = component.serialize().map_err(std::io::Error::other)?;
-    std::fs::create_dir_all(dir)?;
-    // Write then rename, so a concurrent reader never sees half a file.
-    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut temp, &bytes)?;
-    temp.persist(artifact).map_err(|e| e.error)?;
-    Ok(())
 }
 
 /// Tells a component apart from a core module or something else, with the fix for each.

@@ -6,6 +6,7 @@
 //! that one instance, which is thrown away and replaced; the message is retried, and settled
 //! only once handled or given up on after the retry policy's attempts.
 
+pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod nn;
@@ -65,8 +66,8 @@ pub enum RuntimeError {
 /// Options for a [`Runtime`].
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
-    /// Where compiled components are cached.
-    pub cache_dir: PathBuf,
+    /// Where compiled components are cached; `None` compiles every component at every start.
+    pub cache_dir: Option<PathBuf>,
     /// Instance pool size.
     pub pool: PoolSize,
 }
@@ -91,7 +92,7 @@ pub struct Runtime {
     publisher: Arc<dyn Publisher>,
     broker: Arc<dyn Broker>,
     nn: Arc<NnHost>,
-    cache_dir: PathBuf,
+    cache: Option<cache::ArtifactCache>,
     _ticker: EpochTicker,
 }
 
@@ -155,7 +156,12 @@ impl Runtime {
             broker,
             publisher,
             nn: Arc::new(NnHost::new()),
-            cache_dir: options.cache_dir,
+            cache: match options.cache_dir {
+                Some(dir) => cache::ArtifactCache::open(&dir),
+                None => Err(cache::CacheError::NoDirectory),
+            }
+            .inspect_err(|e| tracing::warn!("not caching compiled components: {e}"))
+            .ok(),
         })
     }
 
@@ -185,7 +191,7 @@ impl Runtime {
                     ),
                 })?;
         }
-        let (component, cache) = engine::load_component(&self.engine, &path, &self.cache_dir)?;
+        let (component, cache) = engine::load_component(&self.engine, &path, self.cache.as_ref())?;
         let pre = self
             .linker
             .instantiate_pre(&component)
