@@ -180,13 +180,23 @@ impl App {
     }
 
     /// Stops every handler (committing what it acknowledged) and returns their final reports.
+    /// A handler that fails to stop does not keep the others running: every one is stopped,
+    /// and then the first failure is returned.
     pub async fn stop(self) -> Result<Vec<(String, Vec<String>)>, RuntimeError> {
         let mut reports = Vec::new();
+        let mut first_failure = None;
         for handler in self.handlers {
             let report = handler.reports().await;
-            reports.push((handler.name().to_string(), report));
-            handler.stop().await?;
+            let name = handler.name().to_string();
+            if let Err(e) = handler.stop().await {
+                tracing::error!("stopping {name}: {e}");
+                first_failure.get_or_insert(e);
+            }
+            reports.push((name, report));
         }
-        Ok(reports)
+        match first_failure {
+            Some(failure) => Err(failure),
+            None => Ok(reports),
+        }
     }
 }

@@ -377,8 +377,17 @@ async fn run_manifest(
         tracing::info!("embedded broker at {}", embedded.bootstrap_servers());
     }
     let mut code = ExitCode::SUCCESS;
+    // Whatever fails from here on, the handlers are stopped (committing what they settled and
+    // leaving their groups) before the error is returned.
+    let mut failure: Option<anyhow::Error> = None;
     for (name, outcome) in app.run_commands().await {
-        let outcome = outcome?;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                failure.get_or_insert(anyhow::Error::new(e).context(format!("running {name}")));
+                continue;
+            }
+        };
         tracing::info!(
             "{name} exited with {} ({} messages delivered, {} failed)",
             outcome.exit_code,
@@ -392,19 +401,29 @@ async fn run_manifest(
             code = ExitCode::FAILURE;
         }
     }
-    if !app.handlers.is_empty() {
+    if failure.is_none() && !app.handlers.is_empty() {
         tracing::info!("running; press Ctrl-C to stop");
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            failure = Some(anyhow::Error::new(e).context("waiting for Ctrl-C"));
+        }
         tracing::info!("stopping: finishing in-flight messages and committing");
     }
-    for (name, reports) in app.stop().await? {
-        for report in reports {
-            println!("{name}: {report}");
+    match app.stop().await {
+        Ok(stopped) => {
+            for (name, reports) in stopped {
+                for report in reports {
+                    println!("{name}: {report}");
+                }
+            }
+        }
+        Err(e) => {
+            failure.get_or_insert(e.into());
         }
     }
-    Ok(code)
+    match failure {
+        Some(failure) => Err(failure),
+        None => Ok(code),
+    }
 }
 
 async fn run_broker(listen: SocketAddr, topics: &[String]) -> anyhow::Result<ExitCode> {

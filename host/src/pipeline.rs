@@ -377,9 +377,12 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     };
     let mut sent = 0u64;
     for (name, outcome) in outcomes {
-        let outcome = outcome?;
-        if outcome.exit_code != 0 || outcome.failed > 0 {
-            return Err(RuntimeError::Failed {
+        let failed = match outcome {
+            Ok(outcome) if outcome.exit_code == 0 && outcome.failed == 0 => {
+                sent += outcome.delivered;
+                continue;
+            }
+            Ok(outcome) => RuntimeError::Failed {
                 component: name,
                 message: format!(
                     "exited with {} after {} messages delivered, {} failed{}",
@@ -391,9 +394,14 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
                         .map(|e| format!(": {e}"))
                         .unwrap_or_default()
                 ),
-            });
+            },
+            Err(e) => e,
+        };
+        // The handlers commit what they settled and leave their groups before the error.
+        if let Err(e) = app.stop().await {
+            tracing::error!("stopping after {failed}: {e}");
         }
-        sent += outcome.delivered;
+        return Err(failed);
     }
 
     // Wait for every prediction, woken when the consumer or the classifier settles a message.

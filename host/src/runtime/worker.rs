@@ -129,15 +129,43 @@ impl HandlerGroup {
 
     /// Stops taking deliveries, lets the workers finish the ones they hold, commits, and
     /// leaves the group.
+    ///
+    /// A worker or dispatcher that panicked (a bug in the host, never a guest's trap) is
+    /// reported as an error, after the group has been left all the same.
     pub async fn stop(self) -> Result<(), RuntimeError> {
         let _ = self.stop.send(true);
-        let _ = self.dispatcher.await;
+        let mut panics = Vec::new();
+        let mut record = |ended: Result<(), tokio::task::JoinError>| {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_string());
+                tracing::error!("{}: a worker task panicked: {message}", self.name);
+                panics.push(message);
+            }
+        };
+        record(self.dispatcher.await);
         for (worker, control) in self.workers {
             drop(control);
-            let _ = worker.await;
+            record(worker.await);
         }
         self.subscriber.close().await?;
-        Ok(())
+        match panics.first() {
+            Some(first) => Err(RuntimeError::Failed {
+                component: self.name.to_string(),
+                message: format!(
+                    "{} of its worker tasks panicked (a bug in switchyard; please report it): \
+                     {first}",
+                    panics.len()
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
