@@ -3,7 +3,9 @@
 //! cache loads only artifacts it signed (a damaged, planted or foreign-key artifact is compiled
 //! again, and a directory others may write is not used); files
 //! that are not components, and components in the wrong role, are refused with the fix; a
-//! component cannot send to a topic or read a file its manifest does not grant; a handler's failing message is
+//! component cannot send to a topic its manifest does not grant, and its sandbox lets it read
+//! its preopens (read-only ones without writing) and nothing else: no other file, no
+//! environment variable; a handler's failing message is
 //! not settled while it is being retried (the next group member gets it), and a message the
 //! handler gives up on is settled so the partition moves on. With the test handler
 //! (components/test-handler): an instance is reused message after message; a trap, a call past
@@ -248,7 +250,68 @@ async fn files_that_are_not_components_or_do_not_fit_their_role_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_component_cannot_send_to_a_topic_or_read_a_file_it_was_not_granted() {
+async fn the_sandbox_grants_its_preopens_read_only_and_nothing_else() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("probe.txt"), "granted").unwrap();
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let config = ComponentConfig {
+        preopens: vec![Preopen {
+            host: data.path().to_path_buf(),
+            guest: "/data".into(),
+            writable: false,
+        }],
+        ..test_handler(&input, &output, Limits::default(), RetryPolicy::default())
+    };
+    let loaded = runtime.load("test", &config).unwrap();
+    let handler = runtime.start_handler(&loaded).await.unwrap();
+    let replies = broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("reader"),
+            topics: vec![output.clone()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
+    send(
+        broker.as_ref(),
+        &input,
+        format!("probe {output}").into_bytes(),
+        "p",
+    )
+    .await;
+    let stats = Arc::clone(handler.stats());
+    support::wait_until(
+        "the probe to be handled",
+        Duration::from_secs(30),
+        async || HandlerStats::get(&stats.handled) + HandlerStats::get(&stats.gave_up) > 0,
+    )
+    .await;
+    assert_eq!(
+        HandlerStats::get(&stats.handled),
+        1,
+        "the probe ran: {stats:?}"
+    );
+    let report = next_payload(replies.as_ref()).await;
+    let outcome = |name: &str| {
+        report
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {report:?}"))
+            .to_string()
+    };
+    // The granted file is readable: the refusals below are the sandbox's, not a broken probe.
+    assert_eq!(outcome("read-inside"), "ok", "{report}");
+    assert!(outcome("read-outside").starts_with("denied"), "{report}");
+    assert!(outcome("write-read-only").starts_with("denied"), "{report}");
+    assert!(!data.path().join("written.txt").exists());
+    assert_eq!(outcome("env"), "0", "no environment variables: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_cannot_send_to_a_topic_it_was_not_granted() {
     let (_cluster, broker) = support::embedded().await;
     let runtime = Runtime::new(broker, options(None)).await.unwrap();
     let producer = ComponentConfig {

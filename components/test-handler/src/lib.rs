@@ -11,6 +11,12 @@
 //! | `count TOPIC` | sends to TOPIC how many messages this instance has handled so far |
 //! | `send TOPIC` | sends `hello` to TOPIC and returns what the host said |
 //! | `batch TOPIC` | sends to TOPIC how many messages came in the same call |
+//! | `probe TOPIC` | tries what the sandbox should refuse and sends to TOPIC what happened (below) |
+//!
+//! `probe` reports one `name=outcome` line each (`ok` or `denied: …`) for: reading
+//! `/etc/passwd` (outside every preopen), reading `/data/probe.txt` and writing
+//! `/data/written.txt` (for a test that preopens `/data` read-only), and the number of
+//! environment variables.
 //!
 //! It exports `switchyard:host/batch` too, handling a batch's messages one after the other, so
 //! one `trap` fails the whole call.
@@ -82,8 +88,35 @@ mod component {
             (Some("count"), Some(topic)) => send(topic, handled.to_string().as_bytes()),
             (Some("send"), Some(topic)) => send(topic, b"hello"),
             (Some("batch"), Some(topic)) => send(topic, size.to_string().as_bytes()),
+            (Some("probe"), Some(topic)) => send(topic, probe().as_bytes()),
             _ => Err(Error::Other(format!("unknown command {payload:?}"))),
         }
+    }
+
+    /// What the sandbox lets this instance do, one `name=outcome` line each.
+    fn probe() -> String {
+        let outcome = |result: std::io::Result<()>| match result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("denied: {e}"),
+        };
+        [
+            (
+                "read-outside",
+                outcome(std::fs::read("/etc/passwd").map(drop)),
+            ),
+            (
+                "read-inside",
+                outcome(std::fs::read("/data/probe.txt").map(drop)),
+            ),
+            (
+                "write-read-only",
+                outcome(std::fs::write("/data/written.txt", b"x")),
+            ),
+            ("env", std::env::vars().count().to_string()),
+        ]
+        .iter()
+        .map(|(name, outcome)| format!("{name}={outcome}\n"))
+        .collect()
     }
 
     export!(Component);
