@@ -391,19 +391,20 @@ async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() 
     }
     assert_eq!(window.room(), 0);
 
-    // The fourth waits until the consumer says it has caught up with one more.
-    let fourth = tokio::spawn({
-        let publisher = publisher.clone();
-        let message = message(3);
-        async move { publisher.publish(message).await.unwrap().wait().await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!fourth.is_finished(), "sent without room in the window");
+    // The fourth waits until the consumer says it has caught up with one more: polled before
+    // that, it is still pending.
+    let mut fourth = publisher.publish(message(3));
+    assert!(
+        futures::poll!(&mut fourth).is_pending(),
+        "sent without room in the window"
+    );
     window.completed(1);
     tokio::time::timeout(Duration::from_secs(10), fourth)
         .await
         .expect("sent once there was room")
         .unwrap()
+        .wait()
+        .await
         .unwrap();
     // Counts lower than one already given make no room; higher ones make room for the rest.
     window.completed(1);
