@@ -20,7 +20,7 @@
 //! workers = 2
 //! args = ["--model", "/models/lenet.onnx"]
 //! preopens = [{ host = "../models", guest = "/models" }]
-//! limits = { max_memory_mb = 256, max_call_ms = 10000 }
+//! limits = { max_memory_mb = 256, max_call_ms = 10000, max_sends_per_call = 10 }
 //! ```
 
 use std::collections::BTreeMap;
@@ -213,6 +213,11 @@ pub struct ComponentConfig {
     /// What to do when the handler fails.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Where a message goes after its last failed attempt: `true` (the default) sends it to
+    /// `<topic>.dlq` beside the topic it came from, a string names one dead-letter topic for
+    /// every subscribed topic, and `false` drops it (logged and counted) instead.
+    #[serde(default)]
+    pub dead_letter: DeadLetter,
     /// Lets the component run models on the host through `wasi:nn`, and with which engine:
     /// `"auto"` (ONNX Runtime when installed, else tract), `"tract"` or `"onnxruntime"`.
     /// Absent: its `wasi:nn` calls get the `security` error.
@@ -248,6 +253,7 @@ impl ComponentConfig {
             preopens: Vec::new(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
+            dead_letter: DeadLetter::default(),
             nn: None,
         }
     }
@@ -255,6 +261,59 @@ impl ComponentConfig {
     /// Whether the host calls the component per message (it subscribes to something).
     pub fn is_handler(&self) -> bool {
         !self.subscribe.is_empty()
+    }
+
+    /// The dead-letter topic of messages from `topic`, if dead letters are on.
+    pub fn dead_letter_topic(&self, topic: &str) -> Option<String> {
+        match &self.dead_letter {
+            DeadLetter::Beside => Some(format!("{topic}{DEAD_LETTER_SUFFIX}")),
+            DeadLetter::Topic(name) => Some(name.clone()),
+            DeadLetter::Off => None,
+        }
+    }
+
+    /// Every dead-letter topic this component may write: one per subscribed topic, or the
+    /// one it names.
+    pub fn dead_letter_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .subscribe
+            .iter()
+            .filter_map(|topic| self.dead_letter_topic(topic))
+            .collect();
+        topics.dedup();
+        topics
+    }
+}
+
+/// What `dead_letter = true` appends to a topic's name.
+pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
+
+/// Where a handler's failed messages go (the manifest's `dead_letter`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeadLetter {
+    /// `<topic>.dlq` for messages from `<topic>` (`dead_letter = true`, or no key).
+    #[default]
+    Beside,
+    /// One named topic (`dead_letter = "failed-requests"`).
+    Topic(String),
+    /// No dead letters: a message is logged, counted and settled after its last attempt
+    /// (`dead_letter = false`).
+    Off,
+}
+
+impl<'de> Deserialize<'de> for DeadLetter {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "true, false or a topic name")]
+        enum Given {
+            Switch(bool),
+            Topic(String),
+        }
+        Ok(match Given::deserialize(deserializer)? {
+            Given::Switch(true) => Self::Beside,
+            Given::Switch(false) => Self::Off,
+            Given::Topic(name) => Self::Topic(name),
+        })
     }
 }
 
@@ -283,6 +342,22 @@ pub struct Limits {
     /// `handle-batch` call with n messages may take n times as long.
     #[serde(default = "default_call_ms")]
     pub max_call_ms: u64,
+    /// The largest message the component may create or send: payload, content type and
+    /// metadata, in bytes. Creating a larger one traps (the WIT gives `message.new` and
+    /// `set-data` no error to return) and costs the instance.
+    #[serde(default = "default_message_bytes")]
+    pub max_message_bytes: u64,
+    /// What one instance may hold in host messages at once (created and not yet sent or
+    /// dropped), in MiB: these bytes live in the host, outside `max_memory_mb`.
+    #[serde(default = "default_held_mb")]
+    pub max_held_mb: u64,
+    /// Messages one call may send, per message it handles (a batch of n may send n times as
+    /// many); past it `send` returns an `error`.
+    #[serde(default = "default_sends_per_call")]
+    pub max_sends_per_call: u32,
+    /// Entries in the instance's resource table: messages, clients, streams, pollables.
+    #[serde(default = "default_resources")]
+    pub max_resources: u32,
 }
 
 fn default_memory_mb() -> u64 {
@@ -293,11 +368,32 @@ fn default_call_ms() -> u64 {
     30_000
 }
 
+/// Pub/Sub's limit for one message; Kafka's default is 1 MB, so its producer refuses sooner.
+fn default_message_bytes() -> u64 {
+    10 << 20
+}
+
+fn default_held_mb() -> u64 {
+    64
+}
+
+fn default_sends_per_call() -> u32 {
+    1000
+}
+
+fn default_resources() -> u32 {
+    10_000
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_memory_mb: default_memory_mb(),
             max_call_ms: default_call_ms(),
+            max_message_bytes: default_message_bytes(),
+            max_held_mb: default_held_mb(),
+            max_sends_per_call: default_sends_per_call(),
+            max_resources: default_resources(),
         }
     }
 }
@@ -402,6 +498,23 @@ impl Manifest {
             for topic in component.subscribe.iter().chain(&component.publish) {
                 check_topic_name(topic).map_err(|m| invalid(name, m))?;
             }
+            for topic in component.dead_letter_topics() {
+                check_topic_name(&topic).map_err(|m| {
+                    invalid(
+                        name,
+                        format!("dead-letter topic: {m}; name one with `dead_letter = \"...\"`"),
+                    )
+                })?;
+                if component.subscribe.contains(&topic) {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "`dead_letter` is {topic:?}, a topic it subscribes to: its failed \
+                             messages would come back to it forever; name another topic"
+                        ),
+                    ));
+                }
+            }
             if component.workers == 0 {
                 return Err(invalid(name, "`workers` must be at least 1".into()));
             }
@@ -421,6 +534,23 @@ impl Manifest {
                 return Err(invalid(
                     name,
                     "`limits.max_memory_mb` must be between 1 and 4096 (32-bit Wasm)".into(),
+                ));
+            }
+            let limits = &component.limits;
+            for (key, value) in [
+                ("max_message_bytes", limits.max_message_bytes),
+                ("max_held_mb", limits.max_held_mb),
+                ("max_sends_per_call", u64::from(limits.max_sends_per_call)),
+                ("max_resources", u64::from(limits.max_resources)),
+            ] {
+                if value == 0 {
+                    return Err(invalid(name, format!("`limits.{key}` must be at least 1")));
+                }
+            }
+            if limits.max_held_mb > 16 << 10 {
+                return Err(invalid(
+                    name,
+                    "`limits.max_held_mb` must be at most 16384 (16 GiB)".into(),
                 ));
             }
             for preopen in &component.preopens {
@@ -545,6 +675,37 @@ mod tests {
         assert_eq!(c.limits.max_memory_mb, 64);
         assert_eq!(c.retry.max_attempts, 5);
         assert!(c.preopens[0].host.ends_with("data"));
+    }
+
+    #[test]
+    fn dead_letters_default_beside_each_topic_and_can_be_named_or_turned_off() {
+        let handler = |extra: &str| {
+            format!("[components.c]\nwasm = \"c.wasm\"\nsubscribe = [\"a\", \"b\"]\n{extra}\n")
+        };
+        let m = parse(&handler("")).unwrap();
+        assert_eq!(m.components["c"].dead_letter, DeadLetter::Beside);
+        assert_eq!(m.components["c"].dead_letter_topics(), ["a.dlq", "b.dlq"]);
+        let m = parse(&handler("dead_letter = true")).unwrap();
+        assert_eq!(
+            m.components["c"].dead_letter_topic("a").as_deref(),
+            Some("a.dlq")
+        );
+        let m = parse(&handler("dead_letter = \"failed\"")).unwrap();
+        assert_eq!(m.components["c"].dead_letter_topics(), ["failed"]);
+        let m = parse(&handler("dead_letter = false")).unwrap();
+        assert_eq!(m.components["c"].dead_letter_topic("a"), None);
+        assert!(m.components["c"].dead_letter_topics().is_empty());
+
+        let err = parse(&handler("dead_letter = 3")).unwrap_err().to_string();
+        assert!(err.contains("true, false or a topic name"), "{err}");
+        let err = parse(&handler("dead_letter = \"bad name\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dead-letter topic"), "{err}");
+        let err = parse(&handler("dead_letter = \"a\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("subscribes to"), "{err}");
     }
 
     #[test]

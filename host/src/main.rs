@@ -17,7 +17,7 @@ use switchyard::config::{
 };
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
-use switchyard::runtime::{Runtime, RuntimeOptions};
+use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +50,9 @@ enum Commands {
     /// Read messages from a topic on any backend, one JSON object per line on standard output
     /// (like `kcat -C -J`), acknowledging each.
     Consume(messages::ConsumeArgs),
+    /// Send dead letters back to the topic they failed on (`-t requests.dlq`), without their
+    /// dead-letter headers, acknowledging each once the broker stored it.
+    Replay(messages::ReplayArgs),
     /// Run Google's Pub/Sub emulator (from the Cloud SDK) until Ctrl-C, with a capped heap.
     PubsubEmulator {
         /// Port to listen on (127.0.0.1).
@@ -213,6 +216,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Commands::Consume(args) => {
             messages::consume(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Replay(args) => {
+            messages::replay(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Run { manifest, broker } => {
@@ -402,12 +409,19 @@ async fn run_manifest(
         }
     }
     if failure.is_none() && !app.handlers.is_empty() {
-        tracing::info!("running; press Ctrl-C to stop");
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            failure = Some(anyhow::Error::new(e).context("waiting for Ctrl-C"));
+        tracing::info!("running; press Ctrl-C (or send SIGTERM) to stop");
+        match stop_signal().await {
+            Ok(signal) => {
+                tracing::info!("{signal}: stopping: finishing in-flight messages and committing")
+            }
+            Err(e) => failure = Some(anyhow::Error::new(e).context("waiting for Ctrl-C")),
         }
-        tracing::info!("stopping: finishing in-flight messages and committing");
     }
+    let counters: Vec<_> = app
+        .handlers
+        .iter()
+        .map(|h| (h.name().to_string(), h.stats().clone()))
+        .collect();
     match app.stop().await {
         Ok(stopped) => {
             for (name, reports) in stopped {
@@ -420,9 +434,33 @@ async fn run_manifest(
             failure.get_or_insert(e.into());
         }
     }
+    // After the stop, so the counts include the messages finished while stopping.
+    for (name, stats) in counters {
+        let count = |counter| HandlerStats::get(counter);
+        println!(
+            "{name}: received {}, handled {}, retried {}, gave up {} ({} dead-lettered), \
+             traps {}",
+            count(&stats.received),
+            count(&stats.handled),
+            count(&stats.retries),
+            count(&stats.gave_up),
+            count(&stats.dead_lettered),
+            count(&stats.traps)
+        );
+    }
     match failure {
         Some(failure) => Err(failure),
         None => Ok(code),
+    }
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send), and names
+/// the one that came.
+async fn stop_signal() -> std::io::Result<&'static str> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted.map(|()| "SIGINT"),
+        _ = terminate.recv() => Ok("SIGTERM"),
     }
 }
 
@@ -485,6 +523,7 @@ async fn exec(
         limits: Limits {
             max_call_ms: 0,
             max_memory_mb: 1024,
+            ..Limits::default()
         },
         ..ComponentConfig::new(wasm.clone())
     };

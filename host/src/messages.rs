@@ -1,5 +1,6 @@
-//! `switchyard publish` and `switchyard consume`: send and read messages on any backend from
-//! the command line, the same way on Kafka and Pub/Sub (like `kcat -P` / `kcat -C -J`).
+//! `switchyard publish`, `switchyard consume` and `switchyard replay`: send and read messages
+//! on any backend from the command line, the same way on Kafka and Pub/Sub (like `kcat -P` /
+//! `kcat -C -J`), and send dead letters back to where they came from.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine;
 use serde_json::json;
+use switchyard::broker::dead_letter;
 use switchyard::broker::kafka::EMBEDDED_PROPERTIES;
-use switchyard::broker::{OutgoingMessage, StartPosition};
-use switchyard::client::{Client, ClientConfig, ValueSerializer};
+use switchyard::broker::{IncomingMessage, OutgoingMessage, StartPosition};
+use switchyard::client::{Client, ClientConfig, Received, ValueSerializer};
 use switchyard::config::BrokerConfig;
 
 /// The URL for clients of a `switchyard broker` at `servers`, with the client settings that
@@ -119,19 +121,20 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `switchyard consume` reads.
+/// Where `switchyard consume` and `switchyard replay` read from.
 #[derive(Debug, clap::Args)]
-pub struct ConsumeArgs {
+pub struct ReadArgs {
     /// Broker URL (default: the local `switchyard broker`, or $BROKER).
     #[arg(long, env = "BROKER")]
     pub broker: Option<String>,
     /// Topic to read.
     #[arg(long, short)]
     pub topic: String,
-    /// Consumer group (Kafka) or subscription (Pub/Sub; it receives only what is published
-    /// after it exists).
-    #[arg(long, short, default_value = "switchyard-consume")]
-    pub group: String,
+    /// Consumer group (Kafka) or subscription (Pub/Sub), named after the topic unless given.
+    /// A Pub/Sub subscription receives only what is published after it exists; the host
+    /// creates one named after each dead-letter topic, so dead letters wait for this one.
+    #[arg(long, short)]
+    pub group: Option<String>,
     /// Where a new Kafka group starts: earliest or latest.
     #[arg(long, default_value = "earliest", value_parser = parse_start)]
     pub start: StartPosition,
@@ -141,9 +144,28 @@ pub struct ConsumeArgs {
     /// Stop when nothing arrived for this many seconds.
     #[arg(long, value_parser = parse_seconds)]
     pub idle_exit: Option<Duration>,
+}
+
+/// What `switchyard consume` reads.
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    /// Where to read.
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Do not acknowledge: the messages are delivered again to the group.
     #[arg(long)]
     pub no_ack: bool,
+}
+
+/// What `switchyard replay` sends back.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Where to read the dead letters (`-t requests.dlq`).
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Send every message here instead of to the topic it was dead-lettered from.
+    #[arg(long)]
+    pub to: Option<String>,
 }
 
 /// `earliest` or `latest`, for `--start`.
@@ -163,57 +185,121 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{value:?}: give a number of seconds, e.g. 2 or 0.5"))
 }
 
-/// Prints one JSON object per message on standard output and acknowledges it.
-pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+/// Reads messages as `args` says and hands each to `each`, until the count, the idle time or
+/// an error; then leaves the group, committing what `each` acknowledged. Returns how many it
+/// read.
+async fn read_each(
+    args: &ReadArgs,
+    client: &Client,
+    mut each: impl AsyncFnMut(Received) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let consumer = client.consumer().await?;
+    let mut read = 0u64;
+    let outcome: anyhow::Result<()> = async {
+        while args.count.is_none_or(|count| read < count) {
+            let next = match args.idle_exit {
+                Some(idle) => match tokio::time::timeout(idle, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => consumer.next().await,
+            };
+            each(next?).await?;
+            read += 1;
+        }
+        Ok(())
+    }
+    .await;
+    let closed = consumer.close().await;
+    outcome?;
+    closed?;
+    Ok(read)
+}
+
+async fn reader(args: &ReadArgs) -> anyhow::Result<Client> {
     let config = ClientConfig {
-        broker: broker(args.broker)?,
+        broker: broker(args.broker.clone())?,
         topic: Some(args.topic.clone()),
-        group: Some(args.group.clone()),
+        group: Some(args.group.clone().unwrap_or_else(|| args.topic.clone())),
         serializer: ValueSerializer::Bytes,
         start: args.start,
         auto_ack: false,
     };
-    let client = Client::connect(&config).await?;
-    let consumer = client.consumer().await?;
-    let mut printed = 0u64;
+    Ok(Client::connect(&config).await?)
+}
+
+/// Prints one JSON object per message on standard output and acknowledges it.
+pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let client = reader(&args.read).await?;
     let mut stdout = std::io::stdout().lock();
-    while args.count.is_none_or(|count| printed < count) {
-        let next = match args.idle_exit {
-            Some(idle) => match tokio::time::timeout(idle, consumer.next()).await {
-                Ok(next) => next,
-                Err(_) => break,
-            },
-            None => consumer.next().await,
-        };
-        let received = next?;
-        let message = received.message();
-        let mut line = json!({
-            "topic": message.topic,
-            "position": message.position,
-            "key": message.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-            "headers": message
-                .headers
-                .iter()
-                .map(|(name, value)| (name.clone(), json!(value)))
-                .collect::<serde_json::Map<_, _>>(),
-            "content_type": message.content_type,
-        });
-        match std::str::from_utf8(&message.payload) {
-            Ok(text) => line["payload"] = json!(text),
-            Err(_) => {
-                line["payload_base64"] =
-                    json!(base64::engine::general_purpose::STANDARD.encode(&message.payload))
-            }
-        }
-        writeln!(stdout, "{line}")?;
+    let printed = read_each(&args.read, &client, async |received| {
+        writeln!(stdout, "{}", json_line(received.message()))?;
         stdout.flush()?;
-        printed += 1;
         if !args.no_ack {
             received.ack()?;
         }
-    }
+        Ok(())
+    })
+    .await?;
     drop(stdout);
-    consumer.close().await?;
-    eprintln!("consumed {printed} message(s) from {}", args.topic);
+    eprintln!("consumed {printed} message(s) from {}", args.read.topic);
+    Ok(())
+}
+
+/// One message as `switchyard consume` prints it.
+fn json_line(message: &IncomingMessage) -> serde_json::Value {
+    let mut line = json!({
+        "topic": message.topic,
+        "position": message.position,
+        "key": message.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "headers": message
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), json!(value)))
+            .collect::<serde_json::Map<_, _>>(),
+        "content_type": message.content_type,
+    });
+    match std::str::from_utf8(&message.payload) {
+        Ok(text) => line["payload"] = json!(text),
+        Err(_) => {
+            line["payload_base64"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(&message.payload))
+        }
+    }
+    line
+}
+
+/// Sends each dead letter back to the topic it came from (or `--to`), as it was before it
+/// failed, and acknowledges it only once the broker stored the copy: a replay stopped at any
+/// point loses nothing (a message may be sent twice).
+pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let client = reader(&args.read).await?;
+    let producer = client.producer().await?;
+    let mut sent_to = std::collections::BTreeMap::<String, u64>::new();
+    let replayed = read_each(&args.read, &client, async |received| {
+        let original = dead_letter::replay(received.message(), args.to.as_deref())?;
+        let topic = original.topic.clone();
+        producer
+            .send(original)
+            .await
+            .with_context(|| format!("sending {} back to {topic}", received.message().position))?;
+        received.ack()?;
+        *sent_to.entry(topic).or_default() += 1;
+        Ok(())
+    })
+    .await?;
+    let destinations: Vec<String> = sent_to
+        .iter()
+        .map(|(topic, count)| format!("{count} to {topic}"))
+        .collect();
+    eprintln!(
+        "replayed {replayed} message(s) from {}{}",
+        args.read.topic,
+        if destinations.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", destinations.join(", "))
+        }
+    );
     Ok(())
 }

@@ -282,10 +282,11 @@ fn hop_counts(app: &App, name: &str) -> String {
     app.handler(name).map_or("not running".to_string(), |h| {
         let stats = h.stats();
         format!(
-            "received {}, handled {}, gave up {}",
+            "received {}, handled {}, gave up {} ({} dead-lettered)",
             HandlerStats::get(&stats.received),
             HandlerStats::get(&stats.handled),
-            HandlerStats::get(&stats.gave_up)
+            HandlerStats::get(&stats.gave_up),
+            HandlerStats::get(&stats.dead_lettered)
         )
     })
 }

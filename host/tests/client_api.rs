@@ -8,28 +8,21 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::client::{Client, ClientConfig, ClientError, ValueSerializer};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn emulator_host() -> String {
-    static EMULATOR: OnceLock<PubSubEmulator> = OnceLock::new();
-    EMULATOR
-        .get_or_init(|| PubSubEmulator::start(None).expect("starting the Pub/Sub emulator"))
-        .endpoint()
-}
 
 /// The broker URL of each backend; the embedded one lives inside each `Client`.
 async fn broker_url(backend: &str) -> String {
     match backend {
         "kafka" => "embedded".into(),
         _ => {
-            let endpoint = tokio::task::spawn_blocking(emulator_host).await.unwrap();
+            let endpoint = tokio::task::spawn_blocking(support::emulator_endpoint)
+                .await
+                .unwrap();
             format!("pubsub://switchyard-test?endpoint={endpoint}&anonymous=true")
         }
     }

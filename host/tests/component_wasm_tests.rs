@@ -37,6 +37,7 @@ async fn component_unit_tests_pass_inside_wasm() {
             limits: Limits {
                 max_memory_mb: 256,
                 max_call_ms: 0,
+                ..Limits::default()
             },
             ..ComponentConfig::new(binary.clone())
         };

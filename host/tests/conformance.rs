@@ -22,12 +22,11 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::broker::kafka::{Kafka, KafkaConfig};
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{
     Broker, BrokerError, Delivery, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec,
     TopicSpec,
@@ -58,33 +57,10 @@ async fn kafka() -> Backend {
     }
 }
 
-/// One emulator for the whole test binary; it dies with the process.
-fn emulator_endpoint() -> String {
-    if let Ok(host) = std::env::var("PUBSUB_EMULATOR_HOST") {
-        return format!("http://{host}");
-    }
-    static EMULATOR: OnceLock<PubSubEmulator> = OnceLock::new();
-    EMULATOR
-        .get_or_init(|| PubSubEmulator::start(None).expect("starting the Pub/Sub emulator"))
-        .endpoint()
-}
-
-fn pubsub_config() -> PubSubConfig {
-    let mut config = PubSubConfig::new("switchyard-test");
-    config.endpoint = Some(emulator_endpoint());
-    config.anonymous = true;
-    config
-}
-
 async fn pubsub() -> Backend {
-    let endpoint = tokio::task::spawn_blocking(emulator_endpoint)
-        .await
-        .unwrap();
-    let mut config = pubsub_config();
-    config.endpoint = Some(endpoint);
     Backend {
         name: "pubsub",
-        broker: Arc::new(PubSub::connect(config).await.unwrap()),
+        broker: support::pubsub().await,
         _keep: None,
     }
 }
@@ -451,12 +427,7 @@ conformance!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_a_missing_subscription_is_reported_when_resources_are_not_created() {
-    let mut config = pubsub_config();
-    config.endpoint = Some(
-        tokio::task::spawn_blocking(emulator_endpoint)
-            .await
-            .unwrap(),
-    );
+    let mut config = support::pubsub_config().await;
     config.create_resources = false;
     let broker = PubSub::connect(config).await.unwrap();
     let err = broker
@@ -527,11 +498,8 @@ async fn unreachable_endpoints_fail_within_the_bounded_wait() {
 async fn pubsub_dead_letter_policy_is_set_and_attempts_are_counted() {
     use google_cloud_pubsub::client::SubscriptionAdmin;
 
-    let endpoint = tokio::task::spawn_blocking(emulator_endpoint)
-        .await
-        .unwrap();
-    let mut config = pubsub_config();
-    config.endpoint = Some(endpoint.clone());
+    let mut config = support::pubsub_config().await;
+    let endpoint = config.endpoint.clone().unwrap();
     let dead_letters = support::unique("dead");
     config.dead_letter_topic = Some(dead_letters.clone());
     config.max_delivery_attempts = 7;

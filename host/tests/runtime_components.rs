@@ -9,7 +9,8 @@
 //! not settled while it is being retried (the next group member gets it), and a message the
 //! handler gives up on is settled so the partition moves on. With the test handler
 //! (components/test-handler): an instance is reused message after message; a trap, a call past
-//! its time limit or a memory grab past its limit costs that one instance, which is replaced,
+//! its time limit (spinning in Wasm, or sleeping in a host call) or a memory grab past its
+//! limit costs that one instance, which is replaced,
 //! never the host. Messages that are waiting reach a batch-taking component together, never more
 //! than its `batch`, each with its own outcome; a trap in a batch costs only the message that
 //! caused it. A model the host's `wasi:nn` cannot load reaches the classifier as an error
@@ -592,6 +593,7 @@ async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_hos
     let limits = Limits {
         max_memory_mb: 32,
         max_call_ms: 200,
+        ..Limits::default()
     };
     let loaded = runtime
         .load("test", &test_handler(&input, &output, limits, retry))
@@ -607,23 +609,26 @@ async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_hos
         .unwrap();
     for command in [
         "spin".to_string(),
+        // Waits in a host call, where the epoch callback that stops spinning never runs: cut
+        // off, or the wait below times out long before its ten minutes are up.
+        "sleep 600000".to_string(),
         "grow 64".to_string(),
         "grow 4".to_string(),
         format!("send {output}"),
     ] {
         send(broker.as_ref(), &input, command.into_bytes(), "t").await;
     }
-    // The spinning and the greedy message cost two instances each and are given up; the
-    // modest ones after them are handled, by the same host.
+    // The spinning, the sleeping and the greedy message cost two instances each and are given
+    // up; the modest ones after them are handled, by the same host.
     assert_eq!(next_payload(replies.as_ref()).await, "hello");
     let stats = Arc::clone(handler.stats());
     support::wait_until(
-        "both bad messages to be given up and both good ones settled",
+        "the three bad messages to be given up and both good ones settled",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.gave_up) == 2 && HandlerStats::get(&stats.handled) == 2,
+        async || HandlerStats::get(&stats.gave_up) == 3 && HandlerStats::get(&stats.handled) == 2,
     )
     .await;
-    assert_eq!(HandlerStats::get(&stats.traps), 4);
+    assert_eq!(HandlerStats::get(&stats.traps), 6);
     replies.close().await.unwrap();
     handler.stop().await.unwrap();
 }

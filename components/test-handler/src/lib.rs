@@ -7,6 +7,11 @@
 //! | `error` | returns a WIT `error` |
 //! | `trap` | panics (a trap) |
 //! | `spin` | loops until the host interrupts it |
+//! | `sleep MS` | sleeps MS milliseconds (waiting in a host call, not running Wasm) |
+//! | `connect ADDR` | opens a TCP connection to ADDR and returns `error` with what happened |
+//! | `big BYTES` | creates (and drops) a message of BYTES bytes |
+//! | `hoard N BYTES` | creates N messages of BYTES bytes each and keeps them |
+//! | `flood TOPIC N` | sends N messages to TOPIC; `error` with how many went and why it stopped |
 //! | `grow MB` | allocates and touches `MB` MiB of memory |
 //! | `count TOPIC` | sends to TOPIC how many messages this instance has handled so far |
 //! | `send TOPIC` | sends `hello` to TOPIC and returns what the host said |
@@ -78,6 +83,42 @@ mod component {
                 loop {
                     x = std::hint::black_box(x.wrapping_add(1));
                 }
+            }
+            (Some("sleep"), Some(ms)) => {
+                let ms: u64 = ms.parse().map_err(|_| Error::Other("sleep MS".into()))?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+            (Some("connect"), Some(address)) => {
+                Err(Error::Other(match std::net::TcpStream::connect(address) {
+                    Ok(_) => "connect: connected".to_string(),
+                    Err(e) => format!("connect: denied: {e}"),
+                }))
+            }
+            (Some("big"), Some(bytes)) => {
+                let bytes: usize = bytes
+                    .parse()
+                    .map_err(|_| Error::Other("big BYTES".into()))?;
+                drop(Message::new(&vec![7u8; bytes]));
+                Ok(())
+            }
+            (Some("hoard"), Some(count)) => {
+                let count: usize = count.parse().map_err(|_| Error::Other("hoard N".into()))?;
+                let bytes: usize = words.next().and_then(|b| b.parse().ok()).unwrap_or(1);
+                for _ in 0..count {
+                    std::mem::forget(Message::new(&vec![7u8; bytes]));
+                }
+                Ok(())
+            }
+            (Some("flood"), Some(topic)) => {
+                let count: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+                let client = Client::connect("test")?;
+                for sent in 0..count {
+                    if let Err(e) = producer::send(&client, topic, Message::new(b"flood")) {
+                        return Err(Error::Other(format!("sent {sent}, then: {e:?}")));
+                    }
+                }
+                Err(Error::Other(format!("sent {count}")))
             }
             (Some("grow"), Some(mb)) => {
                 let mb: usize = mb.parse().map_err(|_| Error::Other("grow MB".into()))?;

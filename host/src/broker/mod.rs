@@ -7,6 +7,7 @@
 //! pass through as properties instead of growing the trait, and a test can inject a backend of
 //! its own to see how the runtime reacts to a failing broker.
 
+pub mod dead_letter;
 pub mod embedded;
 pub mod kafka;
 mod offsets;
@@ -236,6 +237,15 @@ pub trait Broker: Send + Sync {
 
     /// Creates the topics that do not exist yet, where the broker allows it.
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError>;
+
+    /// Creates topics whose messages must wait for a reader that may subscribe only later
+    /// (dead-letter topics). Kafka keeps a topic's messages whoever reads them, so this is
+    /// [`Broker::ensure_topics`]; Pub/Sub drops what a topic receives while no subscription
+    /// is attached, so there each topic also gets a subscription of the same name, the one
+    /// `switchyard consume -t TOPIC` reads by default.
+    async fn ensure_kept_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
+        self.ensure_topics(topics).await
+    }
 
     /// A publisher; cheap to share between components.
     async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError>;

@@ -428,6 +428,17 @@ impl Broker for PubSub {
         Ok(())
     }
 
+    async fn ensure_kept_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
+        if !self.config.create_resources {
+            return Ok(());
+        }
+        for topic in topics {
+            self.ensure_topic(&topic.name).await?;
+            self.ensure_subscription(&topic.name, &topic.name).await?;
+        }
+        Ok(())
+    }
+
     async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError> {
         let publisher = self
             .publisher
@@ -447,8 +458,7 @@ impl Broker for PubSub {
         spec.check()?;
         let (sender, receiver) =
             mpsc::channel(self.config.max_outstanding_messages.max(1) as usize);
-        let mut pumps = Vec::new();
-        let (stop, _) = watch::channel(false);
+        let mut streams = Vec::new();
         for topic in &spec.topics {
             let subscription = self
                 .config
@@ -466,20 +476,20 @@ impl Broker for PubSub {
                 self.check_subscription(&subscription).await?;
             }
             for _ in 0..self.config.streams.max(1) {
-                let stream = StreamSettings {
+                streams.push(StreamSettings {
                     subscriber: self.subscriber.clone(),
                     path: self.config.subscription_path(&subscription),
                     topic: topic.clone(),
                     max_outstanding_messages: self.config.max_outstanding_messages,
                     ack_deadline_s: self.config.ack_deadline_s,
-                };
-                pumps.push(tokio::spawn(pump(stream, sender.clone(), stop.subscribe())));
+                });
             }
         }
         Ok(Arc::new(PubSubSubscriber {
             receiver: tokio::sync::Mutex::new(Some(receiver)),
-            pumps: Mutex::new(pumps),
-            stop,
+            unopened: Mutex::new(Some((streams, sender))),
+            pumps: Mutex::new(Vec::new()),
+            stop: watch::channel(false).0,
         }))
     }
 }
@@ -700,21 +710,59 @@ impl Publisher for PubSubPublisher {
 
 type Received = Result<Delivery, BrokerError>;
 
+/// A subscription's member. Its streaming pulls open on the first `next` (or `joined`), not
+/// at `subscribe`: a member that only creates its subscription and closes (`switchyard consume
+/// -c 0`) then never leaves streams behind. The emulator goes on leasing messages to a stream
+/// that closed for a while, each one held there a whole ack deadline before it is offered
+/// again, so every needless stream delays the next member's messages.
 struct PubSubSubscriber {
     receiver: tokio::sync::Mutex<Option<mpsc::Receiver<Received>>>,
+    /// The streams to open, and where they deliver, until they are opened.
+    unopened: Mutex<Option<(Vec<StreamSettings>, mpsc::Sender<Received>)>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
+}
+
+impl PubSubSubscriber {
+    fn open_streams(&self) {
+        let unopened = self
+            .unopened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some((streams, sender)) = unopened else {
+            return;
+        };
+        let mut pumps = self.pumps.lock().unwrap_or_else(|p| p.into_inner());
+        for stream in streams {
+            pumps.push(tokio::spawn(pump(
+                stream,
+                sender.clone(),
+                self.stop.subscribe(),
+            )));
+        }
+    }
 }
 
 #[async_trait]
 impl Subscriber for PubSubSubscriber {
     async fn next(&self) -> Result<Delivery, BrokerError> {
+        self.open_streams();
         let mut receiver = self.receiver.lock().await;
         let receiver = receiver.as_mut().ok_or(BrokerError::Closed)?;
         receiver.recv().await.unwrap_or(Err(BrokerError::Closed))
     }
 
+    async fn joined(&self) -> Result<(), BrokerError> {
+        self.open_streams();
+        Ok(())
+    }
+
     async fn close(&self) -> Result<(), BrokerError> {
+        self.unopened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let pumps: Vec<_> =
             std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
         // Stop the streams first: pending acks are sent, and every message still under lease

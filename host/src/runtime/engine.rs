@@ -116,12 +116,23 @@ pub enum CacheOutcome {
     Compiled,
 }
 
+/// A compiled component and where it came from.
+pub struct Compiled {
+    /// The component.
+    pub component: Component,
+    /// Compiled now or loaded from the cache.
+    pub outcome: CacheOutcome,
+    /// Which build of it this is: `sha256:` and the first 12 hex digits of the `.wasm`'s
+    /// SHA-256, so a dead letter or a log names the exact version that failed.
+    pub version: String,
+}
+
 /// Loads a component, compiling it only if `cache` has no artifact of its own for it.
 pub fn load_component(
     engine: &Engine,
     wasm_path: &Path,
     cache: Option<&ArtifactCache>,
-) -> Result<(Component, CacheOutcome), RuntimeError> {
+) -> Result<Compiled, RuntimeError> {
     let bytes = std::fs::read(wasm_path).map_err(|e| RuntimeError::Component {
         path: wasm_path.to_path_buf(),
         message: format!("cannot read it: {e}"),
@@ -135,13 +146,19 @@ pub fn load_component(
     engine
         .precompile_compatibility_hash()
         .hash(&mut engine_hash);
+    let digest = Sha256::digest(&bytes);
+    let version = format!("sha256:{}", &hex::encode(digest)[..12]);
     let mut key = Sha256::new();
     key.update(engine_hash.finish().to_le_bytes());
-    key.update(&bytes);
+    key.update(digest);
     let name = hex::encode(key.finalize());
 
     if let Some(component) = cache.and_then(|cache| cache.load(engine, &name)) {
-        return Ok((component, CacheOutcome::Hit));
+        return Ok(Compiled {
+            component,
+            outcome: CacheOutcome::Hit,
+            version,
+        });
     }
 
     // Cranelift takes tens of seconds for a large component on a small machine: say so, so a
@@ -177,7 +194,11 @@ pub fn load_component(
             cache.dir().display()
         );
     }
-    Ok((component, CacheOutcome::Compiled))
+    Ok(Compiled {
+        component,
+        outcome: CacheOutcome::Compiled,
+        version,
+    })
 }
 
 /// Tells a component apart from a core module or something else, with the fix for each.

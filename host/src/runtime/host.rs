@@ -5,6 +5,14 @@
 //! message with the broker's publisher and returns without waiting for the broker. Broker
 //! failures come back as WIT `error` values, never traps, so a guest can decide what to do.
 //!
+//! Messages live in the host (in the store's resource table), outside the guest's linear
+//! memory and its `max_memory_mb`, so the host keeps its own account of them: each message is
+//! at most `limits.max_message_bytes`, an instance holds at most `limits.max_held_mb` in
+//! messages and `limits.max_resources` table entries, and a handler call sends at most
+//! `limits.max_sends_per_call` per message. `send` past its cap returns an `error`; the WIT
+//! gives `message.new` and `set-data` no error to return, so growing a message past a cap
+//! traps, which costs the instance and never the host.
+//!
 //! The broker's acknowledgements are collected per call: the runtime awaits them after
 //! `handle` returns, and settles the incoming message only when every message sent while
 //! handling it is safely stored (at-least-once end to end). For a command they are awaited in
@@ -56,6 +64,19 @@ pub struct HostMessage {
     metadata: Vec<(String, String)>,
 }
 
+impl HostMessage {
+    /// The bytes it holds in the host: payload, content type and metadata.
+    fn size(&self) -> usize {
+        self.data.len()
+            + self.content_type.as_ref().map_or(0, String::len)
+            + self
+                .metadata
+                .iter()
+                .map(|(key, value)| key.len() + value.len())
+                .sum::<usize>()
+    }
+}
+
 impl From<&IncomingMessage> for HostMessage {
     fn from(message: &IncomingMessage) -> Self {
         Self {
@@ -76,12 +97,39 @@ pub enum ReceiptSink {
     Forward(mpsc::UnboundedSender<DeliveryReceipt>),
 }
 
+/// What one instance may hold and send (from the manifest's `limits`).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimits {
+    /// The largest message, in bytes ([`HostMessage::size`]).
+    pub max_message_bytes: usize,
+    /// The bytes all its messages together may hold.
+    pub max_held_bytes: usize,
+    /// Sends per handled message in one handler call.
+    pub max_sends_per_call: u32,
+}
+
+impl From<&crate::config::Limits> for MessageLimits {
+    fn from(limits: &crate::config::Limits) -> Self {
+        Self {
+            max_message_bytes: usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX),
+            max_held_bytes: usize::try_from(limits.max_held_mb << 20).unwrap_or(usize::MAX),
+            max_sends_per_call: limits.max_sends_per_call,
+        }
+    }
+}
+
 /// The messaging half of a component's state.
 pub struct MessagingCtx {
     component: Arc<str>,
     publisher: Arc<dyn Publisher>,
     publish_grants: Arc<HashSet<String>>,
     receipts: ReceiptSink,
+    limits: MessageLimits,
+    /// Bytes held in this instance's messages now.
+    held_bytes: usize,
+    /// Sends left in the handler call in progress; `None` outside handler calls (a command's
+    /// `run` is one call that may send all it produces).
+    sends_left: Option<u64>,
 }
 
 impl MessagingCtx {
@@ -91,13 +139,60 @@ impl MessagingCtx {
         publisher: Arc<dyn Publisher>,
         publish_grants: Arc<HashSet<String>>,
         receipts: ReceiptSink,
+        limits: MessageLimits,
     ) -> Self {
         Self {
             component,
             publisher,
             publish_grants,
             receipts,
+            limits,
+            held_bytes: 0,
+            sends_left: None,
         }
+    }
+
+    /// Starts a handler call with `messages` messages: it may send
+    /// `max_sends_per_call` per message.
+    pub fn begin_call(&mut self, messages: usize) {
+        self.sends_left = Some(
+            u64::from(self.limits.max_sends_per_call)
+                .saturating_mul(u64::try_from(messages).unwrap_or(u64::MAX)),
+        );
+    }
+
+    /// Ends the handler call in progress.
+    pub fn end_call(&mut self) {
+        self.sends_left = None;
+    }
+
+    /// Accounts for a message that went from `before` to `after` bytes at the guest's
+    /// request; an error (a trap) if it is now too large or the instance holds too much.
+    fn resized(&mut self, before: usize, after: usize) -> wasmtime::Result<()> {
+        self.held_bytes = self.held_bytes.saturating_sub(before).saturating_add(after);
+        let limits = self.limits;
+        if after > limits.max_message_bytes {
+            return Err(wasmtime::Error::msg(format!(
+                "component {} made a message of {after} bytes, over its limit of {} \
+                 (limits.max_message_bytes)",
+                self.component, limits.max_message_bytes
+            )));
+        }
+        if self.held_bytes > limits.max_held_bytes {
+            return Err(wasmtime::Error::msg(format!(
+                "component {} holds {} bytes in messages, over its limit of {} MiB \
+                 (limits.max_held_mb): send or drop messages it no longer needs",
+                self.component,
+                self.held_bytes,
+                limits.max_held_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// Accounts for a message that left the instance (sent or dropped).
+    fn released(&mut self, size: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(size);
     }
 
     /// Takes the receipts collected since the last call.
@@ -128,12 +223,15 @@ impl ComponentState {
     pub fn new(
         wasi: WasiCtx,
         limits: StoreLimits,
+        max_resources: usize,
         messaging: MessagingCtx,
         nn: super::nn::NnCtx,
     ) -> Self {
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(max_resources);
         Self {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limits,
             messaging,
             nn,
@@ -141,9 +239,43 @@ impl ComponentState {
         }
     }
 
-    /// The resource table (to hand a message to the guest).
+    /// The resource table (for the host's other interfaces, such as `wasi:nn`).
     pub fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
+    }
+
+    /// Hands a received message to the guest. It counts toward what the instance holds but
+    /// is never refused for it: the broker's and the batch's limits bound it already.
+    pub fn push_incoming(
+        &mut self,
+        message: &IncomingMessage,
+    ) -> wasmtime::Result<Resource<HostMessage>> {
+        let message = HostMessage::from(message);
+        self.messaging.held_bytes = self.messaging.held_bytes.saturating_add(message.size());
+        self.push_message(message)
+    }
+
+    fn push_message(&mut self, message: HostMessage) -> wasmtime::Result<Resource<HostMessage>> {
+        self.table.push(message).map_err(|e| {
+            wasmtime::Error::msg(format!(
+                "component {}: {e}: it holds {} resources, its limit (limits.max_resources)",
+                self.messaging.component,
+                self.table.max_capacity()
+            ))
+        })
+    }
+
+    /// Changes a message at the guest's request, keeping the account of its size.
+    fn change_message(
+        &mut self,
+        message: &Resource<HostMessage>,
+        change: impl FnOnce(&mut HostMessage),
+    ) -> wasmtime::Result<()> {
+        let entry = self.table.get_mut(message)?;
+        let before = entry.size();
+        change(entry);
+        let after = entry.size();
+        self.messaging.resized(before, after)
     }
 
     /// The store limiter.
@@ -212,10 +344,11 @@ impl types::HostClient for ComponentState {
 
 impl types::HostMessage for ComponentState {
     async fn new(&mut self, data: Vec<u8>) -> wasmtime::Result<Resource<HostMessage>> {
-        Ok(self.table.push(HostMessage {
+        self.messaging.resized(0, data.len())?;
+        self.push_message(HostMessage {
             data,
             ..HostMessage::default()
-        })?)
+        })
     }
 
     async fn topic(&mut self, message: Resource<HostMessage>) -> wasmtime::Result<Option<String>> {
@@ -234,7 +367,7 @@ impl types::HostMessage for ComponentState {
         message: Resource<HostMessage>,
         content_type: String,
     ) -> wasmtime::Result<Result<(), ()>> {
-        self.table.get_mut(&message)?.content_type = Some(content_type);
+        self.change_message(&message, |m| m.content_type = Some(content_type))?;
         Ok(Ok(()))
     }
 
@@ -247,8 +380,7 @@ impl types::HostMessage for ComponentState {
         message: Resource<HostMessage>,
         data: Vec<u8>,
     ) -> wasmtime::Result<()> {
-        self.table.get_mut(&message)?.data = data;
-        Ok(())
+        self.change_message(&message, |m| m.data = data)
     }
 
     async fn metadata(
@@ -267,11 +399,12 @@ impl types::HostMessage for ComponentState {
         if let Err(reason) = check_metadata(&key) {
             return Ok(Err(MetadataError::Invalid(Some(reason))));
         }
-        let metadata = &mut self.table.get_mut(&message)?.metadata;
-        match metadata.iter_mut().find(|(k, _)| *k == key) {
-            Some(entry) => entry.1 = value,
-            None => metadata.push((key, value)),
-        }
+        self.change_message(&message, |m| {
+            match m.metadata.iter_mut().find(|(k, _)| *k == key) {
+                Some(entry) => entry.1 = value,
+                None => m.metadata.push((key, value)),
+            }
+        })?;
         Ok(Ok(()))
     }
 
@@ -283,7 +416,7 @@ impl types::HostMessage for ComponentState {
         if let Some(reason) = meta.iter().find_map(|(k, _)| check_metadata(k).err()) {
             return Ok(Err(MetadataError::Invalid(Some(reason))));
         }
-        self.table.get_mut(&message)?.metadata = meta;
+        self.change_message(&message, |m| m.metadata = meta)?;
         Ok(Ok(()))
     }
 
@@ -292,15 +425,12 @@ impl types::HostMessage for ComponentState {
         message: Resource<HostMessage>,
         key: String,
     ) -> wasmtime::Result<()> {
-        self.table
-            .get_mut(&message)?
-            .metadata
-            .retain(|(k, _)| *k != key);
-        Ok(())
+        self.change_message(&message, |m| m.metadata.retain(|(k, _)| *k != key))
     }
 
     async fn drop(&mut self, message: Resource<HostMessage>) -> wasmtime::Result<()> {
-        self.table.delete(message)?;
+        let message = self.table.delete(message)?;
+        self.messaging.released(message.size());
         Ok(())
     }
 }
@@ -326,6 +456,17 @@ impl producer::Host for ComponentState {
     ) -> wasmtime::Result<Result<(), Error>> {
         self.table.get(&client)?;
         let message = self.table.delete(message)?;
+        self.messaging.released(message.size());
+        if let Some(left) = &mut self.messaging.sends_left {
+            if *left == 0 {
+                return Ok(Err(Error::Other(format!(
+                    "component {:?} sent {} messages in this call, its limit per handled \
+                     message (limits.max_sends_per_call); the message to {topic:?} is not sent",
+                    self.messaging.component, self.messaging.limits.max_sends_per_call
+                ))));
+            }
+            *left -= 1;
+        }
         if !self.messaging.publish_grants.contains(&topic) {
             return Ok(Err(Error::PermissionDenied(format!(
                 "component {:?} may not send to topic {topic:?}: add it to `publish` in the \

@@ -28,7 +28,7 @@ use crate::nn::NnHost;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
 use host::bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
 use host::bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
-use host::{ComponentState, MessagingCtx, ReceiptSink};
+use host::{ComponentState, MessageLimits, MessagingCtx, ReceiptSink};
 use nn::NnCtx;
 
 pub use worker::{HandlerGroup, HandlerStats};
@@ -107,6 +107,8 @@ pub struct LoadedComponent {
     handle: Option<IncomingHandlerIndices>,
     /// Where its `switchyard:host/batch` export is, when it has one.
     batch: Option<BatchIndices>,
+    /// Which build of it this is (`sha256:` and 12 hex digits of the `.wasm`).
+    version: Arc<str>,
     /// Whether it was compiled now or loaded from the cache.
     pub cache: CacheOutcome,
     /// How long compiling or loading took.
@@ -117,6 +119,11 @@ impl LoadedComponent {
     /// The component's name in the manifest.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Which build of it this is: `sha256:` and the first 12 hex digits of its `.wasm`.
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     /// Whether the host hands it several messages per call (it exports
@@ -191,7 +198,11 @@ impl Runtime {
                     ),
                 })?;
         }
-        let (component, cache) = engine::load_component(&self.engine, &path, self.cache.as_ref())?;
+        let engine::Compiled {
+            component,
+            outcome: cache,
+            version,
+        } = engine::load_component(&self.engine, &path, self.cache.as_ref())?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -234,6 +245,7 @@ impl Runtime {
             report,
             handle,
             batch,
+            version: version.into(),
             cache,
             load_time: started.elapsed(),
         })
@@ -287,14 +299,16 @@ impl Runtime {
             ReceiptSink::Forward(sender),
         )?;
         let max_call_ms = component.config.limits.max_call_ms;
-        store.data_mut().deadline =
+        let deadline =
             (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
+        store.data_mut().deadline = deadline;
         let command = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())
             .map_err(|e| failed(format!("{e:#}")))?
             .instantiate_async(&mut store)
             .await
             .map_err(|e| failed(format!("cannot instantiate: {e:#}")))?;
-        let exit_code = match command.wasi_cli_run().call_run(&mut store).await {
+        let run = command.wasi_cli_run().call_run(&mut store);
+        let exit_code = match within_deadline(&component.name, deadline, run).await {
             Ok(Ok(())) => 0,
             Ok(Err(())) => 1,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
@@ -363,11 +377,13 @@ fn new_store(
         publisher.clone(),
         Arc::new(config.publish.iter().cloned().collect::<HashSet<_>>()),
         receipts,
+        MessageLimits::from(&config.limits),
     );
     let nn = NnCtx::new(component.name.clone(), config.nn, nn.clone());
+    let max_resources = usize::try_from(config.limits.max_resources).unwrap_or(usize::MAX);
     let mut store = Store::new(
         engine,
-        ComponentState::new(wasi.build(), limits, messaging, nn),
+        ComponentState::new(wasi.build(), limits, max_resources, messaging, nn),
     );
     store.limiter(|state| state.limiter());
     let name = component.name.clone();
@@ -381,6 +397,32 @@ fn new_store(
     });
     store.set_epoch_deadline(1);
     Ok(store)
+}
+
+/// How long past its deadline a call waiting in a host call is cut off. Running Wasm is
+/// stopped at the deadline by the epoch callback; this only catches a guest blocked in the
+/// host, so it leaves that callback time to act first.
+const HOST_WAIT_GRACE: Duration = Duration::from_millis(250);
+
+/// Runs one guest call under `deadline`. The epoch callback stops a guest that is running Wasm
+/// past its deadline, but never runs while the guest waits in a host call (sleeping on a
+/// clock, polling a socket), so such a call is dropped here instead: it costs the instance,
+/// as a trap does, and never the worker.
+async fn within_deadline<T>(
+    component: &str,
+    deadline: Option<Instant>,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    let Some(deadline) = deadline else {
+        return call.await;
+    };
+    let cut_off = tokio::time::Instant::from_std(deadline) + HOST_WAIT_GRACE;
+    match tokio::time::timeout_at(cut_off, call).await {
+        Ok(result) => result,
+        Err(_) => Err(wasmtime::Error::msg(format!(
+            "component {component} exceeded its max_call_ms limit while waiting in a host call"
+        ))),
+    }
 }
 
 fn report_export(component: &Component) -> Option<ComponentExportIndex> {

@@ -7,8 +7,17 @@
 //! so the worker is already handling the next message (the offset tracker commits in order
 //! anyway). A failure (an `error` from the guest, a trap, a publish the broker refused) is
 //! retried after an exponential backoff, again off the worker, up to the retry policy's
-//! attempts; a trap also replaces the instance. After the last attempt the message is logged,
-//! counted and acknowledged so its partition moves on.
+//! attempts; a trap also replaces the instance. Where the broker counts deliveries (Pub/Sub
+//! with a dead-letter policy), a redelivered message starts at the broker's count, so a
+//! message that keeps failing across restarts still runs out of attempts.
+//!
+//! After the last attempt the message goes to its dead-letter topic (`<topic>.dlq` unless the
+//! manifest names another, see [`crate::broker::dead_letter`] for what it carries), and only
+//! once the broker has stored the dead letter is the original acknowledged: a dead letter that
+//! cannot be written leaves the original unsettled, and writing it is tried again with a
+//! backoff until it succeeds or the handler stops (then the next member gets the original).
+//! With `dead_letter = false` the message is logged, counted and acknowledged so its partition
+//! moves on.
 //!
 //! A component that exports `switchyard:host/batch` gets, in one `handle-batch` call, the
 //! message the worker waited for plus whatever else is already waiting, up to the manifest's
@@ -37,10 +46,11 @@ use wasmtime::component::Instance;
 use super::host::bindings::exports::switchyard::host::batch::Guest as BatchExport;
 use super::host::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
 use super::host::bindings::wasi::messaging::types::Error as WitError;
-use super::host::{ComponentState, HostMessage, ReceiptSink};
-use super::{LoadedComponent, Runtime, RuntimeError, new_store};
+use super::host::{ComponentState, ReceiptSink};
+use super::{LoadedComponent, Runtime, RuntimeError, new_store, within_deadline};
+use crate::broker::dead_letter::{self, Reason};
 use crate::broker::{
-    BrokerError, Delivery, DeliveryReceipt, Publisher, Subscriber, SubscriptionSpec,
+    BrokerError, Delivery, DeliveryReceipt, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
 };
 
 /// Counters of one handler component, updated as it works.
@@ -50,8 +60,11 @@ pub struct HandlerStats {
     pub received: AtomicU64,
     /// Deliveries handled successfully and acknowledged.
     pub handled: AtomicU64,
-    /// Deliveries given up on after the last attempt (acknowledged anyway).
+    /// Deliveries given up on after the last attempt, and settled: dead-lettered, or dropped
+    /// when dead letters are off.
     pub gave_up: AtomicU64,
+    /// Of those, the ones written to a dead-letter topic.
+    pub dead_lettered: AtomicU64,
     /// Attempts that failed and were retried.
     pub retries: AtomicU64,
     /// Instances lost to a trap and replaced.
@@ -182,6 +195,20 @@ pub(super) async fn start(
         topics: config.subscribe.clone(),
         start: config.start,
     };
+    // Dead-letter topics exist before the first failure, so a dead letter is never refused
+    // for want of its topic (and on Pub/Sub is kept until someone reads it).
+    let dead_letter_topics: Vec<TopicSpec> = config
+        .dead_letter_topics()
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: DEAD_LETTER_PARTITIONS,
+        })
+        .collect();
+    runtime
+        .broker
+        .ensure_kept_topics(&dead_letter_topics)
+        .await?;
     let subscriber = runtime.broker.subscribe(&spec).await?;
     let stats = Arc::new(HandlerStats::default());
     let (stop, stopped) = watch::channel(false);
@@ -193,6 +220,10 @@ pub(super) async fn start(
     let retry_receiver = Arc::new(Mutex::new(retry_receiver));
     let settling = Settling {
         name: component.name.clone(),
+        version: component.version.clone(),
+        group: spec.group.clone().into(),
+        config: component.config.clone(),
+        publisher: runtime.publisher.clone(),
         policy: config.retry,
         stats: stats.clone(),
         retries: retry_sender,
@@ -319,12 +350,38 @@ fn describe(error: &WitError) -> String {
 struct Job {
     delivery: Delivery,
     attempt: u32,
+    /// Whether this is a retry in this process (retries go alone, never in a batch).
+    retry: bool,
 }
+
+impl Job {
+    /// A delivery's first attempt here: the broker's delivery count when it keeps one (a
+    /// redelivered message has been tried before), else 1.
+    fn first(delivery: Delivery) -> Self {
+        let attempt = delivery.message.delivery_attempt.unwrap_or(1).max(1);
+        Self {
+            delivery,
+            attempt,
+            retry: false,
+        }
+    }
+}
+
+/// Partitions of a dead-letter topic switchyard creates: dead letters are few, and their
+/// order within a key is kept by the key.
+const DEAD_LETTER_PARTITIONS: i32 = 1;
+
+/// The longest wait between two tries at writing a dead letter.
+const MAX_DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the worker and its settle tasks share: where retries go, the counters, the policy.
 #[derive(Clone)]
 struct Settling {
     name: Arc<str>,
+    version: Arc<str>,
+    group: Arc<str>,
+    config: Arc<crate::config::ComponentConfig>,
+    publisher: Arc<dyn Publisher>,
     policy: crate::config::RetryPolicy,
     stats: Arc<HandlerStats>,
     retries: mpsc::UnboundedSender<Job>,
@@ -381,15 +438,21 @@ impl Settling {
             job.delivery.message.topic, job.delivery.message.position
         );
         if job.attempt >= self.policy.max_attempts {
-            HandlerStats::bump(&self.stats.gave_up);
-            self.stats.settled_one();
-            tracing::error!(
-                "{name}: giving up on message {position} after {} attempt(s): {failure}. It is \
-                 settled so its partition moves on",
-                job.attempt
-            );
-            if let Err(e) = job.delivery.ack() {
-                tracing::warn!("{name}: could not settle {position}: {e}");
+            match self.config.dead_letter_topic(&job.delivery.message.topic) {
+                Some(topic) => self.dead_letter(job, failure, &topic, &position).await,
+                None => {
+                    HandlerStats::bump(&self.stats.gave_up);
+                    self.stats.settled_one();
+                    tracing::error!(
+                        "{name}: giving up on message {position} after {} attempt(s): \
+                         {failure}. Dead letters are off (`dead_letter = false`), so it is \
+                         dropped and its partition moves on",
+                        job.attempt
+                    );
+                    if let Err(e) = job.delivery.ack() {
+                        tracing::warn!("{name}: could not settle {position}: {e}");
+                    }
+                }
             }
             return;
         }
@@ -406,11 +469,72 @@ impl Settling {
                 tracing::info!("{name}: stopping; {position} is left unsettled for redelivery");
             }
             _ = tokio::time::sleep(backoff) => {
-                let retry = Job { delivery: job.delivery, attempt: job.attempt + 1 };
+                let retry = Job { delivery: job.delivery, attempt: job.attempt + 1, retry: true };
                 if self.retries.send(retry).is_err() {
                     tracing::info!("{name}: stopping; {position} is left unsettled for redelivery");
                 }
             }
+        }
+    }
+}
+
+impl Settling {
+    /// Writes `job`'s dead letter to `topic` and, once the broker has stored it, acknowledges
+    /// the original. Until then the original stays unsettled: a refused dead letter is tried
+    /// again after a backoff, and if the handler stops first the original is left for
+    /// redelivery.
+    async fn dead_letter(&self, job: Job, failure: Failure, topic: &str, position: &str) {
+        let name = &self.name;
+        let error = failure.to_string();
+        let letter = dead_letter::dead_letter(
+            &job.delivery.message,
+            topic,
+            &Reason {
+                error: &error,
+                component: name,
+                version: &self.version,
+                group: &self.group,
+                attempts: job.attempt,
+            },
+        );
+        let mut backoff = Duration::from_millis(self.policy.backoff_ms.max(10));
+        loop {
+            let written = match self.publisher.publish(letter.clone()).await {
+                Ok(receipt) => receipt.wait().await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(
+                        "{name}: cannot write the dead letter of {position} to {topic:?}: {e}. \
+                         The message stays unsettled; trying again in {backoff:?}"
+                    );
+                    let mut stopped = self.stopped.clone();
+                    tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => {
+                            tracing::info!(
+                                "{name}: stopping; {position} is left unsettled for redelivery"
+                            );
+                            return;
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = backoff.saturating_mul(2).min(MAX_DEAD_LETTER_BACKOFF);
+                }
+            }
+        }
+        HandlerStats::bump(&self.stats.dead_lettered);
+        HandlerStats::bump(&self.stats.gave_up);
+        self.stats.settled_one();
+        tracing::error!(
+            "{name}: message {position} failed {} attempt(s), the last with: {failure}. It is \
+             in the dead-letter topic {topic:?} (`switchyard consume -t {topic}` shows it, \
+             `switchyard replay -t {topic}` sends it back)",
+            job.attempt
+        );
+        if let Err(e) = job.delivery.ack() {
+            tracing::warn!("{name}: could not settle {position}: {e}");
         }
     }
 }
@@ -457,21 +581,18 @@ impl Worker {
                 }
                 Some(job) = async { retries.lock().await.recv().await } => job,
                 delivery = async { deliveries.lock().await.recv().await } => match delivery {
-                    Some(delivery) => Job { delivery, attempt: 1 },
+                    Some(delivery) => Job::first(delivery),
                     None => break,
                 },
             };
             let mut jobs = vec![job];
             // A first attempt takes along what else is already waiting; retries go alone.
-            if jobs[0].attempt == 1
+            if !jobs[0].retry
                 && let Ok(mut waiting) = deliveries.try_lock()
             {
                 while jobs.len() < bound {
                     match waiting.try_recv() {
-                        Ok(delivery) => jobs.push(Job {
-                            delivery,
-                            attempt: 1,
-                        }),
+                        Ok(delivery) => jobs.push(Job::first(delivery)),
                         Err(_) => break,
                     }
                 }
@@ -494,7 +615,7 @@ impl Worker {
                         jobs.len()
                     );
                     for job in jobs {
-                        let _ = self.settling.retries.send(job);
+                        let _ = self.settling.retries.send(Job { retry: true, ..job });
                     }
                     continue;
                 }
@@ -564,6 +685,7 @@ impl Worker {
         jobs: &[Job],
     ) -> Result<(Vec<DeliveryReceipt>, Vec<Result<(), Failure>>), Failure> {
         let max_call_ms = self.component.config.limits.max_call_ms;
+        let name = self.component.name.clone();
         let live = self.live().await?;
         let state = live.store.data_mut();
         // The limit is per message, so a batch gets the time its messages would get one by one.
@@ -572,27 +694,32 @@ impl Worker {
         let mut messages = Vec::with_capacity(jobs.len());
         for job in jobs {
             let message = state
-                .table()
-                .push(HostMessage::from(&job.delivery.message))
-                .map_err(|e| Failure::Trap(e.to_string()))?;
+                .push_incoming(&job.delivery.message)
+                .map_err(|e| Failure::Trap(format!("{e:#}")))?;
             messages.push(message);
         }
-        let result = match (&live.batch, messages.len()) {
-            (Some(batch), 2..) => batch
-                .call_handle_batch(&mut live.store, &messages)
-                .await
-                .map(|outcomes| outcomes.into_iter().map(outcome).collect::<Vec<_>>()),
-            _ => match messages.pop() {
-                Some(message) => live
-                    .handle
-                    .call_handle(&mut live.store, message)
+        state.messaging.begin_call(jobs.len());
+        let deadline = state.deadline;
+        let call = async {
+            match (&live.batch, messages.len()) {
+                (Some(batch), 2..) => batch
+                    .call_handle_batch(&mut live.store, &messages)
                     .await
-                    .map(|result| vec![outcome(result)]),
-                None => Ok(Vec::new()),
-            },
+                    .map(|outcomes| outcomes.into_iter().map(outcome).collect::<Vec<_>>()),
+                _ => match messages.pop() {
+                    Some(message) => live
+                        .handle
+                        .call_handle(&mut live.store, message)
+                        .await
+                        .map(|result| vec![outcome(result)]),
+                    None => Ok(Vec::new()),
+                },
+            }
         };
+        let result = within_deadline(&name, deadline, call).await;
         let state = live.store.data_mut();
         state.deadline = None;
+        state.messaging.end_call();
         let receipts = state.messaging.take_receipts();
         match result {
             Err(trap) => {
@@ -612,13 +739,16 @@ impl Worker {
 
     async fn report(&mut self) -> Option<String> {
         let index = self.component.report?;
+        let name = self.component.name.clone();
         let live = self.live().await.ok()?;
         let function = live
             .instance
             .get_typed_func::<(), (String,)>(&mut live.store, &index)
             .ok()?;
-        live.store.data_mut().deadline = Some(Instant::now() + Duration::from_secs(5));
-        let result = function.call_async(&mut live.store, ()).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        live.store.data_mut().deadline = Some(deadline);
+        let call = function.call_async(&mut live.store, ());
+        let result = within_deadline(&name, Some(deadline), call).await;
         live.store.data_mut().deadline = None;
         match result {
             Ok((report,)) => Some(report),

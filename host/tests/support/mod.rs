@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: the embedded broker, the components built once,
-//! and waiting for a condition with a deadline instead of sleeping.
+//! Helpers shared by the integration tests: the embedded broker, Google's Pub/Sub emulator
+//! started once per test binary, the components built once, and waiting for a condition with
+//! a deadline instead of sleeping.
 
 #![allow(dead_code)]
 
@@ -7,9 +8,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use switchyard::broker::Broker;
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::Kafka;
+use switchyard::broker::pubsub::{PubSub, PubSubConfig};
+use switchyard::broker::pubsub_emulator::PubSubEmulator;
+use switchyard::broker::{
+    Broker, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
+};
 use switchyard::build::ComponentBuild;
 
 /// An embedded broker and the Kafka backend on it.
@@ -17,6 +22,40 @@ pub async fn embedded() -> (Arc<EmbeddedKafka>, Arc<dyn Broker>) {
     let cluster = Arc::new(EmbeddedKafka::start(None).await.expect("embedded broker"));
     let broker: Arc<dyn Broker> = Arc::new(Kafka::embedded(cluster.clone()));
     (cluster, broker)
+}
+
+/// The endpoint of Google's Pub/Sub emulator: the one `PUBSUB_EMULATOR_HOST` names, else one
+/// this test binary starts (on a free port, with a capped heap) and that dies with it. It
+/// blocks while the emulator starts: call it through `spawn_blocking` from async code.
+pub fn emulator_endpoint() -> String {
+    if let Ok(host) = std::env::var("PUBSUB_EMULATOR_HOST") {
+        return format!("http://{host}");
+    }
+    static EMULATOR: OnceLock<PubSubEmulator> = OnceLock::new();
+    EMULATOR
+        .get_or_init(|| PubSubEmulator::start(None).expect("starting the Pub/Sub emulator"))
+        .endpoint()
+}
+
+/// Settings for the test project on the emulator.
+pub async fn pubsub_config() -> PubSubConfig {
+    let mut config = PubSubConfig::new("switchyard-test");
+    config.endpoint = Some(
+        tokio::task::spawn_blocking(emulator_endpoint)
+            .await
+            .expect("starting the Pub/Sub emulator"),
+    );
+    config.anonymous = true;
+    config
+}
+
+/// The Pub/Sub backend on the emulator.
+pub async fn pubsub() -> Arc<dyn Broker> {
+    Arc::new(
+        PubSub::connect(pubsub_config().await)
+            .await
+            .expect("connecting to the Pub/Sub emulator"),
+    )
 }
 
 /// The directory with producer.wasm, classifier.wasm and consumer.wasm, built once per test
@@ -63,6 +102,44 @@ pub fn component(name: &str) -> PathBuf {
 /// The committed models/ directory.
 pub fn models() -> PathBuf {
     switchyard::pipeline::models_dir()
+}
+
+/// Creates `names` with one partition each (one partition keeps a test's messages in order).
+pub async fn create_topics(broker: &dyn Broker, names: &[&str]) {
+    let specs: Vec<TopicSpec> = names
+        .iter()
+        .map(|name| TopicSpec {
+            name: name.to_string(),
+            partitions: 1,
+        })
+        .collect();
+    broker.ensure_topics(&specs).await.expect("creating topics");
+}
+
+/// Publishes `message` and waits until the broker stored it.
+pub async fn publish(broker: &dyn Broker, message: OutgoingMessage) {
+    broker
+        .publisher()
+        .await
+        .expect("a publisher")
+        .publish(message)
+        .await
+        .expect("publishing")
+        .wait()
+        .await
+        .expect("the broker stores the message");
+}
+
+/// A member of `group` reading `topic` from its start.
+pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Subscriber> {
+    broker
+        .subscribe(&SubscriptionSpec {
+            group: group.into(),
+            topics: vec![topic.into()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .expect("subscribing")
 }
 
 /// Waits until `condition` holds, failing the test after `limit`.
