@@ -18,17 +18,15 @@ use switchyard::broker::{Broker, OutgoingMessage};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Starts `switchyard run` on a manifest with the test handler on `work`, its embedded broker
-/// listening on a free port; returns the process once it says it is running, and the broker
-/// address.
+/// listening on a free port; returns the process once it says it is running, and the broker's
+/// address from its log.
 fn start(dir: &std::path::Path) -> (Child, String) {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = probe.local_addr().unwrap().to_string();
-    drop(probe);
     let manifest = dir.join("manifest.toml");
+    // Port 0: the broker takes a free port and logs it.
     std::fs::write(
         &manifest,
         format!(
-            "[broker.embedded]\nlisten = \"{address}\"\n\n\
+            "[broker.embedded]\nlisten = \"127.0.0.1:0\"\n\n\
              [components.tester]\nwasm = {wasm:?}\nsubscribe = [\"work\"]\n\
              retry = {{ max_attempts = 2, backoff_ms = 10 }}\n",
             wasm = support::test_handler(),
@@ -44,22 +42,29 @@ fn start(dir: &std::path::Path) -> (Child, String) {
         .spawn()
         .expect("running switchyard");
     let stderr = child.stderr.take().unwrap();
-    let (said, running) = std::sync::mpsc::channel();
+    let (said, heard) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut said = Some(said);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("switchyard: {line}");
-            if line.contains("press Ctrl-C")
-                && let Some(said) = said.take()
-            {
-                let _ = said.send(());
-            }
+            let _ = said.send(line);
         }
     });
-    running
-        .recv_timeout(WAIT)
-        .expect("switchyard run says it is running");
-    (child, address)
+    let mut address = None;
+    loop {
+        let line = heard
+            .recv_timeout(WAIT)
+            .expect("switchyard run says where its broker is and that it is running");
+        if let Some((_, at)) = line.split_once("embedded broker at ") {
+            address = Some(at.trim().to_string());
+        }
+        if line.contains("press Ctrl-C") {
+            break;
+        }
+    }
+    (
+        child,
+        address.expect("switchyard run logs its broker's address"),
+    )
 }
 
 async fn client(address: &str) -> Arc<dyn Broker> {

@@ -155,10 +155,9 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_fails_within_the_bounded_wait() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = closed.local_addr().unwrap();
-    drop(closed);
-    let mut config = KafkaConfig::new(address.to_string());
+    // Port 9 (discard): nothing listens there, and no test's broker can take it.
+    let address = "127.0.0.1:9";
+    let mut config = KafkaConfig::new(address);
     config.connect_timeout_ms = 1_500;
     let started = Instant::now();
     let err = Kafka::connect(config).await.unwrap_err();
@@ -175,10 +174,12 @@ async fn an_unreachable_broker_fails_within_the_bounded_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = probe.local_addr().unwrap();
-    drop(probe);
-    let cluster = EmbeddedKafka::start(Some(address)).await.unwrap();
+    // Port 0: the broker takes a free port (a probed and freed one can be taken by another
+    // test's broker first).
+    let cluster = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let address = cluster.bootstrap_servers().to_string();
     let topic = support::unique("fixed");
     // As `switchyard broker --topic` does: the mock broker has no CreateTopics API.
     cluster
@@ -217,10 +218,12 @@ async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = probe.local_addr().unwrap();
-    drop(probe);
-    let cluster = EmbeddedKafka::start(Some(address)).await.unwrap();
+    // Port 0: the broker takes a free port (a probed and freed one can be taken by another
+    // test's broker first).
+    let cluster = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let address = cluster.bootstrap_servers().to_string();
     let topic = support::unique("backpressure");
     cluster
         .create_topic(&TopicSpec {
