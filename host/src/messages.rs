@@ -185,9 +185,9 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{value:?}: give a number of seconds, e.g. 2 or 0.5"))
 }
 
-/// Reads messages as `args` says and hands each to `each`, until the count, the idle time or
-/// an error; then leaves the group, committing what `each` acknowledged. Returns how many it
-/// read.
+/// Reads messages as `args` says and hands each to `each`, until the count, the idle time, an
+/// error, or Ctrl-C / SIGTERM; then leaves the group, committing what `each` acknowledged.
+/// Returns how many it read.
 async fn read_each(
     args: &ReadArgs,
     client: &Client,
@@ -195,14 +195,33 @@ async fn read_each(
 ) -> anyhow::Result<u64> {
     let consumer = client.consumer().await?;
     let mut read = 0u64;
+    // A signal ends the loop between messages, never inside `each`: what was handed over is
+    // finished and acknowledged, and the close below commits it.
+    let stop = async {
+        match crate::stop_signal().await {
+            Ok(signal) => tracing::info!("{signal}: stopping"),
+            Err(e) => {
+                tracing::warn!("cannot listen for Ctrl-C: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::pin!(stop);
     let outcome: anyhow::Result<()> = async {
         while args.count.is_none_or(|count| read < count) {
-            let next = match args.idle_exit {
-                Some(idle) => match tokio::time::timeout(idle, consumer.next()).await {
-                    Ok(next) => next,
-                    Err(_) => break,
+            let next = async {
+                match args.idle_exit {
+                    Some(idle) => tokio::time::timeout(idle, consumer.next()).await.ok(),
+                    None => Some(consumer.next().await),
+                }
+            };
+            let next = tokio::select! {
+                () = &mut stop => break,
+                next = next => match next {
+                    Some(next) => next,
+                    // Idle for `--idle-exit`.
+                    None => break,
                 },
-                None => consumer.next().await,
             };
             each(next?).await?;
             read += 1;

@@ -5,12 +5,14 @@
 //! object per line; a binary file comes back in base64. `switchyard replay` sends a dead letter
 //! back to the topic its header names, without the dead-letter headers and with everything
 //! else; a message without that header is refused with the fix (`--to`), and on Kafka stays
-//! where it is until `--to` sends it.
+//! where it is until `--to` sends it. `consume` with no count and no idle time, stopped by
+//! Ctrl-C, exits 0 within a bound and says what it read.
 
 mod support;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::EMBEDDED_PROPERTIES;
@@ -143,7 +145,83 @@ fn round_trip(broker: &str) {
     assert!(lines(&output).is_empty(), "{broker}: {:?}", lines(&output));
 
     replay(broker);
+    interrupted(broker);
 }
+
+/// `consume` with neither a count nor an idle time, stopped by Ctrl-C once it has printed a
+/// message: it exits 0 within the bound, saying what it consumed, and (on Kafka) committed it.
+fn interrupted(broker: &str) {
+    let topic = support::unique("interrupted");
+    let group = support::unique("interrupted-group");
+    switchyard(
+        &[
+            "consume", "--broker", broker, "-t", &topic, "-g", &group, "-c", "0",
+        ],
+        None,
+    );
+    switchyard(
+        &[
+            "publish",
+            "--broker",
+            broker,
+            "-t",
+            &topic,
+            "--payload",
+            "one",
+        ],
+        None,
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["consume", "--broker", broker, "-t", &topic, "-g", &group])
+        .env_remove("BROKER")
+        .env_remove("PUBSUB_EMULATOR_HOST")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running switchyard");
+    let stdout = child.stdout.take().unwrap();
+    let (printed, first) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let _ = printed.send(line);
+        }
+    });
+    let line = first
+        .recv_timeout(Duration::from_secs(60))
+        .expect("consume prints the message")
+        .unwrap();
+    assert!(line.contains("\"payload\":\"one\""), "{broker}: {line}");
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let interrupted_at = Instant::now();
+    // SAFETY: kill(2) with the pid of a child this test spawned and has not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            interrupted_at.elapsed() < STOP_BOUND,
+            "{broker}: consume still running {STOP_BOUND:?} after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "{broker}: consume stopped {:?} after Ctrl-C",
+        interrupted_at.elapsed()
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{broker}: {status}: {stderr}");
+    assert!(
+        stderr.contains("consumed 1 message(s)"),
+        "{broker}: {stderr}"
+    );
+}
+
+/// How long `consume` may take to stop after Ctrl-C: it finishes the message in hand, commits
+/// and leaves (a Pub/Sub stream's shutdown is bounded at 10 s).
+const STOP_BOUND: Duration = Duration::from_secs(15);
 
 /// Replays a dead letter, and a message that is not one, back to a topic of their own. Fresh
 /// topics and groups: on the emulator, every stream an earlier member left open delays the

@@ -567,13 +567,16 @@ async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
     );
     let stats = Arc::clone(handler.stats());
     // A reply can reach the reader before the broker's acknowledgement reaches the host, which
-    // is when its message counts as handled.
-    support::wait_until(
-        "the last message to be settled",
+    // is when its message counts as handled; the trap's message counts as given up once its
+    // dead letter is stored.
+    tokio::time::timeout(
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.handled) == 3,
+        stats.settled().wait_for(|settled| *settled == 4),
     )
-    .await;
+    .await
+    .expect("every message settled")
+    .unwrap();
+    assert_eq!(HandlerStats::get(&stats.handled), 3);
     assert_eq!(HandlerStats::get(&stats.traps), 1);
     assert_eq!(HandlerStats::get(&stats.gave_up), 1);
     replies.close().await.unwrap();

@@ -681,6 +681,29 @@ impl Subscriber for KafkaSubscriber {
     }
 }
 
+impl Drop for KafkaSubscriber {
+    /// A member dropped without [`Subscriber::close`] (its owner panicked, say) still leaves
+    /// its group, but on a thread of its own: librdkafka's close runs the revoke (and its
+    /// synchronous commit), which can wait for a long time, and must never hold one of the
+    /// async runtime's few worker threads (seen: a test's runtime starved by one).
+    fn drop(&mut self) {
+        let taken = self
+            .consumer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(consumer) = taken {
+            let leave = move || drop(consumer);
+            if let Err(e) = std::thread::Builder::new()
+                .name("kafka-drop".into())
+                .spawn(leave)
+            {
+                tracing::warn!("cannot leave the consumer group off the runtime: {e}");
+            }
+        }
+    }
+}
+
 /// How long closing a consumer (final commit, leaving the group) may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
