@@ -12,6 +12,11 @@
 //! topics) leaves its original unsettled: nothing counts as given up, writing it is tried
 //! again, and once the handler stops, the next member of the group receives the original. With
 //! `dead_letter = false` a failed message is dropped, counted, and settled.
+//!
+//! Poison requests reach the real classifier (random bytes, an empty payload, a wrong size, no
+//! `request-id` header, a content type it does not read, and on Pub/Sub a 5 MB payload, which
+//! Kafka's producers refuse at 1 MB): each ends in `requests.dlq` with the reason the
+//! classifier gave, on both backends, while a good request beside them is answered.
 
 mod support;
 
@@ -289,4 +294,145 @@ async fn with_dead_letters_off_a_failed_message_is_dropped_and_settled() {
         "the dropped message was settled"
     );
     next.close().await.unwrap();
+}
+
+async fn poison_requests_end_in_the_dead_letter_topic(backend: &str, broker: Arc<dyn Broker>) {
+    let (requests, predictions, group) = (
+        support::unique("requests"),
+        support::unique("predictions"),
+        support::unique("classifier"),
+    );
+    support::create_topics(broker.as_ref(), &[&requests, &predictions]).await;
+    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
+        .await
+        .unwrap();
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_ms: 10,
+    };
+    let loaded = runtime
+        .load(
+            "classifier",
+            &support::classifier(&requests, &predictions, &group, retry),
+        )
+        .unwrap();
+    let running = runtime.start_handler(&loaded).await.unwrap();
+    running.joined().await.unwrap();
+    // Before anything is published: a Pub/Sub subscription receives only what comes after it.
+    let answers = support::member(broker.as_ref(), &support::unique("reader"), &predictions).await;
+    let request =
+        |key: &str, payload: Vec<u8>, headers: &[(&str, &str)], content_type: Option<&str>| {
+            OutgoingMessage {
+                topic: requests.clone(),
+                key: Some(key.as_bytes().to_vec()),
+                payload,
+                headers: headers
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.to_string()))
+                    .collect(),
+                content_type: content_type.map(String::from),
+            }
+        };
+    let random: Vec<u8> = (0..1000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut poison = vec![
+        (
+            request("random-bytes", random, &[("request-id", "r1")], None),
+            "has 1000 bytes",
+        ),
+        (
+            request("empty", Vec::new(), &[("request-id", "r2")], None),
+            "has 0 bytes",
+        ),
+        (
+            request("wrong-size", vec![1; 783], &[("request-id", "r3")], None),
+            "783",
+        ),
+        (
+            request("no-request-id", vec![3; 784], &[], None),
+            "request-id",
+        ),
+        (
+            request(
+                "png",
+                vec![4; 784],
+                &[("request-id", "r6")],
+                Some("image/png"),
+            ),
+            "image/png",
+        ),
+    ];
+    if backend == "pubsub" {
+        // Kafka's producers refuse it themselves (librdkafka's and a cluster's
+        // `message.max.bytes` default to 1 MB), so it can reach a handler only on Pub/Sub.
+        poison.push((
+            request("five-mb", vec![2; 5_000_000], &[("request-id", "r4")], None),
+            "has 5000000 bytes",
+        ));
+    }
+    for (message, _) in &poison {
+        support::publish(broker.as_ref(), message.clone()).await;
+    }
+    support::publish(
+        broker.as_ref(),
+        request("good", vec![0; 784], &[("request-id", "good")], None),
+    )
+    .await;
+
+    let dead_letter_topic = format!("{requests}.dlq");
+    let reader = support::member(broker.as_ref(), &dead_letter_topic, &dead_letter_topic).await;
+    let mut letters = BTreeMap::new();
+    while letters.len() < poison.len() {
+        let letter = tokio::time::timeout(WAIT, reader.next())
+            .await
+            .unwrap_or_else(|_| panic!("{backend}: dead letters so far: {:?}", letters.keys()))
+            .unwrap();
+        let key = String::from_utf8(letter.message.key.clone().unwrap()).unwrap();
+        letters.insert(key, letter.message.clone());
+        letter.ack().unwrap();
+    }
+    reader.close().await.unwrap();
+    for (message, reason) in &poison {
+        let key = String::from_utf8(message.key.clone().unwrap()).unwrap();
+        let letter = &letters[&key];
+        assert_eq!(
+            letter.payload.len(),
+            message.payload.len(),
+            "{backend}: {key}"
+        );
+        assert!(
+            letter.payload == message.payload,
+            "{backend}: {key}: payload changed"
+        );
+        let error = letter
+            .headers
+            .iter()
+            .find(|(name, _)| name == dlq::ERROR)
+            .map(|(_, error)| error.as_str())
+            .unwrap_or_default();
+        assert!(error.contains(reason), "{backend}: {key}: {error}");
+    }
+
+    let answer = tokio::time::timeout(WAIT, answers.next())
+        .await
+        .expect("the good request is answered")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&answer.message.payload).unwrap();
+    assert_eq!(body["request_id"], "good", "{backend}");
+    answer.ack().unwrap();
+    answers.close().await.unwrap();
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_poison_requests_end_in_the_dead_letter_topic() {
+    let (_cluster, broker) = support::embedded().await;
+    poison_requests_end_in_the_dead_letter_topic("kafka", broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_poison_requests_end_in_the_dead_letter_topic() {
+    let broker = support::pubsub().await;
+    poison_requests_end_in_the_dead_letter_topic("pubsub", broker).await;
 }

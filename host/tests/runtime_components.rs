@@ -45,21 +45,7 @@ fn options(cache: Option<&std::path::Path>) -> RuntimeOptions {
 }
 
 fn classifier(topic: &str, out: &str, group: &str, retry: RetryPolicy) -> ComponentConfig {
-    ComponentConfig {
-        subscribe: vec![topic.into()],
-        group: Some(group.into()),
-        publish: vec![out.into()],
-        args: ["--model", "/models/lenet.onnx", "--predictions-topic", out]
-            .map(String::from)
-            .to_vec(),
-        preopens: vec![Preopen {
-            host: support::models(),
-            guest: "/models".into(),
-            writable: false,
-        }],
-        retry,
-        ..config("classifier")
-    }
+    support::classifier(topic, out, group, retry)
 }
 
 async fn send(broker: &dyn Broker, topic: &str, payload: Vec<u8>, id: &str) {

@@ -16,6 +16,7 @@ use switchyard::broker::{
     Broker, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
 };
 use switchyard::build::ComponentBuild;
+use switchyard::config::{ComponentConfig, Preopen, RetryPolicy};
 
 /// An embedded broker and the Kafka backend on it.
 pub async fn embedded() -> (Arc<EmbeddedKafka>, Arc<dyn Broker>) {
@@ -97,6 +98,26 @@ pub fn test_handler() -> PathBuf {
 /// Path of a built component.
 pub fn component(name: &str) -> PathBuf {
     components().join(format!("{name}.wasm"))
+}
+
+/// The classifier subscribed to `topic` in `group`, answering to `out`, running LeNet inside
+/// the component (tract in Wasm) with the committed model.
+pub fn classifier(topic: &str, out: &str, group: &str, retry: RetryPolicy) -> ComponentConfig {
+    ComponentConfig {
+        subscribe: vec![topic.into()],
+        group: Some(group.into()),
+        publish: vec![out.into()],
+        args: ["--model", "/models/lenet.onnx", "--predictions-topic", out]
+            .map(String::from)
+            .to_vec(),
+        preopens: vec![Preopen {
+            host: models(),
+            guest: "/models".into(),
+            writable: false,
+        }],
+        retry,
+        ..ComponentConfig::new(component("classifier"))
+    }
 }
 
 /// The committed models/ directory.
