@@ -196,22 +196,23 @@ fn interrupted(broker: &str) {
     let interrupted_at = Instant::now();
     // SAFETY: kill(2) with the pid of a child this test spawned and has not yet reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            interrupted_at.elapsed() < STOP_BOUND,
-            "{broker}: consume still running {STOP_BOUND:?} after Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Wait for the exit itself (a thread reaps the child), bounded by STOP_BOUND.
+    let mut stderr = child.stderr.take().unwrap();
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(child.wait());
+    });
+    let status = exit
+        .recv_timeout(STOP_BOUND)
+        .unwrap_or_else(|_| panic!("{broker}: consume still running {STOP_BOUND:?} after Ctrl-C"))
+        .unwrap();
     eprintln!(
         "{broker}: consume stopped {:?} after Ctrl-C",
         interrupted_at.elapsed()
     );
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    let stderr = said;
     assert!(status.success(), "{broker}: {status}: {stderr}");
     assert!(
         stderr.contains("consumed 1 message(s)"),
