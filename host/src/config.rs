@@ -459,6 +459,16 @@ impl Manifest {
                 preopen.host = resolve(&preopen.host)?;
             }
         }
+        // Credentials stay out of the file: `"sasl.password" = "${KAFKA_PASSWORD}"`.
+        if let BrokerConfig::Kafka(kafka) = &mut manifest.broker {
+            for (key, value) in &mut kafka.properties {
+                *value = expand_env(value).map_err(|message| ConfigError::Invalid {
+                    path: name.to_path_buf(),
+                    component: "-".into(),
+                    message: format!("[broker.kafka] property {key:?}: {message}"),
+                })?;
+            }
+        }
         manifest.validate(name)?;
         Ok(manifest)
     }
@@ -578,8 +588,9 @@ impl Manifest {
     }
 }
 
-/// Expands `${NAME}` and `${NAME:-default}` in a path from the manifest, so one manifest works
-/// wherever the build puts the components (`${SWITCHYARD_COMPONENTS:-../target/...}`).
+/// Expands `${NAME}` and `${NAME:-default}` in a path or a Kafka property from the manifest, so
+/// one manifest works wherever the build puts the components
+/// (`${SWITCHYARD_COMPONENTS:-../target/...}`) and secrets come from the environment.
 pub fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -789,6 +800,33 @@ mod tests {
         let err = parse("[components.c]\nwasm = \"${SWITCHYARD_UNSET_VAR}/c.wasm\"\n").unwrap_err();
         assert!(err.to_string().contains("SWITCHYARD_UNSET_VAR"), "{err}");
         assert!(parse("[components.c]\nwasm = \"${SWITCHYARD_UNSET_VAR:-.}/c.wasm\"\n").is_ok());
+    }
+
+    #[test]
+    fn kafka_properties_take_secrets_from_the_environment() {
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("SWITCHYARD_TEST_PASSWORD", "hunter2") };
+        let kafka = |properties: &str| {
+            parse(&format!(
+                "[broker.kafka]\nbootstrap_servers = \"h:9092\"\nproperties = {{ {properties} }}\n{MINIMAL}"
+            ))
+        };
+        let manifest = kafka(
+            "\"sasl.password\" = \"${SWITCHYARD_TEST_PASSWORD}\", \"sasl.username\" = \"${SWITCHYARD_UNSET_VAR:-me}\"",
+        )
+        .unwrap();
+        let BrokerConfig::Kafka(config) = manifest.broker else {
+            panic!("a Kafka broker");
+        };
+        assert_eq!(config.properties["sasl.password"], "hunter2");
+        assert_eq!(config.properties["sasl.username"], "me");
+        let err = kafka("\"sasl.password\" = \"${SWITCHYARD_UNSET_VAR}\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sasl.password") && err.contains("SWITCHYARD_UNSET_VAR"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,0 +1,356 @@
+//! Real `switchyard run` processes for the crash and scale-out tests: the classifier and the
+//! producer, each in a process of its own against a standalone broker, started, killed with
+//! SIGKILL or stopped with SIGTERM, and the predictions they make counted by request id.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard::broker::embedded::EmbeddedKafka;
+use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka};
+use switchyard::broker::{Broker, TopicSpec};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// How long any one step may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// A standalone broker: the test's client for it, and the URL `switchyard run --broker` takes.
+pub struct StandaloneBroker {
+    /// The test's own client.
+    pub client: Arc<dyn Broker>,
+    /// What `--broker` takes.
+    pub url: String,
+}
+
+/// The embedded Kafka-protocol broker, listening on a free loopback port for other processes
+/// (with the client settings `switchyard broker` prints for it).
+pub async fn kafka() -> StandaloneBroker {
+    let cluster = Arc::new(
+        EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+            .await
+            .expect("embedded broker"),
+    );
+    let url = format!(
+        "kafka://{}?{}",
+        cluster.bootstrap_servers(),
+        EMBEDDED_PROPERTIES
+            .map(|(key, value)| format!("{key}={value}"))
+            .join("&")
+    );
+    StandaloneBroker {
+        client: Arc::new(Kafka::embedded(cluster)),
+        url,
+    }
+}
+
+/// Google's Pub/Sub emulator (see [`super::emulator_endpoint`]).
+pub async fn pubsub() -> StandaloneBroker {
+    let config = super::pubsub_config().await;
+    let url = format!(
+        "pubsub://{}?endpoint={}&anonymous=true",
+        config.project,
+        config.endpoint.clone().unwrap()
+    );
+    StandaloneBroker {
+        client: super::pubsub().await,
+        url,
+    }
+}
+
+/// A `switchyard run` process whose log lines (standard error) the test can wait for.
+pub struct Host {
+    name: String,
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Host {
+    /// Starts `switchyard run MANIFEST --broker URL`.
+    pub fn spawn(name: &str, manifest: &Path, broker_url: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", manifest.to_str().unwrap(), "--broker", broker_url])
+            .env_remove("BROKER")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("running switchyard");
+        let stderr = child.stderr.take().unwrap();
+        let (said, lines) = mpsc::unbounded_channel();
+        let prefix = name.to_string();
+        tokio::spawn(async move {
+            let mut stderr = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                eprintln!("{prefix}: {line}");
+                let _ = said.send(line);
+            }
+        });
+        Self {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    /// Waits until the host says its handlers are running.
+    pub async fn running(mut self) -> Self {
+        self.wait_for("press Ctrl-C").await;
+        self
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub async fn wait_for(&mut self, needle: &str) {
+        let name = &self.name;
+        let lines = &mut self.lines;
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.recv().await {
+                if line.contains(needle) {
+                    return;
+                }
+            }
+            panic!("{name} exited before saying {needle:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not say {needle:?} within {WAIT:?}"));
+    }
+
+    /// SIGKILL: the process gets no chance to commit, settle or leave its group.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// SIGTERM; checks the exit status (0) and returns standard output.
+    pub async fn stop(self) -> String {
+        let pid = libc::pid_t::try_from(self.child.id().unwrap()).unwrap();
+        // SAFETY: kill(2) with the pid of a child this test spawned and has not waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        self.exit().await
+    }
+
+    /// Waits for the process to exit by itself (a host of commands only); checks the exit
+    /// status (0) and returns standard output.
+    pub async fn exit(self) -> String {
+        let name = self.name;
+        let output = tokio::time::timeout(WAIT, self.child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not exit within {WAIT:?}"))
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{name}: {}: {stdout}",
+            output.status
+        );
+        stdout
+    }
+}
+
+/// The `handled` count of the counters line `switchyard run` prints for `component` when it
+/// stops (`NAME: received N, handled N, …`).
+pub fn handled(stdout: &str, component: &str) -> u64 {
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("{component}: received")))
+        .unwrap_or_else(|| panic!("no counters for {component} in {stdout:?}"));
+    let handled = line
+        .split(", ")
+        .find_map(|part| part.strip_prefix("handled "))
+        .unwrap_or_else(|| panic!("no handled count in {line:?}"));
+    handled.parse().unwrap()
+}
+
+/// One pipeline run on its own topics: manifests for the classifier and the producer.
+pub struct Pipeline {
+    /// The requests topic.
+    pub requests: String,
+    /// The predictions topic.
+    pub predictions: String,
+    dir: tempfile::TempDir,
+}
+
+impl Pipeline {
+    /// Creates the run's topics: `requests` with `partitions` partitions, `predictions` with one.
+    pub async fn new(broker: &dyn Broker, partitions: i32) -> Self {
+        let pipeline = Self {
+            requests: super::unique("requests"),
+            predictions: super::unique("predictions"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        broker
+            .ensure_topics(&[
+                TopicSpec {
+                    name: pipeline.requests.clone(),
+                    partitions,
+                },
+                TopicSpec {
+                    name: pipeline.predictions.clone(),
+                    partitions: 1,
+                },
+            ])
+            .await
+            .unwrap();
+        pipeline
+    }
+
+    /// A manifest for the classifier as `components/classifier.toml` runs it (batches of up
+    /// to 32, LeNet natively through tract) with `workers` instances, on this run's topics;
+    /// every host started from it joins one group.
+    pub fn classifier(&self, workers: usize) -> PathBuf {
+        let path = self.dir.path().join(format!("classifier-{workers}.toml"));
+        let manifest = format!(
+            "[components.classifier]\n\
+             wasm = {wasm:?}\n\
+             subscribe = [{requests:?}]\n\
+             group = {group:?}\n\
+             publish = [{predictions:?}]\n\
+             workers = {workers}\n\
+             batch = 32\n\
+             args = [\"--model\", \"/models/lenet.onnx\", \"--predictions-topic\", {predictions:?}]\n\
+             nn = \"tract\"\n\
+             preopens = [{{ host = {models:?}, guest = \"/models\" }}]\n\
+             retry = {{ max_attempts = 3, backoff_ms = 100 }}\n",
+            wasm = super::component("classifier"),
+            requests = self.requests,
+            predictions = self.predictions,
+            group = format!("{}-classifier", self.requests),
+            models = super::models(),
+        );
+        std::fs::write(&path, manifest).unwrap();
+        path
+    }
+
+    /// A manifest for the producer sending `count` test images at `rate` per second, with
+    /// request ids `run-0`, `run-1`, ….
+    pub fn producer(&self, count: u64, rate: u64) -> PathBuf {
+        let path = self.dir.path().join("producer.toml");
+        let manifest = format!(
+            "[components.producer]\n\
+             wasm = {wasm:?}\n\
+             publish = [{requests:?}]\n\
+             args = [\"--images\", \"/models/t10k-images-idx3-ubyte.gz\", \
+                     \"--labels\", \"/models/t10k-labels-idx1-ubyte.gz\", \
+                     \"--topic\", {requests:?}, \"--count\", \"{count}\", \
+                     \"--rate\", \"{rate}\", \"--run-id\", \"run\"]\n\
+             preopens = [{{ host = {models:?}, guest = \"/models\" }}]\n\
+             limits = {{ max_call_ms = 0 }}\n",
+            wasm = super::component("producer"),
+            requests = self.requests,
+            models = super::models(),
+        );
+        std::fs::write(&path, manifest).unwrap();
+        path
+    }
+
+    /// Reads the predictions topic in a group of its own (subscribed before this returns, so
+    /// on Pub/Sub it misses nothing).
+    pub async fn predictions(&self, broker: &dyn Broker) -> Predictions {
+        let (sender, arrivals) = mpsc::unbounded_channel();
+        let topic = &self.predictions;
+        let reader = super::member(broker, &format!("{topic}-reader"), topic).await;
+        tokio::spawn(async move {
+            loop {
+                let delivery = reader.next().await.expect("reading predictions");
+                let arrived = Instant::now();
+                let prediction: serde_json::Value =
+                    serde_json::from_slice(&delivery.message.payload).expect("a prediction");
+                let request = prediction["request_id"]
+                    .as_str()
+                    .expect("a prediction names its request")
+                    .to_string();
+                delivery.ack().unwrap();
+                if sender.send((request, arrived)).is_err() {
+                    break;
+                }
+            }
+            reader.close().await.unwrap();
+        });
+        Predictions {
+            arrivals,
+            seen: HashMap::new(),
+            total: 0,
+        }
+    }
+}
+
+/// The predictions read so far, counted by request id.
+pub struct Predictions {
+    arrivals: mpsc::UnboundedReceiver<(String, Instant)>,
+    seen: HashMap<String, usize>,
+    total: usize,
+}
+
+impl Predictions {
+    /// Reads until `distinct` requests have a prediction; returns when the last one arrived
+    /// and when the first one read by this call did.
+    pub async fn until(&mut self, distinct: usize) -> (Instant, Option<Instant>) {
+        let mut first = None;
+        let mut last = Instant::now();
+        while self.seen.len() < distinct {
+            let (request, arrived) = tokio::time::timeout(WAIT, self.arrivals.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{} of {distinct} requests answered after {WAIT:?} more",
+                        self.seen.len()
+                    )
+                })
+                .unwrap();
+            first.get_or_insert(arrived);
+            last = arrived;
+            self.record(request);
+        }
+        (last, first)
+    }
+
+    /// Reads what has arrived, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok((request, _)) = self.arrivals.try_recv() {
+            self.record(request);
+        }
+    }
+
+    /// Reads until nothing arrives for `quiet`: duplicates that come late (a redelivery storm
+    /// would show here).
+    pub async fn until_quiet(&mut self, quiet: Duration) {
+        while let Ok(Some((request, _))) = tokio::time::timeout(quiet, self.arrivals.recv()).await {
+            self.record(request);
+        }
+    }
+
+    fn record(&mut self, request: String) {
+        *self.seen.entry(request).or_default() += 1;
+        self.total += 1;
+    }
+
+    /// Requests with at least one prediction.
+    pub fn distinct(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Predictions read, duplicates included.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Predictions beyond the first of their request.
+    pub fn duplicates(&self) -> usize {
+        self.total - self.seen.len()
+    }
+
+    /// Whether every request `run-0` … `run-{count-1}` has a prediction (and no other does).
+    pub fn answers_exactly(&self, count: u64) -> bool {
+        self.seen.len() as u64 == count
+            && (0..count).all(|index| self.seen.contains_key(&format!("run-{index}")))
+    }
+
+    /// How many times the most repeated request was answered.
+    pub fn most_repeated(&self) -> usize {
+        self.seen.values().max().copied().unwrap_or(0)
+    }
+}
