@@ -27,6 +27,14 @@ pub enum IdxError {
         /// Bytes present after the header.
         actual: usize,
     },
+    /// The images have no pixels, or more than memory can address.
+    #[error("the IDX file holds images of {rows} × {columns} pixels, which cannot be read")]
+    ImageSize {
+        /// Rows per image.
+        rows: usize,
+        /// Columns per image.
+        columns: usize,
+    },
     /// The file has the wrong number of dimensions for what was asked.
     #[error("expected an IDX file with {expected} dimensions, found {actual}")]
     Dimensions {
@@ -71,8 +79,12 @@ impl IdxArray {
             .chunks_exact(4)
             .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
             .collect();
-        let expected = dims.iter().product::<usize>();
         let actual = bytes.len() - header;
+        // Checked: dimensions come from the file, and their product can pass usize.
+        let expected = dims
+            .iter()
+            .try_fold(1usize, |product, &dim| product.checked_mul(dim))
+            .unwrap_or(usize::MAX);
         if actual < expected {
             return Err(IdxError::Truncated { expected, actual });
         }
@@ -91,9 +103,13 @@ impl IdxArray {
                 actual: array.dims.len(),
             });
         }
+        let (rows, columns) = (array.dims[1], array.dims[2]);
+        if rows.checked_mul(columns).is_none_or(|size| size == 0) {
+            return Err(IdxError::ImageSize { rows, columns });
+        }
         Ok(Images {
-            rows: array.dims[1],
-            columns: array.dims[2],
+            rows,
+            columns,
             data: array.data,
         })
     }
@@ -111,7 +127,8 @@ impl IdxArray {
     }
 }
 
-/// A stack of equally sized gray8 images.
+/// A stack of equally sized gray8 images. `rows × columns` is at least 1 and fits `usize`
+/// ([`IdxArray::images`] checks it), so the arithmetic below cannot overflow or divide by 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Images {
     /// Rows per image.
@@ -124,7 +141,7 @@ pub struct Images {
 impl Images {
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.data.len() / (self.rows * self.columns).max(1)
+        self.data.len() / (self.rows * self.columns)
     }
 
     /// Whether there are no images.
@@ -135,7 +152,8 @@ impl Images {
     /// The pixels of image `index`, row-major.
     pub fn get(&self, index: usize) -> Option<&[u8]> {
         let size = self.rows * self.columns;
-        self.data.get(index * size..(index + 1) * size)
+        let start = index.checked_mul(size)?;
+        self.data.get(start..start.checked_add(size)?)
     }
 
     /// Iterates over the images in file order.
