@@ -15,6 +15,7 @@
 //! | `grow MB` | allocates and touches `MB` MiB of memory |
 //! | `count TOPIC` | sends to TOPIC how many messages this instance has handled so far |
 //! | `send TOPIC` | sends `hello` to TOPIC and returns what the host said |
+//! | `echo TOPIC ...` | sends its own payload to TOPIC (so a test can tell messages apart) |
 //! | `batch TOPIC` | sends to TOPIC how many messages came in the same call |
 //! | `probe TOPIC` | tries what the sandbox should refuse and sends to TOPIC what happened (below) |
 //!
@@ -128,6 +129,7 @@ mod component {
             }
             (Some("count"), Some(topic)) => send(topic, handled.to_string().as_bytes()),
             (Some("send"), Some(topic)) => send(topic, b"hello"),
+            (Some("echo"), Some(topic)) => send(topic, payload.as_bytes()),
             (Some("batch"), Some(topic)) => send(topic, size.to_string().as_bytes()),
             (Some("probe"), Some(topic)) => send(topic, probe().as_bytes()),
             _ => Err(Error::Other(format!("unknown command {payload:?}"))),

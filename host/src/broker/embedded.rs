@@ -141,6 +141,72 @@ impl EmbeddedKafka {
     }
 }
 
+/// Requests of the Kafka protocol the embedded broker can be told to fail
+/// ([`EmbeddedKafka::fail_requests`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKey {
+    /// Produce (key 0): what publishers send.
+    Produce,
+    /// Fetch (key 1): what consumers read with.
+    Fetch,
+    /// OffsetCommit (key 8): a consumer group's commits.
+    OffsetCommit,
+    /// Heartbeat (key 12): a group member's liveness.
+    Heartbeat,
+}
+
+impl ApiKey {
+    fn code(self) -> i16 {
+        match self {
+            Self::Produce => 0,
+            Self::Fetch => 1,
+            Self::OffsetCommit => 8,
+            Self::Heartbeat => 12,
+        }
+    }
+}
+
+/// Fault injection, through the mock cluster's own API: for tests and drills of what the
+/// host does when the broker misbehaves.
+impl EmbeddedKafka {
+    /// Takes the broker down: it drops its connections and refuses new ones until
+    /// [`Self::set_up`].
+    pub fn set_down(&self) {
+        // SAFETY: cluster is valid; the broker id exists.
+        unsafe { rdsys::rd_kafka_mock_broker_set_down(self.cluster, BROKER_ID) };
+    }
+
+    /// Brings the broker back after [`Self::set_down`].
+    pub fn set_up(&self) {
+        // SAFETY: cluster is valid; the broker id exists.
+        unsafe { rdsys::rd_kafka_mock_broker_set_up(self.cluster, BROKER_ID) };
+    }
+
+    /// Delays every response by `rtt` (zero: no delay).
+    pub fn set_round_trip(&self, rtt: std::time::Duration) {
+        let ms = i32::try_from(rtt.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: cluster is valid; the broker id exists.
+        unsafe { rdsys::rd_kafka_mock_broker_set_rtt(self.cluster, BROKER_ID, ms) };
+    }
+
+    /// Answers the next requests of `api`, one each, with `errors` (then normally again).
+    pub fn fail_requests(&self, api: ApiKey, errors: &[rdkafka::types::RDKafkaErrorCode]) {
+        let errors: Vec<rdsys::rd_kafka_resp_err_t> = errors
+            .iter()
+            .filter_map(|&code| rdsys::rd_kafka_resp_err_t::try_from(code as i32).ok())
+            .collect();
+        // SAFETY: cluster is valid; the array is read for `errors.len()` elements and copied.
+        unsafe {
+            rdsys::rd_kafka_mock_push_request_errors_array(
+                self.cluster,
+                api.code(),
+                errors.len(),
+                errors.as_ptr(),
+            )
+        };
+    }
+}
+
 impl Drop for EmbeddedKafka {
     fn drop(&mut self) {
         if let Some(relay) = self.relay.take() {

@@ -286,6 +286,27 @@ fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
     }
 }
 
+/// Whether a broker's error passes by itself: the request may succeed when tried again.
+fn is_transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::RebalanceInProgress
+            | RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::CoordinatorLoadInProgress
+            | RDKafkaErrorCode::CoordinatorNotAvailable
+            | RDKafkaErrorCode::NotCoordinator
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            | RDKafkaErrorCode::KafkaStorageError
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::OperationTimedOut
+    )
+}
+
 fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
     match error_code(e) {
         Some(
@@ -695,10 +716,12 @@ impl Subscriber for KafkaSubscriber {
         let (done, finished) = tokio::sync::oneshot::channel();
         let closer = move || {
             let mut result = consumer.commit_consumer_state(CommitMode::Sync);
-            // A group that is rebalancing refuses commits for a moment; try again briefly.
+            // A group that is rebalancing, or a broker that answers with a passing error (a
+            // moved coordinator or leader, a timeout), refuses commits for a moment; try again
+            // briefly (measured in broker_faults.rs: injected NotLeaderForPartition).
             for _ in 0..20 {
                 match &result {
-                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress)) => {
+                    Err(KafkaError::ConsumerCommit(code)) if is_transient(*code) => {
                         std::thread::sleep(Duration::from_millis(100));
                         result = consumer.commit_consumer_state(CommitMode::Sync);
                     }
