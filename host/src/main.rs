@@ -409,12 +409,13 @@ async fn run_manifest(
         }
     }
     if failure.is_none() && !app.handlers.is_empty() {
-        tracing::info!("running; press Ctrl-C (or send SIGTERM) to stop");
-        match stop_signal().await {
-            Ok(signal) => {
+        match StopSignals::listen() {
+            Ok(mut signals) => {
+                tracing::info!("running; press Ctrl-C (or send SIGTERM) to stop");
+                let signal = signals.next().await;
                 tracing::info!("{signal}: stopping: finishing in-flight messages and committing")
             }
-            Err(e) => failure = Some(anyhow::Error::new(e).context("waiting for Ctrl-C")),
+            Err(e) => failure = Some(anyhow::Error::new(e).context("listening for Ctrl-C")),
         }
     }
     let counters: Vec<_> = app
@@ -456,11 +457,30 @@ async fn run_manifest(
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send), and names
 /// the one that came.
-async fn stop_signal() -> std::io::Result<&'static str> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        interrupted = tokio::signal::ctrl_c() => interrupted.map(|()| "SIGINT"),
-        _ = terminate.recv() => Ok("SIGTERM"),
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening. Create it before saying how to stop: a signal that comes before the
+    /// listener exists is lost, and for a process started with SIGINT ignored (a background
+    /// job of a non-interactive shell) it is dropped for good, so the process would never stop
+    /// (seen once in CI: Ctrl-C sent right after "press Ctrl-C").
+    fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the next one, and names it.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
     }
 }
 

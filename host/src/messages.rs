@@ -193,18 +193,14 @@ async fn read_each(
     client: &Client,
     mut each: impl AsyncFnMut(Received) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
+    let mut signals = crate::StopSignals::listen().context("listening for Ctrl-C")?;
     let consumer = client.consumer().await?;
     let mut read = 0u64;
     // A signal ends the loop between messages, never inside `each`: what was handed over is
     // finished and acknowledged, and the close below commits it.
     let stop = async {
-        match crate::stop_signal().await {
-            Ok(signal) => tracing::info!("{signal}: stopping"),
-            Err(e) => {
-                tracing::warn!("cannot listen for Ctrl-C: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
+        let signal = signals.next().await;
+        tracing::info!("{signal}: stopping");
     };
     tokio::pin!(stop);
     let outcome: anyhow::Result<()> = async {

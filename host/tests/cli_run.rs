@@ -75,13 +75,22 @@ async fn client(address: &str) -> Arc<dyn Broker> {
     Arc::new(Kafka::connect(config).await.unwrap())
 }
 
-/// Sends `signal`, waits for the exit, and returns standard output.
+/// Sends `signal`, waits (at most [`WAIT`]) for the exit, and returns standard output.
 fn stop(mut child: Child, signal: libc::c_int) -> String {
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: kill(2) with a pid this test spawned and has not yet waited for.
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let mut pipe = child.stdout.take().unwrap();
+    let (read, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut stdout = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stdout);
+        let _ = read.send(stdout);
+    });
+    let Ok(stdout) = output.recv_timeout(WAIT) else {
+        let _ = child.kill();
+        panic!("switchyard run did not stop within {WAIT:?} of signal {signal}");
+    };
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {stdout}");
     stdout
