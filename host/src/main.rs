@@ -228,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Commands::PubsubEmulator { port } => {
             let emulator =
                 tokio::task::spawn_blocking(move || PubSubEmulator::start(Some(port))).await??;
+            let mut signals = StopSignals::listen().context("listening for Ctrl-C")?;
             println!(
                 "Pub/Sub emulator listening on {}; use PUBSUB_EMULATOR_HOST={} or --broker \
                  'pubsub://PROJECT?endpoint={}&anonymous=true'. Ctrl-C stops it.",
@@ -235,9 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 emulator.host(),
                 emulator.endpoint()
             );
-            tokio::signal::ctrl_c()
-                .await
-                .context("waiting for Ctrl-C")?;
+            signals.next().await;
             drop(emulator);
             Ok(ExitCode::SUCCESS)
         }
@@ -455,8 +454,8 @@ async fn run_manifest(
     }
 }
 
-/// Waits for Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send), and names
-/// the one that came.
+/// Ctrl-C (SIGINT) and SIGTERM (what `kill`, systemd and Kubernetes send), listened for from
+/// the moment this exists.
 struct StopSignals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
@@ -503,6 +502,7 @@ async fn run_broker(listen: SocketAddr, topics: &[String]) -> anyhow::Result<Exi
         })?;
     }
     let servers = broker.bootstrap_servers();
+    let mut signals = StopSignals::listen().context("listening for Ctrl-C")?;
     println!(
         "embedded Kafka broker listening on {servers} (kcat -b {servers} -L); Ctrl-C stops it."
     );
@@ -510,9 +510,7 @@ async fn run_broker(listen: SocketAddr, topics: &[String]) -> anyhow::Result<Exi
         "switchyard processes connect with --broker '{}'",
         messages::embedded_broker_url(servers)
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    signals.next().await;
     Ok(ExitCode::SUCCESS)
 }
 

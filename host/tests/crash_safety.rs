@@ -50,6 +50,7 @@ async fn kill_the_classifier_mid_run(broker: StandaloneBroker) -> Outcome {
         "killed the classifier after {} predictions",
         predictions.distinct()
     );
+    // The host stays dead a set time, as after a crash before its supervisor restarts it.
     tokio::time::sleep(DOWNTIME).await;
     // What the dead host sent before it died may still have been on its way.
     predictions.drain();

@@ -1,6 +1,7 @@
-//! Real `switchyard run` processes for the crash and scale-out tests: the classifier and the
-//! producer, each in a process of its own against a standalone broker, started, killed with
-//! SIGKILL or stopped with SIGTERM, and the predictions they make counted by request id.
+//! Real `switchyard` processes for the tests of the binary (`cli_run`, crash safety, scale-out):
+//! started, waited on by their log lines, killed with SIGKILL or stopped with a signal; for the
+//! pipeline tests, the classifier and the producer against a standalone broker, and the
+//! predictions they make counted by request id.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,8 +72,16 @@ pub struct Host {
 impl Host {
     /// Starts `switchyard run MANIFEST --broker URL`.
     pub fn spawn(name: &str, manifest: &Path, broker_url: &str) -> Self {
+        Self::start(
+            name,
+            &["run", manifest.to_str().unwrap(), "--broker", broker_url],
+        )
+    }
+
+    /// Starts `switchyard ARGS…`.
+    pub fn start(name: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["run", manifest.to_str().unwrap(), "--broker", broker_url])
+            .args(args)
             .env_remove("BROKER")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -104,20 +113,20 @@ impl Host {
         self
     }
 
-    /// Waits for a log line containing `needle`.
-    pub async fn wait_for(&mut self, needle: &str) {
+    /// Waits for a log line containing `needle`, and returns it.
+    pub async fn wait_for(&mut self, needle: &str) -> String {
         let name = &self.name;
         let lines = &mut self.lines;
         tokio::time::timeout(WAIT, async {
             while let Some(line) = lines.recv().await {
                 if line.contains(needle) {
-                    return;
+                    return line;
                 }
             }
             panic!("{name} exited before saying {needle:?}");
         })
         .await
-        .unwrap_or_else(|_| panic!("{name} did not say {needle:?} within {WAIT:?}"));
+        .unwrap_or_else(|_| panic!("{name} did not say {needle:?} within {WAIT:?}"))
     }
 
     /// SIGKILL: the process gets no chance to commit, settle or leave its group.
@@ -127,9 +136,15 @@ impl Host {
 
     /// SIGTERM; checks the exit status (0) and returns standard output.
     pub async fn stop(self) -> String {
+        self.signal(libc::SIGTERM).await
+    }
+
+    /// Sends `signal` (SIGINT is Ctrl-C); checks the exit status (0) and returns standard
+    /// output.
+    pub async fn signal(self, signal: libc::c_int) -> String {
         let pid = libc::pid_t::try_from(self.child.id().unwrap()).unwrap();
         // SAFETY: kill(2) with the pid of a child this test spawned and has not waited for.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         self.exit().await
     }
 
