@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::{self, ConnectedBroker};
 use crate::broker::{
-    BrokerError, IncomingMessage, OutgoingMessage, Publisher, Settle, StartPosition, Subscriber,
-    SubscriptionSpec, TopicSpec,
+    BrokerError, ErrorKind, IncomingMessage, OutgoingMessage, Publisher, Settle, StartPosition,
+    Subscriber, SubscriptionSpec, TopicSpec,
 };
 use crate::config::BrokerConfig;
 
@@ -374,7 +374,7 @@ impl Consumer {
     pub fn consume(&self) -> impl Stream<Item = Result<Received, ClientError>> + '_ {
         futures::stream::unfold(self, |consumer| async move {
             match consumer.next().await {
-                Err(ClientError::Broker(BrokerError::Closed)) => None,
+                Err(ClientError::Broker(error)) if error.kind() == ErrorKind::Closed => None,
                 item => Some((item, consumer)),
             }
         })

@@ -4,7 +4,8 @@
 //! requests, and the broker down for 3 s and back up, all while messages flow. A handler
 //! (the test handler's `echo`) forwards each of 300 numbered messages from one topic to
 //! another; every number arrives on the other side, the handler never gives up on one, and the
-//! test prints how long the whole run took and how many came twice.
+//! test prints how long the whole run took and how many came twice. A refusal (an
+//! authorization failure) keeps its kind and code.
 
 mod support;
 
@@ -14,15 +15,18 @@ use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
 use switchyard::broker::embedded::ApiKey;
-use switchyard::broker::{Broker, OutgoingMessage};
+use switchyard::broker::{Broker, ErrorKind, OutgoingMessage};
 use switchyard::config::{ComponentConfig, RetryPolicy};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 const MESSAGES: usize = 300;
+/// How long the broker stays down.
+const OUTAGE: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_loses_nothing_through_delays_request_errors_and_a_broker_outage() {
+    let log = support::capture_logs();
     let (cluster, broker) = support::embedded().await;
     let (input, output, group) = (
         support::unique("in"),
@@ -67,9 +71,18 @@ async fn a_handler_loses_nothing_through_delays_request_errors_and_a_broker_outa
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each fault comes once the handler has got through a further share of the messages, so
+    // every one of them meets messages in flight.
+    let mut settled = handler.stats().settled();
+    let mut after = async |count: u64| {
+        tokio::time::timeout(WAIT, settled.wait_for(|n| *n >= count))
+            .await
+            .unwrap_or_else(|_| panic!("{count} messages handled"))
+            .unwrap();
+    };
+    after(30).await;
     cluster.set_round_trip(Duration::from_millis(300));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    after(60).await;
     cluster.set_round_trip(Duration::ZERO);
     let retriable = [
         RDKafkaErrorCode::RequestTimedOut,
@@ -84,9 +97,11 @@ async fn a_handler_loses_nothing_through_delays_request_errors_and_a_broker_outa
     ] {
         cluster.fail_requests(api, &retriable);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    after(100).await;
+    let logged_before_outage = log.borrow().len();
     cluster.set_down();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The outage itself lasts a set time: that is the fault.
+    tokio::time::sleep(OUTAGE).await;
     cluster.set_up();
     tokio::time::timeout(WAIT, sending)
         .await
@@ -105,7 +120,23 @@ async fn a_handler_loses_nothing_through_delays_request_errors_and_a_broker_outa
     }
     let took = started.elapsed();
     let twice: usize = seen.values().map(|n| n - 1).sum();
-    eprintln!("all {MESSAGES} forwarded in {took:?}; {twice} came twice");
+    let outage_log = log.borrow()[logged_before_outage..].to_string();
+    let reports: Vec<&str> = outage_log
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("receiving from"))
+        .collect();
+    eprintln!(
+        "all {MESSAGES} forwarded in {took:?}; {twice} came twice; the outage took {} log \
+         lines",
+        reports.len()
+    );
+    // Two subscribers (the handler's and the reader's), each reporting an outage once; a
+    // summary would come only after 30 s.
+    assert!(
+        reports.len() <= 2,
+        "the outage is logged once per subscriber, not once per error:\n{}",
+        reports.join("\n")
+    );
     for number in 0..MESSAGES {
         assert!(seen.contains_key(&format!("echo {output} {number}")));
     }
@@ -113,4 +144,40 @@ async fn a_handler_loses_nothing_through_delays_request_errors_and_a_broker_outa
     assert_eq!(HandlerStats::get(&stats.gave_up), 0, "nothing given up");
     reader.close().await.unwrap();
     handler.stop().await.unwrap();
+}
+
+/// A refusal keeps its kind and the broker's code through the broker layer, so a caller can
+/// tell a revoked right (fix the ACLs) from an outage (wait) without reading the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refusal_keeps_its_kind_and_code() {
+    let (cluster, broker) = support::embedded().await;
+    let topic = support::unique("acl");
+    support::create_topics(broker.as_ref(), &[&topic]).await;
+    let publisher = broker.publisher().await.unwrap();
+    cluster.fail_requests(
+        ApiKey::Produce,
+        &[RDKafkaErrorCode::TopicAuthorizationFailed],
+    );
+    let refused = publisher
+        .publish(OutgoingMessage {
+            topic: topic.clone(),
+            payload: b"x".to_vec(),
+            ..OutgoingMessage::default()
+        })
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .expect_err("the broker refuses the produce request");
+    assert_eq!(refused.kind(), ErrorKind::PermissionDenied, "{refused:?}");
+    assert_eq!(refused.code(), Some("TopicAuthorizationFailed"));
+    assert!(!refused.is_transient());
+    assert!(
+        refused.to_string().contains("ACLs"),
+        "the message says the fix: {refused}"
+    );
+    assert!(
+        std::error::Error::source(&refused).is_some(),
+        "librdkafka's error is kept: {refused:?}"
+    );
 }

@@ -206,8 +206,8 @@ impl Publisher for RefusingPublisher {
         if message.topic.ends_with(".dlq") {
             self.refused.send_modify(|n| *n += 1);
             return Ok(DeliveryReceipt::new(Box::pin(async {
-                Err(BrokerError::Rejected(
-                    "injected: the dead letter is refused".into(),
+                Err(BrokerError::rejected(
+                    "injected: the dead letter is refused",
                 ))
             })));
         }

@@ -59,10 +59,11 @@ impl EmbeddedKafka {
     pub async fn start(listen: Option<SocketAddr>) -> Result<Self, BrokerError> {
         let listener = match listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                BrokerError::Connection(format!(
-                    "cannot listen on {addr} for the embedded broker: {e}. Is another broker \
+                BrokerError::unavailable(format!(
+                    "cannot listen on {addr} for the embedded broker. Is another broker \
                      running there? Stop it or choose another port (--port)"
                 ))
+                .with_source(e)
             })?),
             None => None,
         };
@@ -70,12 +71,12 @@ impl EmbeddedKafka {
         let handle: BaseProducer = ClientConfig::new()
             .set("log_level", "3")
             .create()
-            .map_err(|e| BrokerError::Config(format!("cannot create the embedded broker: {e}")))?;
+            .map_err(|e| BrokerError::config("cannot create the embedded broker").with_source(e))?;
         // SAFETY: the handle is a live client; the cluster is destroyed in Drop before it.
         let cluster = unsafe { rdsys::rd_kafka_mock_cluster_new(handle.client().native_ptr(), 1) };
         if cluster.is_null() {
-            return Err(BrokerError::Config(
-                "librdkafka could not start its mock cluster (see the log above)".into(),
+            return Err(BrokerError::config(
+                "librdkafka could not start its mock cluster (see the log above)",
             ));
         }
         // New groups rebalance at once instead of waiting 3 s for more members: a demo's
@@ -95,11 +96,12 @@ impl EmbeddedKafka {
             _handle: handle,
         };
         if let Some(listener) = listener {
-            let public = listener
-                .local_addr()
-                .map_err(|e| BrokerError::Connection(format!("embedded broker: {e}")))?;
+            let public = listener.local_addr().map_err(|e| {
+                BrokerError::unavailable("the embedded broker's listener has no address")
+                    .with_source(e)
+            })?;
             let host = CString::new(public.ip().to_string())
-                .map_err(|e| BrokerError::Config(e.to_string()))?;
+                .map_err(|e| BrokerError::config("the listener's address").with_source(e))?;
             // SAFETY: cluster is valid, host is a NUL-terminated string copied by the callee.
             unsafe {
                 rdsys::rd_kafka_mock_broker_set_host_port(
@@ -123,7 +125,7 @@ impl EmbeddedKafka {
     /// Creates a topic; an existing topic is left as it is.
     pub fn create_topic(&self, topic: &TopicSpec) -> Result<(), BrokerError> {
         let name = CString::new(topic.name.as_str()).map_err(|_| {
-            BrokerError::Rejected(format!("topic name {:?} contains a NUL byte", topic.name))
+            BrokerError::rejected(format!("topic name {:?} contains a NUL byte", topic.name))
         })?;
         // SAFETY: cluster is valid; name is NUL-terminated and copied by the callee.
         let err = unsafe {
@@ -133,10 +135,11 @@ impl EmbeddedKafka {
         match code {
             rdkafka::types::RDKafkaErrorCode::NoError
             | rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => Ok(()),
-            other => Err(BrokerError::Rejected(format!(
+            other => Err(BrokerError::rejected(format!(
                 "the embedded broker refused to create topic {:?}: {other}",
                 topic.name
-            ))),
+            ))
+            .with_code(format!("{other:?}"))),
         }
     }
 }

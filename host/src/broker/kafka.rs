@@ -32,10 +32,10 @@ use tokio::sync::watch;
 
 use super::embedded::EmbeddedKafka;
 use super::offsets::InFlight;
+use super::outage::OutageLog;
 use super::{
-    Broker, BrokerError, CONTENT_TYPE_HEADER, Delivery, DeliveryReceipt, IncomingMessage,
-    OffsetTracker, OutgoingMessage, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec,
-    TopicSpec,
+    Broker, BrokerError, Delivery, DeliveryReceipt, ErrorKind, OffsetTracker, OutgoingMessage,
+    Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicSpec, wire,
 };
 
 /// How long to wait between attempts to enqueue while librdkafka's local queue is full.
@@ -182,22 +182,27 @@ impl Kafka {
             (result, probe)
         })
         .await
-        .map_err(|e| BrokerError::Connection(e.to_string()))?;
+        .map_err(|e| BrokerError::unavailable("the connection check stopped").with_source(e))?;
         result.map_err(|e| {
-            let last = probe.context().last();
-            let (detail, fix) = match &last {
-                Some(reason) => (format!("{e}: {reason}"), connection_fix(reason)),
-                None => (e.to_string(), None),
-            };
-            BrokerError::Connection(format!(
-                "cannot reach Kafka at {} within {} ms ({detail}). {}",
-                self.config.bootstrap_servers,
-                self.config.connect_timeout_ms,
-                fix.unwrap_or(
-                    "Is the broker running? Start the embedded one with `switchyard broker`, \
-                     or pass the right address (--broker kafka://HOST:PORT)"
-                )
-            ))
+            let reason = probe.context().last();
+            let (kind, fix) = reason.as_deref().and_then(connection_fix).unwrap_or((
+                ErrorKind::Unavailable,
+                "Is the broker running? Start the embedded one with `switchyard broker`, or \
+                     pass the right address (--broker kafka://HOST:PORT)",
+            ));
+            let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+            let error = BrokerError::new(
+                kind,
+                format!(
+                    "cannot reach Kafka at {} within {} ms{reason}. {fix}",
+                    self.config.bootstrap_servers, self.config.connect_timeout_ms,
+                ),
+            );
+            match error_code(&e) {
+                Some(code) => error.with_code(format!("{code:?}")),
+                None => error,
+            }
+            .with_source(e)
         })
     }
 }
@@ -233,22 +238,24 @@ impl rdkafka::producer::ProducerContext for ConnectionErrors {
     fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
 }
 
-/// The fix for a connection failure whose reason names TLS or SASL, which a wrong
-/// `security.protocol` or wrong credentials cause.
-fn connection_fix(reason: &str) -> Option<&'static str> {
+/// The kind and the fix of a connection failure whose reason names TLS or SASL, which a
+/// wrong `security.protocol`, certificate or credentials cause.
+fn connection_fix(reason: &str) -> Option<(ErrorKind, &'static str)> {
     let reason = reason.to_ascii_lowercase();
     if reason.contains("ssl") || reason.contains("certificate") {
-        Some(
+        Some((
+            ErrorKind::Config,
             "The TLS connection failed: security.protocol=SSL or SASL_SSL needs a TLS listener \
              (PLAINTEXT and SASL_PLAINTEXT a plain one), and a broker certificate the host \
              trusts (ssl.ca.location names the CA file when it is not a system one)",
-        )
+        ))
     } else if reason.contains("sasl") || reason.contains("authentication") {
-        Some(
+        Some((
+            ErrorKind::PermissionDenied,
             "The broker refused the login: check sasl.mechanisms (PLAIN, SCRAM-SHA-256, \
              SCRAM-SHA-512 or OAUTHBEARER), sasl.username and sasl.password, and that \
              security.protocol is SASL_SSL or SASL_PLAINTEXT as the listener expects",
-        )
+        ))
     } else {
         None
     }
@@ -263,7 +270,7 @@ pub fn check_topic_name(name: &str) -> Result<(), BrokerError> {
         || name == "."
         || name == ".."
     {
-        return Err(BrokerError::Rejected(format!(
+        return Err(BrokerError::rejected(format!(
             "{name:?} is not a valid Kafka topic name: use 1 to 249 letters, digits, '.', '_' or '-'"
         )));
     }
@@ -271,10 +278,11 @@ pub fn check_topic_name(name: &str) -> Result<(), BrokerError> {
 }
 
 fn config_error(e: KafkaError) -> BrokerError {
-    BrokerError::Config(format!(
-        "invalid Kafka settings: {e}. Check the [broker.kafka] properties against \
-         librdkafka's CONFIGURATION.md"
-    ))
+    BrokerError::config(
+        "invalid Kafka settings. Check the [broker.kafka] properties against librdkafka's \
+         CONFIGURATION.md",
+    )
+    .with_source(e)
 }
 
 /// The librdkafka error code of an error, admin operations included (rdkafka's own accessor
@@ -307,23 +315,64 @@ fn is_transient(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// The kind of a librdkafka error, by its code; errors without a code (a client that could
+/// not be created) are configuration errors.
+fn error_kind(e: &KafkaError) -> ErrorKind {
+    let Some(code) = error_code(e) else {
+        return match e {
+            KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => ErrorKind::Config,
+            KafkaError::Canceled => ErrorKind::Closed,
+            _ => ErrorKind::Unavailable,
+        };
+    };
+    match code {
+        RDKafkaErrorCode::MessageTimedOut
+        | RDKafkaErrorCode::RequestTimedOut
+        | RDKafkaErrorCode::OperationTimedOut => ErrorKind::Timeout,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::GroupAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed
+        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+        | RDKafkaErrorCode::DelegationTokenAuthorizationFailed
+        | RDKafkaErrorCode::SaslAuthenticationFailed
+        | RDKafkaErrorCode::Authentication => ErrorKind::PermissionDenied,
+        RDKafkaErrorCode::UnknownTopicOrPartition
+        | RDKafkaErrorCode::UnknownTopic
+        | RDKafkaErrorCode::UnknownPartition => ErrorKind::NotFound,
+        RDKafkaErrorCode::InvalidTopic
+        | RDKafkaErrorCode::MessageSizeTooLarge
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::InvalidMessage
+        | RDKafkaErrorCode::InvalidRecord
+        | RDKafkaErrorCode::MessageBatchTooLarge
+        | RDKafkaErrorCode::PolicyViolation
+        | RDKafkaErrorCode::InvalidPartitions
+        | RDKafkaErrorCode::InvalidReplicationFactor
+        | RDKafkaErrorCode::InvalidConfig
+        | RDKafkaErrorCode::InvalidRequest
+        | RDKafkaErrorCode::UnsupportedVersion => ErrorKind::Rejected,
+        RDKafkaErrorCode::BrokerDestroy => ErrorKind::Closed,
+        code if is_transient(code) => ErrorKind::Unavailable,
+        // Unknown to this table: librdkafka retries most errors by itself, so treat it as
+        // one that may pass.
+        _ => ErrorKind::Unavailable,
+    }
+}
+
+/// A librdkafka error as a [`BrokerError`]: its kind, its code and the error itself.
 fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
+    let kind = error_kind(e);
+    let message = match kind {
+        ErrorKind::PermissionDenied => format!(
+            "{what}: the broker refused the credentials or their rights. Check sasl.username, \
+             sasl.password and the ACLs of the topic and the group"
+        ),
+        _ => what.to_string(),
+    };
+    let error = BrokerError::new(kind, message).with_source(e.clone());
     match error_code(e) {
-        Some(
-            RDKafkaErrorCode::MessageTimedOut
-            | RDKafkaErrorCode::RequestTimedOut
-            | RDKafkaErrorCode::OperationTimedOut,
-        ) => BrokerError::Timeout(format!("{what}: {e}")),
-        Some(
-            RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::GroupAuthorizationFailed
-            | RDKafkaErrorCode::ClusterAuthorizationFailed
-            | RDKafkaErrorCode::UnknownTopicOrPartition
-            | RDKafkaErrorCode::UnknownTopic
-            | RDKafkaErrorCode::InvalidTopic
-            | RDKafkaErrorCode::MessageSizeTooLarge,
-        ) => BrokerError::Rejected(format!("{what}: {e}")),
-        _ => BrokerError::Connection(format!("{what}: {e}")),
+        Some(code) => error.with_code(format!("{code:?}")),
+        None => error,
     }
 }
 
@@ -363,7 +412,7 @@ impl Broker for Kafka {
                 Ok::<_, KafkaError>((names, admin.inner().fetch_cluster_id(timeout)))
             })
             .await
-            .map_err(|e| BrokerError::Connection(e.to_string()))?
+            .map_err(|e| BrokerError::unavailable("listing topics stopped").with_source(e))?
             .map_err(|e| kafka_error("listing topics", &e))?
         };
         let missing: Vec<&TopicSpec> = topics
@@ -438,10 +487,18 @@ impl Broker for Kafka {
                     tracing::info!("broker cannot create topics; they are created on first use");
                 }
                 Err((name, code)) => {
-                    return Err(BrokerError::Rejected(format!(
-                        "cannot create topic {name:?}: {code}. Create it yourself, or set \
-                         create_topics = false if it exists and the check lacks permission"
-                    )));
+                    let kind = match error_kind(&KafkaError::AdminOp(code)) {
+                        ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+                        _ => ErrorKind::Rejected,
+                    };
+                    return Err(BrokerError::new(
+                        kind,
+                        format!(
+                            "cannot create topic {name:?}: {code}. Create it yourself, or set \
+                             create_topics = false if it exists and the check lacks permission"
+                        ),
+                    )
+                    .with_code(format!("{code:?}")));
                 }
             }
         }
@@ -517,6 +574,7 @@ impl Broker for Kafka {
             consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
             tracker,
             joined: joined_receiver,
+            outage: OutageLog::new(format!("group {:?} receiving from {topics:?}", spec.group)),
         }))
     }
 }
@@ -529,23 +587,18 @@ struct KafkaPublisher {
 impl Publisher for KafkaPublisher {
     async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
         check_topic_name(&message.topic)?;
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 1);
-        if let Some(content_type) = &message.content_type {
+        let sent_headers = wire::outgoing_headers(&message);
+        let mut headers = OwnedHeaders::new_with_capacity(sent_headers.len());
+        for (key, value) in sent_headers {
             headers = headers.insert(Header {
-                key: CONTENT_TYPE_HEADER,
-                value: Some(content_type.as_str()),
-            });
-        }
-        for (key, value) in &message.headers {
-            headers = headers.insert(Header {
-                key: key.as_str(),
-                value: Some(value.as_str()),
+                key,
+                value: Some(value),
             });
         }
         let mut record = FutureRecord::to(&message.topic)
             .payload(&message.payload)
             .headers(headers);
-        if let Some(key) = &message.key {
+        if let Some(key) = wire::outgoing_key(&message) {
             record = record.key(key);
         }
         let topic = message.topic.clone();
@@ -557,8 +610,8 @@ impl Publisher for KafkaPublisher {
                         Ok(Err((e, _))) => {
                             Err(kafka_error(&format!("delivering to topic {topic:?}"), &e))
                         }
-                        Err(_) => Err(BrokerError::Connection(
-                            "the producer shut down before the broker answered".into(),
+                        Err(_) => Err(BrokerError::unavailable(
+                            "the producer shut down before the broker answered",
                         )),
                     });
                     return Ok(DeliveryReceipt::new(receipt.boxed()));
@@ -576,7 +629,7 @@ impl Publisher for KafkaPublisher {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
-            .map_err(|e| BrokerError::Connection(e.to_string()))?
+            .map_err(|e| BrokerError::unavailable("flushing stopped").with_source(e))?
             .map_err(|e| kafka_error("flushing the producer", &e))
     }
 }
@@ -629,6 +682,7 @@ struct KafkaSubscriber {
     consumer: std::sync::Mutex<Option<Arc<GroupConsumer>>>,
     tracker: Arc<OffsetTracker>,
     joined: watch::Receiver<bool>,
+    outage: OutageLog,
 }
 
 impl KafkaSubscriber {
@@ -637,7 +691,7 @@ impl KafkaSubscriber {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or(BrokerError::Closed)
+            .ok_or_else(BrokerError::closed)
     }
 }
 
@@ -649,7 +703,7 @@ impl Subscriber for KafkaSubscriber {
             .wait_for(|joined| *joined)
             .await
             .map(|_| ())
-            .map_err(|_| BrokerError::Closed)
+            .map_err(|_| BrokerError::closed())
     }
 
     async fn next(&self) -> Result<Delivery, BrokerError> {
@@ -659,35 +713,32 @@ impl Subscriber for KafkaSubscriber {
                 Ok(message) => message,
                 Err(e) => {
                     let error = kafka_error("receiving", &e);
-                    if matches!(error, BrokerError::Rejected(_)) {
-                        return Err(error);
+                    match error.kind() {
+                        ErrorKind::PermissionDenied | ErrorKind::NotFound | ErrorKind::Rejected => {
+                            return Err(error);
+                        }
+                        // Passes by itself (a broker restart, a rebalance): librdkafka
+                        // reconnects on its own.
+                        _ => self.outage.error(&error),
                     }
-                    // Transient (broker restart, rebalance): librdkafka reconnects by itself.
-                    tracing::warn!("{error}");
                     continue;
                 }
             };
-            let mut incoming = IncomingMessage {
-                topic: message.topic().to_string(),
-                position: format!("{}@{}", message.partition(), message.offset()),
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                headers: Vec::new(),
-                content_type: None,
-                delivery_attempt: None,
-            };
-            if let Some(headers) = message.headers() {
-                for header in headers.iter() {
+            self.outage.received();
+            let headers = message.headers().into_iter().flat_map(|headers| {
+                headers.iter().map(|header| {
                     let value = String::from_utf8_lossy(header.value.unwrap_or_default());
-                    if header.key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
-                        incoming.content_type = Some(value.into_owned());
-                    } else {
-                        incoming
-                            .headers
-                            .push((header.key.to_string(), value.into_owned()));
-                    }
-                }
-            }
+                    (header.key.to_string(), value.into_owned())
+                })
+            });
+            let incoming = wire::incoming_message(
+                message.topic(),
+                format!("{}@{}", message.partition(), message.offset()),
+                message.key(),
+                message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers,
+                None,
+            );
             let in_flight =
                 self.tracker
                     .delivered(message.topic(), message.partition(), message.offset());
@@ -754,14 +805,14 @@ impl Subscriber for KafkaSubscriber {
         std::thread::Builder::new()
             .name("kafka-close".into())
             .spawn(closer)
-            .map_err(|e| BrokerError::Connection(format!("cannot start closing: {e}")))?;
+            .map_err(|e| BrokerError::unavailable("cannot start closing").with_source(e))?;
         match tokio::time::timeout(CLOSE_TIMEOUT, finished).await {
             Ok(Ok(result)) => {
                 result.map_err(|e| kafka_error("committing offsets on close", &e))?;
             }
             Ok(Err(_)) => {
-                return Err(BrokerError::Connection(
-                    "closing the consumer failed before it finished".into(),
+                return Err(BrokerError::unavailable(
+                    "closing the consumer failed before it finished",
                 ));
             }
             Err(_) => tracing::warn!(

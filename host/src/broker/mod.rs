@@ -9,11 +9,14 @@
 
 pub mod dead_letter;
 pub mod embedded;
+mod error;
 pub mod kafka;
 mod offsets;
+mod outage;
 pub mod pubsub;
 pub mod pubsub_emulator;
 pub mod window;
+mod wire;
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,30 +25,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 
+pub use error::{BrokerError, ErrorKind};
 pub use offsets::OffsetTracker;
 
 /// Header carrying a message's content type on backends without a native field for it.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
-
-/// What went wrong talking to a broker. Every message says what to do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// The broker could not be reached or the connection failed.
-    #[error("{0}")]
-    Connection(String),
-    /// The broker did not answer in time.
-    #[error("{0}")]
-    Timeout(String),
-    /// The broker refused the operation (authorisation, unknown topic, invalid name).
-    #[error("{0}")]
-    Rejected(String),
-    /// The settings given to the backend are wrong.
-    #[error("{0}")]
-    Config(String),
-    /// The subscription was closed; no more deliveries will come.
-    #[error("the subscription is closed")]
-    Closed,
-}
 
 /// A message to publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,9 +40,11 @@ pub struct OutgoingMessage {
     pub key: Option<Vec<u8>>,
     /// The payload.
     pub payload: Vec<u8>,
-    /// Headers (Kafka) or attributes (Pub/Sub).
+    /// Headers (Kafka) or attributes (Pub/Sub). Every backend sends them as a map: a repeated
+    /// name keeps its last value, and a `content-type` header is the content type.
     pub headers: Vec<(String, String)>,
-    /// Content type of the payload, carried in the `content-type` header on Kafka.
+    /// Content type of the payload, carried in the `content-type` header; it wins over a
+    /// `content-type` header among `headers`.
     pub content_type: Option<String>,
 }
 
@@ -73,7 +59,8 @@ pub struct IncomingMessage {
     pub key: Option<Vec<u8>>,
     /// The payload.
     pub payload: Vec<u8>,
-    /// Headers (without the content-type header, which is in `content_type`).
+    /// Headers, one per name and sorted by name on every backend (Pub/Sub attributes have no
+    /// order), without the content-type header, which is in `content_type`.
     pub headers: Vec<(String, String)>,
     /// Content type of the payload, if the sender gave one.
     pub content_type: Option<String>,
@@ -167,7 +154,10 @@ pub trait Publisher: Send + Sync {
 /// A membership in a consumer group (Kafka) or subscription (Pub/Sub).
 #[async_trait]
 pub trait Subscriber: Send + Sync {
-    /// The next delivery; waits until one arrives.
+    /// The next delivery; waits until one arrives. Failures that pass by themselves (the
+    /// broker away, a rebalance) are retried inside, and logged at a bounded rate while they
+    /// last; the error returned is one that needs someone ([`ErrorKind::PermissionDenied`],
+    /// [`ErrorKind::NotFound`]) or [`ErrorKind::Closed`].
     async fn next(&self) -> Result<Delivery, BrokerError>;
 
     /// Waits until the subscription is receiving: a Kafka member has joined its group and
@@ -200,7 +190,7 @@ impl SubscriptionSpec {
     /// Refuses a subscription without topics, which every backend would wait on forever.
     pub fn check(&self) -> Result<(), BrokerError> {
         if self.topics.is_empty() {
-            return Err(BrokerError::Config(format!(
+            return Err(BrokerError::config(format!(
                 "subscription {:?} names no topics",
                 self.group
             )));

@@ -39,9 +39,10 @@ use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::outage::OutageLog;
 use super::{
-    Broker, BrokerError, CONTENT_TYPE_HEADER, Delivery, DeliveryReceipt, IncomingMessage,
-    OutgoingMessage, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
+    Broker, BrokerError, Delivery, DeliveryReceipt, ErrorKind, OutgoingMessage, Publisher, Settle,
+    StartPosition, Subscriber, SubscriptionSpec, TopicSpec, wire,
 };
 
 /// Attribute that stands in for an empty message: Pub/Sub refuses a message with neither data
@@ -209,21 +210,39 @@ macro_rules! configure {
     }};
 }
 
-fn rpc_error(what: &str, e: &google_cloud_pubsub::Error) -> BrokerError {
-    let code = e.status().map(|s| s.code);
+/// A Pub/Sub error (or a publish's shared one) as a [`BrokerError`]: its kind by the gRPC
+/// code, the code, and the error.
+fn rpc_error<E>(what: &str, e: E) -> BrokerError
+where
+    E: std::borrow::Borrow<google_cloud_pubsub::Error> + std::error::Error + Send + Sync + 'static,
+{
+    let code = e.borrow().status().map(|s| s.code);
+    let (kind, message) = match code {
+        Some(Code::NotFound) => (
+            ErrorKind::NotFound,
+            format!("{what}: not found. Create it, or set create_resources = true"),
+        ),
+        Some(Code::PermissionDenied | Code::Unauthenticated) => (
+            ErrorKind::PermissionDenied,
+            format!(
+                "{what}: permission denied. Check the credentials (Application Default \
+                 Credentials, or GOOGLE_APPLICATION_CREDENTIALS) and their IAM roles"
+            ),
+        ),
+        Some(Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange) => {
+            (ErrorKind::Rejected, what.to_string())
+        }
+        Some(Code::DeadlineExceeded) => (ErrorKind::Timeout, what.to_string()),
+        Some(Code::Cancelled) => (ErrorKind::Closed, what.to_string()),
+        _ if e.borrow().is_timeout() => (ErrorKind::Timeout, what.to_string()),
+        _ => (ErrorKind::Unavailable, what.to_string()),
+    };
+    let error = BrokerError::new(kind, message);
     match code {
-        Some(Code::NotFound) => BrokerError::Rejected(format!(
-            "{what}: not found ({e}). Create it, or set create_resources = true"
-        )),
-        Some(Code::PermissionDenied | Code::Unauthenticated) => BrokerError::Rejected(format!(
-            "{what}: permission denied ({e}). Check the credentials (Application Default \
-             Credentials, or GOOGLE_APPLICATION_CREDENTIALS) and their IAM roles"
-        )),
-        Some(Code::InvalidArgument) => BrokerError::Rejected(format!("{what}: {e}")),
-        Some(Code::DeadlineExceeded) => BrokerError::Timeout(format!("{what}: {e}")),
-        _ if e.is_timeout() => BrokerError::Timeout(format!("{what}: {e}")),
-        _ => BrokerError::Connection(format!("{what}: {e}")),
+        Some(code) => error.with_code(format!("{code:?}")),
+        None => error,
     }
+    .with_source(e)
 }
 
 fn is_code(e: &google_cloud_pubsub::Error, wanted: Code) -> bool {
@@ -241,7 +260,7 @@ pub fn check_resource_id(kind: &str, id: &str) -> Result<(), BrokerError> {
     if ok {
         Ok(())
     } else {
-        Err(BrokerError::Rejected(format!(
+        Err(BrokerError::rejected(format!(
             "{id:?} is not a valid Pub/Sub {kind} name: use 3 to 255 letters, digits or -_.~+%, \
              starting with a letter and not with \"goog\""
         )))
@@ -251,8 +270,7 @@ pub fn check_resource_id(kind: &str, id: &str) -> Result<(), BrokerError> {
 /// A Pub/Sub project, reached through Google's SDK.
 pub struct PubSub {
     config: PubSubConfig,
-    topics: TopicAdmin,
-    subscriptions: SubscriptionAdmin,
+    resources: Arc<Resources>,
     base_publisher: BasePublisher,
     subscriber: SdkSubscriber,
     publisher: tokio::sync::OnceCell<Arc<PubSubPublisher>>,
@@ -272,7 +290,7 @@ impl PubSub {
     pub async fn connect(config: PubSubConfig) -> Result<Self, BrokerError> {
         check_project(&config.project)?;
         let build_error = |e: google_cloud_gax::client_builder::Error| {
-            BrokerError::Config(format!("cannot set up the Pub/Sub client: {e}"))
+            BrokerError::config("cannot set up the Pub/Sub client").with_source(e)
         };
         let topics = configure!(TopicAdmin::builder(), config)
             .build()
@@ -291,9 +309,12 @@ impl PubSub {
             .await
             .map_err(build_error)?;
         let pubsub = Self {
+            resources: Arc::new(Resources {
+                config: config.clone(),
+                topics,
+                subscriptions,
+            }),
             config,
-            topics,
-            subscriptions,
             base_publisher,
             subscriber,
             publisher: tokio::sync::OnceCell::new(),
@@ -317,13 +338,14 @@ impl PubSub {
     async fn check_reachable(&self) -> Result<(), BrokerError> {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let probe = self
+            .resources
             .topics
             .list_topics()
             .set_project(format!("projects/{}", self.config.project))
             .set_page_size(1)
             .send();
         let failure = |detail: String| {
-            BrokerError::Connection(format!(
+            BrokerError::unavailable(format!(
                 "cannot reach Pub/Sub at {} within {} ms ({detail}). Is the emulator running? \
                  Start one with `just pubsub-emulator`, or set PUBSUB_EMULATOR_HOST / the \
                  endpoint",
@@ -343,22 +365,34 @@ impl PubSub {
             Ok(Err(e)) => Err(failure(e.to_string())),
         }
     }
+}
 
-    async fn ensure_topic(&self, topic: &str) -> Result<(), BrokerError> {
+/// The admin clients, shared with the subscribers' pumps so that, with `create_resources`, a
+/// subscription that disappears (an emulator restarted, someone deleted it) is created again.
+struct Resources {
+    config: PubSubConfig,
+    topics: TopicAdmin,
+    subscriptions: SubscriptionAdmin,
+}
+
+impl Resources {
+    /// Creates a topic unless it exists; says whether it created it.
+    async fn ensure_topic(&self, topic: &str) -> Result<bool, BrokerError> {
         check_resource_id("topic", topic)?;
         let path = self.config.topic_path(topic);
         match self.topics.create_topic().set_name(&path).send().await {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, Code::AlreadyExists) => Ok(()),
-            Err(e) => Err(rpc_error(&format!("creating topic {topic:?}"), &e)),
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, Code::AlreadyExists) => Ok(false),
+            Err(e) => Err(rpc_error(&format!("creating topic {topic:?}"), e)),
         }
     }
 
+    /// Creates a subscription unless it exists; says whether it created it.
     async fn ensure_subscription(
         &self,
         subscription: &str,
         topic: &str,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
         check_resource_id("subscription", subscription)?;
         let mut request = self
             .subscriptions
@@ -377,11 +411,11 @@ impl PubSub {
         }
         let result = request.send().await;
         match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, Code::AlreadyExists) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, Code::AlreadyExists) => Ok(false),
             Err(e) => Err(rpc_error(
                 &format!("creating subscription {subscription:?} on topic {topic:?}"),
-                &e,
+                e,
             )),
         }
     }
@@ -394,14 +428,14 @@ impl PubSub {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| rpc_error(&format!("subscription {subscription:?}"), &e))
+            .map_err(|e| rpc_error(&format!("subscription {subscription:?}"), e))
     }
 }
 
 fn check_project(project: &str) -> Result<(), BrokerError> {
     let legal = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     if project.is_empty() || !project.chars().all(legal) {
-        return Err(BrokerError::Config(format!(
+        return Err(BrokerError::config(format!(
             "{project:?} is not a Google Cloud project id: use lowercase letters, digits and \
              hyphens (pubsub://my-project)"
         )));
@@ -424,7 +458,7 @@ impl Broker for PubSub {
             return Ok(());
         }
         for topic in topics {
-            self.ensure_topic(&topic.name).await?;
+            self.resources.ensure_topic(&topic.name).await?;
         }
         Ok(())
     }
@@ -434,8 +468,10 @@ impl Broker for PubSub {
             return Ok(());
         }
         for topic in topics {
-            self.ensure_topic(&topic.name).await?;
-            self.ensure_subscription(&topic.name, &topic.name).await?;
+            self.resources.ensure_topic(&topic.name).await?;
+            self.resources
+                .ensure_subscription(&topic.name, &topic.name)
+                .await?;
         }
         Ok(())
     }
@@ -461,13 +497,19 @@ impl Broker for PubSub {
             mpsc::channel(self.config.max_outstanding_messages.max(1) as usize);
         let mut streams = Vec::new();
         let acked = Arc::new(AckedIds::new());
+        let outage = Arc::new(OutageLog::new(format!(
+            "subscription {:?} receiving from {:?}",
+            spec.group, spec.topics
+        )));
         for topic in &spec.topics {
             let subscription = self
                 .config
                 .subscription_for(&spec.group, topic, spec.topics.len());
             if self.config.create_resources {
-                self.ensure_topic(topic).await?;
-                self.ensure_subscription(&subscription, topic).await?;
+                self.resources.ensure_topic(topic).await?;
+                self.resources
+                    .ensure_subscription(&subscription, topic)
+                    .await?;
                 if spec.start == StartPosition::Latest {
                     tracing::debug!(
                         "{subscription}: Pub/Sub subscriptions start at creation; `start` only \
@@ -475,7 +517,7 @@ impl Broker for PubSub {
                     );
                 }
             } else {
-                self.check_subscription(&subscription).await?;
+                self.resources.check_subscription(&subscription).await?;
             }
             for _ in 0..self.config.streams.max(1) {
                 streams.push(StreamSettings {
@@ -485,6 +527,11 @@ impl Broker for PubSub {
                     max_outstanding_messages: self.config.max_outstanding_messages,
                     ack_deadline_s: self.config.ack_deadline_s,
                     acked: acked.clone(),
+                    outage: outage.clone(),
+                    recreate: self
+                        .config
+                        .create_resources
+                        .then(|| (self.resources.clone(), subscription.clone())),
                 });
             }
         }
@@ -505,9 +552,14 @@ struct StreamSettings {
     max_outstanding_messages: i64,
     ack_deadline_s: i32,
     acked: Arc<AckedIds>,
+    /// Shared by every stream of the subscriber: one outage, one report.
+    outage: Arc<OutageLog>,
+    /// With `create_resources`: how to create the subscription (named here) again when it
+    /// is gone.
+    recreate: Option<(Arc<Resources>, String)>,
 }
 
-/// How many acknowledged message ids a member remembers (about 40 bytes each).
+/// How many acknowledged messages a member remembers (about 120 bytes each, 12 MB in all).
 const ACKED_IDS_KEPT: usize = 100_000;
 
 /// The ids of the messages this member acknowledged most recently. Pub/Sub delivers at least
@@ -517,6 +569,10 @@ const ACKED_IDS_KEPT: usize = 100_000;
 /// acknowledged again at once and never reaches the handler, so a redelivery costs no work
 /// and sends nothing twice. Duplicates across members (what a member that died had in hand)
 /// remain, as at-least-once allows.
+///
+/// An id is remembered with its publish time ([`acked_key`]): the emulator numbers messages
+/// 1, 2, 3… from its start, so after it restarts new messages carry the ids of old ones (found
+/// by `pubsub_restart.rs`: every new message was taken for a redelivery and dropped).
 struct AckedIds {
     kept: Mutex<(
         std::collections::HashSet<String>,
@@ -570,16 +626,24 @@ impl StreamSettings {
     }
 }
 
-/// How long a pump waits before reopening a stream that failed.
-const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a pump first waits before reopening a stream that failed; it doubles at every
+/// failure in a row up to [`REOPEN_BACKOFF_MAX`], so an emulator that restarts is back within
+/// a second while a long outage costs one attempt every few seconds.
+const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(250);
+
+/// The longest wait between two attempts to reopen a stream.
+const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Moves messages from one streaming pull into the subscriber's channel, reopening the stream
-/// when it fails (the error is passed on, so the consumer hears of it), until stopped.
+/// when it fails, until stopped. Failures that pass by themselves (the service unreachable,
+/// a deadline) go to the outage log; the others (a deleted subscription, revoked rights)
+/// are also passed on, so the consumer hears of them.
 async fn pump(
     settings: StreamSettings,
     sender: mpsc::Sender<Result<Delivery, BrokerError>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut backoff = REOPEN_BACKOFF_MIN;
     loop {
         let mut stream = settings.open();
         let shutdown = stream.shutdown_token();
@@ -594,7 +658,9 @@ async fn pump(
             };
             match next {
                 Some(Ok((message, handler))) => {
-                    if settings.acked.contains(&message.message_id) {
+                    settings.outage.received();
+                    backoff = REOPEN_BACKOFF_MIN;
+                    if settings.acked.contains(&acked_key(&message)) {
                         tracing::debug!(
                             "topic {:?}: message {} came again after it was acknowledged; \
                              acknowledging it again without handling it",
@@ -613,10 +679,14 @@ async fn pump(
                     }
                 }
                 Some(Err(e)) => {
-                    let error =
-                        rpc_error(&format!("receiving from topic {:?}", settings.topic), &e);
-                    tracing::warn!("{error}; reopening the stream");
-                    if sender.send(Err(error)).await.is_err() {
+                    let error = rpc_error(&format!("receiving from topic {:?}", settings.topic), e);
+                    if error.is_transient() {
+                        settings.outage.error(&error);
+                    } else if error.kind() == ErrorKind::NotFound
+                        && let Some((resources, subscription)) = &settings.recreate
+                    {
+                        recreate(resources, subscription, &settings.topic).await;
+                    } else if sender.send(Err(error)).await.is_err() {
                         return;
                     }
                     break;
@@ -626,36 +696,62 @@ async fn pump(
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(REOPEN_BACKOFF) => {}
+            _ = tokio::time::sleep(backoff) => {}
         }
+        backoff = (backoff * 2).min(REOPEN_BACKOFF_MAX);
+    }
+}
+
+/// Creates a subscription that is gone (and its topic) again. What was published while it
+/// did not exist is not in it: Pub/Sub keeps a topic's messages only for its subscriptions.
+async fn recreate(resources: &Resources, subscription: &str, topic: &str) {
+    let created = match resources.ensure_topic(topic).await {
+        Ok(_) => resources.ensure_subscription(subscription, topic).await,
+        Err(e) => Err(e),
+    };
+    match created {
+        Ok(true) => tracing::warn!(
+            "subscription {subscription:?} of topic {topic:?} no longer existed; created it \
+             again (messages published while it was missing are not in it)"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            "subscription {subscription:?} of topic {topic:?} no longer exists and cannot be \
+             created again: {e:#}"
+        ),
+    }
+}
+
+/// What identifies a delivered message across redeliveries: its id and its publish time.
+fn acked_key(message: &Message) -> String {
+    match &message.publish_time {
+        Some(time) => format!(
+            "{}@{}.{:09}",
+            message.message_id,
+            time.seconds(),
+            time.nanos()
+        ),
+        None => message.message_id.clone(),
     }
 }
 
 fn delivery(settings: &StreamSettings, message: Message, handler: Handler) -> Delivery {
-    let topic = settings.topic.as_str();
-    let mut attributes: Vec<(String, String)> = message.attributes.into_iter().collect();
-    attributes.sort();
-    let mut content_type = None;
-    attributes.retain(|(key, value)| {
-        if key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
-            content_type = Some(value.clone());
-            false
-        } else {
-            key != EMPTY_MARKER
-        }
-    });
-    let id = message.message_id.clone();
-    let incoming = IncomingMessage {
-        topic: topic.to_string(),
-        position: message.message_id.clone(),
-        key: (!message.ordering_key.is_empty()).then(|| message.ordering_key.into_bytes()),
-        payload: message.data.to_vec(),
-        headers: attributes,
-        content_type,
-        delivery_attempt: handler
+    let id = acked_key(&message);
+    let attributes = message
+        .attributes
+        .into_iter()
+        .filter(|(name, _)| name != EMPTY_MARKER);
+    let key = (!message.ordering_key.is_empty()).then_some(message.ordering_key.as_bytes());
+    let incoming = wire::incoming_message(
+        &settings.topic,
+        message.message_id.clone(),
+        key,
+        message.data.to_vec(),
+        attributes,
+        handler
             .delivery_attempt()
             .and_then(|a| u32::try_from(a).ok()),
-    };
+    );
     Delivery::new(
         incoming,
         Box::new(PubSubSettle {
@@ -685,6 +781,69 @@ impl Settle for PubSubSettle {
     }
 }
 
+/// The most attributes a Pub/Sub message may carry, and the longest name and value (bytes).
+const MAX_ATTRIBUTES: usize = 100;
+const MAX_ATTRIBUTE_NAME: usize = 256;
+const MAX_ATTRIBUTE_VALUE: usize = 1024;
+
+/// The longest ordering key Pub/Sub takes, in bytes.
+const MAX_ORDERING_KEY: usize = 1024;
+
+/// Refuses headers Pub/Sub would refuse as attributes, naming the rule, before anything is
+/// queued: a publish the service rejects later fails its whole batch.
+fn check_attributes(message: &OutgoingMessage) -> Result<(), BrokerError> {
+    let attributes = wire::outgoing_headers(message);
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(BrokerError::rejected(format!(
+            "a message to topic {:?} has {} headers; Pub/Sub takes at most {MAX_ATTRIBUTES}",
+            message.topic,
+            attributes.len()
+        )));
+    }
+    for (name, value) in attributes {
+        if name.is_empty()
+            || name.len() > MAX_ATTRIBUTE_NAME
+            || name.to_ascii_lowercase().starts_with("goog")
+        {
+            return Err(BrokerError::rejected(format!(
+                "header {name:?} cannot be a Pub/Sub attribute: names are 1 to \
+                 {MAX_ATTRIBUTE_NAME} bytes and do not start with \"goog\""
+            )));
+        }
+        if value.len() > MAX_ATTRIBUTE_VALUE {
+            return Err(BrokerError::rejected(format!(
+                "header {name:?} is {} bytes long; Pub/Sub attribute values are at most \
+                 {MAX_ATTRIBUTE_VALUE} bytes (put large data in the payload)",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A message's key as a Pub/Sub ordering key, which is text of at most 1,024 bytes.
+fn ordering_key(message: &OutgoingMessage) -> Result<Option<String>, BrokerError> {
+    let Some(key) = wire::outgoing_key(message) else {
+        return Ok(None);
+    };
+    let key = std::str::from_utf8(key).map_err(|_| {
+        BrokerError::rejected(format!(
+            "the key of a message to topic {:?} is not UTF-8 text; Pub/Sub ordering keys are \
+             text (encode binary keys, as hex or base64)",
+            message.topic
+        ))
+    })?;
+    if key.len() > MAX_ORDERING_KEY {
+        return Err(BrokerError::rejected(format!(
+            "the key of a message to topic {:?} is {} bytes long; Pub/Sub ordering keys are at \
+             most {MAX_ORDERING_KEY} bytes",
+            message.topic,
+            key.len()
+        )));
+    }
+    Ok(Some(key.to_string()))
+}
+
 struct PubSubPublisher {
     base: BasePublisher,
     config: PubSubConfig,
@@ -712,25 +871,24 @@ impl PubSubPublisher {
 impl Publisher for PubSubPublisher {
     async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
         check_resource_id("topic", &message.topic)?;
+        check_attributes(&message)?;
         let permit = self
             .room
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| BrokerError::Closed)?;
-        let mut attributes: HashMap<String, String> = message.headers.into_iter().collect();
-        if let Some(content_type) = message.content_type {
-            attributes.insert(CONTENT_TYPE_HEADER.to_string(), content_type);
-        }
+            .map_err(|_| BrokerError::closed())?;
+        let mut attributes: HashMap<String, String> = wire::outgoing_headers(&message)
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
         if message.payload.is_empty() && attributes.is_empty() {
             attributes.insert(EMPTY_MARKER.to_string(), "1".to_string());
         }
+        let ordering_key = ordering_key(&message)?;
         let mut sdk_message = Message::new()
             .set_data(message.payload)
             .set_attributes(attributes);
-        let ordering_key = message
-            .key
-            .map(|k| String::from_utf8_lossy(&k).into_owned());
         if let Some(key) = &ordering_key {
             sdk_message = sdk_message.set_ordering_key(key.clone());
         }
@@ -750,11 +908,10 @@ impl Publisher for PubSubPublisher {
                     }
                     Err(match e {
                         google_cloud_pubsub::error::PublishError::Rpc(e) => {
-                            rpc_error(&format!("publishing to topic {topic:?}"), &e)
+                            rpc_error(&format!("publishing to topic {topic:?}"), e)
                         }
-                        other => BrokerError::Connection(format!(
-                            "publishing to topic {topic:?}: {other}"
-                        )),
+                        other => BrokerError::unavailable(format!("publishing to topic {topic:?}"))
+                            .with_source(other),
                     })
                 }
             }
@@ -775,7 +932,7 @@ impl Publisher for PubSubPublisher {
             .await
             .map(|_| ())
             .map_err(|_| {
-                BrokerError::Timeout(format!("flushing Pub/Sub publishes took over {timeout:?}"))
+                BrokerError::timeout(format!("flushing Pub/Sub publishes took over {timeout:?}"))
             })
     }
 }
@@ -821,8 +978,11 @@ impl Subscriber for PubSubSubscriber {
     async fn next(&self) -> Result<Delivery, BrokerError> {
         self.open_streams();
         let mut receiver = self.receiver.lock().await;
-        let receiver = receiver.as_mut().ok_or(BrokerError::Closed)?;
-        receiver.recv().await.unwrap_or(Err(BrokerError::Closed))
+        let receiver = receiver.as_mut().ok_or_else(BrokerError::closed)?;
+        receiver
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(BrokerError::closed()))
     }
 
     async fn joined(&self) -> Result<(), BrokerError> {

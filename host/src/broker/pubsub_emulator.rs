@@ -69,11 +69,13 @@ impl PubSubEmulator {
                     }
                 }
             })
-            .map_err(|e| BrokerError::Connection(format!("cannot start a thread: {e}")))?;
+            .map_err(|e| BrokerError::unavailable("cannot start a thread").with_source(e))?;
         let pid = pid
             .recv()
-            .map_err(|e| BrokerError::Connection(e.to_string()))?
-            .map_err(BrokerError::Connection)?;
+            .map_err(|e| {
+                BrokerError::unavailable("the emulator's launcher stopped").with_source(e)
+            })?
+            .map_err(BrokerError::unavailable)?;
         let emulator = Self {
             pid,
             exited: Mutex::new(exited),
@@ -102,7 +104,7 @@ impl PubSubEmulator {
                 .unwrap_or_else(|p| p.into_inner())
                 .try_recv();
             if let Ok(status) = exited {
-                return Err(BrokerError::Connection(format!(
+                return Err(BrokerError::unavailable(format!(
                     "the Pub/Sub emulator exited at start ({status}); is port {} free and Java \
                      installed?",
                     self.address.port()
@@ -113,7 +115,7 @@ impl PubSubEmulator {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(BrokerError::Timeout(format!(
+        Err(BrokerError::timeout(format!(
             "the Pub/Sub emulator did not listen on {} within {START_TIMEOUT:?}",
             self.address
         )))
@@ -148,7 +150,7 @@ fn free_port() -> Result<u16, BrokerError> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| BrokerError::Connection(format!("cannot find a free port: {e}")))
+        .map_err(|e| BrokerError::unavailable("cannot find a free port").with_source(e))
 }
 
 fn find_binary() -> Result<PathBuf, BrokerError> {
@@ -173,11 +175,10 @@ fn find_binary() -> Result<PathBuf, BrokerError> {
         .map(|root| root.join(RELATIVE))
         .find(|path| path.is_file())
         .ok_or_else(|| {
-            BrokerError::Config(
+            BrokerError::config(
                 "the Pub/Sub emulator is not installed: install the Debian package \
                  google-cloud-cli-pubsub-emulator (or `gcloud components install \
-                 pubsub-emulator`), or set PUBSUB_EMULATOR_BIN"
-                    .into(),
+                 pubsub-emulator`), or set PUBSUB_EMULATOR_BIN",
             )
         })
 }

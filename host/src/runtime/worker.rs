@@ -50,7 +50,7 @@ use super::host::{ComponentState, ReceiptSink};
 use super::{LoadedComponent, Runtime, RuntimeError, new_store, within_deadline};
 use crate::broker::dead_letter::{self, Reason};
 use crate::broker::{
-    BrokerError, Delivery, DeliveryReceipt, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
+    Delivery, DeliveryReceipt, ErrorKind, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
 };
 
 /// Counters of one handler component, updated as it works.
@@ -264,6 +264,13 @@ pub(super) async fn start(
     })
 }
 
+/// The first wait before receiving again after an error that did not pass by itself; it
+/// doubles at every error in a row up to [`RECEIVE_BACKOFF_MAX`].
+const RECEIVE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// The longest wait between two attempts to receive after errors.
+const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 async fn dispatch(
     subscriber: Arc<dyn Subscriber>,
     sender: mpsc::Sender<Delivery>,
@@ -271,6 +278,7 @@ async fn dispatch(
     mut stopped: watch::Receiver<bool>,
     name: Arc<str>,
 ) {
+    let mut receive_backoff = RECEIVE_BACKOFF_MIN;
     loop {
         let next = tokio::select! {
             _ = stopped.wait_for(|s| *s) => return,
@@ -278,18 +286,26 @@ async fn dispatch(
         };
         match next {
             Ok(delivery) => {
+                receive_backoff = RECEIVE_BACKOFF_MIN;
                 HandlerStats::bump(&stats.received);
                 if sender.send(delivery).await.is_err() {
                     return;
                 }
             }
-            Err(BrokerError::Closed) => return,
-            Err(e) => {
-                tracing::error!("{name}: cannot receive: {e}");
+            Err(error) if error.kind() == ErrorKind::Closed => return,
+            Err(error) => {
+                // The backend retries what passes by itself and logs its outages; what
+                // reaches here needs a person (a deleted subscription, revoked rights), so
+                // it is logged at a rate that keeps the log readable until fixed.
+                tracing::error!(
+                    "{name}: cannot receive: {error:#}; trying again in {:?}",
+                    receive_backoff
+                );
                 tokio::select! {
                     _ = stopped.wait_for(|s| *s) => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(receive_backoff) => {}
                 }
+                receive_backoff = (receive_backoff * 2).min(RECEIVE_BACKOFF_MAX);
             }
         }
     }

@@ -187,3 +187,32 @@ pub fn unique(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Everything the host logs from now on (as `RUST_LOG` says, `switchyard=info` by default),
+/// as text a test can wait on; also echoed to standard error. Once per test binary.
+pub fn capture_logs() -> tokio::sync::watch::Receiver<String> {
+    #[derive(Clone)]
+    struct Log(Arc<tokio::sync::watch::Sender<String>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let text = String::from_utf8_lossy(bytes);
+            eprint!("{text}");
+            self.0.send_modify(|log| log.push_str(&text));
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (sender, receiver) = tokio::sync::watch::channel(String::new());
+    let log = Log(Arc::new(sender));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "switchyard=info".into()),
+        )
+        .with_ansi(false)
+        .with_writer(move || log.clone())
+        .init();
+    receiver
+}
