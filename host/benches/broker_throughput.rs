@@ -21,7 +21,7 @@ use common::{Case, Sample, median, run_once};
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::Kafka;
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
+use switchyard::pubsub_emulator::PubSubEmulator;
 
 const PAYLOAD_BYTES: usize = 1024;
 

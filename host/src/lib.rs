@@ -1,11 +1,12 @@
-//! switchyard: runs sandboxed WebAssembly components against Kafka through one messaging
-//! interface (`wasi:messaging@0.2.0-draft`).
+//! switchyard: runs sandboxed WebAssembly components against Kafka and Google Cloud Pub/Sub
+//! through one messaging interface (`wasi:messaging@0.2.0-draft`).
 //!
 //! The host owns every broker connection; a component sees only the WIT interface and what its
 //! manifest entry grants. The pieces:
 //!
-//! - [`broker`]: the unified broker API and its backends (Kafka on rdkafka, and the embedded
-//!   Kafka-protocol broker);
+//! - [`broker`]: the unified broker API and its backends (Kafka on rdkafka, the embedded
+//!   Kafka-protocol broker, and Pub/Sub on Google's SDK); the runtime depends on this layer
+//!   alone;
 //! - [`runtime`]: the wasmtime engine, the compiled-component cache, the instance pool, the
 //!   `wasi:messaging` host implementation and the handler workers;
 //! - [`client`]: producers and consumers for Rust programs, on any backend;
@@ -14,7 +15,8 @@
 //! - [`build`]: building components from source for `wasm32-wasip2` (adding the target when
 //!   the toolchain lacks it);
 //! - [`app`]: starting a whole manifest, as `switchyard run` does;
-//! - [`pipeline`]: the Fashion-MNIST demo built on the above.
+//! - [`pipeline`]: the Fashion-MNIST demo built on the above;
+//! - [`pubsub_emulator`]: starting Google's Pub/Sub emulator, for the demo and the tests.
 #![deny(missing_docs)]
 
 pub mod app;
@@ -24,4 +26,5 @@ pub mod client;
 pub mod config;
 pub mod nn;
 pub mod pipeline;
+pub mod pubsub_emulator;
 pub mod runtime;

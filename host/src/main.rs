@@ -11,12 +11,12 @@ use clap::{Parser, Subcommand};
 use switchyard::app::{self, App};
 use switchyard::broker::TopicSpec;
 use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::config::{
     BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen,
 };
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
+use switchyard::pubsub_emulator::PubSubEmulator;
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 #[derive(Parser)]
@@ -43,6 +43,16 @@ enum Commands {
         /// Override the manifest's broker: `embedded`, kafka://HOST:PORT or pubsub://PROJECT.
         #[arg(long, env = "BROKER")]
         broker: Option<String>,
+        /// How long stopping (on Ctrl-C or SIGTERM) may take to finish the messages in hand,
+        /// commit and leave the groups, in seconds; past it, or at a second Ctrl-C, the host
+        /// exits with code 1 and what it did not settle is delivered again to the next member.
+        #[arg(
+            long,
+            env = "SWITCHYARD_STOP_TIMEOUT",
+            default_value_t = 30,
+            value_name = "SECONDS"
+        )]
+        stop_timeout: u64,
     },
     /// Publish messages to a topic on any backend: --payload, --file, or one message per line
     /// of standard input (like `kcat -P`).
@@ -222,8 +232,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             messages::replay(args).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Run { manifest, broker } => {
-            run_manifest(&manifest, broker.as_deref(), options).await
+        Commands::Run {
+            manifest,
+            broker,
+            stop_timeout,
+        } => {
+            let stop_timeout = Duration::from_secs(stop_timeout);
+            run_manifest(&manifest, broker.as_deref(), stop_timeout, options).await
         }
         Commands::PubsubEmulator { port } => {
             let emulator =
@@ -372,6 +387,7 @@ fn print_summary(report: &pipeline::DemoReport) {
 async fn run_manifest(
     path: &std::path::Path,
     broker: Option<&str>,
+    stop_timeout: Duration,
     options: RuntimeOptions,
 ) -> anyhow::Result<ExitCode> {
     let mut manifest = Manifest::load(path)?;
@@ -407,12 +423,18 @@ async fn run_manifest(
             code = ExitCode::FAILURE;
         }
     }
+    let mut signals = None;
     if failure.is_none() && !app.handlers.is_empty() {
         match StopSignals::listen() {
-            Ok(mut signals) => {
+            Ok(mut listening) => {
                 tracing::info!("running; press Ctrl-C (or send SIGTERM) to stop");
-                let signal = signals.next().await;
-                tracing::info!("{signal}: stopping: finishing in-flight messages and committing")
+                let signal = listening.next().await;
+                tracing::info!(
+                    "{signal}: stopping: finishing in-flight messages and committing (at most \
+                     {}s; Ctrl-C again to exit at once)",
+                    stop_timeout.as_secs()
+                );
+                signals = Some(listening);
             }
             Err(e) => failure = Some(anyhow::Error::new(e).context("listening for Ctrl-C")),
         }
@@ -422,16 +444,40 @@ async fn run_manifest(
         .iter()
         .map(|h| (h.name().to_string(), h.stats().clone()))
         .collect();
-    match app.stop().await {
-        Ok(stopped) => {
-            for (name, reports) in stopped {
-                for report in reports {
-                    println!("{name}: {report}");
+    // Once the signals are ours, a second Ctrl-C would not end the process by itself: it is
+    // one of the two ways out of a stop that hangs (a broker gone, a handler stuck), the
+    // bound the other.
+    let second_signal = async {
+        match &mut signals {
+            Some(signals) => signals.next().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        stopped = tokio::time::timeout(stop_timeout, app.stop()) => match stopped {
+            Ok(Ok(stopped)) => {
+                for (name, reports) in stopped {
+                    for report in reports {
+                        println!("{name}: {report}");
+                    }
                 }
             }
-        }
-        Err(e) => {
-            failure.get_or_insert(e.into());
+            Ok(Err(e)) => {
+                failure.get_or_insert(e.into());
+            }
+            Err(_) => {
+                failure.get_or_insert(anyhow::anyhow!(
+                    "stopping took over {}s (--stop-timeout): exiting without finishing; what \
+                     was not committed or acknowledged is delivered again to the next member",
+                    stop_timeout.as_secs()
+                ));
+            }
+        },
+        signal = second_signal => {
+            failure.get_or_insert(anyhow::anyhow!(
+                "{signal} again while stopping: exiting without finishing; what was not \
+                 committed or acknowledged is delivered again to the next member"
+            ));
         }
     }
     // After the stop, so the counts include the messages finished while stopping.

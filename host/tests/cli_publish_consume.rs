@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::EMBEDDED_PROPERTIES;
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
+use switchyard::pubsub_emulator::PubSubEmulator;
 
 fn switchyard(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let output = run(args, stdin);
@@ -127,7 +127,27 @@ fn round_trip(broker: &str) {
     assert_eq!(received[3]["payload_base64"], "AJ+Slv8=", "{broker}");
     assert!(received[3]["payload"].is_null());
 
-    // Everything was acknowledged: the group has nothing more.
+    // Everything was acknowledged: a redelivery must not come. On Kafka a later message with
+    // the same key is the next one the group hands out (one left unacknowledged would come
+    // before it, as a key keeps its order). The Pub/Sub emulator may never deliver a key
+    // that a closed member had received (measured: not in 120 s), so there a keyless
+    // message goes, and the group is read past two ack deadlines (10 s each), the time an
+    // unacknowledged message takes to come again.
+    let kafka = broker.starts_with("kafka://");
+    let mut sentinel = vec![
+        "publish",
+        "--broker",
+        broker,
+        "-t",
+        &topic,
+        "--payload",
+        "fifth",
+    ];
+    if kafka {
+        sentinel.extend(["-k", "order-1"]);
+    }
+    switchyard(&sentinel, None);
+    let (count, idle) = if kafka { ("1", "30") } else { ("2", "25") };
     let output = switchyard(
         &[
             "consume",
@@ -137,12 +157,22 @@ fn round_trip(broker: &str) {
             &topic,
             "-g",
             &group,
+            "-c",
+            count,
             "--idle-exit",
-            "3",
+            idle,
         ],
         None,
     );
-    assert!(lines(&output).is_empty(), "{broker}: {:?}", lines(&output));
+    let payloads: Vec<_> = lines(&output)
+        .iter()
+        .map(|line| line["payload"].clone())
+        .collect();
+    assert_eq!(
+        payloads,
+        [serde_json::json!("fifth")],
+        "{broker}: an acknowledged message came back"
+    );
 
     replay(broker);
     interrupted(broker);

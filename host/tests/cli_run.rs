@@ -3,7 +3,8 @@
 //! while a good one is handled; SIGTERM (what `kill`, systemd and Kubernetes send) and Ctrl-C
 //! (SIGINT) each stop it with exit code 0, after which it prints each handler's counters
 //! (received, handled, retried, gave up, dead-lettered, traps), counting what it finished while
-//! stopping.
+//! stopping; and a stop that cannot finish (a handler in a minute-long call) ends at
+//! `--stop-timeout` with exit code 1.
 
 mod support;
 
@@ -16,7 +17,7 @@ use switchyard::broker::{Broker, OutgoingMessage};
 /// Starts `switchyard run` on a manifest (in `dir`) with the test handler on `work`, its
 /// embedded broker listening on a free port; returns the process once it says it is running,
 /// and the broker's address from its log.
-async fn start(dir: &std::path::Path) -> (Host, String) {
+async fn start(dir: &std::path::Path, extra_args: &[&str]) -> (Host, String) {
     let manifest = dir.join("manifest.toml");
     // Port 0: the broker takes a free port and logs it.
     std::fs::write(
@@ -24,12 +25,15 @@ async fn start(dir: &std::path::Path) -> (Host, String) {
         format!(
             "[broker.embedded]\nlisten = \"127.0.0.1:0\"\n\n\
              [components.tester]\nwasm = {wasm:?}\nsubscribe = [\"work\"]\n\
+             publish = [\"announced\"]\n\
              retry = {{ max_attempts = 2, backoff_ms = 10 }}\n",
             wasm = support::test_handler(),
         ),
     )
     .unwrap();
-    let mut host = Host::start("switchyard", &["run", manifest.to_str().unwrap()]);
+    let mut args = vec!["run", manifest.to_str().unwrap()];
+    args.extend(extra_args);
+    let mut host = Host::start("switchyard", &args);
     let said = host.wait_for("embedded broker at ").await;
     let (_, address) = said.split_once("embedded broker at ").unwrap();
     let address = address.trim().to_string();
@@ -47,7 +51,7 @@ async fn client(address: &str) -> Arc<dyn Broker> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_dead_letters_a_failed_message_and_stops_on_sigterm_with_its_counters() {
     let dir = tempfile::tempdir().unwrap();
-    let (host, address) = start(dir.path()).await;
+    let (host, address) = start(dir.path(), &[]).await;
     let broker = client(&address).await;
     for payload in ["ok", "error"] {
         let message = OutgoingMessage {
@@ -78,12 +82,45 @@ async fn run_dead_letters_a_failed_message_and_stops_on_sigterm_with_its_counter
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_stops_on_ctrl_c_with_its_counters() {
     let dir = tempfile::tempdir().unwrap();
-    let (host, _) = start(dir.path()).await;
+    let (host, _) = start(dir.path(), &[]).await;
     let stdout = host.signal(libc::SIGINT).await;
     assert!(
         stdout.contains(
             "tester: received 0, handled 0, retried 0, gave up 0 (0 dead-lettered), traps 0"
         ),
         "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_takes_too_long_ends_at_the_bound_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut host, address) = start(dir.path(), &["--stop-timeout", "1"]).await;
+    let broker = client(&address).await;
+    support::create_topics(broker.as_ref(), &["announced"]).await;
+    let reader = support::member(broker.as_ref(), &support::unique("reader"), "announced").await;
+    let message = OutgoingMessage {
+        topic: "work".into(),
+        payload: b"announce announced 60000".to_vec(),
+        ..OutgoingMessage::default()
+    };
+    support::publish(broker.as_ref(), message).await;
+    // The handler says it is going to sleep for a minute, in the middle of its call.
+    tokio::time::timeout(WAIT, reader.next())
+        .await
+        .expect("the handler announces its sleep")
+        .unwrap();
+    reader.close().await.unwrap();
+    drop(broker);
+    let asked = std::time::Instant::now();
+    host.send_signal(libc::SIGTERM);
+    host.wait_for("--stop-timeout").await;
+    let (status, _) = host.finish().await;
+    let took = asked.elapsed();
+    eprintln!("stopped in {took:?}");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "the bound holds: {took:?}"
     );
 }

@@ -124,25 +124,55 @@ async fn a_nack_brings_the_value_back(backend: &str) {
 
 async fn auto_ack_settles_on_receipt(backend: &str) {
     let client = client(backend, ValueSerializer::Json, true).await;
+    let topic = client.config().topic.clone().unwrap();
     let consumer = client.consumer().await.unwrap();
     let producer = client.producer().await.unwrap();
-    producer.produce_default(&42).await.unwrap();
+    // One key: one Kafka partition, one Pub/Sub ordering key, so order is kept.
+    let keyed = |value: i64| switchyard::broker::OutgoingMessage {
+        topic: topic.clone(),
+        key: Some(b"one-order".to_vec()),
+        payload: value.to_string().into_bytes(),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    producer.send(keyed(42)).await.unwrap();
 
     let received = tokio::time::timeout(WAIT, consumer.next())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(received.value::<i64>().unwrap(), 42);
-    // Dropped without ack: auto_ack already settled it, so the group must not see it again.
+    // Dropped without ack: auto_ack already settled it.
     drop(received);
     consumer.close().await.unwrap();
 
+    // A redelivery of 42 must not come. On Kafka a restarted member gets the next message of
+    // the key first; had 42 not been settled, it would come before it (the member resumes at
+    // the committed offset). The Pub/Sub emulator may never deliver a key a closed member had
+    // received, so there the next message has no key, and the member reads on past two ack
+    // deadlines (10 s each), the time an unacknowledged message takes to come again.
     let restarted = client.consumer().await.unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(3), restarted.next()).await;
-    assert!(
-        again.is_err(),
-        "{backend}: an auto-acknowledged message came back: {again:?}"
+    let mut next = keyed(43);
+    if backend == "pubsub" {
+        next.key = None;
+    }
+    producer.send(next).await.unwrap();
+    let first = tokio::time::timeout(WAIT, restarted.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.value::<i64>().unwrap(),
+        43,
+        "{backend}: the auto-acknowledged message came back"
     );
+    if backend == "pubsub" {
+        let again = tokio::time::timeout(Duration::from_secs(25), restarted.next()).await;
+        assert!(
+            again.is_err(),
+            "{backend}: the auto-acknowledged message came back: {again:?}"
+        );
+    }
     restarted.close().await.unwrap();
 }
 

@@ -15,8 +15,9 @@
 //!
 //! Where a backend cannot promise something, the test says so for that backend instead of
 //! skipping: the Pub/Sub emulator (like Pub/Sub without exactly-once delivery) may deliver an
-//! acknowledged message again, so there "no duplicate" is checked as "no duplicate within the
-//! run", and Kafka has no subscription to be missing. After a member closes, the emulator may
+//! acknowledged message again, so "no duplicate" is switchyard's promise for one member (a
+//! member re-acknowledges, without handing on, what it acknowledged recently), not the
+//! broker's across members; and Kafka has no subscription to be missing. After a member closes, the emulator may
 //! lease a new message to a stream that no longer reads, so a restarted member there may wait
 //! whole ack deadlines (10 s each) for it.
 
@@ -145,7 +146,8 @@ async fn round_trip_without_loss_or_duplicates(backend: Backend) {
         let payload = String::from_utf8(delivery.message.payload.clone()).unwrap();
         assert!(
             seen.insert(payload.clone()),
-            "{}: {payload} delivered twice",
+            "{}: {payload} handed to one member twice; a member never hands on what it \
+             acknowledged (Kafka: its committed position; Pub/Sub: its acknowledged-id guard)",
             backend.name
         );
         delivery.ack().unwrap();

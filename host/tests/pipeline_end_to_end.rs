@@ -24,11 +24,11 @@ use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM, Prediction, softmax};
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::{Kafka, KafkaConfig};
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
 use switchyard::config::BrokerConfig;
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
+use switchyard::pubsub_emulator::PubSubEmulator;
 use switchyard::runtime::RuntimeOptions;
 
 const IMAGES: usize = 1_000;

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{Broker, OutgoingMessage, Subscriber};
 use switchyard::config::{ComponentConfig, RetryPolicy};
+use switchyard::pubsub_emulator::PubSubEmulator;
 use switchyard::runtime::{Runtime, RuntimeOptions};
 
 /// Messages forwarded before the emulator dies, and after it is back.

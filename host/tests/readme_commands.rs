@@ -3,12 +3,9 @@
 //! `.ci/run` reads them in, to run them as written), and `just demo` / `just test` run exactly
 //! those commands. A newcomer's path and CI's path then cannot drift apart.
 
-use std::path::PathBuf;
+mod support;
 
-fn read(relative: &str) -> String {
-    let path: PathBuf = switchyard::pipeline::workspace_root().join(relative);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
+use support::{justfile_recipe as recipe, workspace_file as read};
 
 /// The commands of the quick start's first `sh` block, comments removed; the same rule as the
 /// awk program in `.ci/run`.
@@ -21,25 +18,6 @@ fn quick_start_commands(readme: &str) -> Vec<String> {
         .take_while(|line| !line.starts_with("```"))
         .map(|line| line.split('#').next().unwrap_or("").trim_end().to_string())
         .collect()
-}
-
-/// The single command line of a justfile recipe, given its header line.
-fn recipe(justfile: &str, header: &str) -> String {
-    let mut lines = justfile
-        .lines()
-        .skip_while(|line| *line != header)
-        .skip(1)
-        .take_while(|line| line.starts_with("    "));
-    let command = lines
-        .next()
-        .unwrap_or_else(|| panic!("no recipe `{header}` in the justfile"))
-        .trim()
-        .to_string();
-    assert!(
-        lines.next().is_none(),
-        "recipe `{header}` should be one command"
-    );
-    command
 }
 
 #[test]

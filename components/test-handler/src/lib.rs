@@ -8,6 +8,7 @@
 //! | `trap` | panics (a trap) |
 //! | `spin` | loops until the host interrupts it |
 //! | `sleep MS` | sleeps MS milliseconds (waiting in a host call, not running Wasm) |
+//! | `announce TOPIC MS` | sends `sleeping` to TOPIC, then sleeps MS milliseconds |
 //! | `connect ADDR` | opens a TCP connection to ADDR and returns `error` with what happened |
 //! | `big BYTES` | creates (and drops) a message of BYTES bytes |
 //! | `hoard N BYTES` | creates N messages of BYTES bytes each and keeps them |
@@ -87,6 +88,15 @@ mod component {
             }
             (Some("sleep"), Some(ms)) => {
                 let ms: u64 = ms.parse().map_err(|_| Error::Other("sleep MS".into()))?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+            (Some("announce"), Some(topic)) => {
+                let ms: u64 = words
+                    .next()
+                    .and_then(|ms| ms.parse().ok())
+                    .ok_or_else(|| Error::Other("announce TOPIC MS".into()))?;
+                send(topic, b"sleeping")?;
                 std::thread::sleep(std::time::Duration::from_millis(ms));
                 Ok(())
             }

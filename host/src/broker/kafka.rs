@@ -533,8 +533,16 @@ impl Broker for Kafka {
                         config.set(key, value);
                     }
                 }
-                let producer: FutureProducer = config.create().map_err(config_error)?;
-                Ok::<_, BrokerError>(Arc::new(KafkaPublisher { producer }))
+                let outage = Arc::new(OutageLog::new(format!(
+                    "the Kafka producer for {}",
+                    self.config.bootstrap_servers
+                )));
+                let producer: FutureProducer<ClientErrors> = config
+                    .create_with_context(ClientErrors {
+                        outage: outage.clone(),
+                    })
+                    .map_err(config_error)?;
+                Ok::<_, BrokerError>(Arc::new(KafkaPublisher { producer, outage }))
             })
             .await?;
         Ok(publisher.clone())
@@ -560,9 +568,16 @@ impl Broker for Kafka {
                 },
             );
         let (joined, joined_receiver) = watch::channel(false);
+        let outage = Arc::new(OutageLog::new(format!(
+            "group {:?} receiving from {:?}",
+            spec.group, spec.topics
+        )));
         let context = GroupContext {
             tracker: tracker.clone(),
             joined,
+            errors: ClientErrors {
+                outage: outage.clone(),
+            },
         };
         let consumer: StreamConsumer<GroupContext> =
             config.create_with_context(context).map_err(config_error)?;
@@ -574,13 +589,28 @@ impl Broker for Kafka {
             consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
             tracker,
             joined: joined_receiver,
-            outage: OutageLog::new(format!("group {:?} receiving from {topics:?}", spec.group)),
+            outage,
         }))
     }
 }
 
 struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: FutureProducer<ClientErrors>,
+    outage: Arc<OutageLog>,
+}
+
+/// Sends librdkafka's own error reports (a broker unreachable, each failed reconnect) to an
+/// outage log instead of rdkafka's default of one error line each, which floods the log for
+/// as long as a broker is away. Its clients retry by themselves; what fails for good reaches
+/// the caller as a delivery or receive error.
+struct ClientErrors {
+    outage: Arc<OutageLog>,
+}
+
+impl ClientContext for ClientErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.outage.error(&kafka_error(reason, &error));
+    }
 }
 
 #[async_trait]
@@ -605,8 +635,12 @@ impl Publisher for KafkaPublisher {
         loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => {
+                    let outage = self.outage.clone();
                     let receipt = delivery.map(move |outcome| match outcome {
-                        Ok(Ok(_)) => Ok(()),
+                        Ok(Ok(_)) => {
+                            outage.received();
+                            Ok(())
+                        }
                         Ok(Err((e, _))) => {
                             Err(kafka_error(&format!("delivering to topic {topic:?}"), &e))
                         }
@@ -641,9 +675,14 @@ struct GroupContext {
     tracker: Arc<OffsetTracker>,
     /// Set once the group gave this member its first assignment (see [`Subscriber::joined`]).
     joined: watch::Sender<bool>,
+    errors: ClientErrors,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.error(error, reason);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -682,7 +721,7 @@ struct KafkaSubscriber {
     consumer: std::sync::Mutex<Option<Arc<GroupConsumer>>>,
     tracker: Arc<OffsetTracker>,
     joined: watch::Receiver<bool>,
-    outage: OutageLog,
+    outage: Arc<OutageLog>,
 }
 
 impl KafkaSubscriber {

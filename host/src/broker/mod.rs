@@ -14,7 +14,6 @@ pub mod kafka;
 mod offsets;
 mod outage;
 pub mod pubsub;
-pub mod pubsub_emulator;
 pub mod window;
 mod wire;
 

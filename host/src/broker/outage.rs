@@ -2,9 +2,10 @@
 //!
 //! While a broker is down, librdkafka reports every failed reconnect and a Pub/Sub stream
 //! fails at every reopen: one line each would flood the log for as long as the outage lasts
-//! and hide everything else. Both backends report receive errors here instead: the first one
-//! is logged at once, later ones as one summary line per [`SUMMARY_EVERY`], and the recovery
-//! with how long the outage lasted.
+//! and hide everything else. Both backends report such errors here instead (librdkafka's own
+//! error reports, receive errors, failed streams): the first one is logged at once, later ones
+//! as one summary line per [`SUMMARY_EVERY`], and the recovery with how long the outage
+//! lasted.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +16,7 @@ use super::BrokerError;
 /// How often an ongoing outage is reported again.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 
-/// The receive errors of one subscriber since it last received a message.
+/// The errors of one client (a subscriber, a producer) since its last success.
 #[derive(Debug)]
 pub struct OutageLog {
     what: String,
@@ -33,7 +34,7 @@ struct Outage {
 }
 
 impl OutageLog {
-    /// An outage log for the subscriber named `what` (`topic "requests"`).
+    /// An outage log for the client named `what` (`group "g" receiving from ["requests"]`).
     pub fn new(what: impl Into<String>) -> Self {
         Self {
             what: what.into(),
@@ -42,8 +43,8 @@ impl OutageLog {
         }
     }
 
-    /// Records a receive error the subscriber retries by itself, and logs it if it starts an
-    /// outage or a summary is due.
+    /// Records an error the client retries by itself, and logs it if it starts an outage or a
+    /// summary is due.
     pub fn error(&self, error: &BrokerError) {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -80,7 +81,8 @@ impl OutageLog {
         }
     }
 
-    /// Records that a message arrived: ends an outage, logging how long it lasted.
+    /// Records a success (a message received, a delivery confirmed): ends an outage, logging
+    /// how long it lasted.
     pub fn received(&self) {
         if !self.failing.load(Ordering::Acquire) {
             return;
@@ -89,7 +91,7 @@ impl OutageLog {
         if let Some(outage) = state.take() {
             self.failing.store(false, Ordering::Release);
             tracing::info!(
-                "{}: receiving again after {:.1?} ({} failed attempts)",
+                "{}: working again after {:.1?} ({} failed attempts)",
                 self.what,
                 outage.since.elapsed(),
                 outage.errors
@@ -134,7 +136,7 @@ mod tests {
         let text = lines.lock().unwrap().clone();
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.contains("broker down; retrying"), "{text}");
-        assert!(text.contains("receiving again after"), "{text}");
+        assert!(text.contains("working again after"), "{text}");
         assert!(text.contains("(1000 failed attempts)"), "{text}");
     }
 

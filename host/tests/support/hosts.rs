@@ -1,4 +1,5 @@
-//! Real `switchyard` processes for the tests of the binary (`cli_run`, crash safety, scale-out):
+//! Real `switchyard` processes for the tests of the binary (`cli_run`, crash safety, scale-out,
+//! three terminals):
 //! started, waited on by their log lines, killed with SIGKILL or stopped with a signal; for the
 //! pipeline tests, the classifier and the producer against a standalone broker, and the
 //! predictions they make counted by request id.
@@ -62,11 +63,16 @@ pub async fn pubsub() -> StandaloneBroker {
     }
 }
 
-/// A `switchyard run` process whose log lines (standard error) the test can wait for.
+/// A `switchyard` process whose log lines (standard error) and output lines (standard output)
+/// the test can wait for.
 pub struct Host {
     name: String,
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
+    output_lines: mpsc::UnboundedReceiver<String>,
+    /// Everything it wrote to standard output, complete once `output_done` has finished.
+    output: Arc<std::sync::Mutex<String>>,
+    output_done: tokio::task::JoinHandle<()>,
 }
 
 impl Host {
@@ -80,16 +86,38 @@ impl Host {
 
     /// Starts `switchyard ARGS…`.
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_in(name, args, &std::env::current_dir().unwrap(), &[])
+    }
+
+    /// Starts `switchyard ARGS…` in directory `dir`, with environment variables `env` added.
+    pub fn start_in(name: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(args)
+            .current_dir(dir)
             .env_remove("BROKER")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("running switchyard");
+        let stdout = child.stdout.take().unwrap();
+        let (printed, output_lines) = mpsc::unbounded_channel();
+        let output = Arc::new(std::sync::Mutex::new(String::new()));
+        let output_done = tokio::spawn({
+            let output = output.clone();
+            async move {
+                let mut stdout = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = stdout.next_line().await {
+                    let mut output = output.lock().unwrap();
+                    output.push_str(&line);
+                    output.push('\n');
+                    let _ = printed.send(line);
+                }
+            }
+        });
         let stderr = child.stderr.take().unwrap();
         let (said, lines) = mpsc::unbounded_channel();
         let prefix = name.to_string();
@@ -104,7 +132,18 @@ impl Host {
             name: name.to_string(),
             child,
             lines,
+            output_lines,
+            output,
+            output_done,
         }
+    }
+
+    /// The next line it writes to standard output; `None` once it has exited.
+    pub async fn next_output_line(&mut self) -> Option<String> {
+        let name = &self.name;
+        tokio::time::timeout(WAIT, self.output_lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{name} printed nothing within {WAIT:?}"))
     }
 
     /// Waits until the host says its handlers are running.
@@ -142,27 +181,36 @@ impl Host {
     /// Sends `signal` (SIGINT is Ctrl-C); checks the exit status (0) and returns standard
     /// output.
     pub async fn signal(self, signal: libc::c_int) -> String {
+        self.send_signal(signal);
+        self.exit().await
+    }
+
+    /// Sends `signal` and returns at once.
+    pub fn send_signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id().unwrap()).unwrap();
         // SAFETY: kill(2) with the pid of a child this test spawned and has not waited for.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-        self.exit().await
     }
 
     /// Waits for the process to exit by itself (a host of commands only); checks the exit
     /// status (0) and returns standard output.
     pub async fn exit(self) -> String {
+        let name = self.name.clone();
+        let (status, stdout) = self.finish().await;
+        assert!(status.success(), "{name}: {status}: {stdout}");
+        stdout
+    }
+
+    /// Waits for the process to exit; returns its status and standard output.
+    pub async fn finish(mut self) -> (std::process::ExitStatus, String) {
         let name = self.name;
-        let output = tokio::time::timeout(WAIT, self.child.wait_with_output())
+        let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("{name} did not exit within {WAIT:?}"))
             .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "{name}: {}: {stdout}",
-            output.status
-        );
-        stdout
+        self.output_done.await.unwrap();
+        let stdout = self.output.lock().unwrap().clone();
+        (status, stdout)
     }
 }
 

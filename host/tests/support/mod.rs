@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::broker::kafka::Kafka;
 use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::pubsub_emulator::PubSubEmulator;
 use switchyard::broker::{
     Broker, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
 };
 use switchyard::build::ComponentBuild;
 use switchyard::config::{ComponentConfig, Preopen, RetryPolicy};
+use switchyard::pubsub_emulator::PubSubEmulator;
 
 /// An embedded broker and the Kafka backend on it.
 pub async fn embedded() -> (Arc<EmbeddedKafka>, Arc<dyn Broker>) {
@@ -188,7 +188,8 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Everything the host logs from now on (as `RUST_LOG` says, `switchyard=info` by default),
+/// Everything the host logs from now on (as `RUST_LOG` says; by default switchyard's and
+/// rdkafka's lines at `info`),
 /// as text a test can wait on; also echoed to standard error. Once per test binary.
 pub fn capture_logs() -> tokio::sync::watch::Receiver<String> {
     #[derive(Clone)]
@@ -209,10 +210,35 @@ pub fn capture_logs() -> tokio::sync::watch::Receiver<String> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "switchyard=info".into()),
+                .unwrap_or_else(|_| "switchyard=info,rdkafka=info".into()),
         )
         .with_ansi(false)
         .with_writer(move || log.clone())
         .init();
     receiver
+}
+
+/// A file of the workspace, as text.
+pub fn workspace_file(relative: &str) -> String {
+    let path: PathBuf = switchyard::pipeline::workspace_root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The single command line of a justfile recipe, given its header line.
+pub fn justfile_recipe(justfile: &str, header: &str) -> String {
+    let mut lines = justfile
+        .lines()
+        .skip_while(|line| *line != header)
+        .skip(1)
+        .take_while(|line| line.starts_with("    "));
+    let command = lines
+        .next()
+        .unwrap_or_else(|| panic!("no recipe `{header}` in the justfile"))
+        .trim()
+        .to_string();
+    assert!(
+        lines.next().is_none(),
+        "recipe `{header}` should be one command"
+    );
+    command
 }

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use super::BrokerError;
+use crate::broker::BrokerError;
 
 /// The heap the emulator may use.
 const HEAP: &str = "-Xmx512m";
