@@ -155,7 +155,13 @@ async fn check_pipeline(
     let report = pipeline::run(&options).await.expect("the demo runs");
     assert_eq!(report.images, IMAGES as u64);
     assert_eq!(report.predictions, IMAGES as u64, "{report:?}");
-    assert_eq!(report.duplicates, 0, "{report:?}");
+    // The emulator may offer an acknowledged message again; what is promised is that no
+    // member hands one on twice (each re-acknowledges what it acknowledged recently), and
+    // here each of the classifier and the consumer is one member that never restarts.
+    assert_eq!(
+        report.duplicates, 0,
+        "a member handed on a message it had acknowledged: {report:?}"
+    );
     assert_eq!(report.failed, 0, "{report:?}");
     assert!(report.accuracy.unwrap() > 0.88, "{report:?}");
     assert!(report.inference.starts_with(engine), "{report:?}");
