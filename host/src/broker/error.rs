@@ -93,6 +93,14 @@ impl BrokerError {
         self
     }
 
+    /// Records the backend's code when there is one, as its `Debug` name.
+    pub(crate) fn with_code_if(self, code: Option<impl fmt::Debug>) -> Self {
+        match code {
+            Some(code) => self.with_code(format!("{code:?}")),
+            None => self,
+        }
+    }
+
     /// Keeps the underlying error as this one's source.
     pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));

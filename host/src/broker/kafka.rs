@@ -191,17 +191,14 @@ impl Kafka {
                      pass the right address (--broker kafka://HOST:PORT)",
             ));
             let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
-            let error = BrokerError::new(
+            BrokerError::new(
                 kind,
                 format!(
                     "cannot reach Kafka at {} within {} ms{reason}. {fix}",
                     self.config.bootstrap_servers, self.config.connect_timeout_ms,
                 ),
-            );
-            match error_code(&e) {
-                Some(code) => error.with_code(format!("{code:?}")),
-                None => error,
-            }
+            )
+            .with_code_if(error_code(&e))
             .with_source(e)
         })
     }
@@ -352,9 +349,8 @@ fn error_kind(e: &KafkaError) -> ErrorKind {
         | RDKafkaErrorCode::InvalidRequest
         | RDKafkaErrorCode::UnsupportedVersion => ErrorKind::Rejected,
         RDKafkaErrorCode::BrokerDestroy => ErrorKind::Closed,
-        code if is_transient(code) => ErrorKind::Unavailable,
-        // Unknown to this table: librdkafka retries most errors by itself, so treat it as
-        // one that may pass.
+        // The transient codes (`is_transient`), and those unknown to this table: librdkafka
+        // retries most errors by itself, so treat them as ones that may pass.
         _ => ErrorKind::Unavailable,
     }
 }
@@ -369,11 +365,9 @@ fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
         ),
         _ => what.to_string(),
     };
-    let error = BrokerError::new(kind, message).with_source(e.clone());
-    match error_code(e) {
-        Some(code) => error.with_code(format!("{code:?}")),
-        None => error,
-    }
+    BrokerError::new(kind, message)
+        .with_code_if(error_code(e))
+        .with_source(e.clone())
 }
 
 #[async_trait]

@@ -237,12 +237,9 @@ where
         _ if e.borrow().is_timeout() => (ErrorKind::Timeout, what.to_string()),
         _ => (ErrorKind::Unavailable, what.to_string()),
     };
-    let error = BrokerError::new(kind, message);
-    match code {
-        Some(code) => error.with_code(format!("{code:?}")),
-        None => error,
-    }
-    .with_source(e)
+    BrokerError::new(kind, message)
+        .with_code_if(code)
+        .with_source(e)
 }
 
 fn is_code(e: &google_cloud_pubsub::Error, wanted: Code) -> bool {
@@ -269,7 +266,6 @@ pub fn check_resource_id(kind: &str, id: &str) -> Result<(), BrokerError> {
 
 /// A Pub/Sub project, reached through Google's SDK.
 pub struct PubSub {
-    config: PubSubConfig,
     resources: Arc<Resources>,
     base_publisher: BasePublisher,
     subscriber: SdkSubscriber,
@@ -279,7 +275,7 @@ pub struct PubSub {
 impl std::fmt::Debug for PubSub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PubSub")
-            .field("config", &self.config)
+            .field("config", self.config())
             .finish_non_exhaustive()
     }
 }
@@ -310,11 +306,10 @@ impl PubSub {
             .map_err(build_error)?;
         let pubsub = Self {
             resources: Arc::new(Resources {
-                config: config.clone(),
+                config,
                 topics,
                 subscriptions,
             }),
-            config,
             base_publisher,
             subscriber,
             publisher: tokio::sync::OnceCell::new(),
@@ -325,23 +320,24 @@ impl PubSub {
 
     /// The settings in use.
     pub fn config(&self) -> &PubSubConfig {
-        &self.config
+        &self.resources.config
     }
 
     fn describe_endpoint(&self) -> String {
-        self.config
+        self.resources
+            .config
             .resolved_endpoint()
             .0
             .unwrap_or_else(|| "pubsub.googleapis.com".into())
     }
 
     async fn check_reachable(&self) -> Result<(), BrokerError> {
-        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let timeout = Duration::from_millis(self.resources.config.connect_timeout_ms);
         let probe = self
             .resources
             .topics
             .list_topics()
-            .set_project(format!("projects/{}", self.config.project))
+            .set_project(format!("projects/{}", self.resources.config.project))
             .set_page_size(1)
             .send();
         let failure = |detail: String| {
@@ -350,7 +346,7 @@ impl PubSub {
                  Start one with `just pubsub-emulator`, or set PUBSUB_EMULATOR_HOST / the \
                  endpoint",
                 self.describe_endpoint(),
-                self.config.connect_timeout_ms
+                self.resources.config.connect_timeout_ms
             ))
         };
         match tokio::time::timeout(timeout, probe).await {
@@ -448,13 +444,13 @@ impl Broker for PubSub {
     fn describe(&self) -> String {
         format!(
             "pubsub://{} ({})",
-            self.config.project,
+            self.resources.config.project,
             self.describe_endpoint()
         )
     }
 
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
-        if !self.config.create_resources {
+        if !self.resources.config.create_resources {
             return Ok(());
         }
         for topic in topics {
@@ -464,7 +460,7 @@ impl Broker for PubSub {
     }
 
     async fn ensure_kept_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
-        if !self.config.create_resources {
+        if !self.resources.config.create_resources {
             return Ok(());
         }
         for topic in topics {
@@ -482,9 +478,11 @@ impl Broker for PubSub {
             .get_or_init(|| async {
                 Arc::new(PubSubPublisher {
                     base: self.base_publisher.clone(),
-                    config: self.config.clone(),
+                    config: self.resources.config.clone(),
                     topics: Mutex::new(HashMap::new()),
-                    room: Arc::new(Semaphore::new(self.config.max_outstanding_publishes.max(1))),
+                    room: Arc::new(Semaphore::new(
+                        self.resources.config.max_outstanding_publishes.max(1),
+                    )),
                 })
             })
             .await;
@@ -494,7 +492,7 @@ impl Broker for PubSub {
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
         spec.check()?;
         let (sender, receiver) =
-            mpsc::channel(self.config.max_outstanding_messages.max(1) as usize);
+            mpsc::channel(self.resources.config.max_outstanding_messages.max(1) as usize);
         let mut streams = Vec::new();
         let acked = Arc::new(AckedIds::new());
         let outage = Arc::new(OutageLog::new(format!(
@@ -502,10 +500,10 @@ impl Broker for PubSub {
             spec.group, spec.topics
         )));
         for topic in &spec.topics {
-            let subscription = self
-                .config
-                .subscription_for(&spec.group, topic, spec.topics.len());
-            if self.config.create_resources {
+            let subscription =
+                self.config()
+                    .subscription_for(&spec.group, topic, spec.topics.len());
+            if self.resources.config.create_resources {
                 self.resources.ensure_topic(topic).await?;
                 self.resources
                     .ensure_subscription(&subscription, topic)
@@ -519,17 +517,17 @@ impl Broker for PubSub {
             } else {
                 self.resources.check_subscription(&subscription).await?;
             }
-            for _ in 0..self.config.streams.max(1) {
+            for _ in 0..self.resources.config.streams.max(1) {
                 streams.push(StreamSettings {
                     subscriber: self.subscriber.clone(),
-                    path: self.config.subscription_path(&subscription),
+                    path: self.resources.config.subscription_path(&subscription),
                     topic: topic.clone(),
-                    max_outstanding_messages: self.config.max_outstanding_messages,
-                    ack_deadline_s: self.config.ack_deadline_s,
+                    max_outstanding_messages: self.resources.config.max_outstanding_messages,
+                    ack_deadline_s: self.resources.config.ack_deadline_s,
                     acked: acked.clone(),
                     outage: outage.clone(),
                     recreate: self
-                        .config
+                        .config()
                         .create_resources
                         .then(|| (self.resources.clone(), subscription.clone())),
                 });
