@@ -28,3 +28,14 @@ pub mod nn;
 pub mod pipeline;
 pub mod pubsub_emulator;
 pub mod runtime;
+
+/// `NAME` in switchyard's per-user cache: `$XDG_CACHE_HOME/switchyard/NAME`, else
+/// `$HOME/.cache/switchyard/NAME`; `None` without either. What is kept there (compiled
+/// components, the emulator's fix) is code that runs, so it is never a shared directory.
+pub(crate) fn user_cache_dir(name: &str) -> Option<std::path::PathBuf> {
+    let root = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(root.join("switchyard").join(name))
+}

@@ -4,7 +4,9 @@
 //! Where it is: `$PUBSUB_EMULATOR_BIN` if set, else `platform/pubsub-emulator/bin/
 //! cloud-pubsub-emulator` under the SDK root that `gcloud info` reports, else under the Debian
 //! package's root `/usr/lib/google-cloud-sdk`. Its Java heap is capped (it grows without
-//! bound otherwise).
+//! bound otherwise). Unless `$PUBSUB_EMULATOR_BIN` names what to run, it starts with a fix
+//! for its streaming pulls ([`stream_fix`]): as shipped, it never notices that a subscriber
+//! closed or died.
 //!
 //! The emulator must not outlive its host, even one that is killed: it is spawned from a
 //! thread of its own that lives as long as the emulator, and asks Linux to kill it when that
@@ -17,6 +19,8 @@ use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::broker::BrokerError;
+
+mod stream_fix;
 
 /// The heap the emulator may use.
 const HEAP: &str = "-Xmx512m";
@@ -35,7 +39,11 @@ impl PubSubEmulator {
     /// Starts an emulator on 127.0.0.1 at `port`, or at a free port, and waits until it
     /// accepts connections.
     pub fn start(port: Option<u16>) -> Result<Self, BrokerError> {
-        let binary = find_binary()?;
+        let launch = match std::env::var_os("PUBSUB_EMULATOR_BIN") {
+            Some(binary) => stream_fix::Launch::Script(PathBuf::from(binary)),
+            None => stream_fix::launch(&find_binary()?),
+        };
+        tracing::debug!("starting the Pub/Sub emulator: {launch:?}");
         let port = match port {
             Some(port) => port,
             None => free_port()?,
@@ -46,11 +54,10 @@ impl PubSubEmulator {
         std::thread::Builder::new()
             .name("pubsub-emulator".into())
             .spawn(move || {
-                let mut command = Command::new(&binary);
+                let mut command = launch.command(HEAP);
                 command
                     .arg("--host=127.0.0.1")
                     .arg(format!("--port={port}"))
-                    .env("JAVA_OPTS", HEAP)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
@@ -63,8 +70,7 @@ impl PubSubEmulator {
                     }
                     Err(e) => {
                         let _ = spawned.send(Err(format!(
-                            "cannot start the Pub/Sub emulator {}: {e}",
-                            binary.display()
+                            "cannot start the Pub/Sub emulator ({launch:?}): {e}"
                         )));
                     }
                 }
@@ -153,10 +159,8 @@ fn free_port() -> Result<u16, BrokerError> {
         .map_err(|e| BrokerError::unavailable("cannot find a free port").with_source(e))
 }
 
+/// The emulator's launcher script as the Cloud SDK installs it.
 fn find_binary() -> Result<PathBuf, BrokerError> {
-    if let Some(path) = std::env::var_os("PUBSUB_EMULATOR_BIN") {
-        return Ok(PathBuf::from(path));
-    }
     const RELATIVE: &str = "platform/pubsub-emulator/bin/cloud-pubsub-emulator";
     let mut roots = Vec::new();
     if let Ok(output) = Command::new("gcloud")

@@ -4,8 +4,8 @@
 //! input become messages with the given key, header and content type, and come back as one JSON
 //! object per line; a binary file comes back in base64. `switchyard replay` sends a dead letter
 //! back to the topic its header names, without the dead-letter headers and with everything
-//! else; a message without that header is refused with the fix (`--to`), and on Kafka stays
-//! where it is until `--to` sends it. `consume` with no count and no idle time, stopped by
+//! else; a message without that header is refused with the fix (`--to`), and stays where it
+//! is until `--to` sends it. `consume` with no count and no idle time, stopped by
 //! Ctrl-C, exits 0 within a bound and says what it read.
 
 mod support;
@@ -33,7 +33,10 @@ fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
         .args(args)
         .env_remove("BROKER")
         .env_remove("PUBSUB_EMULATOR_HOST")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("DIAG_RUST_LOG").unwrap_or("warn".into()),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -44,6 +47,13 @@ fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
     }
     drop(child.stdin.take());
     child.wait_with_output().unwrap()
+}
+
+/// `switchyard COMMAND --broker BROKER -t TOPIC` followed by `more`.
+fn on<'a>(command: &'a str, broker: &'a str, topic: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![command, "--broker", broker, "-t", topic];
+    args.extend_from_slice(more);
+    args
 }
 
 fn lines(output: &Output) -> Vec<serde_json::Value> {
@@ -60,59 +70,45 @@ fn round_trip(broker: &str) {
     // Create the group (a Pub/Sub subscription) before publishing, as consumers must on
     // Pub/Sub.
     switchyard(
-        &[
-            "consume", "--broker", broker, "-t", &topic, "-g", &group, "-c", "0",
-        ],
+        &on("consume", broker, &topic, &["-g", &group, "-c", "0"]),
         None,
     );
     switchyard(
-        &[
+        &on(
             "publish",
-            "--broker",
             broker,
-            "-t",
             &topic,
-            "-k",
-            "order-1",
-            "-H",
-            "source=cli",
-            "--content-type",
-            "text/plain",
-        ],
+            &[
+                "-k",
+                "order-1",
+                "-H",
+                "source=cli",
+                "--content-type",
+                "text/plain",
+            ],
+        ),
         Some(b"first\nsecond\nthird\n"),
     );
     let binary = std::env::temp_dir().join(format!("{topic}.bin"));
     std::fs::write(&binary, [0u8, 159, 146, 150, 255]).unwrap();
     switchyard(
-        &[
+        &on(
             "publish",
-            "--broker",
             broker,
-            "-t",
             &topic,
-            "-k",
-            "order-1",
-            "--file",
-            binary.to_str().unwrap(),
-        ],
+            &["-k", "order-1", "--file", binary.to_str().unwrap()],
+        ),
         None,
     );
     std::fs::remove_file(&binary).unwrap();
 
     let output = switchyard(
-        &[
+        &on(
             "consume",
-            "--broker",
             broker,
-            "-t",
             &topic,
-            "-g",
-            &group,
-            "-c",
-            "4",
-            "--idle-exit",
-            "30",
-        ],
+            &["-g", &group, "-c", "4", "--idle-exit", "30"],
+        ),
         None,
     );
     let received = lines(&output);
@@ -127,42 +123,25 @@ fn round_trip(broker: &str) {
     assert_eq!(received[3]["payload_base64"], "AJ+Slv8=", "{broker}");
     assert!(received[3]["payload"].is_null());
 
-    // Everything was acknowledged: a redelivery must not come. On Kafka a later message with
-    // the same key is the next one the group hands out (one left unacknowledged would come
-    // before it, as a key keeps its order). The Pub/Sub emulator may never deliver a key a
-    // closed member had received (README, Brokers), so there a keyless message goes, and may
-    // first be leased to a stream of the closed member for an ack deadline or more; this
-    // shows the group goes on, and `client_api`'s auto_ack test proves on Pub/Sub that a
-    // settled message does not come again.
-    let kafka = broker.starts_with("kafka://");
-    let mut sentinel = vec![
-        "publish",
-        "--broker",
-        broker,
-        "-t",
-        &topic,
-        "--payload",
-        "fifth",
-    ];
-    if kafka {
-        sentinel.extend(["-k", "order-1"]);
-    }
-    switchyard(&sentinel, None);
-    let idle = if kafka { "30" } else { "120" };
-    let output = switchyard(
-        &[
-            "consume",
-            "--broker",
+    // Everything was acknowledged: a redelivery must not come. A later message with the same
+    // key is the next one the group hands out; one left unacknowledged would come before it,
+    // as a key keeps its order (a Kafka partition, a Pub/Sub ordering key).
+    switchyard(
+        &on(
+            "publish",
             broker,
-            "-t",
             &topic,
-            "-g",
-            &group,
-            "-c",
-            "1",
-            "--idle-exit",
-            idle,
-        ],
+            &["-k", "order-1", "--payload", "fifth"],
+        ),
+        None,
+    );
+    let output = switchyard(
+        &on(
+            "consume",
+            broker,
+            &topic,
+            &["-g", &group, "-c", "1", "--idle-exit", "30"],
+        ),
         None,
     );
     let payloads: Vec<_> = lines(&output)
@@ -185,28 +164,18 @@ fn interrupted(broker: &str) {
     let topic = support::unique("interrupted");
     let group = support::unique("interrupted-group");
     switchyard(
-        &[
-            "consume", "--broker", broker, "-t", &topic, "-g", &group, "-c", "0",
-        ],
+        &on("consume", broker, &topic, &["-g", &group, "-c", "0"]),
         None,
     );
-    switchyard(
-        &[
-            "publish",
-            "--broker",
-            broker,
-            "-t",
-            &topic,
-            "--payload",
-            "one",
-        ],
-        None,
-    );
+    switchyard(&on("publish", broker, &topic, &["--payload", "one"]), None);
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["consume", "--broker", broker, "-t", &topic, "-g", &group])
         .env_remove("BROKER")
         .env_remove("PUBSUB_EMULATOR_HOST")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("DIAG_RUST_LOG").unwrap_or("warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -255,10 +224,7 @@ fn interrupted(broker: &str) {
 /// and leaves (a Pub/Sub stream's shutdown is bounded at 10 s).
 const STOP_BOUND: Duration = Duration::from_secs(15);
 
-/// Replays a dead letter, and a message that is not one, back to a topic of their own. Fresh
-/// topics and groups: on the emulator, every stream an earlier member left open delays the
-/// next messages by an ack deadline (see the Pub/Sub backend's subscriber), so each step here
-/// waits as long as that may take.
+/// Replays a dead letter, and a message that is not one, back to a topic of their own.
 fn replay(broker: &str) {
     let topic = support::unique("replayed");
     let group = support::unique("replayed-group");
@@ -266,59 +232,41 @@ fn replay(broker: &str) {
     // The subscriptions, made before anything is published: the one `consume` and `replay`
     // read by default (named after the topic), as the host makes for its dead-letter topics,
     // and the destination's.
+    switchyard(&on("consume", broker, &dead_letters, &["-c", "0"]), None);
     switchyard(
-        &[
-            "consume",
-            "--broker",
-            broker,
-            "-t",
-            &dead_letters,
-            "-c",
-            "0",
-        ],
-        None,
-    );
-    switchyard(
-        &[
-            "consume", "--broker", broker, "-t", &topic, "-g", &group, "-c", "0",
-        ],
+        &on("consume", broker, &topic, &["-g", &group, "-c", "0"]),
         None,
     );
     let origin = format!("switchyard-dlq-topic={topic}");
     switchyard(
-        &[
+        &on(
             "publish",
-            "--broker",
             broker,
-            "-t",
             &dead_letters,
-            "-k",
-            "order-9",
-            "-H",
-            "request-id=9",
-            "-H",
-            &origin,
-            "-H",
-            "switchyard-dlq-error=boom",
-            "-H",
-            "switchyard-dlq-attempts=3",
-            "--payload",
-            "poison",
-        ],
+            &[
+                "-k",
+                "order-9",
+                "-H",
+                "request-id=9",
+                "-H",
+                &origin,
+                "-H",
+                "switchyard-dlq-error=boom",
+                "-H",
+                "switchyard-dlq-attempts=3",
+                "--payload",
+                "poison",
+            ],
+        ),
         None,
     );
     let replayed = switchyard(
-        &[
+        &on(
             "replay",
-            "--broker",
             broker,
-            "-t",
             &dead_letters,
-            "-c",
-            "1",
-            "--idle-exit",
-            "60",
-        ],
+            &["-c", "1", "--idle-exit", "60"],
+        ),
         None,
     );
     let said = String::from_utf8_lossy(&replayed.stderr);
@@ -328,19 +276,12 @@ fn replay(broker: &str) {
         )),
         "{broker}: {said}"
     );
-    let consume_one = [
+    let consume_one = on(
         "consume",
-        "--broker",
         broker,
-        "-t",
         &topic,
-        "-g",
-        &group,
-        "-c",
-        "1",
-        "--idle-exit",
-        "60",
-    ];
+        &["-g", &group, "-c", "1", "--idle-exit", "60"],
+    );
     let back = lines(&switchyard(&consume_one, None));
     assert_eq!(back.len(), 1, "{broker}: {back:?}");
     assert_eq!(back[0]["payload"], "poison");
@@ -352,55 +293,28 @@ fn replay(broker: &str) {
     );
 
     switchyard(
-        &[
-            "publish",
-            "--broker",
-            broker,
-            "-t",
-            &dead_letters,
-            "--payload",
-            "stray",
-        ],
+        &on("publish", broker, &dead_letters, &["--payload", "stray"]),
         None,
     );
     let refused = run(
-        &[
+        &on(
             "replay",
-            "--broker",
             broker,
-            "-t",
             &dead_letters,
-            "-c",
-            "1",
-            "--idle-exit",
-            "60",
-        ],
+            &["-c", "1", "--idle-exit", "60"],
+        ),
         None,
     );
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{broker}: {said}");
     assert!(said.contains("--to TOPIC"), "{broker}: {said}");
-    if broker.starts_with("pubsub://") {
-        // The refused message was not acknowledged, so Pub/Sub offers it again (the
-        // conformance suite proves that on both backends); but the emulator goes on leasing a
-        // message to the streams of a process that has exited, a whole ack deadline each, for
-        // a minute or more (measured: 75 s), which no step here should wait out.
-        return;
-    }
     switchyard(
-        &[
+        &on(
             "replay",
-            "--broker",
             broker,
-            "-t",
             &dead_letters,
-            "--to",
-            &topic,
-            "-c",
-            "1",
-            "--idle-exit",
-            "60",
-        ],
+            &["--to", &topic, "-c", "1", "--idle-exit", "60"],
+        ),
         None,
     );
     let back = lines(&switchyard(&consume_one, None));

@@ -939,9 +939,8 @@ type Received = Result<Delivery, BrokerError>;
 
 /// A subscription's member. Its streaming pulls open on the first `next` (or `joined`), not
 /// at `subscribe`: a member that only creates its subscription and closes (`switchyard consume
-/// -c 0`) then never leaves streams behind. The emulator goes on leasing messages to a stream
-/// that closed for a while, each one held there a whole ack deadline before it is offered
-/// again, so every needless stream delays the next member's messages.
+/// -c 0`) costs the service no streams. (The emulator as shipped never notices a closed
+/// stream and leases messages to it, a whole ack deadline each; see `pubsub_emulator`.)
 struct PubSubSubscriber {
     receiver: tokio::sync::Mutex<Option<mpsc::Receiver<Received>>>,
     /// The streams to open, and where they deliver, until they are opened.
