@@ -299,12 +299,10 @@ impl Classifier {
         let body = serde_json::to_vec(&prediction)
             .map_err(|e| Error::Other(format!("cannot encode the prediction: {e}")))?;
         let reply = Message::new(&body);
-        // Both calls only fail for hosts that do not support content types or metadata; the
-        // prediction is still useful without them, so do not fail the request over it.
-        let _ = reply.set_content_type(PREDICTION_CONTENT_TYPE);
+        reply.set_content_type(PREDICTION_CONTENT_TYPE);
         for name in [REQUEST_ID, SENT_AT, LABEL] {
             if let Some(value) = request.header(name) {
-                let _ = reply.add_metadata(name, value);
+                reply.add_metadata(name, value);
             }
         }
         producer::send(&self.client, &self.predictions_topic, reply)

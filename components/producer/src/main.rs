@@ -198,11 +198,11 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
             }
         }
         let message = Message::new(request.pixels);
-        let _ = message.set_content_type(GRAY8_CONTENT_TYPE);
+        message.set_content_type(GRAY8_CONTENT_TYPE);
         for (name, value) in &request.headers {
-            let _ = message.add_metadata(name, value);
+            message.add_metadata(name, value);
         }
-        let _ = message.add_metadata(SENT_AT, &format_sent_at(unix_ms()));
+        message.add_metadata(SENT_AT, &format_sent_at(unix_ms()));
         producer::send(&client, &settings.topic, message).map_err(|e| {
             format!(
                 "sending request {sent} to topic {:?} failed: {}",

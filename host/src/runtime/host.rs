@@ -9,9 +9,11 @@
 //! memory and its `max_memory_mb`, so the host keeps its own account of them: each message is
 //! at most `limits.max_message_bytes`, an instance holds at most `limits.max_held_mb` in
 //! messages and `limits.max_resources` table entries, and a handler call sends at most
-//! `limits.max_sends_per_call` per message. `send` past its cap returns an `error`; the WIT
-//! gives `message.new` and `set-data` no error to return, so growing a message past a cap
-//! traps, which costs the instance and never the host.
+//! `limits.max_sends_per_call` per message. `send` past its cap returns an `error`; the
+//! published WIT gives the calls that build a message (`message.new`, `set-data`,
+//! `set-content-type` and the metadata calls) no error to return, so growing a message past a
+//! cap traps, which costs the instance and never the host. Metadata a broker cannot carry (a
+//! Pub/Sub attribute starting with `goog`, say) is refused by `send`, with the rule.
 //!
 //! The broker's acknowledgements are collected per call: the runtime awaits them after
 //! `handle` returns, and settles the incoming message only when every message sent while
@@ -49,7 +51,7 @@ pub mod bindings {
 }
 
 use bindings::wasi::messaging::producer;
-use bindings::wasi::messaging::types::{self, Error, MetadataError};
+use bindings::wasi::messaging::types::{self, Error};
 
 /// A guest's handle to the broker.
 #[derive(Debug)]
@@ -370,9 +372,8 @@ impl types::HostMessage for ComponentState {
         &mut self,
         message: Resource<HostMessage>,
         content_type: String,
-    ) -> wasmtime::Result<Result<(), ()>> {
-        self.change_message(&message, |m| m.content_type = Some(content_type))?;
-        Ok(Ok(()))
+    ) -> wasmtime::Result<()> {
+        self.change_message(&message, |m| m.content_type = Some(content_type))
     }
 
     async fn data(&mut self, message: Resource<HostMessage>) -> wasmtime::Result<Vec<u8>> {
@@ -399,29 +400,21 @@ impl types::HostMessage for ComponentState {
         message: Resource<HostMessage>,
         key: String,
         value: String,
-    ) -> wasmtime::Result<Result<(), MetadataError>> {
-        if let Err(reason) = check_metadata(&key) {
-            return Ok(Err(MetadataError::Invalid(Some(reason))));
-        }
+    ) -> wasmtime::Result<()> {
         self.change_message(&message, |m| {
             match m.metadata.iter_mut().find(|(k, _)| *k == key) {
                 Some(entry) => entry.1 = value,
                 None => m.metadata.push((key, value)),
             }
-        })?;
-        Ok(Ok(()))
+        })
     }
 
     async fn set_metadata(
         &mut self,
         message: Resource<HostMessage>,
         meta: Vec<(String, String)>,
-    ) -> wasmtime::Result<Result<(), MetadataError>> {
-        if let Some(reason) = meta.iter().find_map(|(k, _)| check_metadata(k).err()) {
-            return Ok(Err(MetadataError::Invalid(Some(reason))));
-        }
-        self.change_message(&message, |m| m.metadata = meta)?;
-        Ok(Ok(()))
+    ) -> wasmtime::Result<()> {
+        self.change_message(&message, |m| m.metadata = meta)
     }
 
     async fn remove_metadata(
@@ -437,18 +430,6 @@ impl types::HostMessage for ComponentState {
         self.messaging.released(message.size());
         Ok(())
     }
-}
-
-/// The content type travels in its own field; a guest setting it as metadata would see it
-/// vanish on the other side, so refuse it with the reason.
-fn check_metadata(key: &str) -> Result<(), String> {
-    if key.is_empty() {
-        return Err("metadata keys must not be empty".into());
-    }
-    if key.eq_ignore_ascii_case(crate::broker::CONTENT_TYPE_HEADER) {
-        return Err("use set-content-type for the content type".into());
-    }
-    Ok(())
 }
 
 impl producer::Host for ComponentState {
