@@ -17,6 +17,11 @@ default:
 components:
     cargo run --release -- build
 
+# Check a manifest and its components (world against role, imports, inference engine) without
+# compiling anything or reaching a broker, e.g. `just validate components/pipeline.toml`.
+validate MANIFEST: components
+    cargo run --release -- validate {{MANIFEST}}
+
 # Run the whole pipeline on the embedded broker and print the summary (pass e.g. --images 1000).
 demo *ARGS:
     cargo run --release -- demo {{ARGS}}

@@ -108,6 +108,10 @@ impl App {
         manifest: &Manifest,
         mut options: RuntimeOptions,
     ) -> Result<Self, RuntimeError> {
+        // A component that cannot run is refused before the broker is reached.
+        for (name, config) in &manifest.components {
+            crate::runtime::check_before_compiling(name, config)?;
+        }
         let broker = connect(&manifest.broker).await?;
         broker.broker.ensure_topics(&topics(manifest)).await?;
         options.pool = pool_size(manifest);

@@ -54,6 +54,14 @@ enum Commands {
         )]
         stop_timeout: u64,
     },
+    /// Check a manifest and every component it names, without compiling anything or
+    /// reaching a broker: each component's world against its role (a handler exports
+    /// wasi:messaging/incoming-handler, a command wasi:cli/run; every import is one switchyard
+    /// provides) and the inference engine it asks for. Exits 1 if any would not run.
+    Validate {
+        /// The manifest (TOML).
+        manifest: PathBuf,
+    },
     /// Publish messages to a topic on any backend: --payload, --file, or one message per line
     /// of standard input (like `kcat -P`).
     Publish(messages::PublishArgs),
@@ -232,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             messages::replay(args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Commands::Validate { manifest } => validate(&manifest),
         Commands::Run {
             manifest,
             broker,
@@ -382,6 +391,62 @@ fn print_summary(report: &pipeline::DemoReport) {
     if let Some(rss) = report.peak_rss_mb {
         eprintln!("  peak memory        {rss:.0} MiB (this process, broker included)");
     }
+}
+
+/// `switchyard validate`: one line per component, what it is or why it would not run.
+fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let manifest = Manifest::load(path)?;
+    let mut refused = 0usize;
+    for (name, config) in &manifest.components {
+        match switchyard::runtime::check_before_compiling(name, config) {
+            Ok(shape) => println!("{name}: ok, {}", describe(config, &shape)),
+            Err(e) => {
+                refused += 1;
+                eprintln!("{name}: {e}");
+            }
+        }
+    }
+    let total = manifest.components.len();
+    if refused > 0 {
+        eprintln!(
+            "{}: {refused} of {total} component(s) would not run",
+            path.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{}: {total} component(s) ok", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a valid component is, as `validate` reports it.
+fn describe(config: &ComponentConfig, shape: &switchyard::runtime::world::Shape) -> String {
+    let mut what = if config.is_handler() {
+        format!("handler of {}", config.subscribe.join(", "))
+    } else {
+        "command".to_string()
+    };
+    if !config.publish.is_empty() {
+        what.push_str(&format!(", sends to {}", config.publish.join(", ")));
+    }
+    let exports = |prefix: &str| shape.exports.iter().any(|name| name.starts_with(prefix));
+    let mut extras = Vec::new();
+    if exports("switchyard:host/batch@") {
+        extras.push("takes batches");
+    }
+    if exports("switchyard:host/report@") {
+        extras.push("reports");
+    }
+    if shape
+        .imports
+        .iter()
+        .any(|name| name.starts_with("wasi:nn/"))
+    {
+        extras.push("may use wasi:nn");
+    }
+    if !extras.is_empty() {
+        what.push_str(&format!(" ({})", extras.join(", ")));
+    }
+    what
 }
 
 async fn run_manifest(

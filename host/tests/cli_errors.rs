@@ -4,7 +4,9 @@
 //! component, an unknown broker URL, and a Kafka broker that is not running. And that `exec`
 //! runs a command component with the directories and topics it is granted, and that `build`
 //! names the cargo build that failed, and a manifest asking for an inference engine the host
-//! cannot load names the library it tried.
+//! cannot load names the library it tried. `validate` passes the committed pipeline manifest
+//! and names, for a component whose world does not fit its role, the export it lacks and the
+//! fix; `run` refuses the same manifest before it reaches any broker.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -92,12 +94,13 @@ fn an_unreachable_kafka_is_reported_with_the_fix() {
     // another test's embedded broker may take it meanwhile (seen once, when the check then
     // reached that broker).
     let address = "127.0.0.1:9".to_string();
-    std::fs::write(dir.path().join("c.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    let producer = support::component("producer");
     std::fs::write(
         dir.path().join("k.toml"),
         format!(
             "[broker.kafka]\nbootstrap_servers = \"{address}\"\nconnect_timeout_ms = 1000\n\n\
-             [components.c]\nwasm = \"c.wasm\"\n"
+             [components.c]\nwasm = {:?}\n",
+            producer.display().to_string()
         ),
     )
     .unwrap();
@@ -185,4 +188,56 @@ fn an_engine_the_host_cannot_load_is_named_with_the_fix() {
     for needle in ["classifier", "onnxruntime", "libonnxruntime.so"] {
         assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
     }
+}
+
+#[test]
+fn validate_passes_the_pipeline_and_names_what_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["validate", "components/pipeline.toml"])
+        .current_dir(switchyard::pipeline::workspace_root())
+        .env("SWITCHYARD_COMPONENTS", support::components())
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "producer: ok, command, sends to requests",
+        "classifier: ok, handler of requests, sends to predictions (takes batches, may use wasi:nn)",
+        "consumer: ok, handler of predictions (takes batches, reports)",
+        "components/pipeline.toml: 3 component(s) ok",
+    ] {
+        assert!(stdout.contains(line), "{line:?} not in:\n{stdout}");
+    }
+
+    // The classifier without `subscribe` is a command, which it is not. Kafka at a port nothing
+    // listens on: `run` must refuse the component before it tries the broker.
+    let classifier = support::component("classifier");
+    std::fs::write(
+        dir.path().join("wrong.toml"),
+        format!(
+            "[broker.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n\n\
+             [components.classifier]\nwasm = {:?}\npublish = [\"predictions\"]\n",
+            classifier.display().to_string()
+        ),
+    )
+    .unwrap();
+    let expected = [
+        "classifier",
+        "must export wasi:cli/run",
+        "give its manifest entry the topics to `subscribe` to",
+    ];
+    fails_with(&["validate", "wrong.toml"], dir.path(), &expected);
+    fails_with(&["run", "wrong.toml"], dir.path(), &expected);
+    let output = switchyard(&["run", "wrong.toml"], dir.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("Kafka"),
+        "run reached for the broker first: {stderr}"
+    );
 }

@@ -198,7 +198,10 @@ async fn files_that_are_not_components_or_do_not_fit_their_role_are_refused() {
     let cases = [
         (b"\0asm\x01\0\0\0".to_vec(), "core WebAssembly module"),
         (b"hello, world".to_vec(), "not a WebAssembly file"),
-        (b"\0asm\x0d\0\x01\0garbage".to_vec(), "does not compile"),
+        (
+            b"\0asm\x0d\0\x01\0garbage".to_vec(),
+            "damaged or not a component",
+        ),
     ];
     for (bytes, expected) in cases {
         let path = dir.path().join("bad.wasm");
@@ -226,7 +229,7 @@ async fn files_that_are_not_components_or_do_not_fit_their_role_are_refused() {
         )
         .err()
         .expect("refused");
-    assert!(matches!(err, RuntimeError::Component { .. }), "{err}");
+    assert!(matches!(err, RuntimeError::World(_)), "{err}");
     assert!(err.to_string().contains("incoming-handler"), "{err}");
     // And a handler is not a command.
     let err = runtime

@@ -101,10 +101,7 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("SWITCHYARD_CACHE_DIR") {
         return Some(PathBuf::from(dir));
     }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(dir).join("switchyard").join("compiled"));
-    }
-    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/switchyard/compiled"))
+    crate::user_cache_dir("compiled")
 }
 
 /// Whether a component came from the cache or was compiled now.
@@ -202,7 +199,7 @@ pub fn load_component(
 }
 
 /// Tells a component apart from a core module or something else, with the fix for each.
-fn check_is_component(bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn check_is_component(bytes: &[u8]) -> Result<(), String> {
     const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
     const CORE_VERSION: [u8; 4] = [0x01, 0x00, 0x00, 0x00];
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod host;
 pub mod nn;
 mod worker;
+pub mod world;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ pub enum RuntimeError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A component does not fit the role its manifest entry gives it.
+    #[error(transparent)]
+    World(#[from] world::WorldError),
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -61,6 +65,31 @@ pub enum RuntimeError {
         /// What happened.
         message: String,
     },
+}
+
+/// Checks what can be checked of a component before anything is compiled or any broker is
+/// reached: its world against the role its manifest entry gives it (from its bytes), and the
+/// inference engine the entry asks for. A component that cannot run is refused at once, with
+/// the fix. Returns the component's imports and exports.
+pub fn check_before_compiling(
+    name: &str,
+    config: &ComponentConfig,
+) -> Result<world::Shape, RuntimeError> {
+    let shape = world::shape_of_file(&config.wasm)?;
+    world::check(&config.wasm, &shape, world::Role::of(config))?;
+    if let Some(engine) = config.nn {
+        engine
+            .check_available()
+            .map_err(|reason| RuntimeError::Failed {
+                component: name.to_string(),
+                message: format!(
+                    "its manifest entry asks for nn = \"{}\", but {reason}; or choose \
+                     nn = \"auto\" or \"tract\"",
+                    engine.manifest_value()
+                ),
+            })?;
+    }
+    Ok(shape)
 }
 
 /// Options for a [`Runtime`].
@@ -186,18 +215,7 @@ impl Runtime {
     ) -> Result<LoadedComponent, RuntimeError> {
         let started = Instant::now();
         let path = config.wasm.clone();
-        if let Some(engine) = config.nn {
-            engine
-                .check_available()
-                .map_err(|reason| RuntimeError::Failed {
-                    component: name.to_string(),
-                    message: format!(
-                        "its manifest entry asks for nn = \"{}\", but {reason}; or choose \
-                         nn = \"auto\" or \"tract\"",
-                        engine.manifest_value()
-                    ),
-                })?;
-        }
+        check_before_compiling(name, config)?;
         let engine::Compiled {
             component,
             outcome: cache,
