@@ -36,12 +36,13 @@ use crate::broker::pubsub::PubSubConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read the manifest {path}: {source}")]
+    #[error("cannot read the manifest {path}: {error}")]
     Read {
         /// The manifest path.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (in the message, so not also a `source`, which `{:#}` would
+        /// print twice).
+        error: std::io::Error,
     },
     /// The TOML is malformed or has an unknown or mistyped key.
     #[error("manifest {path}: {message}")]
@@ -430,9 +431,9 @@ impl Default for RetryPolicy {
 impl Manifest {
     /// Reads, parses and validates a manifest file; relative paths become relative to it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, path, base)

@@ -402,7 +402,7 @@ fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             Ok(shape) => println!("{name}: ok, {}", describe(config, &shape)),
             Err(e) => {
                 refused += 1;
-                eprintln!("{name}: {e}");
+                eprintln!("{e}");
             }
         }
     }

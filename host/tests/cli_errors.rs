@@ -216,19 +216,22 @@ fn validate_passes_the_pipeline_and_names_what_does_not_fit() {
     }
 
     // The classifier without `subscribe` is a command, which it is not. Kafka at a port nothing
-    // listens on: `run` must refuse the component before it tries the broker.
-    let classifier = support::component("classifier");
+    // listens on: `run` must refuse the component before it tries the broker. Its file is
+    // named apart from it, so the error must name the component itself.
+    std::fs::copy(
+        support::component("classifier"),
+        dir.path().join("model.wasm"),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("wrong.toml"),
-        format!(
-            "[broker.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n\n\
-             [components.classifier]\nwasm = {:?}\npublish = [\"predictions\"]\n",
-            classifier.display().to_string()
-        ),
+        "[broker.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n\n\
+         [components.labeller]\nwasm = \"model.wasm\"\npublish = [\"predictions\"]\n",
     )
     .unwrap();
     let expected = [
-        "classifier",
+        "labeller: component",
+        "model.wasm",
         "must export wasi:cli/run",
         "give its manifest entry the topics to `subscribe` to",
     ];

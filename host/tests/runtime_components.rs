@@ -229,7 +229,7 @@ async fn files_that_are_not_components_or_do_not_fit_their_role_are_refused() {
         )
         .err()
         .expect("refused");
-    assert!(matches!(err, RuntimeError::World(_)), "{err}");
+    assert!(matches!(err, RuntimeError::World { .. }), "{err}");
     assert!(err.to_string().contains("incoming-handler"), "{err}");
     // And a handler is not a command.
     let err = runtime

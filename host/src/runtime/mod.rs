@@ -52,8 +52,14 @@ pub enum RuntimeError {
         message: String,
     },
     /// A component does not fit the role its manifest entry gives it.
-    #[error(transparent)]
-    World(#[from] world::WorldError),
+    #[error("{component}: {problem}")]
+    World {
+        /// The component's name in the manifest.
+        component: String,
+        /// What does not fit, and the fix (its text is part of this error's, so it is not
+        /// also a `source`, which `{:#}` would print twice).
+        problem: Box<world::WorldError>,
+    },
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -75,8 +81,12 @@ pub fn check_before_compiling(
     name: &str,
     config: &ComponentConfig,
 ) -> Result<world::Shape, RuntimeError> {
-    let shape = world::shape_of_file(&config.wasm)?;
-    world::check(&config.wasm, &shape, world::Role::of(config))?;
+    let world_error = |problem| RuntimeError::World {
+        component: name.to_string(),
+        problem: Box::new(problem),
+    };
+    let shape = world::shape_of_file(&config.wasm).map_err(world_error)?;
+    world::check(&config.wasm, &shape, world::Role::of(config)).map_err(world_error)?;
     if let Some(engine) = config.nn {
         engine
             .check_available()

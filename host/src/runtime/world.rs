@@ -76,12 +76,12 @@ pub struct Shape {
 #[derive(Debug, thiserror::Error)]
 pub enum WorldError {
     /// The file cannot be read.
-    #[error("component {path}: cannot read it: {source}")]
+    #[error("component {path}: cannot read it: {error}")]
     Read {
         /// The `.wasm` path.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The file is not a WebAssembly component at all.
     #[error("component {path}: {reason}")]
@@ -93,14 +93,14 @@ pub enum WorldError {
     },
     /// A component header followed by bytes that do not parse.
     #[error(
-        "component {path}: damaged or not a component ({source}); rebuild it for the \
+        "component {path}: damaged or not a component ({error}); rebuild it for the \
          wasm32-wasip2 target"
     )]
     Malformed {
         /// The `.wasm` path.
         path: PathBuf,
-        /// Where the bytes stop making sense.
-        source: wasmparser::BinaryReaderError,
+        /// Where the bytes stop making sense (in the message, so not also a `source`).
+        error: wasmparser::BinaryReaderError,
     },
     /// The export the role needs is missing.
     #[error(
@@ -139,18 +139,18 @@ pub enum WorldError {
 
 /// Reads the top-level import and export names of the component at `path`.
 pub fn shape_of_file(path: &Path) -> Result<Shape, WorldError> {
-    let bytes = std::fs::read(path).map_err(|source| WorldError::Read {
+    let bytes = std::fs::read(path).map_err(|error| WorldError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     shape(path, &bytes)
 }
 
 /// Reads the top-level import and export names of a component (`path` names it in errors).
 pub fn shape(path: &Path, bytes: &[u8]) -> Result<Shape, WorldError> {
-    let malformed = |source| WorldError::Malformed {
+    let malformed = |error| WorldError::Malformed {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     super::engine::check_is_component(bytes).map_err(|reason| WorldError::NotAComponent {
         path: path.to_path_buf(),
