@@ -31,15 +31,15 @@ pub const COMPONENT_PROFILE: &str = "component";
 pub enum BuildError {
     /// `rustc` could not be started.
     #[error(
-        "cannot run `{program}` to find the Rust toolchain ({source}); install Rust with rustup \
+        "cannot run `{program}` to find the Rust toolchain ({error}); install Rust with rustup \
          (https://rustup.rs) and run again"
     )]
     RustcNotRunnable {
         /// The program tried (`$RUSTC`, else `rustc`).
         program: String,
-        /// Why it could not start.
-        #[source]
-        source: io::Error,
+        /// Why it could not start (in the message, so not also a `source`, which `{:#}` would
+        /// print twice).
+        error: io::Error,
     },
     /// `rustc --print sysroot` ran but did not answer with a directory.
     #[error("`{program} --print sysroot` failed ({status}): {stderr}")]
@@ -54,7 +54,7 @@ pub enum BuildError {
     /// The target is missing and there is no rustup to add it.
     #[error(
         "the Rust toolchain at {sysroot} has no {target} target, and rustup, which would add \
-         it, cannot be run (`{rustup}`: {source}). Install rustup (https://rustup.rs) and run \
+         it, cannot be run (`{rustup}`: {error}). Install rustup (https://rustup.rs) and run \
          again, or install the {target} standard library for this toolchain yourself (for a \
          Rust from a package manager, its rust-std package for {target})"
     )]
@@ -65,9 +65,9 @@ pub enum BuildError {
         sysroot: PathBuf,
         /// The rustup program tried.
         rustup: String,
-        /// Why it could not start.
-        #[source]
-        source: io::Error,
+        /// Why it could not start (in the message, so not also a `source`, which `{:#}` would
+        /// print twice).
+        error: io::Error,
     },
     /// `rustup target add` ran and failed.
     #[error(
@@ -96,11 +96,11 @@ pub enum BuildError {
         command: String,
     },
     /// cargo could not be started.
-    #[error("cannot run cargo ({source}); install Rust with rustup (https://rustup.rs)")]
+    #[error("cannot run cargo ({error}); install Rust with rustup (https://rustup.rs)")]
     CargoNotRunnable {
-        /// Why it could not start.
-        #[source]
-        source: io::Error,
+        /// Why it could not start (in the message, so not also a `source`, which `{:#}` would
+        /// print twice).
+        error: io::Error,
     },
     /// cargo ran and failed.
     #[error("`{command}` failed ({status}); see cargo's output above")]
@@ -143,9 +143,9 @@ impl Toolchain {
             .args(["--print", "sysroot"])
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| BuildError::RustcNotRunnable {
+            .map_err(|error| BuildError::RustcNotRunnable {
                 program: program.clone(),
-                source,
+                error,
             })?;
         let sysroot = String::from_utf8_lossy(&output.stdout).trim().to_string();
         if !output.status.success() || sysroot.is_empty() {
@@ -187,11 +187,11 @@ impl Toolchain {
             .args(args)
             .stdin(Stdio::null())
             .status()
-            .map_err(|source| BuildError::TargetMissingNoRustup {
+            .map_err(|error| BuildError::TargetMissingNoRustup {
                 target: target.to_string(),
                 sysroot: sysroot.clone(),
                 rustup: self.rustup.to_string_lossy().into_owned(),
-                source,
+                error,
             })?;
         if !status.success() {
             return Err(BuildError::RustupFailed { command, status });
@@ -275,7 +275,7 @@ impl ComponentBuild {
             .stderr(Stdio::inherit());
         let output = command
             .output()
-            .map_err(|source| BuildError::CargoNotRunnable { source })?;
+            .map_err(|error| BuildError::CargoNotRunnable { error })?;
         if !output.status.success() {
             return Err(BuildError::CargoFailed {
                 command: command_line(&command),
@@ -316,7 +316,7 @@ impl ComponentBuild {
 fn run(command: &mut Command) -> Result<(), BuildError> {
     let status = command
         .status()
-        .map_err(|source| BuildError::CargoNotRunnable { source })?;
+        .map_err(|error| BuildError::CargoNotRunnable { error })?;
     if status.success() {
         Ok(())
     } else {

@@ -42,13 +42,13 @@ pub enum InstallError {
         detail: String,
     },
     /// Files could not be written or moved.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being done.
         what: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The I/O error (in the message, so not also a `source`, which `{:#}` would print
+        /// twice).
+        error: std::io::Error,
     },
 }
 
@@ -126,7 +126,7 @@ pub fn install() -> Result<PathBuf, InstallError> {
     if target.is_file() {
         return Ok(target);
     }
-    let io = |what: String| move |source| InstallError::Io { what, source };
+    let io = |what: String| move |error| InstallError::Io { what, error };
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     let scratch = tempfile::tempdir_in(&dir)
         .map_err(io(format!("a scratch directory in {}", dir.display())))?;

@@ -42,12 +42,12 @@ pub enum CacheError {
         reason: String,
     },
     /// Reading or writing the directory or its key failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being done.
         what: String,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message, so not also a `source`, which `{:#}` would print twice).
+        error: std::io::Error,
     },
 }
 
@@ -68,7 +68,7 @@ impl std::fmt::Debug for ArtifactCache {
 impl ArtifactCache {
     /// Opens (creating it, private to the user) the cache in `dir`.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
-        let io = |what: String| move |source| CacheError::Io { what, source };
+        let io = |what: String| move |error| CacheError::Io { what, error };
         create_private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
         check_private(dir)?;
         let key = load_or_create_key(&dir.join(KEY_FILE))
@@ -190,9 +190,9 @@ fn check_private(dir: &Path) -> Result<(), CacheError> {
         path: dir.to_path_buf(),
         reason,
     };
-    let metadata = std::fs::symlink_metadata(dir).map_err(|source| CacheError::Io {
+    let metadata = std::fs::symlink_metadata(dir).map_err(|error| CacheError::Io {
         what: format!("checking {}", dir.display()),
-        source,
+        error,
     })?;
     if !metadata.is_dir() {
         return Err(unsafe_because("it is not a directory".into()));
