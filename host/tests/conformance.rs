@@ -58,9 +58,14 @@ async fn kafka() -> Backend {
 }
 
 async fn pubsub() -> Backend {
+    pubsub_with(support::pubsub_config().await).await
+}
+
+/// The Pub/Sub backend on the emulator, with settings of the test's own.
+async fn pubsub_with(config: PubSubConfig) -> Backend {
     Backend {
         name: "pubsub",
-        broker: support::pubsub().await,
+        broker: Arc::new(PubSub::connect(config).await.unwrap()),
         _keep: None,
     }
 }
@@ -445,11 +450,7 @@ conformance!(
 async fn pubsub_a_closed_member_holds_no_messages() {
     let mut config = support::pubsub_config().await;
     config.ack_deadline_s = 600;
-    let backend = Backend {
-        name: "pubsub",
-        broker: Arc::new(PubSub::connect(config).await.unwrap()),
-        _keep: None,
-    };
+    let backend = pubsub_with(config).await;
     let topic = backend.topic("closed", 1).await;
     let group = support::unique("g");
     let closed = backend.member(&group, &topic).await;
@@ -567,11 +568,7 @@ async fn pubsub_dead_letter_policy_is_set_and_attempts_are_counted() {
     let dead_letters = support::unique("dead");
     config.dead_letter_topic = Some(dead_letters.clone());
     config.max_delivery_attempts = 7;
-    let backend = Backend {
-        name: "pubsub",
-        broker: Arc::new(PubSub::connect(config.clone()).await.unwrap()),
-        _keep: None,
-    };
+    let backend = pubsub_with(config.clone()).await;
     let topic = backend.topic("poison", 1).await;
     let group = support::unique("g");
     let member = backend.member(&group, &topic).await;
