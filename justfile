@@ -22,6 +22,14 @@ components:
 validate MANIFEST: components
     cargo run --release -- validate {{MANIFEST}}
 
+# Run a component crate's unit tests inside Wasm, as `cargo test --target wasm32-wasip2` in its
+# directory does, with the host just built on the PATH as the runner (`switchyard test`), e.g.
+# `just test-component consumer`; pass cargo's test arguments after the name.
+test-component NAME *ARGS:
+    cargo build --release
+    rustup target add wasm32-wasip2
+    cd components/{{NAME}} && PATH="{{target}}/release:$PATH" cargo test --release --target wasm32-wasip2 {{ARGS}}
+
 # Run the whole pipeline on the embedded broker and print the summary (pass e.g. --images 1000).
 demo *ARGS:
     cargo run --release -- demo {{ARGS}}

@@ -265,31 +265,6 @@ impl ComponentBuild {
         Ok(self.output_dir())
     }
 
-    /// Builds the packages' test binaries (`cargo test --no-run`) and returns their paths, to
-    /// run inside the host.
-    pub fn build_tests(&self) -> Result<Vec<PathBuf>, BuildError> {
-        let mut command = self.cargo("test")?;
-        command
-            .args(["--no-run", "--message-format=json-render-diagnostics"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let output = command
-            .output()
-            .map_err(|error| BuildError::CargoNotRunnable { error })?;
-        if !output.status.success() {
-            return Err(BuildError::CargoFailed {
-                command: command_line(&command),
-                status: output.status,
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|message| message["profile"]["test"] == true)
-            .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
-            .collect())
-    }
-
     /// `cargo SUBCOMMAND --profile component --target wasm32-wasip2 -p …`, after making sure the
     /// target is there.
     fn cargo(&self, subcommand: &str) -> Result<Command, BuildError> {

@@ -138,8 +138,26 @@ enum Commands {
     /// Install ONNX Runtime for the host's wasi:nn: pip downloads the `onnxruntime` wheel
     /// from PyPI and its shared library is kept in ~/.cache/switchyard. Prints its path.
     InstallOnnxruntime,
-    /// Run one command component (a WASI command that may send messages), such as a
-    /// component's test binary; exits with its exit code.
+    /// Run a component's unit-test binary: cargo's runner for wasm32-wasip2 (`runner =
+    /// "switchyard test"` in .cargo/config.toml), so `cargo test --target wasm32-wasip2` runs
+    /// a component crate's tests inside Wasm. No broker: what the tests send is recorded for
+    /// switchyard:host/test-support. The current directory is preopened read-only (as `.` and
+    /// at its own path) and a fresh writable directory as /tmp. Exits with the tests' code.
+    Test {
+        /// Another host directory to preopen read-only, as HOST::GUEST or HOST alone (then at
+        /// its own absolute path); a relative HOST is taken from the current directory, the
+        /// package's when cargo runs the tests. Repeatable.
+        #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+        dirs: Vec<String>,
+        /// The test binary (cargo passes it).
+        wasm: PathBuf,
+        /// Arguments for the test binary: cargo passes the test filter and flags such as
+        /// --nocapture.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run one command component (a WASI command that may send messages) against a broker;
+    /// exits with its exit code.
     Exec {
         /// The component.
         wasm: PathBuf,
@@ -185,15 +203,20 @@ impl Inference {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // As cargo's test runner, only what goes wrong: the tests' own output is the report.
+    let default_level = match cli.command {
+        Commands::Test { .. } => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -349,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", output.display());
             Ok(ExitCode::SUCCESS)
         }
+        Commands::Test { dirs, wasm, args } => unit_tests(wasm, &dirs, args, options).await,
         Commands::Exec {
             wasm,
             broker,
@@ -633,7 +657,6 @@ async fn exec(
     args: Vec<String>,
     mut options: RuntimeOptions,
 ) -> anyhow::Result<ExitCode> {
-    options.pool.max_memory_bytes = 1 << 30;
     let mut preopens = Vec::new();
     for dir in dirs {
         let Some((host, guest)) = dir.split_once("::") else {
@@ -645,6 +668,33 @@ async fn exec(
             writable: false,
         });
     }
+    let (name, config) = one_off(&wasm, publish, args, preopens, &mut options);
+    let broker = match broker_config(broker)? {
+        BrokerConfig::Embedded(_) => BrokerConfig::Embedded(EmbeddedConfig::default()),
+        other => other,
+    };
+    let connected = app::connect(&broker).await?;
+    let runtime = Runtime::new(connected.broker.clone(), options).await?;
+    let component = runtime.load(&name, &config)?;
+    let outcome = runtime.run_command(&component).await?;
+    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}
+
+/// A command run by hand (`exec`, `test`), named after its file: no call deadline and up to
+/// 1 GiB of memory, since a one-off job or a test binary is not a service to protect from
+/// itself.
+fn one_off(
+    wasm: &std::path::Path,
+    publish: Vec<String>,
+    args: Vec<String>,
+    preopens: Vec<Preopen>,
+    options: &mut RuntimeOptions,
+) -> (String, ComponentConfig) {
+    options.pool.max_memory_bytes = 1 << 30;
+    let name = wasm
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "component".into());
     let config = ComponentConfig {
         publish,
         args,
@@ -654,19 +704,101 @@ async fn exec(
             max_memory_mb: 1024,
             ..Limits::default()
         },
-        ..ComponentConfig::new(wasm.clone())
+        ..ComponentConfig::new(wasm.to_path_buf())
     };
-    let broker = match broker_config(broker)? {
-        BrokerConfig::Embedded(_) => BrokerConfig::Embedded(EmbeddedConfig::default()),
-        other => other,
+    (name, config)
+}
+
+/// `switchyard test`: runs a unit-test binary in test mode (see [`Runtime::for_unit_tests`]).
+async fn unit_tests(
+    wasm: PathBuf,
+    dirs: &[String],
+    args: Vec<String>,
+    mut options: RuntimeOptions,
+) -> anyhow::Result<ExitCode> {
+    // Test binaries change with every edit: caching their compiled code would only fill the
+    // cache with builds nobody runs again.
+    options.cache_dir = None;
+    let current = std::env::current_dir().context("reading the current directory")?;
+    let scratch = tempfile::Builder::new()
+        .prefix("switchyard-test-")
+        .tempdir()
+        .context("creating the tests' /tmp")?;
+    let read_only = |host: PathBuf| Preopen {
+        guest: host.to_string_lossy().into_owned(),
+        host,
+        writable: false,
     };
-    let connected = app::connect(&broker).await?;
-    let runtime = Runtime::new(connected.broker.clone(), options).await?;
-    let name = wasm
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "component".into());
+    let mut preopens = vec![
+        Preopen {
+            guest: ".".into(),
+            ..read_only(current.clone())
+        },
+        read_only(current.clone()),
+        Preopen {
+            host: scratch.path().to_path_buf(),
+            guest: "/tmp".into(),
+            writable: true,
+        },
+    ];
+    for dir in dirs {
+        let (host, guest) = match dir.split_once("::") {
+            Some((host, guest)) => (host, Some(guest)),
+            None => (dir.as_str(), None),
+        };
+        // Canonical, so `../../models` becomes a path the guest can name without `..`.
+        let host = current.join(host).canonicalize().with_context(|| {
+            format!(
+                "--dir {dir}: no directory {host} (relative paths are taken from {})",
+                current.display()
+            )
+        })?;
+        if !host.is_dir() {
+            bail!("--dir {dir}: {} is not a directory", host.display());
+        }
+        preopens.push(match guest {
+            Some(guest) => Preopen {
+                guest: guest.into(),
+                ..read_only(host)
+            },
+            None => read_only(host),
+        });
+    }
+    // A failing test panics, and on wasm32-wasip2 a panic aborts the whole binary: libtest
+    // never gets to print the output it captured, the panic's message among it. So output is
+    // not captured here (libtest's own switch, which a test binary always accepts).
+    let capture_switches = ["--nocapture", "--no-capture", "--list"];
+    let args = if args
+        .iter()
+        .any(|arg| capture_switches.contains(&arg.as_str()))
+    {
+        args
+    } else {
+        std::iter::once("--nocapture".to_string())
+            .chain(args)
+            .collect()
+    };
+    let (name, config) = one_off(&wasm, Vec::new(), args, preopens, &mut options);
+    let runtime = Runtime::for_unit_tests(options).await?;
     let component = runtime.load(&name, &config)?;
-    let outcome = runtime.run_command(&component).await?;
-    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+    match runtime.run_command(&component).await {
+        Ok(outcome) => Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1))),
+        Err(switchyard::runtime::RuntimeError::Failed { message, .. }) => {
+            // A panic's message, above, says where it happened; its trap's Wasm backtrace
+            // would only bury it. Any other trap has only the backtrace to tell.
+            let details = if message.contains("::panicking::") {
+                String::new()
+            } else {
+                format!("\n{message}")
+            };
+            eprintln!(
+                "error: {name} stopped: a test failed (its message is above) or trapped; on \
+                 wasm32-wasip2 either ends the whole test binary (Wasm cannot unwind), so the \
+                 tests after it did not run{details}"
+            );
+            // libtest's code for failed tests.
+            Ok(ExitCode::from(101))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

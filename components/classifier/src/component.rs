@@ -59,6 +59,10 @@ impl Settings {
             model_path: "/models/lenet.onnx".into(),
             predictions_topic: "predictions".into(),
         };
+        // A unit-test binary's arguments are the test runner's: the tests run the defaults.
+        if cfg!(test) {
+            return Ok(settings);
+        }
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut value = || {
@@ -375,3 +379,83 @@ impl batch::Guest for Component {
 }
 
 export!(Component);
+
+/// The component as the host drives it, on the committed model (`switchyard test` runs these
+/// inside Wasm: `cargo test --target wasm32-wasip2` in this directory, with `models/`
+/// preopened at `/models` as the manifest does).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline_core::idx::IdxArray;
+    use pipeline_core::wire::GRAY8_CONTENT_TYPE;
+    use switchyard_test::{Received, deliver, deliver_batch};
+
+    switchyard_test::message_type!(Message);
+
+    /// The test set's first image (an ankle boot, class 9) as a request.
+    fn first_test_image(request_id: &str) -> Received {
+        let file = std::fs::read("/models/t10k-images-idx3-ubyte.gz").expect("models/ preopened");
+        let images = IdxArray::images(&file).expect("the committed test images");
+        let image = images.iter().next().expect("at least one image");
+        Received::on("requests", image)
+            .content_type(GRAY8_CONTENT_TYPE)
+            .header(REQUEST_ID, request_id)
+            .header(LABEL, "9")
+            .header(SENT_AT, "1700000000000.000")
+    }
+
+    #[test]
+    fn answers_a_request_with_one_prediction_that_carries_its_headers() {
+        let delivery = deliver(Component::handle, first_test_image("unit-0"));
+        assert!(delivery.outcome.is_ok(), "{:?}", delivery.outcome);
+        let [reply] = delivery.sent.as_slice() else {
+            panic!("one prediction expected, sent {:?}", delivery.sent);
+        };
+        assert_eq!(reply.topic, "predictions");
+        assert_eq!(reply.content_type.as_deref(), Some(PREDICTION_CONTENT_TYPE));
+        assert_eq!(reply.header(REQUEST_ID), Some("unit-0"));
+        assert_eq!(reply.header(LABEL), Some("9"));
+        assert_eq!(reply.header(SENT_AT), Some("1700000000000.000"));
+        let prediction: Prediction = serde_json::from_slice(&reply.data).expect("a prediction");
+        assert_eq!(prediction.request_id, "unit-0");
+        assert_eq!(prediction.class, 9, "{prediction:?}");
+        assert_eq!(prediction.class_name, "Ankle boot");
+        assert_eq!(prediction.label, Some(9));
+        // No wasi:nn grant in unit tests, so the model ran here, in Wasm.
+        assert_eq!(prediction.engine, ENGINE_WASM);
+        assert!(
+            prediction.model.starts_with("lenet5-"),
+            "{}",
+            prediction.model
+        );
+    }
+
+    #[test]
+    fn a_request_it_cannot_use_fails_alone_and_its_neighbours_are_answered() {
+        let batch = deliver_batch(
+            <Component as batch::Guest>::handle_batch,
+            [
+                Received::on("requests", [0u8; IMAGE_BYTES]).content_type(GRAY8_CONTENT_TYPE),
+                first_test_image("unit-1"),
+                Received::on("requests", "not an image").header(REQUEST_ID, "unit-2"),
+            ],
+        );
+        assert!(
+            matches!(&batch.outcomes[0], Err(Error::Other(text)) if text.contains("no \"request-id\" header")),
+            "{:?}",
+            batch.outcomes[0]
+        );
+        assert!(batch.outcomes[1].is_ok(), "{:?}", batch.outcomes[1]);
+        assert!(
+            matches!(&batch.outcomes[2], Err(Error::Other(text)) if text.starts_with("request unit-2")),
+            "{:?}",
+            batch.outcomes[2]
+        );
+        let ids: Vec<_> = batch
+            .sent
+            .iter()
+            .map(|sent| sent.header(REQUEST_ID))
+            .collect();
+        assert_eq!(ids, [Some("unit-1")]);
+    }
+}

@@ -2,13 +2,25 @@
 //! training time (models/golden_logits.json, first 16 test images) within 1e-4, that the
 //! model card's accuracy floor holds on the whole test set, and that switchyard's max-pool
 //! kernel changes no logit by a single bit against tract's own on all 10,000 test images.
+//!
+//! Natively, and inside Wasm (`cargo test --target wasm32-wasip2` here, which the
+//! `switchyard test` runner runs with `models/` preopened at `/models`): the component runs
+//! tract compiled to Wasm, so these are the component's own numbers. The two tests over all
+//! 10,000 images are skipped in unoptimized Wasm builds, where they take minutes; pass
+//! `--release` to run them.
 
 use classifier::model::Lenet;
 use pipeline_core::IMAGE_BYTES;
 use pipeline_core::idx::IdxArray;
 use pipeline_core::wire::argmax;
 
-const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models");
+/// `models/` of this repository; inside Wasm, where the runner preopens it (see
+/// `.cargo/config.toml`).
+const MODELS: &str = if cfg!(target_family = "wasm") {
+    "/models"
+} else {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")
+};
 
 fn read(name: &str) -> Vec<u8> {
     std::fs::read(format!("{MODELS}/{name}")).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -55,6 +67,10 @@ fn tract_logits_match_pytorch_within_1e_4() {
 }
 
 #[test]
+#[cfg_attr(
+    all(target_family = "wasm", debug_assertions),
+    ignore = "minutes in unoptimized Wasm: run with --release"
+)]
 fn accuracy_on_the_test_set_is_at_least_91_percent() {
     let labels = IdxArray::labels(&read("t10k-labels-idx1-ubyte.gz")).unwrap();
     let images = test_images();
@@ -80,6 +96,10 @@ fn a_file_that_is_not_onnx_is_refused_with_a_clear_error() {
 }
 
 #[test]
+#[cfg_attr(
+    all(target_family = "wasm", debug_assertions),
+    ignore = "minutes in unoptimized Wasm: run with --release"
+)]
 fn switchyard_pooling_gives_tract_logits_bit_for_bit() {
     let onnx = read("lenet.onnx");
     let images = test_images();

@@ -26,11 +26,19 @@ struct State {
 
 thread_local! {
     static STATE: RefCell<Result<State, String>> = RefCell::new(
-        crate::Settings::from_args(std::env::args().skip(1)).map(|settings| State {
+        settings().map(|settings| State {
             tally: Tally::default(),
             settings,
         }),
     );
+}
+
+/// The manifest's arguments; in the unit tests, whose arguments are the test runner's, none.
+fn settings() -> Result<crate::Settings, String> {
+    if cfg!(test) {
+        return Ok(crate::Settings::default());
+    }
+    crate::Settings::from_args(std::env::args().skip(1))
 }
 
 fn unix_ms() -> f64 {
@@ -83,3 +91,106 @@ impl report::Guest for Component {
 }
 
 export!(Component);
+
+/// The component as the host drives it (`switchyard test` runs these inside Wasm: `cargo test
+/// --target wasm32-wasip2` in this directory).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline_core::tally::Summary;
+    use pipeline_core::wire::Timings;
+    use switchyard_test::{Received, deliver, deliver_batch};
+
+    switchyard_test::message_type!(Message);
+
+    fn prediction(request_id: &str, class: usize, label: usize) -> Received {
+        let mut logits = [0.0f32; 10];
+        logits[class] = 10.0;
+        let prediction = pipeline_core::wire::Prediction::from_logits(
+            request_id.into(),
+            &logits,
+            Some(label),
+            Some(unix_ms() - 5.0),
+            "lenet5-test".into(),
+            Timings {
+                decode_us: 1,
+                inference_us: 1,
+                batch: 1,
+            },
+        );
+        let body = serde_json::to_vec(&prediction).expect("a prediction serializes");
+        Received::on("predictions", body).content_type(pipeline_core::wire::PREDICTION_CONTENT_TYPE)
+    }
+
+    fn summary() -> Summary {
+        serde_json::from_str(&<Component as report::Guest>::report())
+            .expect("the report is a summary")
+    }
+
+    #[test]
+    fn tallies_each_request_once_and_reports_it() {
+        let before = summary();
+        let first = deliver(Component::handle, prediction("tally-1", 7, 7));
+        assert!(first.outcome.is_ok(), "{:?}", first.outcome);
+        assert!(
+            first.sent.is_empty(),
+            "the consumer sends nothing: {:?}",
+            first.sent
+        );
+        // At-least-once: the same prediction again is a duplicate, not a second count.
+        deliver(Component::handle, prediction("tally-1", 7, 7))
+            .outcome
+            .expect("a duplicate is handled");
+        let batch = deliver_batch(
+            <Component as batch::Guest>::handle_batch,
+            [prediction("tally-2", 3, 4), prediction("tally-3", 0, 0)],
+        );
+        assert_eq!(batch.outcomes.len(), 2);
+        assert!(
+            batch.outcomes.iter().all(Result::is_ok),
+            "{:?}",
+            batch.outcomes
+        );
+
+        let after = summary();
+        assert_eq!(after.predictions - before.predictions, 3);
+        assert_eq!(after.duplicates - before.duplicates, 1);
+        assert_eq!(after.labelled - before.labelled, 3);
+        assert_eq!(after.correct - before.correct, 2);
+        assert!(
+            after.p50_ms.is_some_and(|ms| ms >= 5.0),
+            "{:?}",
+            after.p50_ms
+        );
+    }
+
+    #[test]
+    fn answers_what_is_not_a_prediction_with_an_error_alone() {
+        let garbage = deliver(
+            Component::handle,
+            Received::on("predictions", b"\x00 binary"),
+        );
+        assert!(
+            matches!(&garbage.outcome, Err(Error::Other(text)) if text.starts_with("not a prediction")),
+            "{:?}",
+            garbage.outcome
+        );
+        let batch = deliver_batch(
+            <Component as batch::Guest>::handle_batch,
+            [
+                Received::on("predictions", "{}"),
+                prediction("alone-1", 1, 1),
+            ],
+        );
+        assert!(
+            matches!(&batch.outcomes[0], Err(Error::Other(_))),
+            "{:?}",
+            batch.outcomes
+        );
+        assert!(
+            batch.outcomes[1].is_ok(),
+            "its neighbour is counted: {:?}",
+            batch.outcomes
+        );
+    }
+}

@@ -381,6 +381,37 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The whole component as the host runs it: what it sends (`switchyard test` records it).
+    #[cfg(target_arch = "wasm32")]
+    #[test]
+    fn sends_one_labelled_gray8_request_per_image_and_cycles() {
+        let dir = std::path::Path::new("/tmp/producer-send-test");
+        std::fs::create_dir_all(dir).unwrap();
+        let images = write_idx(dir, "images", &[2, 28, 28], 9);
+        let labels = write_idx(dir, "labels", &[2], 4);
+        let settings = Settings {
+            count: Some(3),
+            run_id: Some("run7".into()),
+            topic: "requests-test".into(),
+            ..settings(images, Some(labels))
+        };
+        drop(switchyard_test::take_sent());
+        assert_eq!(send_all(&settings), Ok(3));
+        let sent = switchyard_test::take_sent();
+        assert_eq!(sent.len(), 3);
+        for (index, request) in sent.iter().enumerate() {
+            assert_eq!(request.topic, "requests-test");
+            assert_eq!(request.data, vec![9; IMAGE_BYTES]);
+            assert_eq!(request.content_type.as_deref(), Some(GRAY8_CONTENT_TYPE));
+            let id = format!("run7-{index}");
+            assert_eq!(request.header(REQUEST_ID), Some(id.as_str()));
+            assert_eq!(request.header(LABEL), Some("4"));
+            let sent_at: f64 = request.header(SENT_AT).unwrap().parse().unwrap();
+            assert!(sent_at > 1.7e12, "sent-at is Unix milliseconds: {sent_at}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn reports_a_missing_file_with_the_fix() {
         let err = read_file("/no/such/file", "images").unwrap_err();

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod nn;
+pub mod test_support;
 mod worker;
 pub mod world;
 
@@ -81,12 +82,21 @@ pub fn check_before_compiling(
     name: &str,
     config: &ComponentConfig,
 ) -> Result<world::Shape, RuntimeError> {
+    check_as(name, config, world::Role::of(config))
+}
+
+/// [`check_before_compiling`] for a component run as `role`.
+fn check_as(
+    name: &str,
+    config: &ComponentConfig,
+    role: world::Role,
+) -> Result<world::Shape, RuntimeError> {
     let world_error = |problem| RuntimeError::World {
         component: name.to_string(),
         problem: Box::new(problem),
     };
     let shape = world::shape_of_file(&config.wasm).map_err(world_error)?;
-    world::check(&config.wasm, &shape, world::Role::of(config)).map_err(world_error)?;
+    world::check(&config.wasm, &shape, role).map_err(world_error)?;
     if let Some(engine) = config.nn {
         engine
             .check_available()
@@ -132,6 +142,8 @@ pub struct Runtime {
     broker: Arc<dyn Broker>,
     nn: Arc<NnHost>,
     cache: Option<cache::ArtifactCache>,
+    /// Test mode (`switchyard test`): where sends are recorded, and `test-support` is linked.
+    sent_log: Option<Arc<test_support::SentLog>>,
     _ticker: EpochTicker,
 }
 
@@ -191,9 +203,30 @@ impl Runtime {
         broker: Arc<dyn Broker>,
         options: RuntimeOptions,
     ) -> Result<Self, RuntimeError> {
+        Self::assemble(broker, options, None).await
+    }
+
+    /// Creates a runtime in test mode, as `switchyard test` runs a component's unit tests: no
+    /// broker (sends are recorded and acknowledged at once, nothing can subscribe) and
+    /// `switchyard:host/test-support` linked, through which the tests read what was sent.
+    pub async fn for_unit_tests(options: RuntimeOptions) -> Result<Self, RuntimeError> {
+        let broker = test_support::UnitTestBroker::default();
+        let sent = broker.sent().clone();
+        Self::assemble(Arc::new(broker), options, Some(sent)).await
+    }
+
+    async fn assemble(
+        broker: Arc<dyn Broker>,
+        options: RuntimeOptions,
+        sent_log: Option<Arc<test_support::SentLog>>,
+    ) -> Result<Self, RuntimeError> {
         let engine = engine::engine(options.pool)?;
         let mut linker = Linker::new(&engine);
-        host::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let linked = host::add_to_linker(&mut linker).and_then(|()| match sent_log {
+            Some(_) => test_support::add_to_linker(&mut linker),
+            None => Ok(()),
+        });
+        linked.map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let publisher = broker.publisher().await?;
         Ok(Self {
             _ticker: EpochTicker::start(&engine),
@@ -203,11 +236,18 @@ impl Runtime {
             publisher,
             nn: Arc::new(NnHost::new()),
             cache: match options.cache_dir {
-                Some(dir) => cache::ArtifactCache::open(&dir),
-                None => Err(cache::CacheError::NoDirectory),
-            }
-            .inspect_err(|e| tracing::warn!("not caching compiled components: {e}"))
-            .ok(),
+                Some(dir) => cache::ArtifactCache::open(&dir)
+                    .inspect_err(|e| tracing::warn!("not caching compiled components: {e}"))
+                    .ok(),
+                // Test mode runs without a cache on purpose (see `switchyard test`).
+                None if sent_log.is_some() => None,
+                None => {
+                    let reason = cache::CacheError::NoDirectory;
+                    tracing::warn!("not caching compiled components: {reason}");
+                    None
+                }
+            },
+            sent_log,
         })
     }
 
@@ -225,7 +265,11 @@ impl Runtime {
     ) -> Result<LoadedComponent, RuntimeError> {
         let started = Instant::now();
         let path = config.wasm.clone();
-        check_before_compiling(name, config)?;
+        let role = match self.sent_log {
+            Some(_) => world::Role::UnitTests,
+            None => world::Role::of(config),
+        };
+        check_as(name, config, role)?;
         let engine::Compiled {
             component,
             outcome: cache,
@@ -330,6 +374,10 @@ impl Runtime {
         let deadline =
             (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
         store.data_mut().deadline = deadline;
+        if let Some(sent_log) = &self.sent_log {
+            store.data_mut().test_support = Some(sent_log.clone());
+            store.data_mut().messaging.grant_every_topic();
+        }
         let command = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())
             .map_err(|e| failed(format!("{e:#}")))?
             .instantiate_async(&mut store)

@@ -18,6 +18,9 @@ pub enum Role {
     Handler,
     /// Run once through `wasi:cli/run`: it has none.
     Command,
+    /// A unit-test binary run by `switchyard test`: a command that may also import
+    /// `switchyard:host/test-support`.
+    UnitTests,
 }
 
 impl Role {
@@ -35,12 +38,16 @@ impl Role {
         match self {
             Role::Handler => (HANDLER_EXPORT, "switchyard:host/handler"),
             Role::Command => ("wasi:cli/run@0.2", "switchyard:host/producer"),
+            Role::UnitTests => ("wasi:cli/run@0.2", "switchyard:host/unit-tests"),
         }
     }
 }
 
 /// The export a handler must have.
 const HANDLER_EXPORT: &str = "wasi:messaging/incoming-handler@0.2.0-draft";
+
+/// The interface only test mode provides.
+const TEST_SUPPORT: &str = "switchyard:host/test-support@0.1.0";
 
 /// The interfaces switchyard provides, by name without version, with the versions it takes
 /// (a prefix of the version: WASI 0.2 is any 0.2.x).
@@ -188,8 +195,14 @@ pub fn shape(path: &Path, bytes: &[u8]) -> Result<Shape, WorldError> {
 /// calls and imports only what the host provides.
 pub fn check(path: &Path, shape: &Shape, role: Role) -> Result<(), WorldError> {
     for import in &shape.imports {
+        if import == TEST_SUPPORT && role == Role::UnitTests {
+            continue;
+        }
         if !provided(import) {
-            let why = if import.starts_with("wasi:messaging/request-reply@") {
+            let why = if import == TEST_SUPPORT {
+                " outside `switchyard test`, which runs unit tests (it is for test code only: \
+                 keep switchyard-test a dev-dependency)"
+            } else if import.starts_with("wasi:messaging/request-reply@") {
                 " yet (the proposal makes request-reply optional)"
             } else if import.starts_with("wasi:http/") {
                 " (components reach the outside only through messaging)"
@@ -222,6 +235,10 @@ pub fn check(path: &Path, shape: &Shape, role: Role) -> Result<(), WorldError> {
                 } else {
                     ""
                 },
+            ),
+            Role::UnitTests => (
+                "a test binary (what `cargo test --target wasm32-wasip2` builds)",
+                ", or run the component itself with `switchyard run` or `exec`",
             ),
             Role::Command => (
                 "a component without `subscribe` topics (a command)",
@@ -304,6 +321,26 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("remove `subscribe`"), "{error}");
+    }
+
+    #[test]
+    fn only_test_mode_provides_test_support() {
+        let path = Path::new("tests.wasm");
+        let tests = shape_with(
+            &["wasi:messaging/types@0.2.0-draft", TEST_SUPPORT],
+            &["wasi:cli/run@0.2.6", HANDLER_EXPORT],
+        );
+        check(path, &tests, Role::UnitTests).unwrap();
+        let refused = check(path, &tests, Role::Command).unwrap_err().to_string();
+        assert!(refused.contains(TEST_SUPPORT), "{refused}");
+        assert!(refused.contains("outside `switchyard test`"), "{refused}");
+        let refused = check(path, &tests, Role::Handler).unwrap_err().to_string();
+        assert!(refused.contains("outside `switchyard test`"), "{refused}");
+        let library = shape_with(&[], &[HANDLER_EXPORT]);
+        let refused = check(path, &library, Role::UnitTests)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("a test binary"), "{refused}");
     }
 
     #[test]
