@@ -22,6 +22,12 @@ components:
 validate MANIFEST: components
     cargo run --release -- validate {{MANIFEST}}
 
+# Create a component crate NAME where you run this (pass --command for a command), e.g.
+# `just new shout`: it builds, tests and runs as generated (see README, "Write a component").
+[no-cd]
+new NAME *ARGS:
+    cargo run --release --manifest-path '{{justfile_directory()}}/Cargo.toml' -- new {{NAME}} {{ARGS}}
+
 # Run a component crate's unit tests inside Wasm, as `cargo test --target wasm32-wasip2` in its
 # directory does, with the host just built on the PATH as the runner (`switchyard test`), e.g.
 # `just test-component consumer`; pass cargo's test arguments after the name.

@@ -28,6 +28,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod pubsub_emulator;
 pub mod runtime;
+pub mod scaffold;
 
 /// `NAME` in switchyard's per-user cache: `$XDG_CACHE_HOME/switchyard/NAME`, else
 /// `$HOME/.cache/switchyard/NAME`; `None` without either. What is kept there (compiled

@@ -138,6 +138,16 @@ enum Commands {
     /// Install ONNX Runtime for the host's wasi:nn: pip downloads the `onnxruntime` wheel
     /// from PyPI and its shared library is kept in ~/.cache/switchyard. Prints its path.
     InstallOnnxruntime,
+    /// Create a component crate that builds, tests (`cargo test`, inside Wasm) and runs as
+    /// generated: a handler, or with --command a command; with its WIT (the published
+    /// wasi:messaging), its .cargo/config.toml, a manifest and a unit test.
+    New {
+        /// The component's name: its directory, crate, WIT world and topic prefix.
+        name: String,
+        /// A command (run once, sends messages) instead of a handler.
+        #[arg(long)]
+        command: bool,
+    },
     /// Run a component's unit-test binary: cargo's runner for wasm32-wasip2 (`runner =
     /// "switchyard test"` in .cargo/config.toml), so `cargo test --target wasm32-wasip2` runs
     /// a component crate's tests inside Wasm. No broker: what the tests send is recorded for
@@ -372,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", output.display());
             Ok(ExitCode::SUCCESS)
         }
+        Commands::New { name, command } => new_component(&name, command),
         Commands::Test { dirs, wasm, args } => unit_tests(wasm, &dirs, args, options).await,
         Commands::Exec {
             wasm,
@@ -678,6 +689,37 @@ async fn exec(
     let component = runtime.load(&name, &config)?;
     let outcome = runtime.run_command(&component).await?;
     Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}
+
+/// `switchyard new`: creates the crate, makes sure cargo can build it for Wasm, and says what
+/// to do next.
+fn new_component(name: &str, command: bool) -> anyhow::Result<ExitCode> {
+    use switchyard::scaffold::{self, Kind};
+    let kind = if command {
+        Kind::Command
+    } else {
+        Kind::Handler
+    };
+    let current = std::env::current_dir().context("reading the current directory")?;
+    let root = scaffold::create(&current, name, kind)?;
+    switchyard::build::ensure_wasm_target(&root)?;
+    let run_hint = match kind {
+        Kind::Handler => format!(
+            "  switchyard run {name}.toml          # then, in another terminal:\n  \
+             switchyard publish -t {name}-in --payload hello\n  \
+             switchyard consume -t {name}-out"
+        ),
+        Kind::Command => format!(
+            "  switchyard run {name}.toml          # sends its args; then:\n  \
+             switchyard consume -t {name}-out"
+        ),
+    };
+    println!(
+        "created {}\n\n  cd {name}\n  cargo test                          # inside Wasm, through \
+         `switchyard test`\n  cargo build --release\n  switchyard validate {name}.toml\n{run_hint}",
+        root.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A command run by hand (`exec`, `test`), named after its file: no call deadline and up to

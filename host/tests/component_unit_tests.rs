@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
 /// Runs `cargo test --profile component --target wasm32-wasip2` in `crate_dir` and returns
@@ -20,16 +19,9 @@ use std::process::Command;
 fn cargo_test_in(crate_dir: &str) -> String {
     let workspace = switchyard::pipeline::workspace_root();
     switchyard::build::ensure_wasm_target(&workspace).expect("the wasm32-wasip2 target");
-    let switchyard = Path::new(env!("CARGO_BIN_EXE_switchyard"));
-    let path = std::env::join_paths(
-        std::iter::once(switchyard.parent().unwrap().to_path_buf()).chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        )),
-    )
-    .unwrap();
     let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(workspace.join(crate_dir))
-        .env("PATH", path)
+        .env("PATH", support::path_with_switchyard())
         .env("CARGO_TARGET_DIR", support::test_target_dir())
         .args([
             "test",

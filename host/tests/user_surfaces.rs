@@ -49,14 +49,6 @@ fn recipe_args(justfile: &str, header: &str, broker_url: &str) -> Vec<String> {
         .collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 const TEST_IMAGES: usize = 10_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +57,7 @@ async fn the_three_terminal_targets_classify_every_test_image() {
     let root = switchyard::pipeline::workspace_root();
     let components = support::components();
     let env = [("SWITCHYARD_COMPONENTS", components.to_str().unwrap())];
-    let port = free_port().to_string();
+    let port = support::free_port().to_string();
     let broker_url = justfile_default(&justfile, "broker_url")
         .replace("127.0.0.1:9092", &format!("127.0.0.1:{port}"));
     let start = |name: &str, header: &str, extra: &[&str]| {

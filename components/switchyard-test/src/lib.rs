@@ -32,6 +32,8 @@
 //! binary (Wasm cannot unwind); `switchyard test` says so.
 //!
 //! Natively this crate is empty: it needs the host's `switchyard:host/test-support`.
+//! `switchyard new` writes a copy of it, with its WIT, into every crate it creates, so those
+//! build without this repository.
 #![deny(missing_docs)]
 #![cfg(target_arch = "wasm32")]
 

@@ -242,3 +242,24 @@ pub fn justfile_recipe(justfile: &str, header: &str) -> String {
     );
     command
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `PATH` with the directory of the `switchyard` under test first, as a user who installed it
+/// has it.
+pub fn path_with_switchyard() -> std::ffi::OsString {
+    let switchyard = std::path::Path::new(env!("CARGO_BIN_EXE_switchyard"));
+    std::env::join_paths(
+        std::iter::once(switchyard.parent().unwrap().to_path_buf()).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )),
+    )
+    .unwrap()
+}
