@@ -14,7 +14,8 @@
 //! never the host. Messages that are waiting reach a batch-taking component together, never more
 //! than its `batch`, each with its own outcome; a trap in a batch costs only the message that
 //! caused it. A model the host's `wasi:nn` cannot load reaches the classifier as an error
-//! value: the request is given up on, no instance traps.
+//! value: the request is given up on, no instance traps. Every message a component sends names
+//! the component and the build that sent it, whatever metadata the component set.
 
 mod support;
 
@@ -25,6 +26,7 @@ use switchyard::broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpe
 use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
 use switchyard::nn::NnEngine;
 use switchyard::runtime::engine::{CacheOutcome, PoolSize};
+use switchyard::runtime::host::SENT_BY_HEADER;
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeError, RuntimeOptions};
 
 fn config(name: &str) -> ComponentConfig {
@@ -298,6 +300,56 @@ async fn the_sandbox_grants_its_preopens_read_only_and_nothing_else() {
     assert!(outcome("write-read-only").starts_with("denied"), "{report}");
     assert!(!data.path().join("written.txt").exists());
     assert_eq!(outcome("env"), "0", "no environment variables: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sent_message_names_the_component_build_that_sent_it() {
+    let (_cluster, broker) = support::embedded().await;
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    topics(broker.as_ref(), &[&input, &output]).await;
+    let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
+    let config = test_handler(&input, &output, Limits::default(), RetryPolicy::default());
+    let loaded = runtime.load("stamped", &config).unwrap();
+    assert!(
+        loaded.version().starts_with("sha256:"),
+        "{}",
+        loaded.version()
+    );
+    let _handler = runtime.start_handler(&loaded).await.unwrap();
+    let replies = broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("reader"),
+            topics: vec![output.clone()],
+            start: StartPosition::Earliest,
+        })
+        .await
+        .unwrap();
+    send(
+        broker.as_ref(),
+        &input,
+        format!("send {output}").into_bytes(),
+        "s",
+    )
+    .await;
+    let delivery = tokio::time::timeout(Duration::from_secs(30), replies.next())
+        .await
+        .expect("the reply within 30 s")
+        .unwrap();
+    let sent_by: Vec<_> = delivery
+        .message
+        .headers
+        .iter()
+        .filter(|(key, _)| key == SENT_BY_HEADER)
+        .map(|(_, value)| value.as_str())
+        .collect();
+    let expected = format!("stamped@{}", loaded.version());
+    assert_eq!(
+        sent_by,
+        [expected.as_str()],
+        "{:?}",
+        delivery.message.headers
+    );
+    delivery.ack().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,10 +33,14 @@ thread_local! {
     );
 }
 
-/// The manifest's arguments; in the unit tests, whose arguments are the test runner's, none.
+/// The manifest's arguments; in the unit tests, whose arguments are the test runner's,
+/// `--quiet` alone.
 fn settings() -> Result<crate::Settings, String> {
     if cfg!(test) {
-        return Ok(crate::Settings::default());
+        return Ok(crate::Settings {
+            quiet: true,
+            ..crate::Settings::default()
+        });
     }
     crate::Settings::from_args(std::env::args().skip(1))
 }

@@ -122,9 +122,17 @@ impl From<&crate::config::Limits> for MessageLimits {
     }
 }
 
+/// The metadata every message a component sends carries: which component, in which build,
+/// sent it (`NAME@sha256:…`, [`super::LoadedComponent::version`]). Set by the host, after the
+/// component's own metadata, so a component cannot claim to be another; a consumer can tell
+/// the versions apart across a deploy.
+pub const SENT_BY_HEADER: &str = "switchyard-sent-by";
+
 /// The messaging half of a component's state.
 pub struct MessagingCtx {
     component: Arc<str>,
+    /// [`SENT_BY_HEADER`]'s value.
+    sent_by: Arc<str>,
     publisher: Arc<dyn Publisher>,
     publish_grants: Arc<HashSet<String>>,
     /// Whether every topic is granted (test mode, where sends are only recorded).
@@ -139,15 +147,18 @@ pub struct MessagingCtx {
 }
 
 impl MessagingCtx {
-    /// Messaging for component `component`, allowed to send to `publish_grants`.
+    /// Messaging for component `component` in build `version`, allowed to send to
+    /// `publish_grants`.
     pub fn new(
         component: Arc<str>,
+        version: &str,
         publisher: Arc<dyn Publisher>,
         publish_grants: Arc<HashSet<String>>,
         receipts: ReceiptSink,
         limits: MessageLimits,
     ) -> Self {
         Self {
+            sent_by: format!("{component}@{version}").into(),
             component,
             publisher,
             publish_grants,
@@ -486,11 +497,14 @@ impl producer::Host for ComponentState {
                 self.messaging.component
             ))));
         }
+        let mut headers = message.metadata;
+        headers.retain(|(key, _)| key != SENT_BY_HEADER);
+        headers.push((SENT_BY_HEADER.into(), self.messaging.sent_by.to_string()));
         let outgoing = OutgoingMessage {
             topic,
             key: None,
             payload: message.data,
-            headers: message.metadata,
+            headers,
             content_type: message.content_type,
         };
         let receipt = match self.messaging.publisher.publish(outgoing).await {

@@ -450,6 +450,7 @@ fn new_store(
         .build();
     let messaging = MessagingCtx::new(
         component.name.clone(),
+        &component.version,
         publisher.clone(),
         Arc::new(config.publish.iter().cloned().collect::<HashSet<_>>()),
         receipts,
