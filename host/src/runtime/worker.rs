@@ -96,11 +96,16 @@ impl HandlerStats {
 
 enum Control {
     Report(oneshot::Sender<Option<String>>),
+    /// Handle the next messages with this build (answering once it does): the call in
+    /// progress, and the settling of what it handled, finish on the build that started them.
+    Replace(LoadedComponent, oneshot::Sender<()>),
 }
 
 /// A running handler component. Stop it with [`HandlerGroup::stop`] to commit what it did.
 pub struct HandlerGroup {
     name: Arc<str>,
+    /// The manifest entry it started with (what [`HandlerGroup::replace`] may not change).
+    config: Arc<crate::config::ComponentConfig>,
     stats: Arc<HandlerStats>,
     subscriber: Arc<dyn Subscriber>,
     stop: watch::Sender<bool>,
@@ -138,6 +143,52 @@ impl HandlerGroup {
             }
         }
         reports
+    }
+
+    /// Replaces the component's build between messages, without leaving the group: each
+    /// worker finishes the call it is in on the old build, drops its warm instance and handles
+    /// the next messages with `component`. Nothing is redelivered (the subscription stays), so
+    /// nothing is lost or handled twice. Returns once every worker has switched.
+    ///
+    /// Only what an instance is made from may change (the `.wasm`, `args`, `preopens`,
+    /// `publish`, `limits`, `nn`, `retry`, `dead_letter`); a new subscription (`subscribe`,
+    /// `group`, `start`) or pool (`workers`, `batch`) needs the group stopped and started.
+    pub async fn replace(&self, component: &LoadedComponent) -> Result<(), RuntimeError> {
+        let (old, new) = (&self.config, &component.config);
+        let same_subscription = component.name == self.name
+            && old.subscribe == new.subscribe
+            && old.group == new.group
+            && old.start == new.start
+            && old.workers == new.workers
+            && old.batch == new.batch;
+        if !same_subscription {
+            return Err(RuntimeError::Failed {
+                component: self.name.to_string(),
+                message: format!(
+                    "{} cannot replace it in place: its name, subscription (`subscribe`, \
+                     `group`, `start`) or pool (`workers`, `batch`) differs; stop it and start \
+                     the new one",
+                    component.name
+                ),
+            });
+        }
+        let mut switched = Vec::with_capacity(self.workers.len());
+        for (_, control) in &self.workers {
+            let (done, answer) = oneshot::channel();
+            if control
+                .send(Control::Replace(component.clone(), done))
+                .await
+                .is_ok()
+            {
+                switched.push(answer);
+            }
+        }
+        for answer in switched {
+            // A worker that ended (the group is stopping) has nothing left to switch.
+            let _ = answer.await;
+        }
+        tracing::info!("{}: now running {}", self.name, component.version);
+        Ok(())
     }
 
     /// Stops taking deliveries, lets the workers finish the ones they hold, commits, and
@@ -256,6 +307,7 @@ pub(super) async fn start(
     ));
     Ok(HandlerGroup {
         name: component.name.clone(),
+        config: component.config.clone(),
         stats,
         subscriber,
         stop,
@@ -580,7 +632,7 @@ impl Worker {
     ) {
         let mut tasks = JoinSet::new();
         let mut controlled = true;
-        let bound = batch_bound(&self.component);
+        let mut bound = batch_bound(&self.component);
         loop {
             while tasks.try_join_next().is_some() {}
             let job = tokio::select! {
@@ -589,6 +641,11 @@ impl Worker {
                     match control {
                         Some(Control::Report(reply)) => {
                             let _ = reply.send(self.report().await);
+                        }
+                        Some(Control::Replace(component, done)) => {
+                            self.replace(component);
+                            bound = batch_bound(&self.component);
+                            let _ = done.send(());
                         }
                         // The group is stopping: drain what the dispatcher already handed over.
                         None => controlled = false,
@@ -646,6 +703,23 @@ impl Worker {
         }
         // Stopping: let every handled message settle before the group commits.
         tasks.join_all().await;
+    }
+
+    /// Switches to another build of the component: the next message gets a fresh instance
+    /// of it, and the messages it handles are settled (retried, dead-lettered) as its.
+    fn replace(&mut self, component: LoadedComponent) {
+        tracing::debug!(
+            "{} worker {}: {} replaces {}",
+            self.component.name,
+            self.index,
+            component.version,
+            self.component.version
+        );
+        self.settling.version = component.version.clone();
+        self.settling.config = component.config.clone();
+        self.settling.policy = component.config.retry;
+        self.component = component;
+        self.live = None;
     }
 
     async fn live(&mut self) -> Result<&mut Live, Failure> {
