@@ -14,23 +14,27 @@ default:
 
 # Build the three components for wasm32-wasip2 (into $CARGO_TARGET_DIR/components), adding the
 # target to the toolchain when it is missing.
+[doc("Build the three components for wasm32-wasip2")]
 components:
     cargo run --release -- build
 
 # Check a manifest and its components (world against role, imports, inference engine) without
 # compiling anything or reaching a broker, e.g. `just validate components/pipeline.toml`.
+[doc("Check a manifest and its components without compiling or reaching a broker")]
 validate MANIFEST: components
     cargo run --release -- validate {{MANIFEST}}
 
 # Create a component crate NAME where you run this (pass --command for a command), e.g.
 # `just new shout`: it builds, tests and runs as generated (see README, "Write a component").
 [no-cd]
+[doc("Create a component crate NAME here (--command for a command)")]
 new NAME *ARGS:
     cargo run --release --manifest-path '{{justfile_directory()}}/Cargo.toml' -- new {{NAME}} {{ARGS}}
 
 # Run a component crate's unit tests inside Wasm, as `cargo test --target wasm32-wasip2` in its
 # directory does, with the host just built on the PATH as the runner (`switchyard test`), e.g.
 # `just test-component consumer`; pass cargo's test arguments after the name.
+[doc("Run a component crate's unit tests inside Wasm, e.g. consumer")]
 test-component NAME *ARGS:
     cargo build --release
     rustup target add wasm32-wasip2
@@ -42,11 +46,13 @@ demo *ARGS:
 
 # The same demo through Google's Pub/Sub emulator (started for the run; PUBSUB_EMULATOR_HOST
 # or ?endpoint= picks a running one).
+[doc("The demo through Google's Pub/Sub emulator")]
 demo-pubsub *ARGS:
     cargo run --release -- demo --broker pubsub://switchyard-demo {{ARGS}}
 
 # ONNX Runtime for the host's wasi:nn (pip downloads the onnxruntime wheel; kept in
 # ~/.cache/switchyard). Then `nn = "auto"` and `demo --inference host` use it.
+[doc("Install ONNX Runtime for the host's wasi:nn")]
 onnxruntime:
     cargo run --release -- install-onnxruntime
 
@@ -61,11 +67,13 @@ test:
 # The performance table (BENCHMARKS.md): broker and inference ceilings, the pipeline per
 # engine, batch and worker count, paced latency, cold and warm start (pass ROUNDS, e.g.
 # `just bench 5`). Also written as JSON to $CARGO_TARGET_DIR/bench/pipeline.json.
+[doc("The performance table (BENCHMARKS.md); pass ROUNDS")]
 bench *ARGS:
     cargo bench -p switchyard --bench pipeline -- {{ARGS}}
 
 # Broker throughput side by side: embedded Kafka, Pub/Sub emulator with 1 and 4 streams
 # (pass N ROUNDS, e.g. `just bench-brokers 20000 5`).
+[doc("Broker throughput side by side; pass N ROUNDS")]
 bench-brokers *ARGS:
     cargo bench -p switchyard --bench broker_throughput -- {{ARGS}}
 
