@@ -11,7 +11,7 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use switchyard::broker::{OutgoingMessage, StartPosition, SubscriptionSpec};
+use switchyard::broker::OutgoingMessage;
 use switchyard::config::{ComponentConfig, Limits};
 use switchyard::runtime::host::SENT_BY_HEADER;
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
@@ -63,14 +63,7 @@ async fn a_handler_is_replaced_between_messages_and_each_is_answered_once() {
     let handler = runtime.start_handler(&v1).await.unwrap();
     handler.joined().await.unwrap();
 
-    let answers = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let answers = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     let publisher = broker.publisher().await.unwrap();
     let send = |index: usize| OutgoingMessage {
         topic: input.clone(),

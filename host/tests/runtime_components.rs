@@ -316,14 +316,7 @@ async fn every_sent_message_names_the_component_build_that_sent_it() {
         loaded.version()
     );
     let _handler = runtime.start_handler(&loaded).await.unwrap();
-    let replies = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let replies = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     send(
         broker.as_ref(),
         &input,
