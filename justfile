@@ -24,6 +24,13 @@ components:
 validate MANIFEST: components
     cargo run --release -- validate {{MANIFEST}}
 
+# Apply the changes to a manifest and its .wasm files to the `switchyard run` running it, e.g.
+# `just deploy components/pipeline.toml` (see README, "Deploying a component").
+[no-cd]
+[doc("Deploy a changed manifest or .wasm into the host running it")]
+deploy MANIFEST:
+    cargo run --release --manifest-path '{{justfile_directory()}}/Cargo.toml' -- deploy {{MANIFEST}}
+
 # Create a component crate NAME where you run this (pass --command for a command), e.g.
 # `just new shout`: it builds, tests and runs as generated (see README, "Write a component").
 [no-cd]

@@ -264,6 +264,20 @@ impl ComponentConfig {
         !self.subscribe.is_empty()
     }
 
+    /// Whether a running handler with this entry can take `new`'s build between messages,
+    /// keeping its subscription and workers: only what an instance is made from differs (the
+    /// `.wasm`, `args`, `preopens`, `publish`, `limits`, `nn`, `retry`, `dead_letter`). A new
+    /// subscription (`subscribe`, `group`, `start`) or pool (`workers`, `batch`) needs the
+    /// handler stopped and started again.
+    pub fn can_replace_in_place(&self, new: &ComponentConfig) -> bool {
+        self.is_handler()
+            && self.subscribe == new.subscribe
+            && self.group == new.group
+            && self.start == new.start
+            && self.workers == new.workers
+            && self.batch == new.batch
+    }
+
     /// The dead-letter topic of messages from `topic`, if dead letters are on.
     pub fn dead_letter_topic(&self, topic: &str) -> Option<String> {
         match &self.dead_letter {

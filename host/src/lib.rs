@@ -14,11 +14,14 @@
 //! - [`nn`]: inference on the host, the engines behind `wasi:nn`;
 //! - [`build`]: building components from source for `wasm32-wasip2` (adding the target when
 //!   the toolchain lacks it);
-//! - [`app`]: starting a whole manifest, as `switchyard run` does;
+//! - [`app`]: starting a whole manifest, as `switchyard run` does, and deploying a changed
+//!   one into it;
+//! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
 //! - [`pipeline`]: the Fashion-MNIST demo built on the above;
 //! - [`pubsub_emulator`]: starting Google's Pub/Sub emulator, for the demo and the tests.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod broker;
 pub mod build;
@@ -26,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod nn;
 pub mod pipeline;
+pub mod private_dir;
 pub mod pubsub_emulator;
 pub mod runtime;
 pub mod scaffold;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use switchyard::admin::{self, AdminSocket};
 use switchyard::app::{self, App};
 use switchyard::broker::TopicSpec;
 use switchyard::broker::embedded::EmbeddedKafka;
@@ -36,7 +37,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Run the components of a manifest until Ctrl-C (or until its commands finish, when it
-    /// has no handlers).
+    /// has no handlers). While it runs, `switchyard deploy` applies changes to the manifest
+    /// and its .wasm files.
     Run {
         /// The manifest (TOML).
         manifest: PathBuf,
@@ -53,6 +55,25 @@ enum Commands {
             value_name = "SECONDS"
         )]
         stop_timeout: u64,
+        /// Where to listen for `switchyard deploy` (default: a socket in
+        /// $XDG_RUNTIME_DIR/switchyard or /tmp/switchyard-UID named after the manifest's
+        /// path, which `deploy MANIFEST` finds by itself).
+        #[arg(long, env = "SWITCHYARD_ADMIN_SOCKET", value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Apply the changes to a manifest, and to the .wasm files it names, to the `switchyard
+    /// run` running it, without a restart. Changed and added components are checked and
+    /// compiled first: one that would not run is refused and the old versions keep running.
+    /// A handler whose subscription stays takes its new build between messages (nothing
+    /// lost, nothing handled twice); one whose subscription or workers changed, or that is
+    /// gone from the manifest, commits and leaves its group first; added handlers start;
+    /// added or changed commands run. Exits 1 if the deploy was refused.
+    Deploy {
+        /// The manifest the host was started with, edited.
+        manifest: PathBuf,
+        /// The socket the host listens at, when it was started with --admin-socket.
+        #[arg(long, env = "SWITCHYARD_ADMIN_SOCKET", value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
     },
     /// Check a manifest and every component it names, without compiling anything or
     /// reaching a broker: each component's world against its role (a handler exports
@@ -278,10 +299,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             manifest,
             broker,
             stop_timeout,
+            admin_socket,
         } => {
-            let stop_timeout = Duration::from_secs(stop_timeout);
-            run_manifest(&manifest, broker.as_deref(), stop_timeout, options).await
+            let run = RunOptions {
+                broker,
+                stop_timeout: Duration::from_secs(stop_timeout),
+                admin_socket,
+            };
+            run_manifest(&manifest, &run, options).await
         }
+        Commands::Deploy {
+            manifest,
+            admin_socket,
+        } => deploy(&manifest, admin_socket).await,
         Commands::PubsubEmulator { port } => {
             let emulator =
                 tokio::task::spawn_blocking(move || PubSubEmulator::start(Some(port))).await??;
@@ -484,17 +514,30 @@ fn describe(config: &ComponentConfig, shape: &switchyard::runtime::world::Shape)
     what
 }
 
-async fn run_manifest(
-    path: &std::path::Path,
-    broker: Option<&str>,
+/// What `switchyard run` was told besides the manifest.
+struct RunOptions {
+    broker: Option<String>,
     stop_timeout: Duration,
-    options: RuntimeOptions,
-) -> anyhow::Result<ExitCode> {
+    admin_socket: Option<PathBuf>,
+}
+
+/// The manifest at `path`, with the broker `--broker` gave instead of its own.
+fn load_manifest(path: &std::path::Path, broker: Option<&str>) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest::load(path)?;
     if let Some(url) = broker {
         manifest.broker = broker_config(url)?;
     }
-    let app = App::start(&manifest, options).await?;
+    Ok(manifest)
+}
+
+async fn run_manifest(
+    path: &std::path::Path,
+    run: &RunOptions,
+    options: RuntimeOptions,
+) -> anyhow::Result<ExitCode> {
+    let manifest = load_manifest(path, run.broker.as_deref())?;
+    let stop_timeout = run.stop_timeout;
+    let mut app = App::start(&manifest, options).await?;
     if let Some(embedded) = &app.broker.embedded {
         tracing::info!("embedded broker at {}", embedded.bootstrap_servers());
     }
@@ -525,10 +568,17 @@ async fn run_manifest(
     }
     let mut signals = None;
     if failure.is_none() && !app.handlers.is_empty() {
-        match StopSignals::listen() {
-            Ok(mut listening) => {
+        let serving = match StopSignals::listen() {
+            Ok(listening) => {
+                open_admin_socket(path, run.admin_socket.as_deref()).map(|admin| (listening, admin))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("listening for Ctrl-C")),
+        };
+        match serving {
+            Ok((mut listening, mut admin)) => {
                 tracing::info!("running; press Ctrl-C (or send SIGTERM) to stop");
-                let signal = listening.next().await;
+                let signal = serve(&mut app, path, run, &mut listening, admin.as_mut()).await;
+                drop(admin);
                 tracing::info!(
                     "{signal}: stopping: finishing in-flight messages and committing (at most \
                      {}s; Ctrl-C again to exit at once)",
@@ -536,9 +586,11 @@ async fn run_manifest(
                 );
                 signals = Some(listening);
             }
-            Err(e) => failure = Some(anyhow::Error::new(e).context("listening for Ctrl-C")),
+            Err(e) => failure = Some(e),
         }
     }
+    // Taken now, after the deploys, so they name the handlers that run at the end; printed
+    // after the stop, so the counts include the messages finished while stopping.
     let counters: Vec<_> = app
         .handlers
         .iter()
@@ -597,6 +649,135 @@ async fn run_manifest(
     match failure {
         Some(failure) => Err(failure),
         None => Ok(code),
+    }
+}
+
+/// Listens for `switchyard deploy`: at `--admin-socket` when given (failing if it cannot),
+/// else at the manifest's default socket, where another host of the same manifest (a
+/// scale-out on one machine) may already listen: then this one runs without taking deploys.
+fn open_admin_socket(
+    manifest: &std::path::Path,
+    chosen: Option<&std::path::Path>,
+) -> anyhow::Result<Option<AdminSocket>> {
+    if let Some(path) = chosen {
+        return Ok(Some(AdminSocket::bind(path, false)?));
+    }
+    let path = admin::default_socket(manifest)?;
+    match AdminSocket::bind(&path, true) {
+        Ok(socket) => Ok(Some(socket)),
+        Err(e @ admin::AdminError::InUse { .. }) => {
+            tracing::warn!("{e}; this host takes no deploys");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Serves deploys until Ctrl-C or SIGTERM, and names the signal. Deploys are taken one at a
+/// time; a signal while one compiles drops it (nothing has changed yet), and one while it is
+/// applied waits for it to finish, so no handler is left half replaced.
+async fn serve(
+    app: &mut App,
+    manifest: &std::path::Path,
+    run: &RunOptions,
+    signals: &mut StopSignals,
+    mut admin: Option<&mut AdminSocket>,
+) -> &'static str {
+    if let Some(admin) = &admin {
+        tracing::info!(
+            "deploy changes with `switchyard deploy {}` (admin socket {})",
+            manifest.display(),
+            admin.path().display()
+        );
+    }
+    let ours = admin::absolute_manifest(manifest).ok();
+    loop {
+        let next_request = async {
+            match admin.as_mut() {
+                Some(admin) => admin.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        let (request, reply) = tokio::select! {
+            signal = signals.next() => return signal,
+            Some(next) = next_request => next,
+        };
+        let admin::Request::Deploy { manifest: asked } = request;
+        if ours.as_ref() != Some(&asked) {
+            let _ = reply.send(admin::Response::Failed {
+                error: format!(
+                    "this host runs {}, not {}: deploy that manifest, or find the socket of \
+                     the host that runs yours",
+                    manifest.display(),
+                    asked.display()
+                ),
+            });
+            continue;
+        }
+        tracing::info!("deploy: reading {} again", manifest.display());
+        let plan = tokio::select! {
+            signal = signals.next() => {
+                let _ = reply.send(admin::Response::Failed {
+                    error: format!("the host is stopping ({signal}): nothing was deployed"),
+                });
+                return signal;
+            }
+            plan = async {
+                let new = load_manifest(manifest, run.broker.as_deref())?;
+                Ok::<_, anyhow::Error>(app.prepare(&new).await?)
+            } => plan,
+        };
+        let response = match plan {
+            Err(e) => Err(format!(
+                "refused: {e:#}; nothing was changed, the running versions go on"
+            )),
+            Ok(plan) => app
+                .apply(plan)
+                .await
+                .map_err(|e| format!("failed: {:#}", anyhow::Error::new(e))),
+        };
+        let response = match response {
+            Ok(report) => admin::Response::Deployed(report),
+            Err(error) => {
+                tracing::error!("deploy {error}");
+                admin::Response::Failed {
+                    error: format!("deploy {error}"),
+                }
+            }
+        };
+        let _ = reply.send(response);
+    }
+}
+
+/// `switchyard deploy`: asks the host running `manifest` to deploy it again, and prints what
+/// changed.
+async fn deploy(manifest: &std::path::Path, socket: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let socket = match socket {
+        Some(socket) => socket,
+        None => {
+            let socket = admin::default_socket(manifest)?;
+            admin::check_default_dir(&socket)?;
+            socket
+        }
+    };
+    let request = admin::Request::Deploy {
+        manifest: admin::absolute_manifest(manifest)?,
+    };
+    eprintln!(
+        "deploying {} (checking and compiling what changed)…",
+        manifest.display()
+    );
+    match admin::request(&socket, &request).await? {
+        admin::Response::Deployed(report) => {
+            for change in &report.changes {
+                println!("{change}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        admin::Response::Failed { error } => {
+            eprintln!("error: {error}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

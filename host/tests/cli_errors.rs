@@ -6,7 +6,8 @@
 //! names the cargo build that failed, and a manifest asking for an inference engine the host
 //! cannot load names the library it tried. `validate` passes the committed pipeline manifest
 //! and names, for a component whose world does not fit its role, the export it lacks and the
-//! fix; `run` refuses the same manifest before it reaches any broker.
+//! fix; `run` refuses the same manifest before it reaches any broker. `deploy` with no host
+//! running the manifest says where it looked and how to start one.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -85,6 +86,28 @@ fn bad_manifests_are_explained() {
         d,
         &["unknown broker", "kafka://"],
     );
+}
+
+#[test]
+fn a_deploy_with_no_host_running_the_manifest_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("idle.toml"), "").unwrap();
+    fails_with(
+        &["deploy", "idle.toml"],
+        d,
+        &[
+            "no `switchyard run` is listening",
+            "idle-",
+            "--admin-socket",
+        ],
+    );
+    fails_with(
+        &["deploy", "idle.toml", "--admin-socket", "elsewhere.sock"],
+        d,
+        &["no `switchyard run` is listening at elsewhere.sock"],
+    );
+    fails_with(&["deploy", "gone.toml"], d, &["gone.toml"]);
 }
 
 #[test]

@@ -1,25 +1,38 @@
-//! Proves that a running handler's build can be replaced between messages
-//! ([`HandlerGroup::replace`]), on the embedded Kafka broker: while 400 messages stream
-//! through, the test handler is swapped for another build of it (the same code with an extra
-//! custom section, so another hash); every message is answered exactly once, the answers name
-//! the old build and then the new one, every message sent after the swap returned is answered
-//! by the new build, and the group never left (no message was delivered twice). A replacement that would need a
-//! new subscription is refused and the old build keeps running.
+//! Proves hot deploy, on the embedded Kafka broker:
+//!
+//! - `switchyard deploy` swaps the classifier of a running `switchyard run` in the middle of a
+//!   stream of requests: every request is answered exactly once, the answers name the old
+//!   build and then the new one (`switchyard-sent-by`), and every request sent after the
+//!   deploy returned is answered by the new build; a corrupt `.wasm` is refused first and the
+//!   old build goes on;
+//! - a deploy starts added handlers, stops removed ones, restarts one whose workers changed,
+//!   leaves the rest alone, and refuses what cannot run (another broker, a pool too small, a
+//!   component of the wrong world) with nothing changed;
+//! - underneath, [`HandlerGroup::replace`] swaps a handler's build between messages without
+//!   leaving the group (400 messages, each answered once, none by the old build after the
+//!   swap returned), and refuses a replacement that needs another subscription.
 
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use pipeline_core::IMAGE_BYTES;
+use pipeline_core::wire::{GRAY8_CONTENT_TYPE, REQUEST_ID};
+use support::hosts::{self, Host, Pipeline};
+use switchyard::app::{Action, App, DeployError};
 use switchyard::broker::OutgoingMessage;
-use switchyard::config::{ComponentConfig, Limits};
-use switchyard::runtime::host::SENT_BY_HEADER;
+use switchyard::config::{BrokerConfig, ComponentConfig, Limits, Manifest};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 const MESSAGES: usize = 400;
 
-/// A copy of `wasm` with a custom section appended: the same component, another build.
-fn another_build(wasm: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+/// Writes to `path` a copy of `wasm` with a custom section appended: the same component,
+/// another build.
+fn another_build(wasm: &Path, path: &Path) {
     let mut bytes = std::fs::read(wasm).unwrap();
     let name = b"switchyard-test-build";
     let payload = b"2";
@@ -29,9 +42,7 @@ fn another_build(wasm: &std::path::Path, dir: &std::path::Path) -> std::path::Pa
     bytes.push(u8::try_from(name.len()).unwrap());
     bytes.extend_from_slice(name);
     bytes.extend_from_slice(payload);
-    let path = dir.join("test_handler_v2.wasm");
-    std::fs::write(&path, bytes).unwrap();
-    path
+    std::fs::write(path, bytes).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,9 +65,10 @@ async fn a_handler_is_replaced_between_messages_and_each_is_answered_once() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let v2_config = ComponentConfig {
-        wasm: another_build(&config.wasm, scratch.path()),
+        wasm: scratch.path().join("test_handler_v2.wasm"),
         ..config.clone()
     };
+    another_build(&config.wasm, &v2_config.wasm);
     let v1 = runtime.load("echo", &config).unwrap();
     let v2 = runtime.load("echo", &v2_config).unwrap();
     assert_ne!(v1.version(), v2.version());
@@ -100,13 +112,7 @@ async fn a_handler_is_replaced_between_messages_and_each_is_answered_once() {
         if !seen.insert(text) {
             duplicates += 1;
         }
-        let sent_by = delivery
-            .message
-            .headers
-            .iter()
-            .find(|(key, _)| key == SENT_BY_HEADER)
-            .map(|(_, value)| value.clone())
-            .expect("every answer names its build");
+        let sent_by = support::sent_by(&delivery.message);
         if index >= MESSAGES / 2 && sent_by.ends_with(v1.version()) {
             old_build_after_swap.push(index);
         }
@@ -152,4 +158,245 @@ async fn a_handler_is_replaced_between_messages_and_each_is_answered_once() {
         "{refused}"
     );
     handler.stop().await.unwrap();
+}
+
+/// A request the classifier answers: a 28×28 gray image (its pixels vary with `index`) and a
+/// request id `run-INDEX`, as the producer sends them.
+fn classification_request(topic: &str, index: usize) -> OutgoingMessage {
+    OutgoingMessage {
+        topic: topic.to_string(),
+        key: Some(index.to_string().into_bytes()),
+        payload: (0..IMAGE_BYTES)
+            .map(|pixel| u8::try_from((pixel * 7 + index) % 256).unwrap())
+            .collect(),
+        headers: vec![(REQUEST_ID.to_string(), format!("run-{index}"))],
+        content_type: Some(GRAY8_CONTENT_TYPE.to_string()),
+    }
+}
+
+/// Runs `switchyard deploy MANIFEST` and returns its exit status, standard output and
+/// standard error.
+async fn deploy(manifest: &Path) -> (std::process::ExitStatus, String, String) {
+    let output = tokio::time::timeout(
+        hosts::WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["deploy", manifest.to_str().unwrap()])
+            .env_remove("SWITCHYARD_ADMIN_SOCKET")
+            .output(),
+    )
+    .await
+    .expect("deploy answered in time")
+    .expect("running switchyard deploy");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+    (output.status, text(output.stdout), text(output.stderr))
+}
+
+/// The issue's test: `switchyard run` serves the classifier while requests stream in; a
+/// corrupt `.wasm` is refused by `switchyard deploy` and the old build goes on; then a new
+/// build of the classifier is deployed in the middle of the run. Every request is answered
+/// exactly once, each answer names the build that made it (`switchyard-sent-by`), and every
+/// request sent after the deploy returned is answered by the new build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_deploy_swaps_the_classifier_mid_run_and_each_request_is_answered_once() {
+    let broker = hosts::kafka().await;
+    let pipeline = Pipeline::new(broker.client.as_ref(), 4).await;
+    // The manifest names a .wasm of the test's own, which the test replaces as a user would.
+    let scratch = tempfile::tempdir().unwrap();
+    let wasm = scratch.path().join("classifier.wasm");
+    std::fs::copy(support::component("classifier"), &wasm).unwrap();
+    let manifest = pipeline.classifier_with(2, &wasm);
+    let mut host = Host::spawn("host", &manifest, &broker.url).running().await;
+    host.wait_for("switchyard deploy").await;
+
+    let mut predictions = pipeline.predictions(broker.client.as_ref()).await;
+    let publisher = broker.client.publisher().await.unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (stop_sending, mut stopped) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn({
+        let (sent, topic) = (sent.clone(), pipeline.requests.clone());
+        async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(4));
+            while !*stopped.borrow_and_update() {
+                ticks.tick().await;
+                let index = sent.fetch_add(1, Ordering::SeqCst);
+                publisher
+                    .publish(classification_request(&topic, index))
+                    .await
+                    .unwrap();
+            }
+            sent.load(Ordering::SeqCst)
+        }
+    });
+    predictions.until(100).await;
+    let old_build = predictions.builds_of("run-0")[0].clone();
+
+    // A half-written file: refused before anything running is touched.
+    std::fs::write(&wasm, b"\0asm half a file").unwrap();
+    let (status, _, stderr) = deploy(&manifest).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("classifier.wasm") && stderr.contains("nothing was changed"),
+        "the refusal names the file and says the old build goes on: {stderr}"
+    );
+    let answered = predictions.distinct();
+    predictions.until(answered + 100).await;
+
+    // The new build, put in place as a deploy tool would: written aside, renamed over.
+    let staged = scratch.path().join("classifier.wasm.new");
+    another_build(&support::component("classifier"), &staged);
+    std::fs::rename(&staged, &wasm).unwrap();
+    let (status, stdout, stderr) = deploy(&manifest).await;
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("replaced between messages"),
+        "deploy says what it did: {stdout}"
+    );
+    let deployed = sent.load(Ordering::SeqCst);
+    predictions.until(deployed + 200).await;
+    stop_sending.send(true).unwrap();
+    let total = sender.await.unwrap();
+
+    predictions.until(total).await;
+    predictions.until_quiet(Duration::from_secs(2)).await;
+    let per_build = predictions.per_build();
+    eprintln!("{total} requests; {deployed} sent before the deploy returned; {per_build:?}");
+    assert!(predictions.answers_exactly(total as u64), "{per_build:?}");
+    assert_eq!(predictions.duplicates(), 0, "{per_build:?}");
+    assert_eq!(per_build.len(), 2, "two builds answered: {per_build:?}");
+    let new_build = per_build
+        .keys()
+        .find(|build| **build != old_build)
+        .unwrap()
+        .clone();
+    assert!(old_build.starts_with("classifier@sha256:"), "{old_build}");
+    assert!(
+        stdout.contains(new_build.trim_start_matches("classifier@")),
+        "deploy names the new build: {stdout}"
+    );
+    let late_old: Vec<usize> = (deployed..total)
+        .filter(|index| predictions.builds_of(&format!("run-{index}")) != [new_build.clone()])
+        .collect();
+    assert!(
+        late_old.is_empty(),
+        "requests sent after the deploy returned were answered by the old build: {late_old:?}"
+    );
+    let stdout = host.stop().await;
+    assert_eq!(hosts::handled(&stdout, "classifier"), total as u64);
+}
+
+/// A manifest on the embedded broker with the test handler under each of `names`, each on
+/// topics of its own (`NAME-in`, answering to `NAME-out`) with `workers` instances.
+fn echo_manifest(prefix: &str, names: &[&str], workers: usize) -> Manifest {
+    let mut text = String::new();
+    for name in names {
+        text.push_str(&format!(
+            "[components.{name}]\nwasm = {wasm:?}\nsubscribe = [\"{prefix}-{name}-in\"]\n\
+             publish = [\"{prefix}-{name}-out\"]\nworkers = {workers}\n",
+            wasm = support::test_handler(),
+        ));
+    }
+    Manifest::parse(&text, Path::new("deploy.toml"), Path::new(".")).unwrap()
+}
+
+/// What a deploy does to each component, in-process: added handlers start and answer,
+/// removed ones stop, one whose workers changed restarts, unchanged ones are left alone, and
+/// a deploy that cannot be carried out (another broker, a pool too small, a component of the
+/// wrong world) is refused with nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_starts_added_stops_removed_restarts_changed_and_refuses_what_cannot_run() {
+    let prefix = support::unique("deploy");
+    let first = echo_manifest(&prefix, &["kept", "removed", "resized"], 1);
+    let options = RuntimeOptions {
+        cache_dir: None,
+        ..RuntimeOptions::default()
+    };
+    let mut app = App::start(&first, options).await.unwrap();
+    let names = |app: &App| -> Vec<String> {
+        let mut names: Vec<String> = app.handlers.iter().map(|h| h.name().to_string()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&app), ["kept", "removed", "resized"]);
+
+    // Refused: nothing running changes.
+    let running = app.running.clone();
+    let mut elsewhere = first.clone();
+    elsewhere.broker = BrokerConfig::from_url("kafka://127.0.0.1:1").unwrap();
+    let refused = app.prepare(&elsewhere).await.err().unwrap();
+    assert!(matches!(refused, DeployError::BrokerChanged), "{refused}");
+    let too_big = echo_manifest(&prefix, &["kept", "removed", "resized"], 40);
+    let refused = app.prepare(&too_big).await.err().unwrap().to_string();
+    assert!(refused.contains("restart `switchyard run`"), "{refused}");
+    let mut wrong_world = first.clone();
+    wrong_world.components.get_mut("removed").unwrap().wasm = support::component("producer");
+    let refused = app.prepare(&wrong_world).await.err().unwrap().to_string();
+    assert!(
+        refused.contains("removed") && refused.contains("incoming-handler"),
+        "{refused}"
+    );
+    assert_eq!(app.running, running);
+    assert_eq!(names(&app), ["kept", "removed", "resized"]);
+
+    // Applied: one of each.
+    let mut second = echo_manifest(&prefix, &["kept", "added"], 1);
+    second.components.extend(
+        echo_manifest(&prefix, &["resized"], 2)
+            .components
+            .into_iter(),
+    );
+    let plan = app.prepare(&second).await.unwrap();
+    let report = app.apply(plan).await.unwrap();
+    let actions: HashMap<&str, Action> = report
+        .changes
+        .iter()
+        .map(|change| (change.component.as_str(), change.action))
+        .collect();
+    assert_eq!(
+        actions,
+        HashMap::from([
+            ("added", Action::Started),
+            ("kept", Action::Unchanged),
+            ("removed", Action::Stopped),
+            ("resized", Action::Restarted),
+        ]),
+        "{report:?}"
+    );
+    assert_eq!(names(&app), ["added", "kept", "resized"]);
+    assert_eq!(app.running["resized"].config.workers, 2);
+
+    // The added handler answers on its topics.
+    let broker = app.broker.broker.clone();
+    let out = format!("{prefix}-added-out");
+    let answers = support::member(broker.as_ref(), &support::unique("reader"), &out).await;
+    support::publish(
+        broker.as_ref(),
+        OutgoingMessage {
+            topic: format!("{prefix}-added-in"),
+            payload: format!("echo {out} hello").into_bytes(),
+            ..OutgoingMessage::default()
+        },
+    )
+    .await;
+    let answer = tokio::time::timeout(Duration::from_secs(60), answers.next())
+        .await
+        .expect("the added handler answers")
+        .unwrap();
+    assert_eq!(
+        answer.message.payload,
+        format!("echo {out} hello").as_bytes()
+    );
+    answer.ack().unwrap();
+    answers.close().await.unwrap();
+
+    // Deploying the same manifest again changes nothing.
+    let plan = app.prepare(&second).await.unwrap();
+    let report = app.apply(plan).await.unwrap();
+    assert!(
+        report
+            .changes
+            .iter()
+            .all(|change| change.action == Action::Unchanged),
+        "{report:?}"
+    );
+    app.stop().await.unwrap();
 }

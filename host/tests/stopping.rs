@@ -122,9 +122,12 @@ async fn a_handler_that_fails_to_stop_does_not_keep_the_others_running() {
             broker,
             embedded: Some(cluster),
         },
-        runtime,
+        runtime: Arc::new(runtime),
         handlers,
         commands: Vec::new(),
+        broker_config: switchyard::config::BrokerConfig::default(),
+        running: Default::default(),
+        deployed_commands: tokio::task::JoinSet::new(),
     };
 
     let stopped = app.stop().await;

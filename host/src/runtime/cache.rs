@@ -38,8 +38,9 @@ pub enum CacheError {
     Unsafe {
         /// The directory.
         path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
+        /// What is wrong with it (its text is part of this error's, so it is not also a
+        /// `source`).
+        reason: crate::private_dir::NotPrivate,
     },
     /// Reading or writing the directory or its key failed.
     #[error("{what}: {error}")]
@@ -69,8 +70,11 @@ impl ArtifactCache {
     /// Opens (creating it, private to the user) the cache in `dir`.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
         let io = |what: String| move |error| CacheError::Io { what, error };
-        create_private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
-        check_private(dir)?;
+        crate::private_dir::create(dir).map_err(io(format!("creating {}", dir.display())))?;
+        crate::private_dir::check(dir).map_err(|reason| CacheError::Unsafe {
+            path: dir.to_path_buf(),
+            reason,
+        })?;
         let key = load_or_create_key(&dir.join(KEY_FILE))
             .map_err(io(format!("the key in {}", dir.display())))?;
         Ok(Self {
@@ -166,57 +170,6 @@ impl ArtifactCache {
             .map_err(|e| e.error)?;
         Ok(())
     }
-}
-
-#[cfg(unix)]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-#[cfg(not(unix))]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)
-}
-
-/// The directory must be this user's and writable by nobody else.
-#[cfg(unix)]
-fn check_private(dir: &Path) -> Result<(), CacheError> {
-    use std::os::unix::fs::MetadataExt;
-    let unsafe_because = |reason: String| CacheError::Unsafe {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    let metadata = std::fs::symlink_metadata(dir).map_err(|error| CacheError::Io {
-        what: format!("checking {}", dir.display()),
-        error,
-    })?;
-    if !metadata.is_dir() {
-        return Err(unsafe_because("it is not a directory".into()));
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let user = unsafe { libc::geteuid() };
-    if metadata.uid() != user {
-        return Err(unsafe_because(format!(
-            "it belongs to user {} and this process runs as {user}",
-            metadata.uid()
-        )));
-    }
-    if metadata.mode() & 0o022 != 0 {
-        return Err(unsafe_because(format!(
-            "others may write to it (mode {:o})",
-            metadata.mode() & 0o777
-        )));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private(_: &Path) -> Result<(), CacheError> {
-    Ok(())
 }
 
 fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {

@@ -124,16 +124,30 @@ pub struct Compiled {
     pub version: String,
 }
 
+/// Which build a `.wasm` is, as [`Compiled::version`] names it, without compiling it: how a
+/// deploy tells a changed file from an unchanged one.
+pub fn version_of(wasm_path: &Path) -> Result<String, RuntimeError> {
+    Ok(version_of_digest(&Sha256::digest(read_wasm(wasm_path)?)))
+}
+
+fn read_wasm(wasm_path: &Path) -> Result<Vec<u8>, RuntimeError> {
+    std::fs::read(wasm_path).map_err(|e| RuntimeError::Component {
+        path: wasm_path.to_path_buf(),
+        message: format!("cannot read it: {e}"),
+    })
+}
+
+fn version_of_digest(digest: &[u8]) -> String {
+    format!("sha256:{}", &hex::encode(digest)[..12])
+}
+
 /// Loads a component, compiling it only if `cache` has no artifact of its own for it.
 pub fn load_component(
     engine: &Engine,
     wasm_path: &Path,
     cache: Option<&ArtifactCache>,
 ) -> Result<Compiled, RuntimeError> {
-    let bytes = std::fs::read(wasm_path).map_err(|e| RuntimeError::Component {
-        path: wasm_path.to_path_buf(),
-        message: format!("cannot read it: {e}"),
-    })?;
+    let bytes = read_wasm(wasm_path)?;
     check_is_component(&bytes).map_err(|message| RuntimeError::Component {
         path: wasm_path.to_path_buf(),
         message,
@@ -144,7 +158,7 @@ pub fn load_component(
         .precompile_compatibility_hash()
         .hash(&mut engine_hash);
     let digest = Sha256::digest(&bytes);
-    let version = format!("sha256:{}", &hex::encode(digest)[..12]);
+    let version = version_of_digest(&digest);
     let mut key = Sha256::new();
     key.update(engine_hash.finish().to_le_bytes());
     key.update(digest);

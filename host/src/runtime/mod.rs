@@ -144,6 +144,7 @@ pub struct Runtime {
     cache: Option<cache::ArtifactCache>,
     /// Test mode (`switchyard test`): where sends are recorded, and `test-support` is linked.
     sent_log: Option<Arc<test_support::SentLog>>,
+    pool: engine::PoolSize,
     _ticker: EpochTicker,
 }
 
@@ -175,6 +176,11 @@ impl LoadedComponent {
     /// Which build of it this is: `sha256:` and the first 12 hex digits of its `.wasm`.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Its manifest entry.
+    pub fn config(&self) -> &ComponentConfig {
+        &self.config
     }
 
     /// Whether the host hands it several messages per call (it exports
@@ -248,7 +254,13 @@ impl Runtime {
                 }
             },
             sent_log,
+            pool: options.pool,
         })
+    }
+
+    /// The size of its instance pool, fixed when it was created.
+    pub fn pool(&self) -> engine::PoolSize {
+        self.pool
     }
 
     /// The broker this runtime uses.

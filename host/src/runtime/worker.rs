@@ -150,17 +150,11 @@ impl HandlerGroup {
     /// the next messages with `component`. Nothing is redelivered (the subscription stays), so
     /// nothing is lost or handled twice. Returns once every worker has switched.
     ///
-    /// Only what an instance is made from may change (the `.wasm`, `args`, `preopens`,
-    /// `publish`, `limits`, `nn`, `retry`, `dead_letter`); a new subscription (`subscribe`,
-    /// `group`, `start`) or pool (`workers`, `batch`) needs the group stopped and started.
+    /// Only what an instance is made from may change: see
+    /// [`ComponentConfig::can_replace_in_place`](crate::config::ComponentConfig::can_replace_in_place).
     pub async fn replace(&self, component: &LoadedComponent) -> Result<(), RuntimeError> {
-        let (old, new) = (&self.config, &component.config);
-        let same_subscription = component.name == self.name
-            && old.subscribe == new.subscribe
-            && old.group == new.group
-            && old.start == new.start
-            && old.workers == new.workers
-            && old.batch == new.batch;
+        let same_subscription =
+            component.name == self.name && self.config.can_replace_in_place(&component.config);
         if !same_subscription {
             return Err(RuntimeError::Failed {
                 component: self.name.to_string(),

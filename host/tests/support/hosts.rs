@@ -265,6 +265,11 @@ impl Pipeline {
     /// to 32, LeNet natively through tract) with `workers` instances, on this run's topics;
     /// every host started from it joins one group.
     pub fn classifier(&self, workers: usize) -> PathBuf {
+        self.classifier_with(workers, &super::component("classifier"))
+    }
+
+    /// [`Pipeline::classifier`] with the classifier's `.wasm` at `wasm`.
+    pub fn classifier_with(&self, workers: usize, wasm: &Path) -> PathBuf {
         let path = self.dir.path().join(format!("classifier-{workers}.toml"));
         let manifest = format!(
             "[components.classifier]\n\
@@ -278,7 +283,6 @@ impl Pipeline {
              nn = \"tract\"\n\
              preopens = [{{ host = {models:?}, guest = \"/models\" }}]\n\
              retry = {{ max_attempts = 3, backoff_ms = 100 }}\n",
-            wasm = super::component("classifier"),
             requests = self.requests,
             predictions = self.predictions,
             group = format!("{}-classifier", self.requests),
@@ -326,8 +330,9 @@ impl Pipeline {
                     .as_str()
                     .expect("a prediction names its request")
                     .to_string();
+                let sent_by = super::sent_by(&delivery.message);
                 delivery.ack().unwrap();
-                if sender.send((request, arrived)).is_err() {
+                if sender.send((request, arrived, sent_by)).is_err() {
                     break;
                 }
             }
@@ -336,6 +341,7 @@ impl Pipeline {
         Predictions {
             arrivals,
             seen: HashMap::new(),
+            builds: HashMap::new(),
             total: 0,
         }
     }
@@ -343,8 +349,10 @@ impl Pipeline {
 
 /// The predictions read so far, counted by request id.
 pub struct Predictions {
-    arrivals: mpsc::UnboundedReceiver<(String, Instant)>,
+    arrivals: mpsc::UnboundedReceiver<(String, Instant, String)>,
     seen: HashMap<String, usize>,
+    /// The builds (`switchyard-sent-by`) that answered each request.
+    builds: HashMap<String, Vec<String>>,
     total: usize,
 }
 
@@ -355,7 +363,7 @@ impl Predictions {
         let mut first = None;
         let mut last = Instant::now();
         while self.seen.len() < distinct {
-            let (request, arrived) = tokio::time::timeout(WAIT, self.arrivals.recv())
+            let (request, arrived, sent_by) = tokio::time::timeout(WAIT, self.arrivals.recv())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
@@ -366,29 +374,49 @@ impl Predictions {
                 .unwrap();
             first.get_or_insert(arrived);
             last = arrived;
-            self.record(request);
+            self.record(request, sent_by);
         }
         (last, first)
     }
 
     /// Reads what has arrived, without waiting.
     pub fn drain(&mut self) {
-        while let Ok((request, _)) = self.arrivals.try_recv() {
-            self.record(request);
+        while let Ok((request, _, sent_by)) = self.arrivals.try_recv() {
+            self.record(request, sent_by);
         }
     }
 
     /// Reads until nothing arrives for `quiet`: duplicates that come late (a redelivery storm
     /// would show here).
     pub async fn until_quiet(&mut self, quiet: Duration) {
-        while let Ok(Some((request, _))) = tokio::time::timeout(quiet, self.arrivals.recv()).await {
-            self.record(request);
+        while let Ok(Some((request, _, sent_by))) =
+            tokio::time::timeout(quiet, self.arrivals.recv()).await
+        {
+            self.record(request, sent_by);
         }
     }
 
-    fn record(&mut self, request: String) {
+    fn record(&mut self, request: String, sent_by: String) {
+        self.builds
+            .entry(request.clone())
+            .or_default()
+            .push(sent_by);
         *self.seen.entry(request).or_default() += 1;
         self.total += 1;
+    }
+
+    /// The builds that answered `request`, as their `switchyard-sent-by` header names them.
+    pub fn builds_of(&self, request: &str) -> &[String] {
+        self.builds.get(request).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many predictions each build made.
+    pub fn per_build(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for build in self.builds.values().flatten() {
+            *counts.entry(build.clone()).or_default() += 1;
+        }
+        counts
     }
 
     /// Requests with at least one prediction.

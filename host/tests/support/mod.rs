@@ -97,6 +97,17 @@ pub fn test_handler() -> PathBuf {
         .clone()
 }
 
+/// The build that sent `message`, as its `switchyard-sent-by` header names it
+/// (`NAME@sha256:…`); panics if it has none, since the host stamps every component's send.
+pub fn sent_by(message: &switchyard::broker::IncomingMessage) -> String {
+    message
+        .headers
+        .iter()
+        .find(|(name, _)| name == switchyard::runtime::host::SENT_BY_HEADER)
+        .map(|(_, build)| build.clone())
+        .expect("a message a component sent names the build that sent it")
+}
+
 /// Path of a built component.
 pub fn component(name: &str) -> PathBuf {
     components().join(format!("{name}.wasm"))
