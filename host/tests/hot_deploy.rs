@@ -1,11 +1,11 @@
-//! Proves hot deploy, on the embedded Kafka broker:
+//! Proves hot deploy:
 //!
 //! - `switchyard deploy` swaps the classifier of a running `switchyard run` in the middle of a
-//!   stream of requests: every request is answered exactly once, the answers name the old
-//!   build and then the new one (`switchyard-sent-by`), and every request sent after the
-//!   deploy returned is answered by the new build; a corrupt `.wasm` is refused first and the
-//!   old build goes on;
-//! - a deploy starts added handlers, stops removed ones, restarts one whose workers changed,
+//!   stream of requests, on the embedded Kafka broker and on Google's Pub/Sub emulator: every
+//!   request is answered exactly once, the answers name the old build and then the new one
+//!   (`switchyard-sent-by`), and every request sent after the deploy returned is answered by
+//!   the new build; a corrupt `.wasm` is refused first and the old build goes on;
+//! - a deploy (on the embedded broker) starts added handlers, stops removed ones, restarts one whose workers changed,
 //!   leaves the rest alone, and refuses what cannot run (another broker, a pool too small, a
 //!   component of the wrong world) with nothing changed;
 //! - underneath, [`HandlerGroup::replace`] swaps a handler's build between messages without
@@ -191,14 +191,22 @@ async fn deploy(manifest: &Path) -> (std::process::ExitStatus, String, String) {
     (output.status, text(output.stdout), text(output.stderr))
 }
 
-/// The test: `switchyard run` serves the classifier while requests stream in; a
-/// corrupt `.wasm` is refused by `switchyard deploy` and the old build goes on; then a new
-/// build of the classifier is deployed in the middle of the run. Every request is answered
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_switchyard_deploy_swaps_the_classifier_mid_run_and_each_request_is_answered_once() {
+    deploy_swaps_the_classifier_mid_run(hosts::kafka().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_switchyard_deploy_swaps_the_classifier_mid_run_and_each_request_is_answered_once() {
+    deploy_swaps_the_classifier_mid_run(hosts::pubsub().await).await;
+}
+
+/// The test, on each backend: `switchyard run` serves the classifier while requests
+/// stream in; a corrupt `.wasm` is refused by `switchyard deploy` and the old build goes on;
+/// then a new build of the classifier is deployed in the middle of the run. Every request is answered
 /// exactly once, each answer names the build that made it (`switchyard-sent-by`), and every
 /// request sent after the deploy returned is answered by the new build.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switchyard_deploy_swaps_the_classifier_mid_run_and_each_request_is_answered_once() {
-    let broker = hosts::kafka().await;
+async fn deploy_swaps_the_classifier_mid_run(broker: hosts::StandaloneBroker) {
     let pipeline = Pipeline::new(broker.client.as_ref(), 4).await;
     // The manifest names a .wasm of the test's own, which the test replaces as a user would.
     let scratch = tempfile::tempdir().unwrap();
