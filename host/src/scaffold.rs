@@ -132,7 +132,11 @@ fn files(name: &str, kind: Kind) -> Vec<(PathBuf, String)> {
             ),
         ),
         (PathBuf::from(".cargo/config.toml"), CARGO_CONFIG.into()),
-        (PathBuf::from(".gitignore"), "/target\n".into()),
+        (
+            PathBuf::from(".gitignore"),
+            "/target\n# written by `cargo component`, unused (see Cargo.toml)\n/src/bindings.rs\n"
+                .into(),
+        ),
         (
             PathBuf::from("wit/world.wit"),
             fill(match kind {
@@ -189,6 +193,11 @@ target = "wasm32-wasip2"
 
 [target.wasm32-wasip2]
 runner = "switchyard test"
+
+# `cargo component test` (cargo-component builds for wasm32-wasip1 and makes components of
+# the test binaries) runs them the same way.
+[target.wasm32-wasip1]
+runner = "switchyard test"
 "#;
 
 /// The crate's manifest; `{{lib}}` makes a handler a library (a command is a binary).
@@ -206,6 +215,16 @@ switchyard-test = { path = "switchyard-test" }
 
 # A crate of its own, wherever it is created.
 [workspace]
+
+# For `cargo component test`: where cargo-component finds the world (it also writes
+# src/bindings.rs from it, which this crate does not use: wit_bindgen::generate! in
+# src/lib.rs makes the bindings, so plain cargo needs no cargo-component).
+[package.metadata.component.target]
+path = "wit"
+world = "{{name}}"
+
+[package.metadata.component.target.dependencies]
+"wasi:messaging" = { path = "wit/deps/messaging" }
 "#;
 
 const HELPER_CARGO: &str = r#"# switchyard's test helper, as `switchyard new` wrote it (from the switchyard that created

@@ -7,6 +7,9 @@
 //! numbers inside Wasm. The tests that must be there are named, so a crate whose tests
 //! silently stopped running fails here.
 //!
+//! `cargo component test` runs the consumer's the same way, when cargo-component is installed
+//! (CI installs it).
+//!
 //! They build with the `component` profile (optimized, as the components themselves) into the
 //! test-only target directory, which the other tests' builds share.
 
@@ -19,24 +22,34 @@ use std::process::Command;
 fn cargo_test_in(crate_dir: &str) -> String {
     let workspace = switchyard::pipeline::workspace_root();
     switchyard::build::ensure_wasm_target(&workspace).expect("the wasm32-wasip2 target");
-    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(workspace.join(crate_dir))
-        .env("PATH", support::path_with_switchyard())
-        .env("CARGO_TARGET_DIR", support::test_target_dir())
-        .args([
+    cargo_in(
+        crate_dir,
+        &[
             "test",
             "--profile",
             "component",
             "--target",
             "wasm32-wasip2",
-        ])
+        ],
+    )
+}
+
+/// Runs cargo with `args` in `crate_dir`, the `switchyard` just built first on the PATH, and
+/// returns its standard output, failing with both streams when it fails.
+fn cargo_in(crate_dir: &str, args: &[&str]) -> String {
+    let workspace = switchyard::pipeline::workspace_root();
+    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(workspace.join(crate_dir))
+        .env("PATH", support::path_with_switchyard())
+        .env("CARGO_TARGET_DIR", support::test_target_dir())
+        .args(args)
         .output()
         .expect("running cargo");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "cargo test in {crate_dir} failed ({}):\n{stdout}\n{stderr}",
+        "cargo {args:?} in {crate_dir} failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
     stdout
@@ -99,4 +112,27 @@ fn classifier_tests_answer_requests_and_match_pytorch_inside_wasm() {
 fn pipeline_core_tests_pass_inside_wasm() {
     let stdout = cargo_test_in("components/pipeline-core");
     ran(&stdout, &["tally::tests::counts_each_request_once"]);
+}
+
+/// `cargo component test` runs a crate's tests the same way: cargo-component builds them for
+/// `wasm32-wasip1`, makes a component of each, and hands it to the runner that
+/// `.cargo/config.toml` names for that target (`switchyard test` too). cargo-component is not
+/// part of a Rust toolchain: without it on the PATH this test says so and passes, unless
+/// `SWITCHYARD_REQUIRE_CARGO_COMPONENT` is set (`.ci/run` installs it and sets it).
+#[test]
+fn cargo_component_test_runs_the_consumer_tests_inside_wasm() {
+    if !support::cargo_component_ready() {
+        return;
+    }
+    let stdout = cargo_in(
+        "components/consumer",
+        &["component", "test", "--profile", "component"],
+    );
+    ran(
+        &stdout,
+        &[
+            "component::tests::tallies_each_request_once_and_reports_it",
+            "component::tests::answers_what_is_not_a_prediction_with_an_error_alone",
+        ],
+    );
 }

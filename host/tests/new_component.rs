@@ -1,7 +1,7 @@
 //! Proves that `switchyard new` makes crates that work as generated, outside this repository,
 //! with nothing but `switchyard` on the PATH: in a scratch directory, a handler's and a
 //! command's `cargo test --target wasm32-wasip2` pass (their tests run inside Wasm through
-//! `switchyard test`), their release builds pass `switchyard validate` against the manifests
+//! `switchyard test`), and so does `cargo component test` where cargo-component is installed, their release builds pass `switchyard validate` against the manifests
 //! `new` wrote, and the handler, built from the published `wasi:messaging` world alone
 //! (`messaging-core`), answers a message through `switchyard run` on the embedded broker.
 //! Also that a bad name and an existing directory are refused with the fix.
@@ -45,7 +45,8 @@ fn succeed(dir: &Path, program: &str, args: &[&str]) -> String {
 }
 
 /// `switchyard new NAME ARGS` in a fresh scratch directory, outside this repository; then
-/// `cargo test --target wasm32-wasip2` and `cargo build --release` in the crate.
+/// `cargo test --target wasm32-wasip2`, `cargo component test` (where cargo-component is
+/// installed) and `cargo build --release` in the crate.
 fn create_test_and_build(name: &str, args: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let scratch = tempfile::tempdir().unwrap();
     let mut new = vec!["new", name];
@@ -59,6 +60,13 @@ fn create_test_and_build(name: &str, args: &[&str]) -> (tempfile::TempDir, PathB
         !tests.contains(" 0 passed"),
         "the generated tests ran: {tests}"
     );
+    if support::cargo_component_ready() {
+        let tests = succeed(&root, "cargo", &["component", "test"]);
+        assert!(
+            tests.contains("test result: ok.") && !tests.contains(" 0 passed"),
+            "cargo component test ran the generated tests: {tests}"
+        );
+    }
     succeed(&root, "cargo", &["build", "--release"]);
     (scratch, root)
 }

@@ -274,3 +274,30 @@ pub fn path_with_switchyard() -> std::ffi::OsString {
     )
     .unwrap()
 }
+
+/// Whether `cargo component` can run here, with the `wasm32-wasip1` target it builds for
+/// added. cargo-component is not part of a Rust toolchain, so without it the tests of `cargo
+/// component test` say so and pass, unless `SWITCHYARD_REQUIRE_CARGO_COMPONENT` is set
+/// (`.ci/run` installs cargo-component and sets it): then its absence fails them.
+pub fn cargo_component_ready() -> bool {
+    let installed =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["component", "--version"])
+            .output()
+            .is_ok_and(|output| output.status.success());
+    if !installed {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_CARGO_COMPONENT").is_none(),
+            "cargo-component is not on the PATH: cargo install cargo-component --locked"
+        );
+        eprintln!("cargo-component is not installed: `cargo component test` not tried");
+        return false;
+    }
+    let added = std::process::Command::new("rustup")
+        .current_dir(switchyard::pipeline::workspace_root())
+        .args(["target", "add", "wasm32-wasip1"])
+        .status()
+        .expect("running rustup");
+    assert!(added.success(), "rustup target add wasm32-wasip1: {added}");
+    true
+}
