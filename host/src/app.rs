@@ -19,7 +19,7 @@ use crate::broker::embedded::EmbeddedKafka;
 use crate::broker::kafka::Kafka;
 use crate::broker::pubsub::PubSub;
 use crate::broker::{Broker, BrokerError, Publisher, TopicSpec};
-use crate::config::{BrokerConfig, ComponentConfig, ConfigError, Manifest};
+use crate::config::{BrokerConfig, ComponentConfig, Manifest};
 use crate::runtime::engine::PoolSize;
 use crate::runtime::{
     CommandOutcome, HandlerGroup, HandlerStats, LoadedComponent, Runtime, RuntimeError,
@@ -236,7 +236,7 @@ impl App {
                 steps.push(Step::Keep(name.clone()));
                 continue;
             }
-            crate::runtime::check_before_compiling(name, config)?;
+            // Loading checks the world before it compiles.
             let loaded = compile(&self.runtime, name, config)?;
             log_loaded(&loaded);
             steps.push(match running {
@@ -615,9 +615,6 @@ pub enum Action {
 /// Why a deploy was refused or did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    /// The manifest could not be read.
-    #[error(transparent)]
-    Manifest(#[from] ConfigError),
     /// The manifest's broker differs from the one the host started with.
     #[error(
         "the manifest's broker changed: a running host keeps the broker it started with; \

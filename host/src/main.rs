@@ -1,5 +1,6 @@
-//! The `switchyard` command line: run a manifest, run the embedded broker, run the demo, or
-//! run one command component.
+//! The `switchyard` command line: run a manifest and deploy changes into it, run the embedded
+//! broker, run the demo, scaffold, validate and unit-test components, or run one command
+//! component.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -340,9 +340,7 @@ impl Pipeline {
         });
         Predictions {
             arrivals,
-            seen: HashMap::new(),
             builds: HashMap::new(),
-            total: 0,
         }
     }
 }
@@ -350,10 +348,8 @@ impl Pipeline {
 /// The predictions read so far, counted by request id.
 pub struct Predictions {
     arrivals: mpsc::UnboundedReceiver<(String, Instant, String)>,
-    seen: HashMap<String, usize>,
-    /// The builds (`switchyard-sent-by`) that answered each request.
+    /// The builds (`switchyard-sent-by`) that answered each request, one per prediction.
     builds: HashMap<String, Vec<String>>,
-    total: usize,
 }
 
 impl Predictions {
@@ -362,13 +358,13 @@ impl Predictions {
     pub async fn until(&mut self, distinct: usize) -> (Instant, Option<Instant>) {
         let mut first = None;
         let mut last = Instant::now();
-        while self.seen.len() < distinct {
+        while self.builds.len() < distinct {
             let (request, arrived, sent_by) = tokio::time::timeout(WAIT, self.arrivals.recv())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
                         "{} of {distinct} requests answered after {WAIT:?} more",
-                        self.seen.len()
+                        self.builds.len()
                     )
                 })
                 .unwrap();
@@ -397,12 +393,7 @@ impl Predictions {
     }
 
     fn record(&mut self, request: String, sent_by: String) {
-        self.builds
-            .entry(request.clone())
-            .or_default()
-            .push(sent_by);
-        *self.seen.entry(request).or_default() += 1;
-        self.total += 1;
+        self.builds.entry(request).or_default().push(sent_by);
     }
 
     /// The builds that answered `request`, as their `switchyard-sent-by` header names them.
@@ -421,27 +412,27 @@ impl Predictions {
 
     /// Requests with at least one prediction.
     pub fn distinct(&self) -> usize {
-        self.seen.len()
+        self.builds.len()
     }
 
     /// Predictions read, duplicates included.
     pub fn total(&self) -> usize {
-        self.total
+        self.builds.values().map(Vec::len).sum()
     }
 
     /// Predictions beyond the first of their request.
     pub fn duplicates(&self) -> usize {
-        self.total - self.seen.len()
+        self.total() - self.builds.len()
     }
 
     /// Whether every request `run-0` … `run-{count-1}` has a prediction (and no other does).
     pub fn answers_exactly(&self, count: u64) -> bool {
-        self.seen.len() as u64 == count
-            && (0..count).all(|index| self.seen.contains_key(&format!("run-{index}")))
+        self.builds.len() as u64 == count
+            && (0..count).all(|index| self.builds.contains_key(&format!("run-{index}")))
     }
 
     /// How many times the most repeated request was answered.
     pub fn most_repeated(&self) -> usize {
-        self.seen.values().max().copied().unwrap_or(0)
+        self.builds.values().map(Vec::len).max().unwrap_or(0)
     }
 }
