@@ -20,6 +20,7 @@ use crate::broker::kafka::Kafka;
 use crate::broker::pubsub::PubSub;
 use crate::broker::{Broker, BrokerError, Publisher, TopicSpec};
 use crate::config::{BrokerConfig, ComponentConfig, Manifest};
+use crate::results::{Results, ResultsConfig};
 use crate::runtime::engine::PoolSize;
 use crate::runtime::{
     CommandOutcome, HandlerGroup, HandlerStats, LoadedComponent, Runtime, RuntimeError,
@@ -106,6 +107,17 @@ pub const DEPLOY_HEADROOM: u32 = 16;
 /// How long [`App::start`] waits for its handlers to join their groups.
 const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The results store a manifest needs: its `[results]`, else the default SQLite file when a
+/// component is granted `results`; `None` when nothing writes results.
+pub fn results_store(manifest: &Manifest) -> Option<ResultsConfig> {
+    let writes = manifest.components.values().any(|c| !c.results.is_empty());
+    match &manifest.results {
+        Some(config) => Some(config.clone()),
+        None if writes => Some(ResultsConfig::default_store()),
+        None => None,
+    }
+}
+
 /// A manifest, running.
 pub struct App {
     /// The broker connection (and embedded broker) the components use.
@@ -118,6 +130,8 @@ pub struct App {
     pub commands: Vec<LoadedComponent>,
     /// The broker it started with: a deploy may not change it.
     pub broker_config: BrokerConfig,
+    /// The results store it opened, if any: a deploy may not change it.
+    pub results_config: Option<ResultsConfig>,
     /// Every component of the manifest as it runs now (deploys change it), by name.
     pub running: BTreeMap<String, Running>,
     /// Commands that deploys started, running in the background.
@@ -151,7 +165,14 @@ impl App {
             instances: needed.instances.saturating_add(DEPLOY_HEADROOM),
             ..needed
         };
-        let runtime = Arc::new(Runtime::new(broker.broker.clone(), options).await?);
+        let mut runtime = Runtime::new(broker.broker.clone(), options).await?;
+        let results_config = results_store(manifest);
+        if let Some(config) = &results_config {
+            let results = Results::open(config).await?;
+            tracing::info!("results go to {}", results.describe());
+            runtime = runtime.with_results(Arc::new(results));
+        }
+        let runtime = Arc::new(runtime);
         let mut loaded = Vec::new();
         let mut running = BTreeMap::new();
         for (name, config) in &manifest.components {
@@ -184,6 +205,7 @@ impl App {
             handlers,
             commands,
             broker_config: manifest.broker.clone(),
+            results_config,
             running,
             deployed_commands: JoinSet::new(),
         })
@@ -220,6 +242,17 @@ impl App {
     pub async fn prepare(&self, manifest: &Manifest) -> Result<DeployPlan, DeployError> {
         if manifest.broker != self.broker_config {
             return Err(DeployError::BrokerChanged);
+        }
+        if let Some(wanted) = results_store(manifest)
+            && Some(&wanted) != self.results_config.as_ref()
+        {
+            return Err(DeployError::ResultsChanged {
+                wanted: wanted.describe(),
+                have: self
+                    .results_config
+                    .as_ref()
+                    .map_or("none".to_string(), ResultsConfig::describe),
+            });
         }
         let needed = pool_size(manifest);
         let have = self.runtime.pool();
@@ -621,6 +654,17 @@ pub enum DeployError {
          restart `switchyard run` to move to another"
     )]
     BrokerChanged,
+    /// The manifest's results store differs from the one the host opened at start.
+    #[error(
+        "the manifest's results store is {wanted}, and this host writes to {have}: a running \
+         host keeps the store it opened at start; restart `switchyard run` to move to another"
+    )]
+    ResultsChanged {
+        /// What the new manifest names.
+        wanted: String,
+        /// What the host opened (`none`).
+        have: String,
+    },
     /// The new manifest needs more instances, or larger memories, than the pool holds.
     #[error(
         "the manifest needs a pool of {} instances of up to {} MiB, and this host's holds {} \

@@ -31,6 +31,7 @@ use serde::Deserialize;
 use crate::broker::StartPosition;
 use crate::broker::kafka::KafkaConfig;
 use crate::broker::pubsub::PubSubConfig;
+use crate::results::ResultsConfig;
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,11 @@ pub struct Manifest {
     /// The components, by name.
     #[serde(default)]
     pub components: BTreeMap<String, ComponentConfig>,
+    /// Where components' results go: `[results.sqlite] path = "..."` or
+    /// `[results.postgres] url = "..."`. Absent: the default SQLite file
+    /// ([`ResultsConfig::default_store`]) when a component is granted `results`.
+    #[serde(default)]
+    pub results: Option<ResultsConfig>,
 }
 
 /// Which broker to use.
@@ -193,6 +199,10 @@ pub struct ComponentConfig {
     /// Topics the component may send to; sending elsewhere is `permission-denied`.
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Results tables the component may write through `switchyard:host/results` (such as
+    /// `"predictions"`); opening any other is `access-denied`.
+    #[serde(default)]
+    pub results: Vec<String>,
     /// Instances handling messages concurrently (handlers only).
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -248,6 +258,7 @@ impl ComponentConfig {
             group: None,
             start: StartPosition::default(),
             publish: Vec::new(),
+            results: Vec::new(),
             workers: default_workers(),
             batch: default_batch(),
             args: Vec::new(),
@@ -474,6 +485,28 @@ impl Manifest {
                 preopen.host = resolve(&preopen.host)?;
             }
         }
+        manifest.results = match manifest.results.take() {
+            Some(ResultsConfig::Postgres { url }) => Some(ResultsConfig::Postgres {
+                url: expand_env(&url).map_err(|message| ConfigError::Invalid {
+                    path: name.to_path_buf(),
+                    component: "-".into(),
+                    message: format!("[results.postgres] url: {message}"),
+                })?,
+            }),
+            Some(ResultsConfig::Sqlite { path }) => Some(
+                ResultsConfig::Sqlite {
+                    path: expand_env(&path.to_string_lossy())
+                        .map(PathBuf::from)
+                        .map_err(|message| ConfigError::Invalid {
+                            path: name.to_path_buf(),
+                            component: "-".into(),
+                            message: format!("[results.sqlite] path: {message}"),
+                        })?,
+                }
+                .resolved(base),
+            ),
+            None => None,
+        };
         // Credentials stay out of the file: `"sasl.password" = "${KAFKA_PASSWORD}"`.
         if let BrokerConfig::Kafka(kafka) = &mut manifest.broker {
             for (key, value) in &mut kafka.properties {
@@ -522,6 +555,18 @@ impl Manifest {
             }
             for topic in component.subscribe.iter().chain(&component.publish) {
                 check_topic_name(topic).map_err(|m| invalid(name, m))?;
+            }
+            for table in &component.results {
+                if crate::results::table(table).is_none() {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "`results` names table {table:?}, which the host does not keep; \
+                             it keeps {}",
+                            crate::results::table_names()
+                        ),
+                    ));
+                }
             }
             for topic in component.dead_letter_topics() {
                 check_topic_name(&topic).map_err(|m| {

@@ -17,6 +17,7 @@
 //! - [`app`]: starting a whole manifest, as `switchyard run` does, and deploying a changed
 //!   one into it;
 //! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
+//! - [`results`]: the results store (SQLite or PostgreSQL) components write rows into;
 //! - [`pipeline`]: the Fashion-MNIST demo built on the above;
 //! - [`pubsub_emulator`]: starting Google's Pub/Sub emulator, for the demo and the tests.
 #![deny(missing_docs)]
@@ -31,6 +32,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod private_dir;
 pub mod pubsub_emulator;
+pub mod results;
 pub mod runtime;
 pub mod scaffold;
 

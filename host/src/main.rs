@@ -19,6 +19,7 @@ use switchyard::config::{
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
 use switchyard::pubsub_emulator::PubSubEmulator;
+use switchyard::results::ResultsConfig;
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 #[derive(Parser)]
@@ -61,6 +62,10 @@ enum Commands {
         /// path, which `deploy MANIFEST` finds by itself).
         #[arg(long, env = "SWITCHYARD_ADMIN_SOCKET", value_name = "PATH")]
         admin_socket: Option<PathBuf>,
+        /// Override the manifest's results store: a SQLite file (PATH or sqlite:PATH) or
+        /// postgres://USER@HOST/DATABASE.
+        #[arg(long, env = "SWITCHYARD_RESULTS", value_name = "URL")]
+        results: Option<String>,
     },
     /// Apply the changes to a manifest, and to the .wasm files it names, to the `switchyard
     /// run` running it, without a restart. Changed and added components are checked and
@@ -149,6 +154,11 @@ enum Commands {
         /// Print a line per prediction, as the consumer does in three-terminal mode.
         #[arg(long)]
         show_predictions: bool,
+        /// Where the predictions are stored: a SQLite file (PATH or sqlite:PATH) or
+        /// postgres://USER@HOST/DATABASE (default: results.sqlite3 in
+        /// $XDG_DATA_HOME/switchyard, else ~/.local/share/switchyard).
+        #[arg(long, env = "SWITCHYARD_RESULTS", value_name = "URL")]
+        results: Option<String>,
     },
     /// Build components of this source tree for wasm32-wasip2 (adding the target with rustup
     /// when the toolchain lacks it) and print the directory of the `.wasm` files.
@@ -301,9 +311,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             broker,
             stop_timeout,
             admin_socket,
+            results,
         } => {
             let run = RunOptions {
                 broker,
+                results,
                 stop_timeout: Duration::from_secs(stop_timeout),
                 admin_socket,
             };
@@ -341,7 +353,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             models,
             show_predictions,
             inference,
+            results,
         } => {
+            let results = match results {
+                Some(url) => ResultsConfig::from_url(&url)?,
+                None => ResultsConfig::default_store(),
+            };
             let components = match components {
                 Some(dir) => dir,
                 None => {
@@ -383,6 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 show_predictions,
                 stall_timeout: Duration::from_secs(60),
                 runtime: options,
+                results,
             };
             let report = pipeline::run(&demo).await?;
             print_summary(&report);
@@ -457,6 +475,10 @@ fn print_summary(report: &pipeline::DemoReport) {
     if let Some(rss) = report.peak_rss_mb {
         eprintln!("  peak memory        {rss:.0} MiB (this process, broker included)");
     }
+    eprintln!(
+        "  results            {} (run {})",
+        report.results, report.run
+    );
 }
 
 /// `switchyard validate`: one line per component, what it is or why it would not run.
@@ -494,6 +516,12 @@ fn describe(config: &ComponentConfig, shape: &switchyard::runtime::world::Shape)
     if !config.publish.is_empty() {
         what.push_str(&format!(", sends to {}", config.publish.join(", ")));
     }
+    if !config.results.is_empty() {
+        what.push_str(&format!(
+            ", writes results to {}",
+            config.results.join(", ")
+        ));
+    }
     let exports = |prefix: &str| shape.exports.iter().any(|name| name.starts_with(prefix));
     let mut extras = Vec::new();
     if exports("switchyard:host/batch@") {
@@ -518,15 +546,20 @@ fn describe(config: &ComponentConfig, shape: &switchyard::runtime::world::Shape)
 /// What `switchyard run` was told besides the manifest.
 struct RunOptions {
     broker: Option<String>,
+    results: Option<String>,
     stop_timeout: Duration,
     admin_socket: Option<PathBuf>,
 }
 
-/// The manifest at `path`, with the broker `--broker` gave instead of its own.
-fn load_manifest(path: &std::path::Path, broker: Option<&str>) -> anyhow::Result<Manifest> {
+/// The manifest at `path`, with the broker and results store `--broker` and `--results`
+/// gave instead of its own.
+fn load_manifest(path: &std::path::Path, run: &RunOptions) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest::load(path)?;
-    if let Some(url) = broker {
+    if let Some(url) = &run.broker {
         manifest.broker = broker_config(url)?;
+    }
+    if let Some(url) = &run.results {
+        manifest.results = Some(ResultsConfig::from_url(url)?);
     }
     Ok(manifest)
 }
@@ -536,7 +569,7 @@ async fn run_manifest(
     run: &RunOptions,
     options: RuntimeOptions,
 ) -> anyhow::Result<ExitCode> {
-    let manifest = load_manifest(path, run.broker.as_deref())?;
+    let manifest = load_manifest(path, run)?;
     let stop_timeout = run.stop_timeout;
     let mut app = App::start(&manifest, options).await?;
     if let Some(embedded) = &app.broker.embedded {
@@ -724,7 +757,7 @@ async fn serve(
                 return signal;
             }
             plan = async {
-                let new = load_manifest(manifest, run.broker.as_deref())?;
+                let new = load_manifest(manifest, run)?;
                 Ok::<_, anyhow::Error>(app.prepare(&new).await?)
             } => plan,
         };

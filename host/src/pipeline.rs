@@ -4,14 +4,17 @@
 //! The demo builds the components from this source tree when it runs from it (so one command
 //! does everything on a fresh clone), writes no manifest file (it builds the same
 //! [`Manifest`] that `components/pipeline.toml` describes) and reads its numbers from the
-//! consumer's report: accuracy, latency from `sent-at` to arrival, and throughput from the
-//! first request sent to the last prediction.
+//! results store the consumer writes one row per prediction into (not from the consumer's
+//! memory, which a trap or a second worker would split): accuracy, latency from `sent-at` to
+//! arrival, and throughput from the first request sent to the last prediction.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pipeline_core::tally::Summary;
+use pipeline_core::row::PREDICTIONS_TABLE;
+use pipeline_core::tally::{Summary, Tally};
 use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
 use serde::Serialize;
 
@@ -20,6 +23,7 @@ use crate::broker::window::PublishWindow;
 use crate::build::{BuildError, ComponentBuild};
 use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::nn::NnEngine;
+use crate::results::{Results, ResultsConfig};
 use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
 
 /// Topic of classification requests.
@@ -125,6 +129,8 @@ pub struct DemoOptions {
     pub stall_timeout: Duration,
     /// Runtime options (cache directory).
     pub runtime: RuntimeOptions,
+    /// Where the consumer stores the predictions.
+    pub results: ResultsConfig,
 }
 
 /// The demo's result: its last output line, as JSON.
@@ -132,6 +138,10 @@ pub struct DemoOptions {
 pub struct DemoReport {
     /// The broker it ran on.
     pub broker: String,
+    /// Where its predictions are: the SQLite file, or the PostgreSQL URL without a password.
+    pub results: String,
+    /// The run's id: its rows' `run_id`, `switchyard report --run` takes it.
+    pub run: String,
     /// Images sent.
     pub images: u64,
     /// Distinct predictions received.
@@ -220,6 +230,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
     let consumer = ComponentConfig {
         subscribe: vec![PREDICTIONS_TOPIC.into()],
         group: Some(format!("switchyard-consumer-{run_id}")),
+        results: vec![PREDICTIONS_TABLE.into()],
         args: consumer_args,
         ..component("consumer")
     };
@@ -236,6 +247,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
             ("classifier".to_string(), classifier),
             ("consumer".to_string(), consumer),
         ]),
+        results: Some(options.results.clone()),
     }
 }
 
@@ -260,7 +272,7 @@ fn peak_rss_mb() -> Option<f64> {
 /// the backlog and the memory of a long run without slowing it.
 pub const WINDOW: usize = 16_384;
 
-/// How often, at most, the demo asks the consumer for its report while waiting.
+/// How often, at most, the demo counts the run's rows in the results store while waiting.
 const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Waits until `settled` moves; `false` when it never will (no such handler, or it stopped).
@@ -271,9 +283,13 @@ async fn changed(settled: &mut Option<tokio::sync::watch::Receiver<u64>>) -> boo
     }
 }
 
-async fn consumer_summary(app: &App) -> Option<Summary> {
-    let reports = app.handler("consumer")?.reports().await;
-    serde_json::from_str(reports.first()?).ok()
+/// The tally of run `run_id`'s predictions in the results store.
+async fn stored_summary(results: &Results, run_id: &str) -> Result<Summary, RuntimeError> {
+    let mut tally = Tally::default();
+    for record in results.predictions(run_id).await? {
+        tally.record(&record.prediction, record.received_at_ms);
+    }
+    Ok(tally.summary())
 }
 
 /// A handler's counts, to say which hop holds missing messages: the classifier's intake, its
@@ -316,6 +332,23 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     let started_ms = unix_ms();
     let app = App::start(&manifest, options.runtime.clone()).await?;
     let broker = app.runtime.broker().describe();
+    let Some(results) = app.runtime.results().cloned() else {
+        app.stop().await?;
+        return Err(RuntimeError::Failed {
+            component: "consumer".into(),
+            message: "the demo's host opened no results store".into(),
+        });
+    };
+    let stored = |results: Arc<Results>| {
+        let run_id = run_id.clone();
+        async move {
+            results
+                .count_predictions(&run_id)
+                .await
+                .inspect_err(|e| tracing::warn!("counting the run's predictions: {e}"))
+                .unwrap_or(0)
+        }
+    };
 
     let classifier_failed = |app: &App| {
         app.handler("classifier")
@@ -406,10 +439,9 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     }
 
     // Wait for every prediction, woken when the consumer or the classifier settles a message.
-    // The consumer's report is a call into its guest, so it is asked for only once its count
-    // can be complete (and at most every REPORT_INTERVAL, for topics that hold other runs'
-    // predictions too). Give up only when nothing moves for `stall_timeout`.
-    let mut summary = None;
+    // The store is counted only once the consumer's count can be complete (and at most every
+    // REPORT_INTERVAL, for topics that hold other runs' predictions too). Give up only when
+    // nothing moves for `stall_timeout`.
     let (mut consumer_settled, mut classifier_settled) = (watch("consumer"), watch("classifier"));
     let mut last_report: Option<Instant> = None;
     let (mut last_progress, mut last_count) = (Instant::now(), 0u64);
@@ -428,9 +460,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             });
             if due.is_zero() {
                 last_report = Some(Instant::now());
-                let current = consumer_summary(&app).await;
-                let seen = current.as_ref().map_or(0, |s| s.predictions);
-                summary = current.or(summary);
+                let seen = stored(results.clone()).await;
                 if seen + failed >= sent {
                     break;
                 }
@@ -447,9 +477,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             }
         };
         if !moved {
-            let current = consumer_summary(&app).await;
-            let seen = current.as_ref().map_or(0, |s| s.predictions);
-            summary = current.or(summary);
+            let seen = stored(results.clone()).await;
             tracing::error!(
                 "no prediction for {:?}: stopping with {seen} of {sent} (classifier: {}; \
                  consumer: {})",
@@ -462,22 +490,8 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     }
     let failed = classifier_failed(&app);
     app.stop().await?;
-
-    let summary = summary.unwrap_or(Summary {
-        predictions: 0,
-        duplicates: 0,
-        labelled: 0,
-        correct: 0,
-        accuracy: None,
-        per_class_accuracy: Vec::new(),
-        p50_ms: None,
-        p99_ms: None,
-        first_sent_ms: None,
-        first_received_ms: None,
-        last_received_ms: None,
-        engines: Default::default(),
-        mean_batch: None,
-    });
+    let summary = stored_summary(&results, &run_id).await?;
+    let duplicates = results.counts().already_there;
     // From the first request sent, as a broker benchmark counts: the producer's start-up
     // (instantiating it, reading the images) is not the pipeline's throughput.
     let first_sent_ms = summary.first_sent_ms.unwrap_or(producer_started_ms);
@@ -487,6 +501,8 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     });
     Ok(DemoReport {
         broker,
+        results: results.describe(),
+        run: run_id,
         images: sent,
         predictions: summary.predictions,
         accuracy: summary.accuracy,
@@ -494,7 +510,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         p50_ms: summary.p50_ms,
         p99_ms: summary.p99_ms,
         first_prediction_s: summary.first_received_ms.map(|f| (f - started_ms) / 1000.0),
-        duplicates: summary.duplicates,
+        duplicates,
         failed,
         peak_rss_mb: peak_rss_mb(),
         inference: match summary.mean_batch {

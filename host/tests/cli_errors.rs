@@ -232,7 +232,7 @@ fn validate_passes_the_pipeline_and_names_what_does_not_fit() {
     for line in [
         "producer: ok, command, sends to requests",
         "classifier: ok, handler of requests, sends to predictions (takes batches, may use wasi:nn)",
-        "consumer: ok, handler of predictions (takes batches, reports)",
+        "consumer: ok, handler of predictions, writes results to predictions (takes batches, reports)",
         "components/pipeline.toml: 3 component(s) ok",
     ] {
         assert!(stdout.contains(line), "{line:?} not in:\n{stdout}");

@@ -29,6 +29,7 @@ use switchyard::config::BrokerConfig;
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
 use switchyard::pubsub_emulator::PubSubEmulator;
+use switchyard::results::ResultsConfig;
 use switchyard::runtime::RuntimeOptions;
 
 const IMAGES: usize = 1_000;
@@ -54,6 +55,7 @@ async fn a_run_fifteen_times_the_test_set_loses_nothing_and_keeps_its_accuracy()
         .await
         .unwrap()
         .expect("installing ONNX Runtime");
+    let results_dir = tempfile::tempdir().unwrap();
     let options = DemoOptions {
         broker: BrokerConfig::default(),
         images: LONG_RUN,
@@ -66,6 +68,9 @@ async fn a_run_fifteen_times_the_test_set_loses_nothing_and_keeps_its_accuracy()
         show_predictions: false,
         stall_timeout: Duration::from_secs(120),
         runtime: RuntimeOptions::default(),
+        results: ResultsConfig::Sqlite {
+            path: results_dir.path().join("results.sqlite3"),
+        },
     };
     let report = pipeline::run(&options).await.expect("the demo runs");
     assert_eq!(report.images, LONG_RUN as u64, "{report:?}");
@@ -139,6 +144,7 @@ async fn check_pipeline(
         })
         .await
         .unwrap();
+    let results_dir = tempfile::tempdir().unwrap();
     let options = DemoOptions {
         broker,
         images: IMAGES,
@@ -151,6 +157,9 @@ async fn check_pipeline(
         show_predictions: false,
         stall_timeout: Duration::from_secs(120),
         runtime: RuntimeOptions::default(),
+        results: ResultsConfig::Sqlite {
+            path: results_dir.path().join("results.sqlite3"),
+        },
     };
     let report = pipeline::run(&options).await.expect("the demo runs");
     assert_eq!(report.images, IMAGES as u64);

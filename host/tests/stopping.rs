@@ -126,6 +126,7 @@ async fn a_handler_that_fails_to_stop_does_not_keep_the_others_running() {
         handlers,
         commands: Vec::new(),
         broker_config: switchyard::config::BrokerConfig::default(),
+        results_config: None,
         running: Default::default(),
         deployed_commands: tokio::task::JoinSet::new(),
     };

@@ -129,6 +129,17 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
     assert_eq!(report["failed"], 0, "{report}");
     let accuracy = report["accuracy"].as_f64().expect("an accuracy");
     assert!((0.8..=1.0).contains(&accuracy), "{report}");
+
+    // Its numbers come from the results store, which it names, with its run: 300 rows.
+    let store = support::hosts::results_home().join("switchyard/results.sqlite3");
+    assert_eq!(report["results"], store.to_str().unwrap(), "{report}");
+    let run = report["run"].as_str().expect("a run id");
+    let results = switchyard::results::Results::open(&switchyard::results::ResultsConfig::Sqlite {
+        path: store,
+    })
+    .await
+    .unwrap();
+    assert_eq!(results.count_predictions(run).await.unwrap(), 300);
 }
 
 #[test]

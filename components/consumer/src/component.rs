@@ -1,6 +1,11 @@
 //! The consumer as a `switchyard:host/batch-reporting-handler` component: predictions one at a
 //! time or, when several are waiting, in one call.
 //!
+//! Where its manifest entry grants the `predictions` results table, it writes one row per
+//! prediction there (a batch in one transaction) before it returns, so a prediction is stored
+//! before its message is settled; the table's key makes a redelivered one no second row.
+//! Without the grant it only prints and tallies.
+//!
 //! Arguments: `--quiet` prints nothing per prediction (for benchmarks); `--run-id ID` counts
 //! only predictions for requests of that producer run (a shared topic may hold older runs).
 
@@ -17,11 +22,19 @@ wit_bindgen::generate!({
 
 use exports::switchyard::host::{batch, report};
 use exports::wasi::messaging::incoming_handler::Guest;
+use pipeline_core::row::{Cell, PREDICTIONS_TABLE, prediction_row};
+use pipeline_core::wire::Prediction;
+use switchyard::host::results::{self, Table, Value};
 use wasi::messaging::types::{Error, Message};
+
+/// The metadata naming the component build that sent a message (set by the host).
+const SENT_BY: &str = "switchyard-sent-by";
 
 struct State {
     tally: Tally,
     settings: crate::Settings,
+    /// The results table: not opened yet, open, or not granted (then nothing is written).
+    table: Option<Option<Table>>,
 }
 
 thread_local! {
@@ -29,6 +42,7 @@ thread_local! {
         settings().map(|settings| State {
             tally: Tally::default(),
             settings,
+            table: None,
         }),
     );
 }
@@ -54,33 +68,121 @@ fn unix_ms() -> f64 {
 
 struct Component;
 
-/// Counts one prediction (and prints it unless `--quiet`).
-fn record(message: &Message, received: f64) -> Result<(), Error> {
+/// A prediction that arrived, with the build that sent it.
+struct Arrived {
+    prediction: Prediction,
+    sent_by: Option<String>,
+}
+
+fn arrived(message: &Message) -> Result<Arrived, Error> {
     let prediction = crate::parse(&message.data()).map_err(Error::Other)?;
-    STATE.with(|state| {
-        let mut state = state.borrow_mut();
-        let state = state.as_mut().map_err(|e| Error::Other(e.clone()))?;
-        if !state.settings.counts(&prediction) {
+    let sent_by = message
+        .metadata()
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|(key, value)| (key == SENT_BY).then_some(value));
+    Ok(Arrived {
+        prediction,
+        sent_by,
+    })
+}
+
+fn value(cell: Cell) -> Value {
+    match cell {
+        Cell::Null => Value::Null,
+        Cell::Integer(v) => Value::Integer(v),
+        Cell::Real(v) => Value::Real(v),
+        Cell::Text(v) => Value::Text(v),
+    }
+}
+
+impl State {
+    /// The results table, opened on first use; `None` when the manifest grants none.
+    fn table(&mut self) -> Option<&Table> {
+        self.table
+            .get_or_insert_with(|| match Table::open(PREDICTIONS_TABLE) {
+                Ok(table) => Some(table),
+                Err(e) => {
+                    eprintln!("consumer: not storing predictions: {}", describe_error(&e));
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// Stores, counts and prints the predictions of this run among `arrivals`, received at
+    /// `received`. An error means none was stored: the host retries their messages.
+    fn record(&mut self, arrivals: &[&Arrived], received: f64) -> Result<(), Error> {
+        let ours: Vec<&Arrived> = arrivals
+            .iter()
+            .copied()
+            .filter(|a| self.settings.counts(&a.prediction))
+            .collect();
+        if ours.is_empty() {
             return Ok(());
         }
-        let fresh = state.tally.record(&prediction, received);
-        if fresh && !state.settings.quiet {
-            println!("{}", crate::describe(&prediction, received));
+        if let Some(table) = self.table() {
+            let rows: Vec<Vec<(String, Value)>> = ours
+                .iter()
+                .map(|a| {
+                    prediction_row(&a.prediction, a.sent_by.as_deref(), received)
+                        .into_iter()
+                        .map(|(name, cell)| (name.to_string(), value(cell)))
+                        .collect()
+                })
+                .collect();
+            table.insert(&rows).map_err(|e| {
+                Error::Other(format!("storing predictions: {}", describe_error(&e)))
+            })?;
+        }
+        for arrived in ours {
+            let fresh = self.tally.record(&arrived.prediction, received);
+            if fresh && !self.settings.quiet {
+                println!("{}", crate::describe(&arrived.prediction, received));
+            }
         }
         Ok(())
+    }
+}
+
+fn describe_error(error: &results::Error) -> String {
+    match error {
+        results::Error::AccessDenied(text)
+        | results::Error::NoSuchTable(text)
+        | results::Error::InvalidRow(text)
+        | results::Error::Unavailable(text) => text.clone(),
+    }
+}
+
+/// Runs `work` on the consumer's state, or fails when its arguments did not parse.
+fn with_state<T>(work: impl FnOnce(&mut State) -> Result<T, Error>) -> Result<T, Error> {
+    STATE.with(|state| match &mut *state.borrow_mut() {
+        Ok(state) => work(state),
+        Err(e) => Err(Error::Other(e.clone())),
     })
 }
 
 impl Guest for Component {
     fn handle(message: Message) -> Result<(), Error> {
-        record(&message, unix_ms())
+        let arrival = arrived(&message)?;
+        with_state(|state| state.record(&[&arrival], unix_ms()))
     }
 }
 
 impl batch::Guest for Component {
     fn handle_batch(messages: Vec<Message>) -> Vec<Result<(), Error>> {
         let received = unix_ms();
-        messages.iter().map(|m| record(m, received)).collect()
+        let arrivals: Vec<Result<Arrived, Error>> = messages.iter().map(arrived).collect();
+        let good: Vec<&Arrived> = arrivals.iter().filter_map(|a| a.as_ref().ok()).collect();
+        let stored = with_state(|state| state.record(&good, received));
+        arrivals
+            .into_iter()
+            .map(|arrival| match (arrival, &stored) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Ok(())) => Ok(()),
+                (Ok(_), Err(e)) => Err(e.clone()),
+            })
+            .collect()
     }
 }
 

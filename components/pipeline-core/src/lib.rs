@@ -1,12 +1,13 @@
 //! What the three Fashion-MNIST components agree on: the request and prediction formats, the
-//! header names, the class names, the IDX file format the dataset ships in, and the tally the
-//! consumer keeps.
+//! header names, the class names, the IDX file format the dataset ships in, the tally the
+//! consumer keeps and the row it writes.
 //!
 //! It is plain Rust with no WIT bindings so it is tested natively and inside Wasm, and so the
 //! host's end-to-end tests can decode what the components produce without copying the format.
 #![deny(missing_docs)]
 
 pub mod idx;
+pub mod row;
 pub mod tally;
 pub mod wire;
 

@@ -46,6 +46,7 @@ pub mod bindings {
         with: {
             "wasi:messaging/types.client": super::MessagingClient,
             "wasi:messaging/types.message": super::HostMessage,
+            "switchyard:host/results.table": crate::runtime::results::HostTable,
         },
     });
 }
@@ -238,6 +239,8 @@ pub struct ComponentState {
     pub messaging: MessagingCtx,
     /// The `wasi:nn` context.
     pub nn: super::nn::NnCtx,
+    /// The `switchyard:host/results` context.
+    pub results: super::results::ResultsCtx,
     /// When the current call must have returned, if it is limited.
     pub deadline: Option<Instant>,
     /// Where sends are recorded for `switchyard:host/test-support` (test mode only).
@@ -252,6 +255,7 @@ impl ComponentState {
         max_resources: usize,
         messaging: MessagingCtx,
         nn: super::nn::NnCtx,
+        results: super::results::ResultsCtx,
     ) -> Self {
         let mut table = ResourceTable::new();
         table.set_max_capacity(max_resources);
@@ -261,6 +265,7 @@ impl ComponentState {
             limits,
             messaging,
             nn,
+            results,
             deadline: None,
             test_support: None,
         }
@@ -335,7 +340,7 @@ impl WasiView for ComponentState {
     }
 }
 
-/// Adds WASI, `wasi:messaging` and `wasi:nn` to a linker.
+/// Adds WASI, `wasi:messaging`, `switchyard:host/results` and `wasi:nn` to a linker.
 pub fn add_to_linker(linker: &mut Linker<ComponentState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
     bindings::BatchHandler::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod nn;
+pub mod results;
 pub mod test_support;
 mod worker;
 pub mod world;
@@ -27,11 +28,13 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::ComponentConfig;
 use crate::nn::NnHost;
+use crate::results::Results;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
 use host::bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
 use host::bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
 use host::{ComponentState, MessageLimits, MessagingCtx, ReceiptSink};
 use nn::NnCtx;
+use results::ResultsCtx;
 
 pub use worker::{HandlerGroup, HandlerStats};
 
@@ -64,6 +67,9 @@ pub enum RuntimeError {
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The results store cannot be opened.
+    #[error("results store: {0}")]
+    Results(#[from] crate::results::ResultsError),
     /// A component trapped or failed outside of message handling.
     #[error("component {component}: {message}")]
     Failed {
@@ -141,6 +147,8 @@ pub struct Runtime {
     publisher: Arc<dyn Publisher>,
     broker: Arc<dyn Broker>,
     nn: Arc<NnHost>,
+    /// Where components' `switchyard:host/results` rows go, when the host has a store.
+    results: Option<Arc<Results>>,
     cache: Option<cache::ArtifactCache>,
     /// Test mode (`switchyard test`): where sends are recorded, and `test-support` is linked.
     sent_log: Option<Arc<test_support::SentLog>>,
@@ -234,7 +242,15 @@ impl Runtime {
         });
         linked.map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let publisher = broker.publisher().await?;
+        // Test mode writes results into a store in memory, which each test run starts empty.
+        let results = match sent_log {
+            Some(_) => Some(Arc::new(Results::in_memory().map_err(|e| {
+                RuntimeError::Engine(format!("cannot open the results store in memory: {e}"))
+            })?)),
+            None => None,
+        };
         Ok(Self {
+            results,
             _ticker: EpochTicker::start(&engine),
             engine,
             linker,
@@ -256,6 +272,18 @@ impl Runtime {
             sent_log,
             pool: options.pool,
         })
+    }
+
+    /// Sends components' `switchyard:host/results` rows to `results` (without a store, their
+    /// inserts return the `unavailable` error).
+    pub fn with_results(mut self, results: Arc<Results>) -> Self {
+        self.results = Some(results);
+        self
+    }
+
+    /// The results store, if it has one.
+    pub fn results(&self) -> Option<&Arc<Results>> {
+        self.results.as_ref()
     }
 
     /// The size of its instance pool, fixed when it was created.
@@ -294,7 +322,7 @@ impl Runtime {
                 path: path.clone(),
                 message: format!(
                     "it needs imports this host does not provide ({e:#}); switchyard provides WASI \
-                 0.2, wasi:messaging@0.2.0-draft and wasi:nn@0.2.0-rc-2024-10-28"
+                 0.2, wasi:messaging@0.2.0-draft, switchyard:host/results@0.1.0 and wasi:nn@0.2.0-rc-2024-10-28"
                 ),
             })?;
         let role_error = |world: &str, export: &str| RuntimeError::Component {
@@ -379,6 +407,7 @@ impl Runtime {
             &self.engine,
             publisher,
             &self.nn,
+            self.results.as_ref(),
             component,
             ReceiptSink::Forward(sender),
         )?;
@@ -389,6 +418,11 @@ impl Runtime {
         if let Some(sent_log) = &self.sent_log {
             store.data_mut().test_support = Some(sent_log.clone());
             store.data_mut().messaging.grant_every_topic();
+            store.data_mut().results = ResultsCtx::new(
+                component.name.clone(),
+                results::Grants::Every,
+                self.results.clone(),
+            );
         }
         let command = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())
             .map_err(|e| failed(format!("{e:#}")))?
@@ -432,6 +466,7 @@ fn new_store(
     engine: &Engine,
     publisher: &Arc<dyn Publisher>,
     nn: &Arc<NnHost>,
+    results: Option<&Arc<Results>>,
     component: &LoadedComponent,
     receipts: ReceiptSink,
 ) -> Result<Store<ComponentState>, RuntimeError> {
@@ -469,10 +504,15 @@ fn new_store(
         MessageLimits::from(&config.limits),
     );
     let nn = NnCtx::new(component.name.clone(), config.nn, nn.clone());
+    let results = ResultsCtx::new(
+        component.name.clone(),
+        results::Grants::Tables(Arc::new(config.results.iter().cloned().collect())),
+        results.cloned(),
+    );
     let max_resources = usize::try_from(config.limits.max_resources).unwrap_or(usize::MAX);
     let mut store = Store::new(
         engine,
-        ComponentState::new(wasi.build(), limits, max_resources, messaging, nn),
+        ComponentState::new(wasi.build(), limits, max_resources, messaging, nn, results),
     );
     store.limiter(|state| state.limiter());
     let name = component.name.clone();

@@ -283,6 +283,7 @@ pub(super) async fn start(
             engine: runtime.engine.clone(),
             publisher: runtime.publisher.clone(),
             nn: runtime.nn.clone(),
+            results: runtime.results.clone(),
             component: component.clone(),
             settling: settling.clone(),
             unsettled: unsettled.clone(),
@@ -611,6 +612,7 @@ struct Worker {
     engine: wasmtime::Engine,
     publisher: Arc<dyn Publisher>,
     nn: Arc<crate::nn::NnHost>,
+    results: Option<Arc<crate::results::Results>>,
     component: LoadedComponent,
     settling: Settling,
     unsettled: Arc<Semaphore>,
@@ -722,6 +724,7 @@ impl Worker {
                 &self.engine,
                 &self.publisher,
                 &self.nn,
+                self.results.as_ref(),
                 &self.component,
                 ReceiptSink::Collect(Vec::new()),
             )

@@ -54,6 +54,7 @@ const TEST_SUPPORT: &str = "switchyard:host/test-support@0.1.0";
 const PROVIDED: &[(&str, &str)] = &[
     ("wasi:messaging/types", "0.2.0-draft"),
     ("wasi:messaging/producer", "0.2.0-draft"),
+    ("switchyard:host/results", "0.1.0"),
     ("wasi:nn/tensor", "0.2.0-rc-2024-10-28"),
     ("wasi:nn/graph", "0.2.0-rc-2024-10-28"),
     ("wasi:nn/inference", "0.2.0-rc-2024-10-28"),
@@ -132,7 +133,8 @@ pub enum WorldError {
     #[error(
         "component {path} imports {import}, which switchyard does not provide{why}; switchyard \
          provides WASI 0.2 (cli, io, clocks, filesystem, random, sockets), \
-         wasi:messaging/types and producer @0.2.0-draft, and wasi:nn @0.2.0-rc-2024-10-28"
+         wasi:messaging/types and producer @0.2.0-draft, switchyard:host/results@0.1.0 and \
+         wasi:nn @0.2.0-rc-2024-10-28"
     )]
     UnknownImport {
         /// The `.wasm` path.

@@ -75,6 +75,14 @@ pub struct Host {
     output_done: tokio::task::JoinHandle<()>,
 }
 
+/// `XDG_DATA_HOME` for the hosts a test binary starts: a temporary directory, removed when
+/// the binary ends, so their default results store is `results_home()/switchyard/results.sqlite3`.
+pub fn results_home() -> &'static Path {
+    static HOME: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
+        .path()
+}
+
 impl Host {
     /// Starts `switchyard run MANIFEST --broker URL`.
     pub fn spawn(name: &str, manifest: &Path, broker_url: &str) -> Self {
@@ -90,12 +98,15 @@ impl Host {
     }
 
     /// Starts `switchyard ARGS…` in directory `dir`, with environment variables `env` added.
+    /// Its default results store is in a directory of this test binary's
+    /// ([`results_home`]), not the user's.
     pub fn start_in(name: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(args)
             .current_dir(dir)
             .env_remove("BROKER")
             .env("RUST_LOG", "info")
+            .env("XDG_DATA_HOME", results_home())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

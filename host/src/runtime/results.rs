@@ -1,0 +1,121 @@
+//! The host side of `switchyard:host/results`: what a component's `table.open` and
+//! `table.insert` calls do.
+//!
+//! A component may open only the tables its manifest entry grants (`results`); anything else,
+//! and every database failure, comes back as a WIT `error`, never a trap, so a handler can
+//! return an error and have its message retried. The store and the schema are in
+//! [`crate::results`]; this file turns WIT values into its rows and its errors into WIT errors.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use wasmtime::component::Resource;
+
+use super::host::ComponentState;
+use super::host::bindings::switchyard::host::results::{self, Error, Value as WitValue};
+use crate::results::{Results, ResultsError, TableSchema, Value};
+
+/// A table as the guest holds it.
+#[derive(Debug)]
+pub struct HostTable(&'static TableSchema);
+
+/// The results half of a component's state: its grants and the host's store.
+pub struct ResultsCtx {
+    component: Arc<str>,
+    grants: Grants,
+    store: Option<Arc<Results>>,
+}
+
+/// Which tables a component may write.
+#[derive(Debug, Clone)]
+pub enum Grants {
+    /// Those its manifest entry names.
+    Tables(Arc<HashSet<String>>),
+    /// Every table (test mode, whose store is in memory and thrown away).
+    Every,
+}
+
+impl ResultsCtx {
+    /// Results for `component`, which may write `grants` into `store`.
+    pub fn new(component: Arc<str>, grants: Grants, store: Option<Arc<Results>>) -> Self {
+        Self {
+            component,
+            grants,
+            store,
+        }
+    }
+
+    fn granted(&self, table: &str) -> bool {
+        match &self.grants {
+            Grants::Tables(tables) => tables.contains(table),
+            Grants::Every => true,
+        }
+    }
+}
+
+fn wit_error(error: ResultsError) -> Error {
+    match error {
+        ResultsError::AccessDenied { .. } => Error::AccessDenied(error.to_string()),
+        ResultsError::NoSuchTable { .. } => Error::NoSuchTable(error.to_string()),
+        ResultsError::InvalidRow { .. } => Error::InvalidRow(error.to_string()),
+        other => Error::Unavailable(format!("{:#}", anyhow::Error::from(other))),
+    }
+}
+
+fn value(value: WitValue) -> Value {
+    match value {
+        WitValue::Null => Value::Null,
+        WitValue::Integer(v) => Value::Integer(v),
+        WitValue::Real(v) => Value::Real(v),
+        WitValue::Text(v) => Value::Text(v),
+    }
+}
+
+impl results::Host for ComponentState {}
+
+impl results::HostTable for ComponentState {
+    async fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<HostTable>, Error>> {
+        let ctx = &self.results;
+        let Some(table) = crate::results::table(&name) else {
+            return Ok(Err(wit_error(ResultsError::NoSuchTable { table: name })));
+        };
+        if !ctx.granted(&name) {
+            return Ok(Err(wit_error(ResultsError::AccessDenied {
+                component: ctx.component.to_string(),
+                table: name,
+            })));
+        }
+        Ok(Ok(self.table().push(HostTable(table))?))
+    }
+
+    async fn insert(
+        &mut self,
+        table: Resource<HostTable>,
+        rows: Vec<Vec<(String, WitValue)>>,
+    ) -> wasmtime::Result<Result<u32, Error>> {
+        let schema = self.table().get(&table)?.0;
+        let Some(store) = self.results.store.clone() else {
+            return Ok(Err(wit_error(ResultsError::NoStore)));
+        };
+        let rows = rows
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|(name, cell)| (name, value(cell)))
+                    .collect()
+            })
+            .collect();
+        Ok(match store.insert(schema, rows).await {
+            Ok(new) => Ok(u32::try_from(new).unwrap_or(u32::MAX)),
+            Err(e) => {
+                tracing::debug!("{}: results: {e}", self.results.component);
+                Err(wit_error(e))
+            }
+        })
+    }
+
+    async fn drop(&mut self, table: Resource<HostTable>) -> wasmtime::Result<()> {
+        self.table().delete(table)?;
+        Ok(())
+    }
+}
