@@ -18,6 +18,7 @@
 //!   one into it;
 //! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
 //! - [`results`]: the results store (SQLite or PostgreSQL) components write rows into;
+//! - [`report`]: a run's results as a terminal summary and an HTML page with plots;
 //! - [`pipeline`]: the Fashion-MNIST demo built on the above;
 //! - [`pubsub_emulator`]: starting Google's Pub/Sub emulator, for the demo and the tests.
 #![deny(missing_docs)]
@@ -32,6 +33,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod private_dir;
 pub mod pubsub_emulator;
+pub mod report;
 pub mod results;
 pub mod runtime;
 pub mod scaffold;
@@ -43,6 +45,17 @@ pub(crate) fn user_cache_dir(name: &str) -> Option<std::path::PathBuf> {
     let root = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) => std::path::PathBuf::from(dir),
         None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(root.join("switchyard").join(name))
+}
+
+/// `NAME` in switchyard's per-user data directory: `$XDG_DATA_HOME/switchyard/NAME`, else
+/// `$HOME/.local/share/switchyard/NAME`; `None` without either. Results and reports live
+/// there: what a user keeps, unlike the cache.
+pub(crate) fn user_data_dir(name: &str) -> Option<std::path::PathBuf> {
+    let root = match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".local/share"),
     };
     Some(root.join("switchyard").join(name))
 }

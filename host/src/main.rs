@@ -19,7 +19,8 @@ use switchyard::config::{
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
 use switchyard::pubsub_emulator::PubSubEmulator;
-use switchyard::results::ResultsConfig;
+use switchyard::report::{RunReport, default_reports_dir};
+use switchyard::results::{Results, ResultsConfig};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 #[derive(Parser)]
@@ -159,6 +160,21 @@ enum Commands {
         /// $XDG_DATA_HOME/switchyard, else ~/.local/share/switchyard).
         #[arg(long, env = "SWITCHYARD_RESULTS", value_name = "URL")]
         results: Option<String>,
+    },
+    /// Report on a run from the results store: accuracy, per-class accuracy, the confusion
+    /// matrix, latency percentiles and throughput; with --out, also report.html with plots.
+    Report {
+        /// The results store: a SQLite file (PATH or sqlite:PATH) or
+        /// postgres://USER@HOST/DATABASE (default: the demo's, results.sqlite3 in
+        /// $XDG_DATA_HOME/switchyard, else ~/.local/share/switchyard).
+        #[arg(env = "SWITCHYARD_RESULTS", value_name = "RESULTS")]
+        results: Option<String>,
+        /// The run (the demo's summary names it; default: the latest).
+        #[arg(long, value_name = "ID")]
+        run: Option<String>,
+        /// Write report.html (the plots inline) and the plots as SVG files into this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Build components of this source tree for wasm32-wasip2 (adding the target with rustup
     /// when the toolchain lacks it) and print the directory of the `.wasm` files.
@@ -402,8 +418,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 runtime: options,
                 results,
             };
-            let report = pipeline::run(&demo).await?;
+            let results = demo.results.clone();
+            let mut report = pipeline::run(&demo).await?;
             print_summary(&report);
+            // The run's report beside the others; a run whose report cannot be written still
+            // ran, so that is a warning with the command that retries it.
+            let page = write_report(&results, &report.run, &default_reports_dir(&report.run)).await;
+            match page {
+                Ok(page) => {
+                    eprintln!("  report             {}", page.display());
+                    report.report = Some(page.display().to_string());
+                }
+                Err(e) => eprintln!(
+                    "  report             not written ({e:#}); `switchyard report --run {} --out DIR`",
+                    report.run
+                ),
+            }
             println!("{}", serde_json::to_string(&report)?);
             Ok(if report.predictions == report.images {
                 ExitCode::SUCCESS
@@ -431,6 +461,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", output.display());
             Ok(ExitCode::SUCCESS)
         }
+        Commands::Report { results, run, out } => {
+            let config = match results {
+                Some(url) => ResultsConfig::from_url(&url)?,
+                None => ResultsConfig::default_store(),
+            };
+            if let ResultsConfig::Sqlite { path } = &config
+                && !path.is_file()
+            {
+                anyhow::bail!(
+                    "no results store at {}: run `switchyard demo` first, or name the store \
+                     (a SQLite file or postgres://…)",
+                    path.display()
+                );
+            }
+            let store = Results::open(&config).await?;
+            let report = RunReport::read(&store, run.as_deref()).await?;
+            print!("{}", report.to_text());
+            if let Some(dir) = out {
+                let page = report.write(&dir)?;
+                println!("\nreport: {}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::New { name, command } => new_component(&name, command),
         Commands::Test { dirs, wasm, args } => unit_tests(wasm, &dirs, args, options).await,
         Commands::Exec {
@@ -441,6 +494,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             args,
         } => exec(wasm, &broker, &dirs, publish, args, options).await,
     }
+}
+
+/// Writes run `run`'s report from the store `results` into `dir`; returns the page.
+async fn write_report(
+    results: &ResultsConfig,
+    run: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<PathBuf> {
+    let store = Results::open(results).await?;
+    let report = RunReport::read(&store, Some(run)).await?;
+    Ok(report.write(dir)?)
 }
 
 fn print_summary(report: &pipeline::DemoReport) {

@@ -142,6 +142,9 @@ pub struct DemoReport {
     pub results: String,
     /// The run's id: its rows' `run_id`, `switchyard report --run` takes it.
     pub run: String,
+    /// The run's `report.html`, once written (`switchyard demo` writes it after the run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
     /// Images sent.
     pub images: u64,
     /// Distinct predictions received.
@@ -503,6 +506,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         broker,
         results: results.describe(),
         run: run_id,
+        report: None,
         images: sent,
         predictions: summary.predictions,
         accuracy: summary.accuracy,

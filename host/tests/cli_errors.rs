@@ -7,7 +7,9 @@
 //! cannot load names the library it tried. `validate` passes the committed pipeline manifest
 //! and names, for a component whose world does not fit its role, the export it lacks and the
 //! fix; `run` refuses the same manifest before it reaches any broker. `deploy` with no host
-//! running the manifest says where it looked and how to start one.
+//! running the manifest says where it looked and how to start one. `report` on a store that
+//! is not there, on one with no runs, and for a run it does not hold, says so and names the
+//! fix or the runs it holds.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -86,6 +88,56 @@ fn bad_manifests_are_explained() {
         d,
         &["unknown broker", "kafka://"],
     );
+}
+
+#[tokio::test]
+async fn a_report_on_what_is_not_there_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails_with(
+        &["report", "missing.sqlite3"],
+        d,
+        &["no results store at missing.sqlite3", "switchyard demo"],
+    );
+    fails_with(
+        &["report", "postgres://postgres@127.0.0.1:1/test"],
+        d,
+        &["is PostgreSQL running"],
+    );
+    let store = switchyard::results::ResultsConfig::Sqlite {
+        path: d.join("r.sqlite3"),
+    };
+    let results = switchyard::results::Results::open(&store).await.unwrap();
+    fails_with(&["report", "r.sqlite3"], d, &["holds no predictions yet"]);
+    let mut logits = [0.0f32; 10];
+    logits[3] = 1.0;
+    let prediction = pipeline_core::wire::Prediction::from_logits(
+        "abc-1".into(),
+        &logits,
+        Some(3),
+        None,
+        "m".into(),
+        pipeline_core::wire::Timings {
+            decode_us: 0,
+            inference_us: 0,
+            batch: 1,
+        },
+    );
+    let row = switchyard::results::PredictionRecord::row(&prediction, None, 5.0);
+    results
+        .insert(&switchyard::results::PREDICTIONS, vec![row])
+        .await
+        .unwrap();
+    fails_with(
+        &["report", "r.sqlite3", "--run", "xyz"],
+        d,
+        &["holds no run \"xyz\"", "abc (1 predictions)"],
+    );
+    let output = switchyard(&["report", "r.sqlite3"], d);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("run abc in r.sqlite3"), "{stdout}");
+    assert!(stdout.contains("accuracy      100.00 %"), "{stdout}");
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //!   stream of requests, on the embedded Kafka broker and on Google's Pub/Sub emulator: every
 //!   request is answered exactly once, the answers name the old build and then the new one
 //!   (`switchyard-sent-by`), and every request sent after the deploy returned is answered by
-//!   the new build; a corrupt `.wasm` is refused first and the old build goes on;
+//!   the new build; a corrupt `.wasm` is refused first and the old build goes on (the stream
+//!   keeps at most 1,000 requests unanswered, as a client with flow control would);
 //! - a deploy (on the embedded broker) starts added handlers, stops removed ones, restarts one whose workers changed,
 //!   leaves the rest alone, and refuses what cannot run (another broker, a pool too small, a
 //!   component of the wrong world) with nothing changed;
@@ -220,12 +221,22 @@ async fn deploy_swaps_the_classifier_mid_run(broker: hosts::StandaloneBroker) {
     let publisher = broker.client.publisher().await.unwrap();
     let sent = Arc::new(AtomicUsize::new(0));
     let (stop_sending, mut stopped) = tokio::sync::watch::channel(false);
+    // A client with flow control: at most IN_FLIGHT requests unanswered. While a deploy
+    // compiles a build the cache lacks (80 s measured on a loaded CI machine), the stream
+    // pauses at the window instead of piling up tens of thousands of requests.
+    const IN_FLIGHT: usize = 1000;
+    let mut answered = predictions.arrived();
     let sender = tokio::spawn({
         let (sent, topic) = (sent.clone(), pipeline.requests.clone());
         async move {
             let mut ticks = tokio::time::interval(Duration::from_millis(4));
             while !*stopped.borrow_and_update() {
                 ticks.tick().await;
+                let in_flight = sent.load(Ordering::SeqCst);
+                answered
+                    .wait_for(|answered| in_flight < answered + IN_FLIGHT)
+                    .await
+                    .expect("the reader runs");
                 let index = sent.fetch_add(1, Ordering::SeqCst);
                 publisher
                     .publish(classification_request(&topic, index))

@@ -135,11 +135,63 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
     assert_eq!(report["results"], store.to_str().unwrap(), "{report}");
     let run = report["run"].as_str().expect("a run id");
     let results = switchyard::results::Results::open(&switchyard::results::ResultsConfig::Sqlite {
-        path: store,
+        path: store.clone(),
     })
     .await
     .unwrap();
     assert_eq!(results.count_predictions(run).await.unwrap(), 300);
+
+    // It wrote the run's report, which holds the run's numbers and its plots.
+    let accuracy_text = format!("{:.2} %", accuracy * 100.0);
+    let page = std::path::PathBuf::from(report["report"].as_str().expect("a report"));
+    assert_eq!(
+        page,
+        support::hosts::results_home().join(format!("switchyard/reports/{run}/report.html"))
+    );
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        html.contains(&accuracy_text),
+        "{accuracy_text} not in {html}"
+    );
+    assert!(
+        html.contains(run) && html.matches("<svg").count() == 3,
+        "{html}"
+    );
+
+    // `switchyard report` reads the same run back, and writes the page where it is told.
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["report", store.to_str().unwrap(), "--run", run, "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        format!("run {run} in {}", store.display()),
+        "predictions   300".to_string(),
+        format!("accuracy      {accuracy_text}"),
+        "confusion matrix (rows: label, columns: predicted)".to_string(),
+        "latency       p50 ".to_string(),
+    ] {
+        assert!(stdout.contains(&expected), "{expected:?} not in:\n{stdout}");
+    }
+    for file in [
+        "report.html",
+        "confusion.svg",
+        "latency.svg",
+        "throughput.svg",
+    ] {
+        assert!(
+            out.path().join(file).is_file(),
+            "{file} in {:?}",
+            out.path()
+        );
+    }
 }
 
 #[test]

@@ -578,14 +578,10 @@ impl ResultsConfig {
     /// (`$XDG_DATA_HOME/switchyard`, else `~/.local/share/switchyard`), else in the current
     /// directory.
     pub fn default_store() -> Self {
-        let data = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
-        let path = match data {
-            Some(dir) => dir.join("switchyard").join("results.sqlite3"),
-            None => PathBuf::from("switchyard-results.sqlite3"),
-        };
-        Self::Sqlite { path }
+        Self::Sqlite {
+            path: crate::user_data_dir("results.sqlite3")
+                .unwrap_or_else(|| PathBuf::from("switchyard-results.sqlite3")),
+        }
     }
 
     /// Resolves a relative SQLite path against `base` (the manifest's directory).

@@ -329,6 +329,7 @@ impl Pipeline {
     /// on Pub/Sub it misses nothing).
     pub async fn predictions(&self, broker: &dyn Broker) -> Predictions {
         let (sender, arrivals) = mpsc::unbounded_channel();
+        let (read, read_count) = tokio::sync::watch::channel(0usize);
         let topic = &self.predictions;
         let reader = super::member(broker, &format!("{topic}-reader"), topic).await;
         tokio::spawn(async move {
@@ -343,6 +344,7 @@ impl Pipeline {
                     .to_string();
                 let sent_by = super::sent_by(&delivery.message);
                 delivery.ack().unwrap();
+                read.send_modify(|read| *read += 1);
                 if sender.send((request, arrived, sent_by)).is_err() {
                     break;
                 }
@@ -351,6 +353,7 @@ impl Pipeline {
         });
         Predictions {
             arrivals,
+            read: read_count,
             builds: HashMap::new(),
         }
     }
@@ -359,11 +362,20 @@ impl Pipeline {
 /// The predictions read so far, counted by request id.
 pub struct Predictions {
     arrivals: mpsc::UnboundedReceiver<(String, Instant, String)>,
+    /// Predictions read from the topic so far, duplicates included, counted as they arrive
+    /// (before [`Predictions::until`] takes them).
+    read: tokio::sync::watch::Receiver<usize>,
     /// The builds (`switchyard-sent-by`) that answered each request, one per prediction.
     builds: HashMap<String, Vec<String>>,
 }
 
 impl Predictions {
+    /// Watches how many predictions have arrived, duplicates included: a sender keeping a
+    /// window of requests in flight waits on it.
+    pub fn arrived(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.read.clone()
+    }
+
     /// Reads until `distinct` requests have a prediction; returns when the last one arrived
     /// and when the first one read by this call did.
     pub async fn until(&mut self, distinct: usize) -> (Instant, Option<Instant>) {
