@@ -27,7 +27,11 @@ use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 #[command(
     name = "switchyard",
     version,
-    about = "Runs sandboxed WebAssembly components against Kafka through one messaging interface"
+    about = "Runs sandboxed WebAssembly components against Kafka through one messaging interface",
+    after_help = "Exit codes: 0 success; 1 an error (named on standard error, with the fix), a \
+                  refused manifest or deploy, a demo that lost predictions, a run that could not \
+                  stop in time; 2 a usage error; `exec` and `test` exit with the component's own \
+                  code (101: a unit test failed or trapped).\n\nExample:\n  switchyard demo"
 )]
 struct Cli {
     /// Directory for compiled components (default: ~/.cache/switchyard/compiled).
@@ -42,6 +46,9 @@ enum Commands {
     /// Run the components of a manifest until Ctrl-C (or until its commands finish, when it
     /// has no handlers). While it runs, `switchyard deploy` applies changes to the manifest
     /// and its .wasm files.
+    #[command(
+        after_help = "Example:\n  switchyard run components/pipeline.toml --broker kafka://127.0.0.1:9092"
+    )]
     Run {
         /// The manifest (TOML).
         manifest: PathBuf,
@@ -75,6 +82,7 @@ enum Commands {
     /// lost, nothing handled twice); one whose subscription or workers changed, or that is
     /// gone from the manifest, commits and leaves its group first; added handlers start;
     /// added or changed commands run. Exits 1 if the deploy was refused.
+    #[command(after_help = "Example:\n  switchyard deploy components/pipeline.toml")]
     Deploy {
         /// The manifest the host was started with, edited.
         manifest: PathBuf,
@@ -86,26 +94,40 @@ enum Commands {
     /// reaching a broker: each component's world against its role (a handler exports
     /// wasi:messaging/incoming-handler, a command wasi:cli/run; every import is one switchyard
     /// provides) and the inference engine it asks for. Exits 1 if any would not run.
+    #[command(after_help = "Example:\n  switchyard validate components/pipeline.toml")]
     Validate {
         /// The manifest (TOML).
         manifest: PathBuf,
     },
     /// Publish messages to a topic on any backend: --payload, --file, or one message per line
     /// of standard input (like `kcat -P`).
+    #[command(
+        after_help = "Example:\n  echo '{\"hello\":1}' | switchyard publish -t requests --broker kafka://127.0.0.1:9092"
+    )]
     Publish(messages::PublishArgs),
     /// Read messages from a topic on any backend, one JSON object per line on standard output
     /// (like `kcat -C -J`), acknowledging each.
+    #[command(
+        after_help = "Example:\n  switchyard consume -t predictions --broker kafka://127.0.0.1:9092 --count 10"
+    )]
     Consume(messages::ConsumeArgs),
     /// Send dead letters back to the topic they failed on (`-t requests.dlq`), without their
     /// dead-letter headers, acknowledging each once the broker stored it.
+    #[command(
+        after_help = "Example:\n  switchyard replay -t requests.dlq --broker kafka://127.0.0.1:9092"
+    )]
     Replay(messages::ReplayArgs),
     /// Run Google's Pub/Sub emulator (from the Cloud SDK) until Ctrl-C, with a capped heap.
+    #[command(after_help = "Example:\n  switchyard pubsub-emulator --port 8085")]
     PubsubEmulator {
         /// Port to listen on (127.0.0.1).
         #[arg(long, default_value_t = 8085)]
         port: u16,
     },
     /// Run the embedded Kafka-protocol broker alone, for other switchyard processes and kcat.
+    #[command(
+        after_help = "Example:\n  switchyard broker --port 9092 --topic requests:8 --topic predictions:8"
+    )]
     Broker {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1")]
@@ -120,6 +142,9 @@ enum Commands {
     },
     /// Run the Fashion-MNIST pipeline (producer → classifier → consumer) and report accuracy,
     /// throughput and latency. The last output line is JSON.
+    #[command(
+        after_help = "Example:\n  switchyard demo --images 2000 --rate 500 --results postgres://postgres@127.0.0.1/test"
+    )]
     Demo {
         /// Broker: `embedded` (default), kafka://HOST:PORT or pubsub://PROJECT (which starts
         /// Google's Pub/Sub emulator unless PUBSUB_EMULATOR_HOST or ?endpoint= names one).
@@ -163,6 +188,9 @@ enum Commands {
     },
     /// Report on a run from the results store: accuracy, per-class accuracy, the confusion
     /// matrix, latency percentiles and throughput; with --out, also report.html with plots.
+    #[command(
+        after_help = "Example:\n  switchyard report --out report/   (the latest run in the default store)"
+    )]
     Report {
         /// The results store: a SQLite file (PATH or sqlite:PATH) or
         /// postgres://USER@HOST/DATABASE (default: the demo's, results.sqlite3 in
@@ -178,6 +206,7 @@ enum Commands {
     },
     /// Build components of this source tree for wasm32-wasip2 (adding the target with rustup
     /// when the toolchain lacks it) and print the directory of the `.wasm` files.
+    #[command(after_help = "Example:\n  switchyard build -p classifier")]
     Build {
         /// A package to build; repeatable (default: producer, classifier and consumer).
         #[arg(short = 'p', long = "package")]
@@ -185,10 +214,12 @@ enum Commands {
     },
     /// Install ONNX Runtime for the host's wasi:nn: pip downloads the `onnxruntime` wheel
     /// from PyPI and its shared library is kept in ~/.cache/switchyard. Prints its path.
+    #[command(after_help = "Example:\n  switchyard install-onnxruntime")]
     InstallOnnxruntime,
     /// Create a component crate that builds, tests (`cargo test`, inside Wasm) and runs as
     /// generated: a handler, or with --command a command; with its WIT (the published
     /// wasi:messaging), its .cargo/config.toml, a manifest and a unit test.
+    #[command(after_help = "Example:\n  switchyard new shout && cd shout && cargo test")]
     New {
         /// The component's name: its directory, crate, WIT world and topic prefix.
         name: String,
@@ -201,6 +232,9 @@ enum Commands {
     /// a component crate's tests inside Wasm. No broker: what the tests send is recorded for
     /// switchyard:host/test-support. The current directory is preopened read-only (as `.` and
     /// at its own path) and a fresh writable directory as /tmp. Exits with the tests' code.
+    #[command(
+        after_help = "Example (in .cargo/config.toml, as cargo's runner):\n  [target.wasm32-wasip2]\n  runner = \"switchyard test\""
+    )]
     Test {
         /// Another host directory to preopen read-only, as HOST::GUEST or HOST alone (then at
         /// its own absolute path); a relative HOST is taken from the current directory, the
@@ -216,6 +250,9 @@ enum Commands {
     },
     /// Run one command component (a WASI command that may send messages) against a broker;
     /// exits with its exit code.
+    #[command(
+        after_help = "Example:\n  switchyard exec producer.wasm --dir models::/models --publish requests -- --count 10"
+    )]
     Exec {
         /// The component.
         wasm: PathBuf,

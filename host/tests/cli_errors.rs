@@ -9,7 +9,8 @@
 //! fix; `run` refuses the same manifest before it reaches any broker. `deploy` with no host
 //! running the manifest says where it looked and how to start one. `report` on a store that
 //! is not there, on one with no runs, and for a run it does not hold, says so and names the
-//! fix or the runs it holds.
+//! fix or the runs it holds. Every subcommand's `--help` ends with an example of it, and the
+//! top-level help says what the exit codes mean.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -88,6 +89,43 @@ fn bad_manifests_are_explained() {
         d,
         &["unknown broker", "kafka://"],
     );
+}
+
+#[test]
+fn every_subcommand_s_help_ends_with_an_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = |args: &[&str]| {
+        let output = switchyard(args, dir.path());
+        assert!(output.status.success(), "{args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    assert!(top.contains("Exit codes: 0 success; 1 "), "{top}");
+    let commands: Vec<&str> = top
+        .lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert!(commands.len() >= 15, "{commands:?} from:\n{top}");
+    for command in commands {
+        let text = help(&[command, "--help"]);
+        let example = text
+            .rsplit_once("Example")
+            .unwrap_or_else(|| panic!("`{command} --help` has no example:\n{text}"))
+            .1;
+        let named = if command == "test" {
+            "switchyard test".to_string()
+        } else {
+            format!("switchyard {command}")
+        };
+        assert!(
+            example.contains(&named),
+            "`{command} --help` ends with an example of it:\n{text}"
+        );
+    }
 }
 
 #[tokio::test]
