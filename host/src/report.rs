@@ -41,22 +41,20 @@ pub enum ReportError {
         latest: String,
     },
     /// A plot could not be drawn.
-    #[error("drawing the {plot}: {source}")]
+    #[error("drawing the {plot}: {error}")]
     Plot {
         /// Which plot.
         plot: &'static str,
-        /// What plotters said.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// What plotters said (in the message, so not also a `source`).
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The report could not be written.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The I/O error (in the message, so not also a `source`).
+        error: std::io::Error,
     },
 }
 
@@ -236,11 +234,11 @@ impl RunReport {
         let write = |path: PathBuf, text: &str| {
             std::fs::write(&path, text)
                 .map(|()| path.clone())
-                .map_err(|source| ReportError::Write { path, source })
+                .map_err(|error| ReportError::Write { path, error })
         };
-        std::fs::create_dir_all(dir).map_err(|source| ReportError::Write {
+        std::fs::create_dir_all(dir).map_err(|error| ReportError::Write {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let confusion = self.confusion_svg()?;
         let latency = self.latency_svg()?;
@@ -436,7 +434,7 @@ fn plot_error<E: std::error::Error + Send + Sync + 'static>(
 ) -> ReportError {
     ReportError::Plot {
         plot,
-        source: Box::new(error),
+        error: Box::new(error),
     }
 }
 

@@ -288,5 +288,10 @@ async fn a_postgres_that_is_not_there_is_named_with_the_fix() {
         .unwrap_err();
     let text = format!("{:#}", anyhow::Error::from(error));
     assert!(text.contains("is PostgreSQL running"), "{text}");
+    assert_eq!(
+        text.matches("Connection refused").count(),
+        1,
+        "the cause, once: {text}"
+    );
     assert!(!text.contains("secret"), "the password stays out: {text}");
 }

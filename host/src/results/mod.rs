@@ -453,38 +453,37 @@ pub enum ResultsError {
     /// A results URL or path that names no store.
     #[error("{0}")]
     Url(String),
+    // The driver errors below are in their variants' messages, with their causes, so they
+    // are not also `source`s, which `{:#}` would print twice.
     /// A file or directory of the store could not be made.
-    #[error("{store}: {doing}: {source}")]
+    #[error("{store}: {doing}: {error}")]
     Io {
         /// The store.
         store: String,
         /// What the host was doing.
         doing: &'static str,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// SQLite failed.
-    #[error("{store}: {doing}: {source}")]
+    #[error("{store}: {doing}: {}", with_causes(error))]
     Sqlite {
         /// The store.
         store: String,
         /// What the host was doing.
         doing: &'static str,
         /// SQLite's error.
-        #[source]
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
     /// PostgreSQL failed.
-    #[error("{store}: {doing}: {source}{hint}")]
+    #[error("{store}: {doing}: {}{hint}", with_causes(error))]
     Postgres {
         /// The store (its URL without the password).
         store: String,
         /// What the host was doing.
         doing: &'static str,
         /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
         /// How to fix it, when the error says.
         hint: &'static str,
     },
@@ -498,6 +497,21 @@ pub enum ResultsError {
         /// What is wrong.
         problem: String,
     },
+}
+
+/// An error and its causes, each once: a driver error's own message often leaves out the
+/// cause (tokio-postgres: "error connecting to server"), or repeats it (rusqlite).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let next_text = next.to_string();
+        if !text.contains(&next_text) {
+            text = format!("{text}: {next_text}");
+        }
+        cause = next.source();
+    }
+    text
 }
 
 /// A results database: where rows go. [`Results`] wraps one with what both backends share.

@@ -134,7 +134,7 @@ impl Postgres {
             store: store.clone(),
             doing,
             hint: hint(&source),
-            source,
+            error: source,
         }
     }
 

@@ -38,7 +38,7 @@ impl Sqlite {
             move |doing, source| ResultsError::Sqlite {
                 store: name.clone(),
                 doing,
-                source,
+                error: source,
             }
         };
         let connection = run_blocking(move || {
@@ -46,7 +46,7 @@ impl Sqlite {
                 std::fs::create_dir_all(dir).map_err(|source| ResultsError::Io {
                     store: path.display().to_string(),
                     doing: "creating its directory",
-                    source,
+                    error: source,
                 })?;
             }
             let connection = Connection::open(&path).map_err(|e| error("opening the file", e))?;
@@ -67,7 +67,7 @@ impl Sqlite {
         let connection = Connection::open_in_memory().map_err(|source| ResultsError::Sqlite {
             store: name.clone(),
             doing: "opening it",
-            source,
+            error: source,
         })?;
         let store = Self {
             name,
@@ -96,7 +96,7 @@ impl Sqlite {
         move |source| ResultsError::Sqlite {
             store: store.clone(),
             doing,
-            source,
+            error: source,
         }
     }
 }
@@ -122,7 +122,7 @@ fn migrate(name: &str, connection: &mut Connection) -> Result<(), ResultsError> 
         move |source| ResultsError::Sqlite {
             store: name.to_string(),
             doing,
-            source,
+            error: source,
         }
     };
     // IMMEDIATE takes the write lock first, so two hosts opening one new file migrate it once.

@@ -68,7 +68,7 @@ pub enum RuntimeError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     /// The results store cannot be opened.
-    #[error("results store: {0}")]
+    #[error(transparent)]
     Results(#[from] crate::results::ResultsError),
     /// A component trapped or failed outside of message handling.
     #[error("component {component}: {message}")]
