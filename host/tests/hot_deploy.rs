@@ -175,11 +175,16 @@ fn classification_request(topic: &str, index: usize) -> OutgoingMessage {
     }
 }
 
+/// How long a deploy may take: it compiles the new build before it answers, and compiling
+/// the 18 MiB classifier the compile cache lacks took over two minutes on a fresh two-core
+/// machine with both backends' tests compiling at once (later runs find it cached).
+const DEPLOY_WAIT: Duration = Duration::from_secs(600);
+
 /// Runs `switchyard deploy MANIFEST` and returns its exit status, standard output and
 /// standard error.
 async fn deploy(manifest: &Path) -> (std::process::ExitStatus, String, String) {
     let output = tokio::time::timeout(
-        hosts::WAIT,
+        DEPLOY_WAIT,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["deploy", manifest.to_str().unwrap()])
             .env_remove("SWITCHYARD_ADMIN_SOCKET")
