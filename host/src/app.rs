@@ -20,6 +20,7 @@ use crate::broker::kafka::Kafka;
 use crate::broker::pubsub::PubSub;
 use crate::broker::{Broker, BrokerError, Publisher, TopicSpec};
 use crate::config::{BrokerConfig, ComponentConfig, Manifest};
+use crate::metrics::MetricsServer;
 use crate::results::{Results, ResultsConfig};
 use crate::runtime::engine::PoolSize;
 use crate::runtime::{
@@ -132,6 +133,8 @@ pub struct App {
     pub broker_config: BrokerConfig,
     /// The results store it opened, if any: a deploy may not change it.
     pub results_config: Option<ResultsConfig>,
+    /// Where it serves `/metrics`, when the manifest asked (it stops with the app).
+    pub metrics: Option<MetricsServer>,
     /// Every component of the manifest as it runs now (deploys change it), by name.
     pub running: BTreeMap<String, Running>,
     /// Commands that deploys started, running in the background.
@@ -173,6 +176,15 @@ impl App {
             runtime = runtime.with_results(Arc::new(results));
         }
         let runtime = Arc::new(runtime);
+        // Before any component runs, so a scrape sees every message from the first.
+        let metrics = match &manifest.metrics {
+            Some(config) => {
+                let server = MetricsServer::start(config.listen, runtime.metrics().clone()).await?;
+                tracing::info!("metrics at {}", server.url());
+                Some(server)
+            }
+            None => None,
+        };
         let mut loaded = Vec::new();
         let mut running = BTreeMap::new();
         for (name, config) in &manifest.components {
@@ -206,6 +218,7 @@ impl App {
             commands,
             broker_config: manifest.broker.clone(),
             results_config,
+            metrics,
             running,
             deployed_commands: JoinSet::new(),
         })
@@ -253,6 +266,15 @@ impl App {
                     .as_ref()
                     .map_or("none".to_string(), ResultsConfig::describe),
             });
+        }
+        let serving = self.metrics.as_ref().map(MetricsServer::asked_for);
+        if manifest.metrics.map(|m| m.listen) != serving {
+            tracing::warn!(
+                "the manifest's [metrics] changed; a running host keeps the endpoint it started                  with ({}): restart `switchyard run` to move it",
+                self.metrics
+                    .as_ref()
+                    .map_or("none".to_string(), MetricsServer::url)
+            );
         }
         let needed = pool_size(manifest);
         let have = self.runtime.pool();

@@ -83,6 +83,18 @@ pub struct Manifest {
     /// ([`ResultsConfig::default_store`]) when a component is granted `results`.
     #[serde(default)]
     pub results: Option<ResultsConfig>,
+    /// Where to serve Prometheus metrics: `[metrics] listen = "127.0.0.1:9464"`. Absent: no
+    /// endpoint (`--metrics ADDR` opens one).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: the host's Prometheus endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `IP:PORT` to serve `GET /metrics` on; port 0 takes a free one (the log says which).
+    pub listen: std::net::SocketAddr,
 }
 
 /// Which broker to use.

@@ -16,6 +16,8 @@
 //!   the toolchain lacks it);
 //! - [`app`]: starting a whole manifest, as `switchyard run` does, and deploying a changed
 //!   one into it;
+//! - [`metrics`]: what a running host counts, served to Prometheus at `/metrics`;
+//! - [`progress`]: progress bars on a terminal, plain lines elsewhere;
 //! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
 //! - [`results`]: the results store (SQLite or PostgreSQL) components write rows into;
 //! - [`report`]: a run's results as a terminal summary and an HTML page with plots;
@@ -29,9 +31,11 @@ pub mod broker;
 pub mod build;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod nn;
 pub mod pipeline;
 pub mod private_dir;
+pub mod progress;
 pub mod pubsub_emulator;
 pub mod report;
 pub mod results;

@@ -14,7 +14,7 @@ use switchyard::app::{self, App};
 use switchyard::broker::TopicSpec;
 use switchyard::broker::embedded::EmbeddedKafka;
 use switchyard::config::{
-    BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, Preopen,
+    BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, MetricsConfig, Preopen,
 };
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
@@ -74,6 +74,10 @@ enum Commands {
         /// postgres://USER@HOST/DATABASE.
         #[arg(long, env = "SWITCHYARD_RESULTS", value_name = "URL")]
         results: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (127.0.0.1:9464, say; port 0 takes
+        /// a free one and logs it). Overrides the manifest's [metrics]; off when neither asks.
+        #[arg(long, env = "SWITCHYARD_METRICS", value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Apply the changes to a manifest, and to the .wasm files it names, to the `switchyard
     /// run` running it, without a restart. Changed and added components are checked and
@@ -185,6 +189,9 @@ enum Commands {
         /// $XDG_DATA_HOME/switchyard, else ~/.local/share/switchyard).
         #[arg(long, env = "SWITCHYARD_RESULTS", value_name = "URL")]
         results: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics while it runs (127.0.0.1:9464, say).
+        #[arg(long, env = "SWITCHYARD_METRICS", value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Report on a run from the results store: accuracy, per-class accuracy, the confusion
     /// matrix, latency percentiles and throughput; with --out, also report.html with plots.
@@ -365,10 +372,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stop_timeout,
             admin_socket,
             results,
+            metrics,
         } => {
+            // `run` shows its commands' progress (a producer's bar); the demo shows its own.
+            let options = RuntimeOptions {
+                show_progress: true,
+                ..options
+            };
             let run = RunOptions {
                 broker,
                 results,
+                metrics,
                 stop_timeout: Duration::from_secs(stop_timeout),
                 admin_socket,
             };
@@ -407,6 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             show_predictions,
             inference,
             results,
+            metrics,
         } => {
             let results = match results {
                 Some(url) => ResultsConfig::from_url(&url)?,
@@ -454,6 +469,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stall_timeout: Duration::from_secs(60),
                 runtime: options,
                 results,
+                progress: true,
+                metrics: metrics.map(|listen| MetricsConfig { listen }),
             };
             let results = demo.results.clone();
             let mut report = pipeline::run(&demo).await?;
@@ -648,12 +665,13 @@ fn describe(config: &ComponentConfig, shape: &switchyard::runtime::world::Shape)
 struct RunOptions {
     broker: Option<String>,
     results: Option<String>,
+    metrics: Option<std::net::SocketAddr>,
     stop_timeout: Duration,
     admin_socket: Option<PathBuf>,
 }
 
-/// The manifest at `path`, with the broker and results store `--broker` and `--results`
-/// gave instead of its own.
+/// The manifest at `path`, with the broker, results store and metrics endpoint `--broker`,
+/// `--results` and `--metrics` gave instead of its own.
 fn load_manifest(path: &std::path::Path, run: &RunOptions) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest::load(path)?;
     if let Some(url) = &run.broker {
@@ -661,6 +679,9 @@ fn load_manifest(path: &std::path::Path, run: &RunOptions) -> anyhow::Result<Man
     }
     if let Some(url) = &run.results {
         manifest.results = Some(ResultsConfig::from_url(url)?);
+    }
+    if let Some(listen) = run.metrics {
+        manifest.metrics = Some(MetricsConfig { listen });
     }
     Ok(manifest)
 }

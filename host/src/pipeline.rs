@@ -23,6 +23,7 @@ use crate::broker::window::PublishWindow;
 use crate::build::{BuildError, ComponentBuild};
 use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::nn::NnEngine;
+use crate::progress::Progress;
 use crate::results::{Results, ResultsConfig};
 use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
 
@@ -131,6 +132,10 @@ pub struct DemoOptions {
     pub runtime: RuntimeOptions,
     /// Where the consumer stores the predictions.
     pub results: ResultsConfig,
+    /// Whether to show progress on standard error (a bar on a terminal, lines otherwise).
+    pub progress: bool,
+    /// Where to serve Prometheus metrics while it runs, if anywhere.
+    pub metrics: Option<crate::config::MetricsConfig>,
 }
 
 /// The demo's result: its last output line, as JSON.
@@ -251,6 +256,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
             ("consumer".to_string(), consumer),
         ]),
         results: Some(options.results.clone()),
+        metrics: options.metrics,
     }
 }
 
@@ -359,6 +365,14 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     };
     let watch = |name: &str| app.handler(name).map(|h| h.stats().settled());
 
+    let progress = options
+        .progress
+        .then(|| Progress::new("predictions", options.images as u64));
+    let show = |done: u64| {
+        if let Some(progress) = &progress {
+            progress.set(done);
+        }
+    };
     let producer_started_ms = unix_ms();
     // The producer sends through the window; room opens as predictions are counted (or
     // given up on), read from the same watches the wait below uses.
@@ -374,6 +388,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
                 .map_or(0, |settled| *settled.borrow_and_update());
             let done = consumed + classifier_failed(&app);
             window.completed(done);
+            show(done);
             if done != last_done {
                 (last_progress, last_done) = (Instant::now(), done);
             }
@@ -456,6 +471,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         if consumed + failed != last_count {
             (last_progress, last_count) = (Instant::now(), consumed + failed);
         }
+        show(consumed + failed);
         let mut recheck = None;
         if consumed + failed >= sent {
             let due = last_report.map_or(Duration::ZERO, |at| {
@@ -492,6 +508,9 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         }
     }
     let failed = classifier_failed(&app);
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
     app.stop().await?;
     let summary = stored_summary(&results, &run_id).await?;
     let duplicates = results.counts().already_there;

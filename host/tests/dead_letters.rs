@@ -184,6 +184,10 @@ impl Broker for RefusesDeadLetters {
         format!("{} (refusing dead letters)", self.inner.describe())
     }
 
+    fn messaging_system(&self) -> &'static str {
+        self.inner.messaging_system()
+    }
+
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
         self.inner.ensure_topics(topics).await
     }

@@ -71,6 +71,8 @@ async fn a_run_fifteen_times_the_test_set_loses_nothing_and_keeps_its_accuracy()
         results: ResultsConfig::Sqlite {
             path: results_dir.path().join("results.sqlite3"),
         },
+        progress: false,
+        metrics: None,
     };
     let report = pipeline::run(&options).await.expect("the demo runs");
     assert_eq!(report.images, LONG_RUN as u64, "{report:?}");
@@ -160,6 +162,8 @@ async fn check_pipeline(
         results: ResultsConfig::Sqlite {
             path: results_dir.path().join("results.sqlite3"),
         },
+        progress: false,
+        metrics: None,
     };
     let report = pipeline::run(&options).await.expect("the demo runs");
     assert_eq!(report.images, IMAGES as u64);

@@ -68,6 +68,7 @@ async fn consumer_host(results: ResultsConfig, granted: bool) -> App {
         }],
         components: BTreeMap::from([("consumer".to_string(), consumer)]),
         results: Some(results),
+        metrics: None,
     };
     App::start(&manifest, RuntimeOptions::default())
         .await

@@ -43,6 +43,7 @@ fn options(cache: Option<&std::path::Path>) -> RuntimeOptions {
             instances: 16,
             max_memory_bytes: 256 << 20,
         },
+        show_progress: false,
     }
 }
 

@@ -3,7 +3,9 @@
 //! classifier manifest share one consumer group (one subscription on Pub/Sub) and split the
 //! work; one of them is killed with SIGKILL in the middle of the run and its share moves to the
 //! other two, with every request answered. Each survivor's counters, printed when it stops,
-//! show the part it handled.
+//! show the part it handled. The producer, run by a fourth host whose standard error is a
+//! pipe, reports its progress as plain lines: one while it sends, with the rate and the time
+//! left, and one when it is done.
 
 mod support;
 
@@ -27,7 +29,7 @@ async fn three_hosts_share_the_work_and_survive_one_kill(broker: StandaloneBroke
     for name in ["classifier A", "classifier B", "classifier C"] {
         hosts.push(Host::spawn(name, &classifier, &broker.url).running().await);
     }
-    let producer = Host::spawn("producer", &pipeline.producer(REQUESTS, RATE), &broker.url);
+    let mut producer = Host::spawn("producer", &pipeline.producer(REQUESTS, RATE), &broker.url);
     predictions.until(KILL_AFTER).await;
     hosts.pop().unwrap().kill().await;
     eprintln!(
@@ -35,6 +37,15 @@ async fn three_hosts_share_the_work_and_survive_one_kill(broker: StandaloneBroke
         predictions.distinct()
     );
     predictions.until(REQUESTS as usize).await;
+    // It sends for 10 s, so at least one line comes while it sends (every 5 s), then the last.
+    let sending = producer.wait_for("producer: requests: ").await;
+    assert!(
+        sending.contains("/3,000 (") && sending.contains("/s, ETA "),
+        "{sending}"
+    );
+    producer
+        .wait_for("producer: requests: 3,000/3,000 in ")
+        .await;
     producer.exit().await;
     predictions.until_quiet(Duration::from_secs(2)).await;
     assert!(

@@ -42,6 +42,10 @@ impl Broker for FailsToLeave {
         )
     }
 
+    fn messaging_system(&self) -> &'static str {
+        self.inner.messaging_system()
+    }
+
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
         self.inner.ensure_topics(topics).await
     }
@@ -127,6 +131,7 @@ async fn a_handler_that_fails_to_stop_does_not_keep_the_others_running() {
         commands: Vec::new(),
         broker_config: switchyard::config::BrokerConfig::default(),
         results_config: None,
+        metrics: None,
         running: Default::default(),
         deployed_commands: tokio::task::JoinSet::new(),
     };

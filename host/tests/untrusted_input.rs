@@ -83,6 +83,7 @@ fn message() -> impl Strategy<Value = IncomingMessage> {
             |(topic, position, key, payload, headers, content_type)| IncomingMessage {
                 topic,
                 position,
+                partition_offset: None,
                 key,
                 payload,
                 headers: headers
@@ -153,6 +154,7 @@ proptest! {
         let received = IncomingMessage {
             topic: letter.topic.clone(),
             position: "0@0".into(),
+            partition_offset: None,
             key: letter.key.clone(),
             payload: letter.payload.clone(),
             headers: letter.headers.clone(),

@@ -149,6 +149,17 @@ fn load(settings: &Settings) -> Result<(pipeline_core::idx::Images, Option<Vec<u
     Ok((images, labels))
 }
 
+/// How many requests `count` (default: one per image) makes of `available` images: none
+/// without images.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+fn request_count(available: usize, count: Option<usize>) -> usize {
+    if available == 0 {
+        0
+    } else {
+        count.unwrap_or(available)
+    }
+}
+
 /// `count` requests (default: one per image), cycling through the images, headers included
 /// except `sent-at`, which is stamped at the moment of sending.
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -159,12 +170,7 @@ fn requests<'a>(
     count: Option<usize>,
 ) -> impl Iterator<Item = Request<'a>> + 'a {
     let available = images.len();
-    let count = if available == 0 {
-        0
-    } else {
-        count.unwrap_or(available)
-    };
-    (0..count)
+    (0..request_count(available, count))
         .filter_map(move |index| Some((index, index % available, images.get(index % available)?)))
         .map(move |(index, image, pixels)| {
             debug_assert_eq!(pixels.len(), IMAGE_BYTES);
@@ -190,6 +196,9 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
         Client::connect("default").map_err(|e| format!("cannot connect: {}", describe(&e)))?;
     let mut sent = 0;
     let started = std::time::Instant::now();
+    // The host shows how far the producer is (a bar on a terminal, lines in a log).
+    let total = request_count(images.len(), settings.count);
+    switchyard::host::progress::start("requests", total as u64);
     for request in requests(&images, labels.as_deref(), &run_id, settings.count) {
         if let Some(rate) = settings.rate {
             let due = std::time::Duration::from_secs_f64(sent as f64 / rate);
@@ -211,6 +220,7 @@ fn send_all(settings: &Settings) -> Result<usize, String> {
             )
         })?;
         sent += 1;
+        switchyard::host::progress::set(sent as u64);
     }
     Ok(sent)
 }

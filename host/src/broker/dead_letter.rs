@@ -141,6 +141,7 @@ mod tests {
         IncomingMessage {
             topic: "requests".into(),
             position: "3@1041".into(),
+            partition_offset: None,
             key: Some(b"k".to_vec()),
             payload: b"\x00\x01 not an image".to_vec(),
             headers: vec![
@@ -193,6 +194,7 @@ mod tests {
         let received = IncomingMessage {
             topic: letter.topic.clone(),
             position: "0@0".into(),
+            partition_offset: None,
             key: letter.key.clone(),
             payload: letter.payload.clone(),
             headers: letter.headers.clone(),

@@ -35,7 +35,7 @@ use super::offsets::InFlight;
 use super::outage::OutageLog;
 use super::{
     Broker, BrokerError, Delivery, DeliveryReceipt, ErrorKind, OffsetTracker, OutgoingMessage,
-    Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicSpec, wire,
+    PartitionLag, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicSpec, wire,
 };
 
 /// How long to wait between attempts to enqueue while librdkafka's local queue is full.
@@ -372,6 +372,10 @@ fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
 
 #[async_trait]
 impl Broker for Kafka {
+    fn messaging_system(&self) -> &'static str {
+        super::system::KAFKA
+    }
+
     fn describe(&self) -> String {
         match self.embedded {
             Some(_) => format!("embedded ({})", self.config.bootstrap_servers),
@@ -561,7 +565,13 @@ impl Broker for Kafka {
                     StartPosition::Latest => "latest",
                 },
             );
+        // librdkafka reports each partition's lag in its statistics, which it only gathers
+        // when asked to (a small JSON document per interval).
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", LAG_REPORT_INTERVAL_MS);
+        }
         let (joined, joined_receiver) = watch::channel(false);
+        let (lag, lag_receiver) = watch::channel(Vec::new());
         let outage = Arc::new(OutageLog::new(format!(
             "group {:?} receiving from {:?}",
             spec.group, spec.topics
@@ -569,6 +579,7 @@ impl Broker for Kafka {
         let context = GroupContext {
             tracker: tracker.clone(),
             joined,
+            lag,
             errors: ClientErrors {
                 outage: outage.clone(),
             },
@@ -583,6 +594,7 @@ impl Broker for Kafka {
             consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
             tracker,
             joined: joined_receiver,
+            lag: lag_receiver,
             outage,
         }))
     }
@@ -669,12 +681,44 @@ struct GroupContext {
     tracker: Arc<OffsetTracker>,
     /// Set once the group gave this member its first assignment (see [`Subscriber::joined`]).
     joined: watch::Sender<bool>,
+    /// The lag of the partitions this member holds, from librdkafka's last statistics.
+    lag: watch::Sender<Vec<PartitionLag>>,
     errors: ClientErrors,
 }
+
+/// How often librdkafka reports a group member's lag (its `statistics.interval.ms`, unless
+/// the broker's properties set one).
+const LAG_REPORT_INTERVAL_MS: &str = "5000";
 
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.errors.error(error, reason);
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag: Vec<PartitionLag> = statistics
+            .topics
+            .into_iter()
+            .flat_map(|(topic, stats)| {
+                stats
+                    .partitions
+                    .into_values()
+                    // Partition -1 is librdkafka's internal queue; `desired` means assigned
+                    // to this member; a lag of -1 means not known yet (nothing committed).
+                    .filter(|p| p.partition >= 0 && p.desired && p.consumer_lag >= 0)
+                    .map(move |p| PartitionLag {
+                        topic: topic.clone(),
+                        partition: p.partition,
+                        messages: p.consumer_lag,
+                    })
+            })
+            .collect();
+        lag.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        self.lag.send_if_modified(|shown| {
+            let changed = *shown != lag;
+            *shown = std::mem::take(&mut lag);
+            changed
+        });
     }
 }
 
@@ -715,6 +759,7 @@ struct KafkaSubscriber {
     consumer: std::sync::Mutex<Option<Arc<GroupConsumer>>>,
     tracker: Arc<OffsetTracker>,
     joined: watch::Receiver<bool>,
+    lag: watch::Receiver<Vec<PartitionLag>>,
     outage: Arc<OutageLog>,
 }
 
@@ -737,6 +782,10 @@ impl Subscriber for KafkaSubscriber {
             .await
             .map(|_| ())
             .map_err(|_| BrokerError::closed())
+    }
+
+    fn lag(&self) -> Option<watch::Receiver<Vec<PartitionLag>>> {
+        Some(self.lag.clone())
     }
 
     async fn next(&self) -> Result<Delivery, BrokerError> {
@@ -764,7 +813,7 @@ impl Subscriber for KafkaSubscriber {
                     (header.key.to_string(), value.into_owned())
                 })
             });
-            let incoming = wire::incoming_message(
+            let mut incoming = wire::incoming_message(
                 message.topic(),
                 format!("{}@{}", message.partition(), message.offset()),
                 message.key(),
@@ -772,6 +821,7 @@ impl Subscriber for KafkaSubscriber {
                 headers,
                 None,
             );
+            incoming.partition_offset = Some((message.partition(), message.offset()));
             let in_flight =
                 self.tracker
                     .delivered(message.topic(), message.partition(), message.offset());

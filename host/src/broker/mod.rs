@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use tokio::sync::watch;
 
 pub use error::{BrokerError, ErrorKind};
 pub use offsets::OffsetTracker;
@@ -52,8 +53,11 @@ pub struct OutgoingMessage {
 pub struct IncomingMessage {
     /// Topic it was received on.
     pub topic: String,
-    /// Where the message sits in the broker, for logs: `partition@offset` on Kafka.
+    /// Where the message sits in the broker, for logs: `partition@offset` on Kafka, the
+    /// message id on Pub/Sub.
     pub position: String,
+    /// Its partition and offset, on Kafka.
+    pub partition_offset: Option<(i32, i64)>,
     /// Partitioning / ordering key.
     pub key: Option<Vec<u8>>,
     /// The payload.
@@ -169,9 +173,26 @@ pub trait Subscriber: Send + Sync {
         Ok(())
     }
 
+    /// The group's lag in each partition this member holds, as the backend last reported it
+    /// (a watch, which changes as reports come); `None` where the backend reports no lag.
+    fn lag(&self) -> Option<watch::Receiver<Vec<PartitionLag>>> {
+        None
+    }
+
     /// Commits what was acknowledged and leaves the group. Unsettled messages go to the next
     /// member.
     async fn close(&self) -> Result<(), BrokerError>;
+}
+
+/// How far a group is behind in one partition: messages after its committed position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// Messages in the partition after the group's committed position.
+    pub messages: i64,
 }
 
 /// What to subscribe to.
@@ -218,11 +239,22 @@ pub struct TopicSpec {
     pub partitions: i32,
 }
 
+/// OpenTelemetry's `messaging.system` names of the backends.
+pub mod system {
+    /// Apache Kafka (and the embedded Kafka-protocol broker).
+    pub const KAFKA: &str = "kafka";
+    /// Google Cloud Pub/Sub.
+    pub const GCP_PUBSUB: &str = "gcp_pubsub";
+}
+
 /// A message broker: the one thing a backend implements.
 #[async_trait]
 pub trait Broker: Send + Sync {
     /// How to name this broker to a person (`kafka://host:9092`, `embedded`).
     fn describe(&self) -> String;
+
+    /// Which messaging system it is, as OpenTelemetry names it (see [`system`]).
+    fn messaging_system(&self) -> &'static str;
 
     /// Creates the topics that do not exist yet, where the broker allows it.
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError>;

@@ -441,6 +441,10 @@ fn check_project(project: &str) -> Result<(), BrokerError> {
 
 #[async_trait]
 impl Broker for PubSub {
+    fn messaging_system(&self) -> &'static str {
+        super::system::GCP_PUBSUB
+    }
+
     fn describe(&self) -> String {
         format!(
             "pubsub://{} ({})",

@@ -75,6 +75,7 @@ pub(crate) fn incoming_message(
     IncomingMessage {
         topic: topic.to_string(),
         position,
+        partition_offset: None,
         key: incoming_key(key),
         payload,
         headers,

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod nn;
+pub mod progress;
 pub mod results;
 pub mod test_support;
 mod worker;
@@ -27,6 +28,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::ComponentConfig;
+use crate::metrics::{ComponentMetrics, Metrics};
 use crate::nn::NnHost;
 use crate::results::Results;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
@@ -70,6 +72,9 @@ pub enum RuntimeError {
     /// The results store cannot be opened.
     #[error(transparent)]
     Results(#[from] crate::results::ResultsError),
+    /// The metrics endpoint cannot be opened.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// A component trapped or failed outside of message handling.
     #[error("component {component}: {message}")]
     Failed {
@@ -125,6 +130,8 @@ pub struct RuntimeOptions {
     pub cache_dir: Option<PathBuf>,
     /// Instance pool size.
     pub pool: PoolSize,
+    /// Whether commands' `switchyard:host/progress` is shown on standard error.
+    pub show_progress: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -135,6 +142,7 @@ impl Default for RuntimeOptions {
                 instances: 32,
                 max_memory_bytes: 256 << 20,
             },
+            show_progress: false,
         }
     }
 }
@@ -153,6 +161,10 @@ pub struct Runtime {
     /// Test mode (`switchyard test`): where sends are recorded, and `test-support` is linked.
     sent_log: Option<Arc<test_support::SentLog>>,
     pool: engine::PoolSize,
+    /// Whether commands' progress is shown.
+    show_progress: bool,
+    /// What its components did, for `/metrics`.
+    metrics: Arc<Metrics>,
     _ticker: EpochTicker,
 }
 
@@ -249,8 +261,10 @@ impl Runtime {
             })?)),
             None => None,
         };
+        let metrics = Metrics::new().map_err(|e| RuntimeError::Engine(e.to_string()))?;
         Ok(Self {
             results,
+            metrics: Arc::new(metrics),
             _ticker: EpochTicker::start(&engine),
             engine,
             linker,
@@ -271,6 +285,7 @@ impl Runtime {
             },
             sent_log,
             pool: options.pool,
+            show_progress: options.show_progress,
         })
     }
 
@@ -284,6 +299,11 @@ impl Runtime {
     /// The results store, if it has one.
     pub fn results(&self) -> Option<&Arc<Results>> {
         self.results.as_ref()
+    }
+
+    /// Its metrics (served by a [`crate::metrics::MetricsServer`] when the host asks for one).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The size of its instance pool, fixed when it was created.
@@ -322,7 +342,8 @@ impl Runtime {
                 path: path.clone(),
                 message: format!(
                     "it needs imports this host does not provide ({e:#}); switchyard provides WASI \
-                 0.2, wasi:messaging@0.2.0-draft, switchyard:host/results@0.1.0 and wasi:nn@0.2.0-rc-2024-10-28"
+                 0.2, wasi:messaging@0.2.0-draft, switchyard:host/results and progress @0.1.0, and \
+                 wasi:nn@0.2.0-rc-2024-10-28"
                 ),
             })?;
         let role_error = |world: &str, export: &str| RuntimeError::Component {
@@ -410,11 +431,14 @@ impl Runtime {
             self.results.as_ref(),
             component,
             ReceiptSink::Forward(sender),
+            self.metrics.component(&component.name),
         )?;
         let max_call_ms = component.config.limits.max_call_ms;
         let deadline =
             (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
         store.data_mut().deadline = deadline;
+        store.data_mut().progress =
+            progress::ProgressCtx::new(component.name.clone(), self.show_progress);
         if let Some(sent_log) = &self.sent_log {
             store.data_mut().test_support = Some(sent_log.clone());
             store.data_mut().messaging.grant_every_topic();
@@ -438,6 +462,7 @@ impl Runtime {
                 None => return Err(failed(format!("trapped: {e:#}"))),
             },
         };
+        store.data_mut().progress.finish();
         drop(store);
         let (delivered, failed_count, first_error) = counter
             .await
@@ -469,6 +494,7 @@ fn new_store(
     results: Option<&Arc<Results>>,
     component: &LoadedComponent,
     receipts: ReceiptSink,
+    metrics: ComponentMetrics,
 ) -> Result<Store<ComponentState>, RuntimeError> {
     let config = &component.config;
     let mut wasi = WasiCtxBuilder::new();
@@ -502,6 +528,7 @@ fn new_store(
         Arc::new(config.publish.iter().cloned().collect::<HashSet<_>>()),
         receipts,
         MessageLimits::from(&config.limits),
+        metrics,
     );
     let nn = NnCtx::new(component.name.clone(), config.nn, nn.clone());
     let results = ResultsCtx::new(

@@ -85,6 +85,11 @@ impl Broker for UnitTestBroker {
         "no broker (switchyard test records what components send)".into()
     }
 
+    fn messaging_system(&self) -> &'static str {
+        // Nothing reaches a broker; OpenTelemetry's name for a system it does not list.
+        "_OTHER"
+    }
+
     async fn ensure_topics(&self, _topics: &[TopicSpec]) -> Result<(), BrokerError> {
         Ok(())
     }

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
 use wasmtime::Store;
 use wasmtime::component::Instance;
 
@@ -50,11 +51,15 @@ use super::host::{ComponentState, ReceiptSink};
 use super::{LoadedComponent, Runtime, RuntimeError, new_store, within_deadline};
 use crate::broker::dead_letter::{self, Reason};
 use crate::broker::{
-    Delivery, DeliveryReceipt, ErrorKind, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
+    Delivery, DeliveryReceipt, ErrorKind, PartitionLag, Publisher, Subscriber, SubscriptionSpec,
+    TopicSpec,
 };
+use crate::metrics::{ComponentMetrics, FailureKind};
 
-/// Counters of one handler component, updated as it works.
-#[derive(Debug, Default)]
+/// Counters of one handler component, updated as it works. Each count also goes to the
+/// runtime's [`Metrics`](crate::metrics::Metrics), by topic where it has one, so what
+/// `switchyard run` prints when it stops and what `/metrics` shows are counted in one place.
+#[derive(Debug)]
 pub struct HandlerStats {
     /// Deliveries taken from the subscription.
     pub received: AtomicU64,
@@ -72,15 +77,55 @@ pub struct HandlerStats {
     /// Deliveries settled so far (handled, or given up on): a watch, so whoever waits for a
     /// handler's progress wakes when it moves instead of polling.
     settled: watch::Sender<u64>,
+    metrics: ComponentMetrics,
 }
 
 impl HandlerStats {
+    fn new(metrics: ComponentMetrics) -> Self {
+        Self {
+            received: AtomicU64::default(),
+            handled: AtomicU64::default(),
+            gave_up: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            retries: AtomicU64::default(),
+            traps: AtomicU64::default(),
+            settled: watch::Sender::new(0),
+            metrics,
+        }
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn settled_one(&self) {
+    fn count_received(&self, topic: &str) {
+        Self::bump(&self.received);
+        self.metrics.received(topic);
+    }
+
+    fn count_handled(&self, topic: &str) {
+        Self::bump(&self.handled);
+        self.metrics.handled(topic);
         self.settled.send_modify(|settled| *settled += 1);
+    }
+
+    fn count_gave_up(&self, topic: &str, dead_lettered: bool) {
+        if dead_lettered {
+            Self::bump(&self.dead_lettered);
+        }
+        Self::bump(&self.gave_up);
+        self.metrics.gave_up(topic, dead_lettered);
+        self.settled.send_modify(|settled| *settled += 1);
+    }
+
+    fn count_retry(&self) {
+        Self::bump(&self.retries);
+        self.metrics.retried();
+    }
+
+    fn count_trap(&self) {
+        Self::bump(&self.traps);
+        self.metrics.trapped();
     }
 
     /// Watches how many deliveries have been settled (handled or given up on).
@@ -255,7 +300,8 @@ pub(super) async fn start(
         .ensure_kept_topics(&dead_letter_topics)
         .await?;
     let subscriber = runtime.broker.subscribe(&spec).await?;
-    let stats = Arc::new(HandlerStats::default());
+    let metrics = runtime.metrics.component(&component.name);
+    let stats = Arc::new(HandlerStats::new(metrics.clone()));
     let (stop, stopped) = watch::channel(false);
     // Room for every worker's next batch, so a worker that finishes one finds the next waiting.
     let (sender, receiver) = mpsc::channel::<Delivery>(config.workers * batch_bound(component));
@@ -273,6 +319,7 @@ pub(super) async fn start(
         stats: stats.clone(),
         retries: retry_sender,
         stopped: stopped.clone(),
+        system: runtime.broker.messaging_system(),
     };
     let unsettled = Arc::new(Semaphore::new(MAX_UNSETTLED));
     let mut workers = Vec::with_capacity(config.workers);
@@ -293,6 +340,9 @@ pub(super) async fn start(
         workers.push((tokio::spawn(run), control));
     }
     drop(settling);
+    if let Some(lag) = subscriber.lag() {
+        tokio::spawn(show_lag(lag, metrics, stopped.clone()));
+    }
     let dispatcher = tokio::spawn(dispatch(
         subscriber.clone(),
         sender,
@@ -334,7 +384,7 @@ async fn dispatch(
         match next {
             Ok(delivery) => {
                 receive_backoff = RECEIVE_BACKOFF_MIN;
-                HandlerStats::bump(&stats.received);
+                stats.count_received(&delivery.message.topic);
                 if sender.send(delivery).await.is_err() {
                     return;
                 }
@@ -356,6 +406,25 @@ async fn dispatch(
             }
         }
     }
+}
+
+/// Shows the group's lag, as the backend reports it, in `/metrics` until the group stops.
+async fn show_lag(
+    mut lag: watch::Receiver<Vec<PartitionLag>>,
+    metrics: ComponentMetrics,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            changed = lag.changed() => match changed {
+                Ok(()) => metrics.set_lag(&lag.borrow_and_update()),
+                Err(_) => break,
+            },
+        }
+    }
+    // A member that left holds no partitions: its lag is another member's to show.
+    metrics.clear_lag();
 }
 
 /// The most messages a worker hands `component` in one call.
@@ -384,6 +453,16 @@ enum Failure {
     Trap(String),
     /// A message the handler sent was not stored by the broker.
     Publish(String),
+}
+
+impl Failure {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Failure::Handler(_) => FailureKind::Error,
+            Failure::Trap(_) => FailureKind::Trap,
+            Failure::Publish(_) => FailureKind::Publish,
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -449,9 +528,64 @@ struct Settling {
     stats: Arc<HandlerStats>,
     retries: mpsc::UnboundedSender<Job>,
     stopped: watch::Receiver<bool>,
+    /// OpenTelemetry's `messaging.system` of the broker (`kafka`, `gcp_pubsub`).
+    system: &'static str,
 }
 
 impl Settling {
+    /// The span of one call and the settling of its messages, with OpenTelemetry's messaging
+    /// attribute names (semantic conventions 1.27+), so a tracing subscriber that exports to
+    /// OpenTelemetry (or prints JSON) carries them as a messaging consumer would. At debug
+    /// level, as tower-http's request spans are: the default log stays one line per event.
+    fn process_span(&self, jobs: &[Job]) -> tracing::Span {
+        use tracing::field::Empty;
+        let Some(first_job) = jobs.first() else {
+            return tracing::Span::none();
+        };
+        let first = &first_job.delivery.message;
+        let span = tracing::debug_span!(
+            "process",
+            "otel.name" = format!("process {}", first.topic),
+            "otel.kind" = "consumer",
+            "messaging.system" = self.system,
+            "messaging.operation.type" = "process",
+            "messaging.operation.name" = "handle",
+            "messaging.destination.name" = %first.topic,
+            "messaging.consumer.group.name" = %self.group,
+            "messaging.batch.message_count" = Empty,
+            "messaging.message.id" = Empty,
+            "messaging.destination.partition.id" = Empty,
+            "messaging.kafka.offset" = Empty,
+            "messaging.message.body.size" = Empty,
+            "switchyard.component" = %self.name,
+            "switchyard.component.version" = %self.version,
+            "switchyard.attempt" = first_job.attempt,
+        );
+        if span.is_disabled() {
+            return span;
+        }
+        match jobs {
+            [job] => {
+                let message = &job.delivery.message;
+                span.record("messaging.message.body.size", message.payload.len());
+                match message.partition_offset {
+                    Some((partition, offset)) => {
+                        span.record("messaging.destination.partition.id", partition.to_string());
+                        span.record("messaging.kafka.offset", offset);
+                    }
+                    // Pub/Sub's position is the message id.
+                    None => {
+                        span.record("messaging.message.id", message.position.as_str());
+                    }
+                }
+            }
+            _ => {
+                span.record("messaging.batch.message_count", jobs.len());
+            }
+        }
+        span
+    }
+
     /// Settles what one call handled: each message that succeeded once every message the call
     /// sent is stored; the others (and all of them, if the broker refused one) go to
     /// [`Settling::failed`].
@@ -482,8 +616,7 @@ impl Settling {
     }
 
     fn succeeded(&self, job: Job) {
-        HandlerStats::bump(&self.stats.handled);
-        self.stats.settled_one();
+        self.stats.count_handled(&job.delivery.message.topic);
         let position = job.delivery.message.position.clone();
         if let Err(e) = job.delivery.ack() {
             tracing::warn!(
@@ -495,6 +628,7 @@ impl Settling {
 
     /// Schedules another attempt after the backoff, or gives up after the last one.
     async fn failed(&self, job: Job, failure: Failure) {
+        self.stats.metrics.failed(failure.kind());
         let name = &self.name;
         let position = format!(
             "{}:{}",
@@ -504,8 +638,7 @@ impl Settling {
             match self.config.dead_letter_topic(&job.delivery.message.topic) {
                 Some(topic) => self.dead_letter(job, failure, &topic, &position).await,
                 None => {
-                    HandlerStats::bump(&self.stats.gave_up);
-                    self.stats.settled_one();
+                    self.stats.count_gave_up(&job.delivery.message.topic, false);
                     tracing::error!(
                         "{name}: giving up on message {position} after {} attempt(s): \
                          {failure}. Dead letters are off (`dead_letter = false`), so it is \
@@ -519,7 +652,7 @@ impl Settling {
             }
             return;
         }
-        HandlerStats::bump(&self.stats.retries);
+        self.stats.count_retry();
         let backoff = Duration::from_millis(self.policy.backoff_ms)
             .saturating_mul(1 << (job.attempt - 1).min(16));
         tracing::warn!(
@@ -587,9 +720,7 @@ impl Settling {
                 }
             }
         }
-        HandlerStats::bump(&self.stats.dead_lettered);
-        HandlerStats::bump(&self.stats.gave_up);
-        self.stats.settled_one();
+        self.stats.count_gave_up(&job.delivery.message.topic, true);
         tracing::error!(
             "{name}: message {position} failed {} attempt(s), the last with: {failure}. It is \
              in the dead-letter topic {topic:?} (`switchyard consume -t {topic}` shows it, \
@@ -671,7 +802,8 @@ impl Worker {
                 break;
             };
             let settling = self.settling.clone();
-            let (receipts, outcomes) = match self.call(&jobs).await {
+            let span = settling.process_span(&jobs);
+            let (receipts, outcomes) = match self.call(&jobs).instrument(span.clone()).await {
                 Ok(done) => done,
                 // A batch that failed as a whole (a trap) says nothing about which message
                 // caused it: each goes again alone, without counting an attempt, so only the
@@ -692,10 +824,13 @@ impl Worker {
             };
             // The broker's acknowledgements are awaited off the worker, which moves on to the
             // next message; offsets are committed in order regardless.
-            tasks.spawn(async move {
-                let _permit = permit;
-                settling.settle(jobs, receipts, outcomes).await;
-            });
+            tasks.spawn(
+                async move {
+                    let _permit = permit;
+                    settling.settle(jobs, receipts, outcomes).await;
+                }
+                .instrument(span),
+            );
         }
         // Stopping: let every handled message settle before the group commits.
         tasks.join_all().await;
@@ -727,6 +862,7 @@ impl Worker {
                 self.results.as_ref(),
                 &self.component,
                 ReceiptSink::Collect(Vec::new()),
+                self.settling.stats.metrics.clone(),
             )
             .map_err(|e| Failure::Trap(e.to_string()))?;
             let instance = self
@@ -773,6 +909,7 @@ impl Worker {
     ) -> Result<(Vec<DeliveryReceipt>, Vec<Result<(), Failure>>), Failure> {
         let max_call_ms = self.component.config.limits.max_call_ms;
         let name = self.component.name.clone();
+        let stats = self.settling.stats.clone();
         let live = self.live().await?;
         let state = live.store.data_mut();
         // The limit is per message, so a batch gets the time its messages would get one by one.
@@ -803,14 +940,16 @@ impl Worker {
                 },
             }
         };
+        let started = Instant::now();
         let result = within_deadline(&name, deadline, call).await;
+        stats.metrics.call_took(started.elapsed());
         let state = live.store.data_mut();
         state.deadline = None;
         state.messaging.end_call();
         let receipts = state.messaging.take_receipts();
         match result {
             Err(trap) => {
-                HandlerStats::bump(&self.settling.stats.traps);
+                self.settling.stats.count_trap();
                 self.live = None;
                 Err(Failure::Trap(format!("{trap:#}")))
             }

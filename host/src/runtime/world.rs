@@ -55,6 +55,7 @@ const PROVIDED: &[(&str, &str)] = &[
     ("wasi:messaging/types", "0.2.0-draft"),
     ("wasi:messaging/producer", "0.2.0-draft"),
     ("switchyard:host/results", "0.1.0"),
+    ("switchyard:host/progress", "0.1.0"),
     ("wasi:nn/tensor", "0.2.0-rc-2024-10-28"),
     ("wasi:nn/graph", "0.2.0-rc-2024-10-28"),
     ("wasi:nn/inference", "0.2.0-rc-2024-10-28"),
@@ -133,8 +134,8 @@ pub enum WorldError {
     #[error(
         "component {path} imports {import}, which switchyard does not provide{why}; switchyard \
          provides WASI 0.2 (cli, io, clocks, filesystem, random, sockets), \
-         wasi:messaging/types and producer @0.2.0-draft, switchyard:host/results@0.1.0 and \
-         wasi:nn @0.2.0-rc-2024-10-28"
+         wasi:messaging/types and producer @0.2.0-draft, switchyard:host/results and \
+         progress @0.1.0, and wasi:nn @0.2.0-rc-2024-10-28"
     )]
     UnknownImport {
         /// The `.wasm` path.
