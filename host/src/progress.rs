@@ -8,7 +8,9 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{HumanCount, HumanDuration, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{
+    HumanCount, HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle,
+};
 
 /// The shortest time between two plain progress lines.
 pub const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
@@ -40,9 +42,17 @@ impl Progress {
         };
         let bar = ProgressBar::with_draw_target(Some(total), target);
         let style = ProgressStyle::with_template(
-            "{msg} [{wide_bar}] {human_pos}/{human_len} {per_sec:.0} ETA {eta}",
+            "{msg} [{wide_bar}] {human_pos}/{human_len} {rate} ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        // Whole units per second, as the plain lines say it (indicatif's own `per_sec` shows
+        // four decimals).
+        .with_key(
+            "rate",
+            |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{}/s", HumanCount(state.per_sec().round() as u64));
+            },
+        )
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(what.to_string());
