@@ -78,7 +78,7 @@ impl Progress {
         }
     }
 
-    /// The plain line: `predictions: 4,000/10,000 (2,131/s, ETA 3s)`.
+    /// The plain line: `predictions: 4,000/10,000 (2,131/s, ETA 3 seconds)`.
     pub fn line(&self) -> String {
         let (done, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
         format!(
