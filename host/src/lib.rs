@@ -46,20 +46,22 @@ pub mod scaffold;
 /// `$HOME/.cache/switchyard/NAME`; `None` without either. What is kept there (compiled
 /// components, the emulator's fix) is code that runs, so it is never a shared directory.
 pub(crate) fn user_cache_dir(name: &str) -> Option<std::path::PathBuf> {
-    let root = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
-    };
-    Some(root.join("switchyard").join(name))
+    xdg_dir("XDG_CACHE_HOME", ".cache", name)
 }
 
 /// `NAME` in switchyard's per-user data directory: `$XDG_DATA_HOME/switchyard/NAME`, else
 /// `$HOME/.local/share/switchyard/NAME`; `None` without either. Results and reports live
 /// there: what a user keeps, unlike the cache.
 pub(crate) fn user_data_dir(name: &str) -> Option<std::path::PathBuf> {
-    let root = match std::env::var_os("XDG_DATA_HOME") {
+    xdg_dir("XDG_DATA_HOME", ".local/share", name)
+}
+
+/// `$VARIABLE/switchyard/NAME`, else `$HOME/UNDER_HOME/switchyard/NAME` (the XDG base
+/// directory rule).
+fn xdg_dir(variable: &str, under_home: &str, name: &str) -> Option<std::path::PathBuf> {
+    let root = match std::env::var_os(variable) {
         Some(dir) => std::path::PathBuf::from(dir),
-        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".local/share"),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(under_home),
     };
     Some(root.join("switchyard").join(name))
 }

@@ -121,6 +121,13 @@ enum Commands {
         after_help = "Example:\n  switchyard replay -t requests.dlq --broker kafka://127.0.0.1:9092"
     )]
     Replay(messages::ReplayArgs),
+    /// List, create or delete topics on any backend (like `kafka-topics.sh` and `gcloud
+    /// pubsub topics`).
+    #[command(after_help = "Example:\n  switchyard topics list --broker kafka://127.0.0.1:9092")]
+    Topics {
+        #[command(subcommand)]
+        command: topics::TopicsCommand,
+    },
     /// Run Google's Pub/Sub emulator (from the Cloud SDK) until Ctrl-C, with a capped heap.
     #[command(after_help = "Example:\n  switchyard pubsub-emulator --port 8085")]
     PubsubEmulator {
@@ -279,6 +286,7 @@ enum Commands {
 }
 
 mod messages;
+mod topics;
 
 /// Where the demo's classifier runs its model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -363,6 +371,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Commands::Replay(args) => {
             messages::replay(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Topics { command } => {
+            topics::run(command).await?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Validate { manifest } => validate(&manifest),

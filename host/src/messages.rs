@@ -30,12 +30,14 @@ fn local_broker_url() -> String {
     embedded_broker_url("127.0.0.1:9092")
 }
 
-fn broker(url: Option<String>) -> anyhow::Result<BrokerConfig> {
+/// The broker a command line names (`--broker`, `$BROKER`), the local `switchyard broker` by
+/// default; refuses `embedded`, which no other process can reach.
+pub fn broker(url: Option<String>) -> anyhow::Result<BrokerConfig> {
     let url = url.unwrap_or_else(local_broker_url);
     let config = BrokerConfig::from_url(&url).map_err(anyhow::Error::msg)?;
     if matches!(config, BrokerConfig::Embedded(_)) {
         bail!(
-            "`embedded` lives inside one process, so publish and consume cannot share it: run \
+            "`embedded` lives inside one process, so other commands cannot share it: run \
              `switchyard broker` and use its URL (the default), or kafka:// / pubsub://"
         );
     }

@@ -11,7 +11,7 @@
 //! operator opens on purpose.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -171,13 +171,30 @@ impl Metrics {
         })
     }
 
-    /// The counters of one component.
+    /// The series of a component that handles messages from `topics`, all shown from the
+    /// start (at zero), so rates and alerts work before the first message or failure.
+    pub fn handler(self: &Arc<Self>, name: &str, topics: &[String]) -> ComponentMetrics {
+        let metrics = self.component(name);
+        let own = &metrics.own;
+        own.retries
+            .get_or_init(|| self.retries.with_label_values(&[name]));
+        own.traps
+            .get_or_init(|| self.traps.with_label_values(&[name]));
+        own.handler_seconds
+            .get_or_init(|| self.handler_seconds.with_label_values(&[name]));
+        for topic in topics {
+            self.received.with_label_values(&[name, topic]);
+            self.handled.with_label_values(&[name, topic]);
+        }
+        metrics
+    }
+
+    /// The series of one component, each shown once first used (a command handles no
+    /// messages, so it shows no handler series).
     pub fn component(self: &Arc<Self>, name: &str) -> ComponentMetrics {
         ComponentMetrics {
             name: name.into(),
-            retries: self.retries.with_label_values(&[name]),
-            traps: self.traps.with_label_values(&[name]),
-            handler_seconds: self.handler_seconds.with_label_values(&[name]),
+            own: Arc::default(),
             lag_shown: Arc::default(),
             metrics: self.clone(),
         }
@@ -189,16 +206,23 @@ impl Metrics {
     }
 }
 
-/// One component's metrics: the series it bumps most, looked up once.
+/// One component's metrics. The series without a topic are looked up once, on first use, so
+/// a command (which handles no messages) shows no empty handler series.
 #[derive(Debug, Clone)]
 pub struct ComponentMetrics {
     name: Arc<str>,
-    retries: IntCounter,
-    traps: IntCounter,
-    handler_seconds: prometheus::Histogram,
+    own: Arc<OwnSeries>,
     /// The (topic, partition) lag series it set last.
     lag_shown: Arc<std::sync::Mutex<Vec<(String, i32)>>>,
     metrics: Arc<Metrics>,
+}
+
+/// A component's series that carry no topic, each resolved when first bumped.
+#[derive(Debug, Default)]
+struct OwnSeries {
+    retries: OnceLock<IntCounter>,
+    traps: OnceLock<IntCounter>,
+    handler_seconds: OnceLock<prometheus::Histogram>,
 }
 
 impl ComponentMetrics {
@@ -240,17 +264,32 @@ impl ComponentMetrics {
 
     /// A failed attempt to be tried again.
     pub fn retried(&self) {
-        self.retries.inc();
+        let labels = [&*self.name];
+        let retries = self
+            .own
+            .retries
+            .get_or_init(|| self.metrics.retries.with_label_values(&labels));
+        retries.inc();
     }
 
     /// An instance lost to a trap.
     pub fn trapped(&self) {
-        self.traps.inc();
+        let labels = [&*self.name];
+        let traps = self
+            .own
+            .traps
+            .get_or_init(|| self.metrics.traps.with_label_values(&labels));
+        traps.inc();
     }
 
     /// One handler call's time.
     pub fn call_took(&self, time: Duration) {
-        self.handler_seconds.observe(time.as_secs_f64());
+        let labels = [&*self.name];
+        let histogram = self
+            .own
+            .handler_seconds
+            .get_or_init(|| self.metrics.handler_seconds.with_label_values(&labels));
+        histogram.observe(time.as_secs_f64());
     }
 
     /// Replaces the component's consumer lag series with `lag` (partitions it no longer has
@@ -444,5 +483,36 @@ mod tests {
         );
         consumer.clear_lag();
         assert!(!metrics.render().unwrap().contains("predictions"));
+    }
+
+    #[test]
+    fn handlers_show_their_series_from_the_start_and_commands_only_what_they_use() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        metrics.handler("classifier", &["requests".to_string()]);
+        let producer = metrics.component("producer");
+        producer.sent_counter("requests").inc();
+        let text = metrics.render().unwrap();
+        for series in [
+            "switchyard_retries_total{component=\"classifier\"} 0",
+            "switchyard_traps_total{component=\"classifier\"} 0",
+            "switchyard_handler_duration_seconds_count{component=\"classifier\"} 0",
+            "switchyard_messages_received_total{component=\"classifier\",topic=\"requests\"} 0",
+            "switchyard_messages_handled_total{component=\"classifier\",topic=\"requests\"} 0",
+            "switchyard_messages_sent_total{component=\"producer\",topic=\"requests\"} 1",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
+        let producer_lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("component=\"producer\""))
+            .collect();
+        assert_eq!(producer_lines.len(), 1, "{producer_lines:?}");
+        producer.trapped();
+        assert!(
+            metrics
+                .render()
+                .unwrap()
+                .contains("switchyard_traps_total{component=\"producer\"} 1")
+        );
     }
 }

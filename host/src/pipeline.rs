@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pipeline_core::row::PREDICTIONS_TABLE;
@@ -292,6 +291,16 @@ async fn changed(settled: &mut Option<tokio::sync::watch::Receiver<u64>>) -> boo
     }
 }
 
+/// How many of run `run_id`'s predictions the store holds; 0, with a warning, when it cannot
+/// say (the caller looks again, or reports what it has).
+async fn count_stored(results: &Results, run_id: &str) -> u64 {
+    results
+        .count_predictions(run_id)
+        .await
+        .inspect_err(|e| tracing::warn!("counting the run's predictions: {e}"))
+        .unwrap_or(0)
+}
+
 /// The tally of run `run_id`'s predictions in the results store.
 async fn stored_summary(results: &Results, run_id: &str) -> Result<Summary, RuntimeError> {
     let mut tally = Tally::default();
@@ -348,17 +357,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             message: "the demo's host opened no results store".into(),
         });
     };
-    let stored = |results: Arc<Results>| {
-        let run_id = run_id.clone();
-        async move {
-            results
-                .count_predictions(&run_id)
-                .await
-                .inspect_err(|e| tracing::warn!("counting the run's predictions: {e}"))
-                .unwrap_or(0)
-        }
-    };
-
     let classifier_failed = |app: &App| {
         app.handler("classifier")
             .map_or(0, |h| HandlerStats::get(&h.stats().gave_up))
@@ -479,7 +477,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             });
             if due.is_zero() {
                 last_report = Some(Instant::now());
-                let seen = stored(results.clone()).await;
+                let seen = count_stored(&results, &run_id).await;
                 if seen + failed >= sent {
                     break;
                 }
@@ -496,7 +494,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
             }
         };
         if !moved {
-            let seen = stored(results.clone()).await;
+            let seen = count_stored(&results, &run_id).await;
             tracing::error!(
                 "no prediction for {:?}: stopping with {seen} of {sent} (classifier: {}; \
                  consumer: {})",

@@ -100,16 +100,33 @@ impl Progress {
                 self.what,
                 HumanCount(self.bar.position()),
                 HumanCount(self.bar.length().unwrap_or(0)),
-                HumanDuration(self.bar.elapsed())
+                took(self.bar.elapsed())
             ),
             None => self.bar.finish_and_clear(),
         }
     }
 }
 
+/// How long something took: tenths of a second under a minute (indicatif's words would call a
+/// sub-second run "0 seconds"), indicatif's words beyond.
+fn took(elapsed: Duration) -> String {
+    if elapsed < Duration::from_secs(60) {
+        format!("{:.1} s", elapsed.as_secs_f64())
+    } else {
+        HumanDuration(elapsed).to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_runs_take_tenths_of_a_second() {
+        assert_eq!(took(Duration::from_millis(140)), "0.1 s");
+        assert_eq!(took(Duration::from_millis(12_340)), "12.3 s");
+        assert_eq!(took(Duration::from_secs(125)), "2 minutes");
+    }
 
     #[test]
     fn plain_lines_say_what_how_many_the_rate_and_the_time_left() {

@@ -101,31 +101,41 @@ fn every_subcommand_s_help_ends_with_an_example() {
     };
     let top = help(&["--help"]);
     assert!(top.contains("Exit codes: 0 success; 1 "), "{top}");
-    let commands: Vec<&str> = top
-        .lines()
-        .skip_while(|line| !line.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|line| line.starts_with("  "))
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| *name != "help")
-        .collect();
+    let subcommands = |help: &str| -> Vec<String> {
+        help.lines()
+            .skip_while(|line| !line.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|line| line.starts_with("  "))
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|name| *name != "help")
+            .map(str::to_string)
+            .collect()
+    };
+    let mut commands: Vec<Vec<String>> = subcommands(&top).into_iter().map(|c| vec![c]).collect();
     assert!(commands.len() >= 15, "{commands:?} from:\n{top}");
-    for command in commands {
-        let text = help(&[command, "--help"]);
+    let mut checked = 0;
+    while let Some(command) = commands.pop() {
+        let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
+        args.push("--help");
+        let text = help(&args);
+        let line = command.join(" ");
         let example = text
             .rsplit_once("Example")
-            .unwrap_or_else(|| panic!("`{command} --help` has no example:\n{text}"))
+            .unwrap_or_else(|| panic!("`{line} --help` has no example:\n{text}"))
             .1;
-        let named = if command == "test" {
-            "switchyard test".to_string()
-        } else {
-            format!("switchyard {command}")
-        };
         assert!(
-            example.contains(&named),
-            "`{command} --help` ends with an example of it:\n{text}"
+            example.contains(&format!("switchyard {line}")),
+            "`{line} --help` ends with an example of it:\n{text}"
         );
+        // Commands of commands (`topics list`) too.
+        for nested in subcommands(&text) {
+            let mut deeper = command.clone();
+            deeper.push(nested);
+            commands.push(deeper);
+        }
+        checked += 1;
     }
+    assert!(checked >= 18, "nested commands are checked too: {checked}");
 }
 
 #[tokio::test]

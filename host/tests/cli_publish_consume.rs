@@ -6,7 +6,10 @@
 //! back to the topic its header names, without the dead-letter headers and with everything
 //! else; a message without that header is refused with the fix (`--to`), and stays where it
 //! is until `--to` sends it. `consume` with no count and no idle time, stopped by
-//! Ctrl-C, exits 0 within a bound and says what it read.
+//! Ctrl-C, exits 0 within a bound and says what it read. `switchyard topics` lists, creates and
+//! deletes topics, refuses to create one twice or delete a missing one unless told to accept
+//! that, and on the embedded broker (which cannot create or delete on request) says what to do
+//! instead.
 
 mod support;
 
@@ -345,18 +348,143 @@ async fn publish_and_consume_on_kafka() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_and_consume_on_pubsub() {
+/// A Pub/Sub emulator of this test's own, and the broker URL of `project` on it.
+async fn emulator(project: &str) -> (PubSubEmulator, String) {
     let emulator = tokio::task::spawn_blocking(|| PubSubEmulator::start(None))
         .await
         .unwrap()
         .expect("starting the Pub/Sub emulator");
     let url = format!(
-        "pubsub://switchyard-cli?endpoint={}&anonymous=true",
+        "pubsub://{project}?endpoint={}&anonymous=true",
         emulator.endpoint()
     );
+    (emulator, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_consume_on_pubsub() {
+    let (emulator, url) = emulator("switchyard-cli").await;
     tokio::task::spawn_blocking(move || round_trip(&url))
         .await
         .unwrap();
     drop(emulator);
+}
+
+fn stdout_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `switchyard topics ARGS --broker BROKER`, expecting it to fail, and returns what it
+/// said.
+fn topics_fails(broker: &str, args: &[&str]) -> String {
+    let mut all = vec!["topics"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--broker", broker]);
+    let output = run(&all, None);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{all:?} fails with exit code 1"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn topics(broker: &str, args: &[&str]) -> Output {
+    let mut all = vec!["topics"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--broker", broker]);
+    switchyard(&all, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_on_pubsub() {
+    let (emulator, broker) = emulator("switchyard-topics").await;
+    tokio::task::spawn_blocking(move || {
+        let (first, second) = (support::unique("orders"), support::unique("audit"));
+        assert!(stdout_lines(&topics(&broker, &["list"])).is_empty());
+        let created = topics(&broker, &["create", &first, &second]);
+        assert!(
+            String::from_utf8_lossy(&created.stderr).contains(&format!("created topic {first}"))
+        );
+        let mut both = vec![first.clone(), second.clone()];
+        both.sort();
+        assert_eq!(
+            stdout_lines(&topics(&broker, &["list"])),
+            both,
+            "sorted, no partitions"
+        );
+
+        let error = topics_fails(&broker, &["create", &first]);
+        assert!(
+            error.contains(&format!("topic {first} exists already"))
+                && error.contains("--if-not-exists"),
+            "{error}"
+        );
+        topics(&broker, &["create", &first, "--if-not-exists"]);
+
+        topics(&broker, &["delete", &first]);
+        assert_eq!(
+            stdout_lines(&topics(&broker, &["list"])),
+            vec![second.clone()]
+        );
+        let error = topics_fails(&broker, &["delete", &first]);
+        assert!(
+            error.contains(&format!("topic {first} does not exist"))
+                && error.contains("--if-exists"),
+            "{error}"
+        );
+        topics(&broker, &["delete", &first, "--if-exists"]);
+
+        let error = topics_fails(&broker, &["create", "no spaces"]);
+        assert!(error.contains("no spaces"), "a bad name is named: {error}");
+    })
+    .await
+    .unwrap();
+    drop(emulator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_on_the_embedded_broker() {
+    let embedded = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    // What `switchyard broker --topic requests:6` does.
+    let requests = support::unique("requests");
+    embedded
+        .create_topic(&switchyard::broker::TopicSpec {
+            name: requests.clone(),
+            partitions: 6,
+        })
+        .unwrap();
+    let broker = format!("kafka://{}", embedded.bootstrap_servers());
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(
+            stdout_lines(&topics(&broker, &["list"])),
+            vec![format!("{requests}\t6")],
+            "name, tab, partitions"
+        );
+        topics(&broker, &["create", &requests, "--if-not-exists"]);
+
+        let error = topics_fails(&broker, &["create", "fresh", "--partitions", "3"]);
+        assert!(
+            error.contains("cannot create topics on request")
+                && error.contains("switchyard broker --topic fresh:3"),
+            "names the fix: {error}"
+        );
+        let error = topics_fails(&broker, &["delete", &requests]);
+        assert!(
+            error.contains("cannot delete topics") && error.contains("Restart it"),
+            "{error}"
+        );
+        assert_eq!(
+            stdout_lines(&topics(&broker, &["list"])).len(),
+            1,
+            "nothing deleted"
+        );
+    })
+    .await
+    .unwrap();
 }

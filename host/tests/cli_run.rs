@@ -164,21 +164,17 @@ fn value(metrics: &str, series: &str) -> Option<f64> {
 }
 
 /// Scrapes until `ready` holds of the metrics (Prometheus' way of watching: the endpoint is
-/// the only window into the process); returns them.
+/// the only window into the process); returns the last scrape.
 async fn scrape_until(address: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let mut last = String::new();
+    support::wait_until(what, WAIT, async || {
         let (status, metrics) = scrape(address).await;
         assert_eq!(status, "HTTP/1.1 200 OK", "{metrics}");
-        if ready(&metrics) {
-            return metrics;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within {WAIT:?}; the last scrape:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+        last = metrics;
+        ready(&last)
+    })
+    .await;
+    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,18 +187,18 @@ async fn metrics_answer_during_a_run_and_their_counters_move() {
     let address = broker_address(&mut host).await;
     let host = host.running().await;
 
-    // Before any message: the endpoint answers, with the process' own metrics.
+    // Before any message: the endpoint answers, with the process' own metrics and the
+    // handler's series at zero (so a rate or an alert works from the start).
     let (status, before) = scrape(&metrics_address).await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(before.contains("process_resident_memory_bytes"), "{before}");
-    assert_eq!(
-        value(
-            &before,
-            "switchyard_messages_handled_total{component=\"tester\",topic=\"work\"}"
-        ),
-        None,
-        "{before}"
-    );
+    for series in [
+        "switchyard_messages_handled_total{component=\"tester\",topic=\"work\"}",
+        "switchyard_traps_total{component=\"tester\"}",
+        "switchyard_handler_duration_seconds_count{component=\"tester\"}",
+    ] {
+        assert_eq!(value(&before, series), Some(0.0), "{series}:\n{before}");
+    }
 
     let broker = client(&address).await;
     support::create_topics(broker.as_ref(), &["announced"]).await;

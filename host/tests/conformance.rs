@@ -11,13 +11,15 @@
 //! share the load and lose nothing (a message in flight while Kafka moves its partition may
 //! come twice); a restarted member resumes without what it acknowledged;
 //! an empty payload and one near the size limit pass; a bad topic name, a missing subscription
-//! and an unreachable endpoint give errors that say what to do.
+//! and an unreachable endpoint give errors that say what to do; topics are listed (sorted,
+//! without internal ones), created once and deleted.
 //!
 //! Where a backend cannot promise something, the test says so for that backend instead of
 //! skipping: the Pub/Sub emulator (like Pub/Sub without exactly-once delivery) may deliver an
 //! acknowledged message again, so "no duplicate" is switchyard's promise for one member (a
 //! member re-acknowledges, without handing on, what it acknowledged recently), not the
-//! broker's across members; and Kafka has no subscription to be missing.
+//! broker's across members; Kafka has no subscription to be missing; and the embedded Kafka
+//! broker (librdkafka's mock cluster) cannot delete a topic, which it must refuse saying so.
 
 mod support;
 
@@ -38,6 +40,9 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Backend {
     name: &'static str,
     broker: Arc<dyn Broker>,
+    /// Whether it is librdkafka's mock cluster (the embedded broker), which cannot delete
+    /// topics.
+    mock_cluster: bool,
     _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -46,6 +51,7 @@ async fn kafka() -> Backend {
         return Backend {
             name: "kafka",
             broker: Arc::new(Kafka::connect(KafkaConfig::new(bootstrap)).await.unwrap()),
+            mock_cluster: false,
             _keep: None,
         };
     }
@@ -53,6 +59,7 @@ async fn kafka() -> Backend {
     Backend {
         name: "kafka",
         broker,
+        mock_cluster: true,
         _keep: Some(Box::new(cluster)),
     }
 }
@@ -66,6 +73,7 @@ async fn pubsub_with(config: PubSubConfig) -> Backend {
     Backend {
         name: "pubsub",
         broker: Arc::new(PubSub::connect(config).await.unwrap()),
+        mock_cluster: false,
         _keep: None,
     }
 }
@@ -408,6 +416,73 @@ async fn bad_names_are_refused_with_the_rule(backend: Backend) {
     );
 }
 
+async fn topics_are_listed_created_and_deleted(backend: Backend) {
+    let name = support::unique("admin");
+    let spec = TopicSpec {
+        name: name.clone(),
+        partitions: 3,
+    };
+    let listed = async || {
+        let topics = backend.broker.list_topics().await.unwrap();
+        assert!(
+            topics.windows(2).all(|pair| pair[0].name < pair[1].name),
+            "{}: sorted: {topics:?}",
+            backend.name
+        );
+        assert!(
+            topics.iter().all(|topic| !topic.name.starts_with("__")),
+            "{}: no internal topics: {topics:?}",
+            backend.name
+        );
+        topics.into_iter().find(|topic| topic.name == name)
+    };
+    assert_eq!(listed().await, None, "{}", backend.name);
+    assert!(
+        backend.broker.create_topic(&spec).await.unwrap(),
+        "{}",
+        backend.name
+    );
+    // A real Kafka cluster's metadata may lag a creation by a moment.
+    support::wait_until("the created topic to be listed", WAIT, async || {
+        listed().await.is_some()
+    })
+    .await;
+    let topic = listed().await.expect("a created topic is listed");
+    let partitions = (backend.name == "kafka").then_some(3);
+    assert_eq!(topic.partitions, partitions, "{}", backend.name);
+    assert!(
+        !backend.broker.create_topic(&spec).await.unwrap(),
+        "{}: an existing topic is left as it is",
+        backend.name
+    );
+
+    if backend.mock_cluster {
+        let error = backend.broker.delete_topic(&name).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected);
+        assert!(
+            error.to_string().contains("cannot delete topics")
+                && error.to_string().contains("Restart it"),
+            "the embedded broker says why and what to do: {error}"
+        );
+        assert!(listed().await.is_some(), "a refused delete deletes nothing");
+        return;
+    }
+    assert!(
+        backend.broker.delete_topic(&name).await.unwrap(),
+        "{}",
+        backend.name
+    );
+    support::wait_until("the deleted topic to leave the list", WAIT, async || {
+        listed().await.is_none()
+    })
+    .await;
+    assert!(
+        !backend.broker.delete_topic(&name).await.unwrap(),
+        "{}: deleting a missing topic says so",
+        backend.name
+    );
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod kafka_backend {
@@ -439,6 +514,7 @@ conformance!(
     a_restarted_member_resumes_after_what_it_acknowledged,
     empty_and_large_payloads_pass,
     bad_names_are_refused_with_the_rule,
+    topics_are_listed_created_and_deleted,
 );
 
 /// A member that closed holds nothing back: with an ack deadline of 10 minutes, every message

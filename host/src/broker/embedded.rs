@@ -122,8 +122,8 @@ impl EmbeddedKafka {
         &self.bootstrap_servers
     }
 
-    /// Creates a topic; an existing topic is left as it is.
-    pub fn create_topic(&self, topic: &TopicSpec) -> Result<(), BrokerError> {
+    /// Creates a topic; an existing topic is left as it is. Says whether it created it.
+    pub fn create_topic(&self, topic: &TopicSpec) -> Result<bool, BrokerError> {
         let name = CString::new(topic.name.as_str()).map_err(|_| {
             BrokerError::rejected(format!("topic name {:?} contains a NUL byte", topic.name))
         })?;
@@ -133,8 +133,8 @@ impl EmbeddedKafka {
         };
         let code: rdkafka::types::RDKafkaErrorCode = err.into();
         match code {
-            rdkafka::types::RDKafkaErrorCode::NoError
-            | rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => Ok(()),
+            rdkafka::types::RDKafkaErrorCode::NoError => Ok(true),
+            rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => Ok(false),
             other => Err(BrokerError::rejected(format!(
                 "the embedded broker refused to create topic {:?}: {other}",
                 topic.name
@@ -269,18 +269,11 @@ mod tests {
         drop(probe);
         let broker = EmbeddedKafka::start(Some(addr)).await.unwrap();
         assert_eq!(broker.bootstrap_servers(), addr.to_string());
-        broker
-            .create_topic(&TopicSpec {
-                name: "t".into(),
-                partitions: 3,
-            })
-            .unwrap();
-        // Idempotent.
-        broker
-            .create_topic(&TopicSpec {
-                name: "t".into(),
-                partitions: 3,
-            })
-            .unwrap();
+        let topic = TopicSpec {
+            name: "t".into(),
+            partitions: 3,
+        };
+        assert!(broker.create_topic(&topic).unwrap(), "created");
+        assert!(!broker.create_topic(&topic).unwrap(), "left as it was");
     }
 }

@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication, TopicResult};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -35,7 +35,8 @@ use super::offsets::InFlight;
 use super::outage::OutageLog;
 use super::{
     Broker, BrokerError, Delivery, DeliveryReceipt, ErrorKind, OffsetTracker, OutgoingMessage,
-    PartitionLag, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicSpec, wire,
+    PartitionLag, Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, TopicInfo,
+    TopicSpec, wire,
 };
 
 /// How long to wait between attempts to enqueue while librdkafka's local queue is full.
@@ -370,6 +371,102 @@ fn kafka_error(what: &str, e: &KafkaError) -> BrokerError {
         .with_source(e.clone())
 }
 
+/// A topic operation's refusal as a [`BrokerError`]: missing rights stay
+/// [`ErrorKind::PermissionDenied`], a request the broker can serve later stays transient, and
+/// the rest is [`ErrorKind::Rejected`].
+fn admin_op_error(what: &str, code: RDKafkaErrorCode) -> BrokerError {
+    let kind = match error_kind(&KafkaError::AdminOp(code)) {
+        kind @ (ErrorKind::PermissionDenied | ErrorKind::Unavailable | ErrorKind::Timeout) => kind,
+        _ => ErrorKind::Rejected,
+    };
+    let fix = match kind {
+        ErrorKind::PermissionDenied => ": the credentials lack the rights (ACLs) for it",
+        ErrorKind::Unavailable | ErrorKind::Timeout => ": the cluster cannot do it now; try again",
+        _ => "",
+    };
+    BrokerError::new(kind, format!("{what}: {code}{fix}")).with_code(format!("{code:?}"))
+}
+
+/// Whether an admin operation on one topic changed it: `false` when the broker answered
+/// `unchanged` (the topic existed already, or did not exist).
+fn one_topic_changed(
+    what: &str,
+    results: KafkaResult<Vec<TopicResult>>,
+    unchanged: RDKafkaErrorCode,
+) -> Result<bool, BrokerError> {
+    let results = results.map_err(|e| kafka_error(what, &e))?;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, code))) if code == unchanged => Ok(false),
+        Some(Err((_, code))) => Err(admin_op_error(what, code)),
+        None => Err(BrokerError::unavailable(format!(
+            "{what}: the broker answered nothing"
+        ))),
+    }
+}
+
+/// What a Kafka cluster's metadata says about its topics.
+struct ClusterTopics {
+    /// Every topic, internal ones included, sorted by name.
+    topics: Vec<TopicInfo>,
+    /// Whether the cluster is librdkafka's mock cluster (the embedded broker, perhaps another
+    /// process's): it has no CreateTopics or DeleteTopics API, and creates topics on first use.
+    is_mock: bool,
+}
+
+impl Kafka {
+    fn admin_client(&self) -> Result<Arc<AdminClient<DefaultClientContext>>, BrokerError> {
+        Ok(Arc::new(
+            self.config.client_config().create().map_err(config_error)?,
+        ))
+    }
+
+    fn admin_options(&self) -> AdminOptions {
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout))
+    }
+
+    async fn cluster_topics(
+        &self,
+        admin: &Arc<AdminClient<DefaultClientContext>>,
+    ) -> Result<ClusterTopics, BrokerError> {
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let admin = admin.clone();
+        // librdkafka's metadata call blocks its thread.
+        tokio::task::spawn_blocking(move || {
+            let metadata = admin.inner().fetch_metadata(None, timeout)?;
+            let mut topics: Vec<TopicInfo> = metadata
+                .topics()
+                .iter()
+                .map(|topic| TopicInfo {
+                    name: topic.name().to_string(),
+                    partitions: i32::try_from(topic.partitions().len()).ok(),
+                })
+                .collect();
+            topics.sort_by(|a, b| a.name.cmp(&b.name));
+            let is_mock = admin
+                .inner()
+                .fetch_cluster_id(timeout)
+                .is_some_and(|id| id.starts_with("mockCluster"));
+            Ok::<_, KafkaError>(ClusterTopics { topics, is_mock })
+        })
+        .await
+        .map_err(|e| BrokerError::unavailable("listing topics stopped").with_source(e))?
+        .map_err(|e| kafka_error("listing topics", &e))
+    }
+
+    /// Refuses what librdkafka's mock cluster cannot do, saying what can be done instead.
+    fn refuse_on_mock(&self, what: &str, instead: &str) -> BrokerError {
+        BrokerError::rejected(format!(
+            "the embedded broker at {} cannot {what}: it is librdkafka's mock cluster, which \
+             has no CreateTopics or DeleteTopics API. {instead}",
+            self.config.bootstrap_servers
+        ))
+    }
+}
+
 #[async_trait]
 impl Broker for Kafka {
     fn messaging_system(&self) -> &'static str {
@@ -388,47 +485,29 @@ impl Broker for Kafka {
             check_topic_name(&topic.name)?;
         }
         if let Some(embedded) = &self.embedded {
-            return topics.iter().try_for_each(|t| embedded.create_topic(t));
+            return topics
+                .iter()
+                .try_for_each(|t| embedded.create_topic(t).map(|_created| ()));
         }
         if !self.config.create_topics || topics.is_empty() {
             return Ok(());
         }
-        let admin: Arc<AdminClient<DefaultClientContext>> =
-            Arc::new(self.config.client_config().create().map_err(config_error)?);
+        let admin = self.admin_client()?;
         // Ask only for what is missing: a broker may refuse CreateTopics (permissions, or no
         // such API, like another process's embedded broker) for topics that already exist.
-        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let (existing, cluster_id) = {
-            let admin = admin.clone();
-            tokio::task::spawn_blocking(move || {
-                let metadata = admin.inner().fetch_metadata(None, timeout)?;
-                let names: std::collections::HashSet<String> = metadata
-                    .topics()
-                    .iter()
-                    .map(|t| t.name().to_string())
-                    .collect();
-                Ok::<_, KafkaError>((names, admin.inner().fetch_cluster_id(timeout)))
-            })
-            .await
-            .map_err(|e| BrokerError::unavailable("listing topics stopped").with_source(e))?
-            .map_err(|e| kafka_error("listing topics", &e))?
-        };
+        let cluster = self.cluster_topics(&admin).await?;
         let missing: Vec<&TopicSpec> = topics
             .iter()
-            .filter(|t| !existing.contains(&t.name))
+            .filter(|t| !cluster.topics.iter().any(|known| known.name == t.name))
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        // Another process's embedded broker (librdkafka's mock cluster) has no CreateTopics
-        // API and creates topics on first use; asking would only wait for the timeout.
-        if cluster_id
-            .as_deref()
-            .is_some_and(|id| id.starts_with("mockCluster"))
-        {
+        if cluster.is_mock {
             tracing::debug!("embedded broker: topics are created on first use");
             return Ok(());
         }
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let new_topics: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|t| {
@@ -501,6 +580,69 @@ impl Broker for Kafka {
             }
         }
         Ok(())
+    }
+
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>, BrokerError> {
+        let admin = self.admin_client()?;
+        let mut topics = self.cluster_topics(&admin).await?.topics;
+        topics.retain(|topic| !topic.name.starts_with("__"));
+        Ok(topics)
+    }
+
+    async fn create_topic(&self, topic: &TopicSpec) -> Result<bool, BrokerError> {
+        check_topic_name(&topic.name)?;
+        if let Some(embedded) = &self.embedded {
+            return embedded.create_topic(topic);
+        }
+        let admin = self.admin_client()?;
+        let cluster = self.cluster_topics(&admin).await?;
+        if cluster.topics.iter().any(|known| known.name == topic.name) {
+            return Ok(false);
+        }
+        if cluster.is_mock {
+            return Err(self.refuse_on_mock(
+                "create topics on request",
+                &format!(
+                    "Name the topic when you start it (`switchyard broker --topic {}:{}`), or \
+                     publish to it: it creates a topic on first use, with 4 partitions",
+                    topic.name, topic.partitions
+                ),
+            ));
+        }
+        let new_topic = NewTopic::new(
+            &topic.name,
+            topic.partitions,
+            TopicReplication::Fixed(self.config.replication_factor),
+        );
+        let results = admin
+            .create_topics([&new_topic], &self.admin_options())
+            .await;
+        one_topic_changed(
+            &format!("creating topic {:?}", topic.name),
+            results,
+            RDKafkaErrorCode::TopicAlreadyExists,
+        )
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<bool, BrokerError> {
+        check_topic_name(name)?;
+        let admin = self.admin_client()?;
+        let cluster = self.cluster_topics(&admin).await?;
+        if !cluster.topics.iter().any(|known| known.name == name) {
+            return Ok(false);
+        }
+        if cluster.is_mock {
+            return Err(self.refuse_on_mock(
+                "delete topics",
+                "Restart it to start with no topics (it keeps nothing on disk)",
+            ));
+        }
+        let results = admin.delete_topics(&[name], &self.admin_options()).await;
+        one_topic_changed(
+            &format!("deleting topic {name:?}"),
+            results,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        )
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError> {

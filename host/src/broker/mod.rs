@@ -239,6 +239,22 @@ pub struct TopicSpec {
     pub partitions: i32,
 }
 
+/// A topic as a broker lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Topic name (without Pub/Sub's `projects/P/topics/` prefix).
+    pub name: String,
+    /// Its partitions, where the backend has them (Kafka); Pub/Sub has none.
+    pub partitions: Option<i32>,
+}
+
+/// The error of a topic operation a broker does not offer.
+fn no_topic_admin(broker: String, what: &str) -> BrokerError {
+    BrokerError::rejected(format!(
+        "{broker} cannot {what}: use a kafka:// or pubsub:// broker"
+    ))
+}
+
 /// OpenTelemetry's `messaging.system` names of the backends.
 pub mod system {
     /// Apache Kafka (and the embedded Kafka-protocol broker).
@@ -266,6 +282,24 @@ pub trait Broker: Send + Sync {
     /// `switchyard consume -t TOPIC` reads by default.
     async fn ensure_kept_topics(&self, topics: &[TopicSpec]) -> Result<(), BrokerError> {
         self.ensure_topics(topics).await
+    }
+
+    /// The topics that exist, sorted by name, without the broker's internal ones (Kafka's
+    /// `__consumer_offsets`).
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>, BrokerError> {
+        Err(no_topic_admin(self.describe(), "list topics"))
+    }
+
+    /// Creates one topic, whatever `create_topics`/`create_resources` say (a person asked for
+    /// it); says whether it created it (`false`: it existed, and was left as it is).
+    async fn create_topic(&self, _topic: &TopicSpec) -> Result<bool, BrokerError> {
+        Err(no_topic_admin(self.describe(), "create topics"))
+    }
+
+    /// Deletes one topic with its messages; says whether it deleted it (`false`: there was no
+    /// such topic).
+    async fn delete_topic(&self, _name: &str) -> Result<bool, BrokerError> {
+        Err(no_topic_admin(self.describe(), "delete topics"))
     }
 
     /// A publisher; cheap to share between components.

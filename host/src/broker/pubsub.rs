@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use super::outage::OutageLog;
 use super::{
     Broker, BrokerError, Delivery, DeliveryReceipt, ErrorKind, OutgoingMessage, Publisher, Settle,
-    StartPosition, Subscriber, SubscriptionSpec, TopicSpec, wire,
+    StartPosition, Subscriber, SubscriptionSpec, TopicInfo, TopicSpec, wire,
 };
 
 /// Attribute that stands in for an empty message: Pub/Sub refuses a message with neither data
@@ -474,6 +474,49 @@ impl Broker for PubSub {
                 .await?;
         }
         Ok(())
+    }
+
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>, BrokerError> {
+        use google_cloud_gax::paginator::ItemPaginator;
+        let config = &self.resources.config;
+        let prefix = config.topic_path("");
+        let mut pages = self
+            .resources
+            .topics
+            .list_topics()
+            .set_project(format!("projects/{}", config.project))
+            .by_item();
+        let mut topics = Vec::new();
+        while let Some(topic) = pages.next().await {
+            let topic = topic.map_err(|e| rpc_error("listing topics", e))?;
+            let name = topic.name.strip_prefix(&prefix).unwrap_or(&topic.name);
+            topics.push(TopicInfo {
+                name: name.to_string(),
+                partitions: None,
+            });
+        }
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(topics)
+    }
+
+    async fn create_topic(&self, topic: &TopicSpec) -> Result<bool, BrokerError> {
+        self.resources.ensure_topic(&topic.name).await
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<bool, BrokerError> {
+        check_resource_id("topic", name)?;
+        let result = self
+            .resources
+            .topics
+            .delete_topic()
+            .set_topic(self.resources.config.topic_path(name))
+            .send()
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if is_code(&e, Code::NotFound) => Ok(false),
+            Err(e) => Err(rpc_error(&format!("deleting topic {name:?}"), e)),
+        }
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError> {

@@ -10,7 +10,7 @@
 //! with the fix): a database reached over an untrusted network needs a TLS proxy for now.
 
 use async_trait::async_trait;
-use tokio::sync::Mutex;
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
@@ -139,12 +139,13 @@ impl Postgres {
     }
 
     /// The connection, opened again if the server closed it.
-    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, ResultsError> {
-        let mut client = self.client.lock().await;
-        if client.as_ref().is_none_or(Client::is_closed) {
-            *client = Some(self.open().await?);
-        }
-        Ok(client)
+    async fn client(&self) -> Result<MappedMutexGuard<'_, Client>, ResultsError> {
+        let mut slot = self.client.lock().await;
+        let client = match slot.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.open().await?,
+        };
+        Ok(MutexGuard::map(slot, |slot| slot.insert(client)))
     }
 }
 
@@ -199,7 +200,6 @@ impl ResultsBackend for Postgres {
     ) -> Result<u64, ResultsError> {
         let error = self.error("writing rows");
         let mut client = self.client().await?;
-        let client = client.as_mut().ok_or(ResultsError::NoStore)?;
         let transaction = client.transaction().await.map_err(&error)?;
         let mut new = 0;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -230,7 +230,6 @@ impl ResultsBackend for Postgres {
         key: &str,
     ) -> Result<Vec<Vec<Value>>, ResultsError> {
         let client = self.client().await?;
-        let client = client.as_ref().ok_or(ResultsError::NoStore)?;
         let rows = client
             .query(&table.select_sql(Dialect::Postgres), &[&key])
             .await
@@ -254,7 +253,6 @@ impl ResultsBackend for Postgres {
 
     async fn count(&self, table: &'static TableSchema, key: &str) -> Result<u64, ResultsError> {
         let client = self.client().await?;
-        let client = client.as_ref().ok_or(ResultsError::NoStore)?;
         let count: i64 = client
             .query_one(&table.count_sql(Dialect::Postgres), &[&key])
             .await
@@ -265,7 +263,6 @@ impl ResultsBackend for Postgres {
 
     async fn runs(&self) -> Result<Vec<RunInfo>, ResultsError> {
         let client = self.client().await?;
-        let client = client.as_ref().ok_or(ResultsError::NoStore)?;
         let rows = client
             .query(RUNS_SQL, &[])
             .await

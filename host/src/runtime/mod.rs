@@ -72,7 +72,7 @@ pub enum RuntimeError {
     /// The results store cannot be opened.
     #[error(transparent)]
     Results(#[from] crate::results::ResultsError),
-    /// The metrics endpoint cannot be opened.
+    /// The metrics cannot be registered or served.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     /// A component trapped or failed outside of message handling.
@@ -256,12 +256,10 @@ impl Runtime {
         let publisher = broker.publisher().await?;
         // Test mode writes results into a store in memory, which each test run starts empty.
         let results = match sent_log {
-            Some(_) => Some(Arc::new(Results::in_memory().map_err(|e| {
-                RuntimeError::Engine(format!("cannot open the results store in memory: {e}"))
-            })?)),
+            Some(_) => Some(Arc::new(Results::in_memory()?)),
             None => None,
         };
-        let metrics = Metrics::new().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let metrics = Metrics::new()?;
         Ok(Self {
             results,
             metrics: Arc::new(metrics),

@@ -300,7 +300,7 @@ pub(super) async fn start(
         .ensure_kept_topics(&dead_letter_topics)
         .await?;
     let subscriber = runtime.broker.subscribe(&spec).await?;
-    let metrics = runtime.metrics.component(&component.name);
+    let metrics = runtime.metrics.handler(&component.name, &spec.topics);
     let stats = Arc::new(HandlerStats::new(metrics.clone()));
     let (stop, stopped) = watch::channel(false);
     // Room for every worker's next batch, so a worker that finishes one finds the next waiting.
