@@ -4,14 +4,18 @@
 //! a consumer reads a payload by its content type whatever its own serializer; `consume()` is a
 //! stream with explicit acknowledgement; a nack brings the message back; `auto_ack` settles on
 //! receipt so a restarted member does not see the message again; and an incomplete
-//! configuration or a value the serializer cannot write is a clear error, not a panic.
+//! configuration or a value the serializer cannot write is a clear error, not a panic. A
+//! serializer of the user's own (Protobuf through prost) plugs into producers and consumers, and
+//! a payload of a format the consumer does not read is refused naming its content type.
 
 mod support;
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use switchyard::client::{Client, ClientConfig, ClientError, ValueSerializer};
+use switchyard::client::{
+    Bytes, Client, ClientConfig, ClientError, Json, SerializerError, Text, ValueSerializer,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -50,22 +54,14 @@ async fn values_round_trip_through_every_serializer(backend: &str) {
         )
         .await
         .unwrap();
-    // A producer with another serializer is another client; on the embedded broker that
-    // would be another broker, so the other serializers write explicit messages here.
-    for (serializer, value) in [
-        (ValueSerializer::Text, serde_json::json!("sneaker")),
-        (ValueSerializer::Bytes, serde_json::json!([0, 1, 254, 255])),
-    ] {
-        producer
-            .send(switchyard::broker::OutgoingMessage {
-                topic: topic.clone(),
-                payload: serializer.serialize(&value).unwrap(),
-                content_type: Some(serializer.content_type().into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    // Producers with the other built-in serializers, on the same connection.
+    let text = client.producer_with(Text).await.unwrap();
+    text.produce("sneaker", &topic).await.unwrap();
+    let bytes = client.producer_with(Bytes).await.unwrap();
+    bytes
+        .produce(&[0u8, 1, 254, 255][..], &topic)
+        .await
+        .unwrap();
 
     let mut stream = Box::pin(consumer.consume());
     let mut seen = Vec::new();
@@ -182,9 +178,116 @@ async fn mistakes_are_clear_errors(backend: &str) {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, ClientError::Serialize { .. })
-            && error.to_string().contains("use \"json\""),
+        matches!(
+            error,
+            ClientError::Serializer(SerializerError::Serialize { .. })
+        ) && error.to_string().contains("use \"json\""),
         "{backend}: {error}"
+    );
+}
+
+/// The Protobuf example (`cargo run --example protobuf`): its serializer, the types prost
+/// generated from its `.proto`, and its `run`.
+#[path = "../examples/protobuf/main.rs"]
+mod protobuf_example;
+
+use protobuf_example::serializer::Protobuf;
+use protobuf_example::shop::{Line, Order};
+
+/// A serializer of one's own (Protobuf) writes and reads through the public API, labelled
+/// with its content type; a payload of another format is refused naming that format, and is
+/// read with `value_with` and the right deserializer.
+async fn a_serializer_of_ones_own_round_trips(backend: &str) {
+    let client = client(backend, ValueSerializer::Json, false).await;
+    let topic = client.config().topic.clone().unwrap();
+    let consumer = client
+        .consumer_with(Protobuf::<Order>::new())
+        .await
+        .unwrap();
+    let order = Order {
+        id: "order-7".into(),
+        lines: vec![Line {
+            sku: "boot-42".into(),
+            quantity: 3,
+        }],
+    };
+    let producer = client
+        .producer_with(Protobuf::<Order>::new())
+        .await
+        .unwrap();
+    producer.produce(&order, &topic).await.unwrap();
+    // Then a JSON value on the same topic, which a Protobuf reader must not misread.
+    let json = client.producer().await.unwrap();
+    json.produce(&serde_json::json!({"id": "order-8"}), &topic)
+        .await
+        .unwrap();
+
+    // Pub/Sub keeps no order between messages without a key: take them as they come.
+    for _ in 0..2 {
+        let received = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a message within the wait")
+            .unwrap();
+        if received.content_type() == Some("application/json") {
+            let error = received.value::<Order>().unwrap_err();
+            assert!(
+                matches!(
+                    &error,
+                    ClientError::Serializer(SerializerError::UnknownContentType { found, .. })
+                        if found == "application/json"
+                ),
+                "{backend}: {error}"
+            );
+            assert!(error.to_string().contains("value_with"), "{error}");
+            let value: serde_json::Value = received.value_with(&Json).unwrap();
+            assert_eq!(value["id"], "order-8", "{backend}");
+        } else {
+            assert_eq!(
+                received.content_type(),
+                Some("application/x-protobuf; messageType=shop.Order"),
+                "{backend}"
+            );
+            assert_eq!(received.value::<Order>().unwrap(), order, "{backend}");
+        }
+        received.ack().unwrap();
+    }
+    consumer.close().await.unwrap();
+}
+
+/// The example itself, as a user runs it: orders come back, the JSON note is refused by the
+/// Protobuf reader and read as JSON.
+async fn the_protobuf_example_runs(backend: &str) {
+    let (orders, note) = protobuf_example::run(&broker_url(backend).await)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = orders.iter().map(|order| order.id.as_str()).collect();
+    assert_eq!(ids, ["order-1", "order-2"], "{backend}");
+    assert_eq!(orders[1].lines[0].sku, "sandal-38", "{backend}");
+    assert_eq!(note, "ship before noon", "{backend}");
+}
+
+/// The example's Rust types are what prost-build makes of its `.proto` today.
+/// `UPDATE_GENERATED=1` rewrites them.
+#[test]
+fn the_protobuf_example_types_are_generated_from_its_proto() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/protobuf");
+    let descriptors = protox::compile(["shop.proto"], [&dir]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    prost_build::Config::new()
+        .enable_type_names()
+        .out_dir(out.path())
+        .compile_fds(descriptors)
+        .unwrap();
+    let generated = std::fs::read_to_string(out.path().join("shop.rs")).unwrap();
+    let committed = dir.join("shop.rs");
+    if std::env::var_os("UPDATE_GENERATED").is_some() {
+        std::fs::write(&committed, &generated).unwrap();
+    }
+    assert!(
+        std::fs::read_to_string(&committed).unwrap() == generated,
+        "{} is not what prost-build makes of shop.proto: run `UPDATE_GENERATED=1 cargo test \
+         --release --test client_api generated` and commit the result",
+        committed.display()
     );
 }
 
@@ -214,6 +317,8 @@ on_both_backends!(
     a_nack_brings_the_value_back,
     auto_ack_settles_on_receipt,
     mistakes_are_clear_errors,
+    a_serializer_of_ones_own_round_trips,
+    the_protobuf_example_runs,
 );
 
 /// The configuration reads from TOML with a typed broker section, as the manifest's.

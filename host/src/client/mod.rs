@@ -1,7 +1,10 @@
 //! The unified producer/consumer API for Rust programs: one configuration names the backend
 //! (Kafka, Pub/Sub or the embedded broker), and the same code produces and consumes on any of
 //! them. This is what the original Python `KafkaService` / `GCPService` classes did, with
-//! explicit acknowledgement instead of hidden auto-commit.
+//! explicit acknowledgement instead of hidden auto-commit. Values are written and read by a
+//! [`Serializer`] / [`Deserializer`]: the configured built-in one ([`ValueSerializer`]: JSON,
+//! text or bytes), or any encoding of the user's own through [`Client::producer_with`],
+//! [`Client::consumer_with`] and [`Received::value_with`].
 //!
 //! ```
 //! use switchyard::client::{Client, ClientConfig};
@@ -48,44 +51,40 @@ use crate::broker::{
 };
 use crate::config::BrokerConfig;
 
+mod serializer;
+
+pub use serializer::{
+    BoxError, Bytes, Deserializer, Encoded, Json, Serializer, SerializerError, Text,
+    content_type_parameter, essence,
+};
+
 /// What went wrong producing or consuming.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    /// A value could not be serialized with the configured serializer.
-    #[error("cannot serialize the value as {serializer:?}: {reason}")]
-    Serialize {
-        /// The serializer in use.
-        serializer: ValueSerializer,
-        /// Why.
-        reason: String,
-    },
-    /// A payload could not be deserialized into the requested type.
-    #[error("cannot read the payload ({content_type}) as the requested type: {reason}")]
-    Deserialize {
-        /// The payload's content type.
-        content_type: String,
-        /// Why.
-        reason: String,
-    },
+    /// A value could not be written, or a payload read, by the serializer in use.
+    #[error(transparent)]
+    Serializer(#[from] SerializerError),
     /// The configuration is incomplete.
     #[error("{0}")]
     Config(String),
 }
 
-/// How values become payloads, recorded as the message's content type; a consumer reads a
-/// payload by its content type, falling back to its own serializer when there is none.
+/// The built-in serializers by the names the configuration (`serializer = "json"`) and the
+/// manifest give them. As a [`Deserializer`] it reads a payload by its content type when that
+/// names a built-in one (so producers with different built-in serializers can share a topic),
+/// and as configured otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ValueSerializer {
-    /// JSON (`application/json`).
+    /// [`Json`] (`application/json`).
     #[default]
     Json,
-    /// UTF-8 text (`text/plain; charset=utf-8`): values must be strings.
+    /// [`Text`] (`text/plain; charset=utf-8`): values must be strings.
     Text,
-    /// Raw bytes (`application/octet-stream`): values must be byte sequences.
+    /// [`Bytes`] (`application/octet-stream`): values must be byte sequences.
     Bytes,
 }
 
@@ -93,68 +92,46 @@ impl ValueSerializer {
     /// The content type messages written with it carry.
     pub fn content_type(self) -> &'static str {
         match self {
-            Self::Json => "application/json",
-            Self::Text => "text/plain; charset=utf-8",
-            Self::Bytes => "application/octet-stream",
+            Self::Json => Json::CONTENT_TYPE,
+            Self::Text => Text::CONTENT_TYPE,
+            Self::Bytes => Bytes::CONTENT_TYPE,
         }
     }
 
-    fn from_content_type(content_type: &str) -> Option<Self> {
-        let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
-        match essence.as_str() {
-            "application/json" => Some(Self::Json),
-            "text/plain" => Some(Self::Text),
-            "application/octet-stream" => Some(Self::Bytes),
-            _ => None,
+    /// The built-in serializer that reads `content_type`, if one does.
+    fn for_content_type(content_type: &str) -> Option<Self> {
+        let essence = essence(content_type);
+        if essence == Json::CONTENT_TYPE || essence.ends_with("+json") {
+            Some(Self::Json)
+        } else if essence.starts_with("text/") {
+            Some(Self::Text)
+        } else if essence == Bytes::CONTENT_TYPE {
+            Some(Self::Bytes)
+        } else {
+            None
         }
     }
+}
 
-    /// Serializes a value.
-    pub fn serialize<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, ClientError> {
-        let error = |reason: String| ClientError::Serialize {
-            serializer: self,
-            reason,
-        };
+impl<T: Serialize + ?Sized> Serializer<T> for ValueSerializer {
+    fn encode(&self, value: &T) -> Result<Encoded, SerializerError> {
         match self {
-            Self::Json => serde_json::to_vec(value).map_err(|e| error(e.to_string())),
-            Self::Text => match serde_json::to_value(value).map_err(|e| error(e.to_string()))? {
-                serde_json::Value::String(text) => Ok(text.into_bytes()),
-                other => Err(error(format!(
-                    "the text serializer takes strings, not {other}; use \"json\" for structured values"
-                ))),
-            },
-            Self::Bytes => {
-                let value = serde_json::to_value(value).map_err(|e| error(e.to_string()))?;
-                value
-                    .as_array()
-                    .and_then(|items| {
-                        items
-                            .iter()
-                            .map(|v| v.as_u64().and_then(|b| u8::try_from(b).ok()))
-                            .collect::<Option<Vec<u8>>>()
-                    })
-                    .ok_or_else(|| {
-                        error("the bytes serializer takes byte sequences (&[u8], Vec<u8>)".into())
-                    })
-            }
+            Self::Json => Json.encode(value),
+            Self::Text => Text.encode(value),
+            Self::Bytes => Bytes.encode(value),
         }
     }
+}
 
-    /// Deserializes a payload.
-    pub fn deserialize<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, ClientError> {
-        let error = |reason: String| ClientError::Deserialize {
-            content_type: self.content_type().to_string(),
-            reason,
-        };
-        match self {
-            Self::Json => serde_json::from_slice(payload).map_err(|e| error(e.to_string())),
-            Self::Text => {
-                let text = std::str::from_utf8(payload).map_err(|e| error(e.to_string()))?;
-                serde_json::from_value(serde_json::Value::String(text.to_string()))
-                    .map_err(|e| error(format!("{e} (text payloads read as String)")))
-            }
-            Self::Bytes => serde_json::from_value(serde_json::Value::from(payload.to_vec()))
-                .map_err(|e| error(format!("{e} (byte payloads read as Vec<u8>)"))),
+impl<T: DeserializeOwned> Deserializer<T> for ValueSerializer {
+    fn decode(&self, payload: &[u8], content_type: Option<&str>) -> Result<T, SerializerError> {
+        let reader = content_type
+            .and_then(Self::for_content_type)
+            .unwrap_or(*self);
+        match reader {
+            Self::Json => Json.decode(payload, content_type),
+            Self::Text => Text.decode(payload, content_type),
+            Self::Bytes => Bytes.decode(payload, content_type),
         }
     }
 }
@@ -234,19 +211,30 @@ impl Client {
         &self.config
     }
 
-    /// A producer.
+    /// A producer with the configured built-in serializer.
     pub async fn producer(&self) -> Result<Producer, ClientError> {
+        self.producer_with(self.config.serializer).await
+    }
+
+    /// A producer that writes values with `serializer` (Protobuf, Avro, a format of your own).
+    pub async fn producer_with<S>(&self, serializer: S) -> Result<Producer<S>, ClientError> {
         Ok(Producer {
             publisher: self.broker.broker.publisher().await?,
-            serializer: self.config.serializer,
+            serializer,
             default_topic: self.config.topic.clone(),
             broker: self.broker.broker.clone(),
         })
     }
 
-    /// A consumer of the configured topic in the configured group. Its subscription exists
-    /// when this returns, so what is produced afterwards reaches it on every backend.
+    /// A consumer of the configured topic in the configured group, reading values with the
+    /// configured built-in serializer. Its subscription exists when this returns, so what is
+    /// produced afterwards reaches it on every backend.
     pub async fn consumer(&self) -> Result<Consumer, ClientError> {
+        self.consumer_with(self.config.serializer).await
+    }
+
+    /// Like [`Client::consumer`], reading values with `deserializer`.
+    pub async fn consumer_with<D>(&self, deserializer: D) -> Result<Consumer<D>, ClientError> {
         let topic = self.config.topic.clone().ok_or_else(|| {
             ClientError::Config("a consumer needs `topic` in the client configuration".into())
         })?;
@@ -275,41 +263,46 @@ impl Client {
             .await?;
         Ok(Consumer {
             subscriber,
-            serializer: self.config.serializer,
+            deserializer: Arc::new(deserializer),
             auto_ack: self.config.auto_ack,
         })
     }
 }
 
-/// Produces values, serialized the configured way.
-pub struct Producer {
+/// Produces values with its serializer: the configured built-in one ([`ValueSerializer`]), or
+/// any [`Serializer`] given to [`Client::producer_with`].
+pub struct Producer<S = ValueSerializer> {
     publisher: Arc<dyn Publisher>,
-    serializer: ValueSerializer,
+    serializer: S,
     default_topic: Option<String>,
     broker: Arc<dyn crate::broker::Broker>,
 }
 
-impl Producer {
-    /// Serializes `value` and publishes it to `topic`, returning once the broker stored it.
-    pub async fn produce<T: Serialize + ?Sized>(
-        &self,
-        value: &T,
-        topic: &str,
-    ) -> Result<(), ClientError> {
+impl<S> Producer<S> {
+    /// Serializes `value` and publishes it to `topic` with the serializer's content type,
+    /// returning once the broker stored it.
+    pub async fn produce<T: ?Sized>(&self, value: &T, topic: &str) -> Result<(), ClientError>
+    where
+        S: Serializer<T>,
+    {
+        let Encoded {
+            payload,
+            content_type,
+        } = self.serializer.encode(value)?;
         let message = OutgoingMessage {
             topic: topic.to_string(),
-            payload: self.serializer.serialize(value)?,
-            content_type: Some(self.serializer.content_type().to_string()),
+            payload,
+            content_type: Some(content_type),
             ..OutgoingMessage::default()
         };
         self.send(message).await
     }
 
     /// Like [`Producer::produce`], to the configured `topic`.
-    pub async fn produce_default<T: Serialize + ?Sized>(
-        &self,
-        value: &T,
-    ) -> Result<(), ClientError> {
+    pub async fn produce_default<T: ?Sized>(&self, value: &T) -> Result<(), ClientError>
+    where
+        S: Serializer<T>,
+    {
         let topic = self.default_topic.clone().ok_or_else(|| {
             ClientError::Config("produce_default needs `topic` in the client configuration".into())
         })?;
@@ -348,21 +341,23 @@ impl Producer {
     }
 }
 
-/// Receives messages of one topic as a member of one group.
-pub struct Consumer {
+/// Receives messages of one topic as a member of one group; their values are read with its
+/// deserializer (the configured built-in one, or any [`Deserializer`] given to
+/// [`Client::consumer_with`]).
+pub struct Consumer<D = ValueSerializer> {
     subscriber: Arc<dyn Subscriber>,
-    serializer: ValueSerializer,
+    deserializer: Arc<D>,
     auto_ack: bool,
 }
 
-impl Consumer {
+impl<D> Consumer<D> {
     /// The next message; waits until one arrives.
-    pub async fn next(&self) -> Result<Received, ClientError> {
+    pub async fn next(&self) -> Result<Received<D>, ClientError> {
         let (message, settle) = self.subscriber.next().await?.into_parts();
         let mut received = Received {
             message,
             settle: Some(settle),
-            serializer: self.serializer,
+            deserializer: self.deserializer.clone(),
         };
         if self.auto_ack {
             received.settle(true)?;
@@ -371,7 +366,7 @@ impl Consumer {
     }
 
     /// The messages as a stream; ends when the consumer is closed.
-    pub fn consume(&self) -> impl Stream<Item = Result<Received, ClientError>> + '_ {
+    pub fn consume(&self) -> impl Stream<Item = Result<Received<D>, ClientError>> + '_ {
         futures::stream::unfold(self, |consumer| async move {
             match consumer.next().await {
                 Err(ClientError::Broker(error)) if error.kind() == ErrorKind::Closed => None,
@@ -389,13 +384,13 @@ impl Consumer {
 
 /// A received message, to acknowledge (or nack) once handled. Dropping it unsettled leaves it
 /// for redelivery.
-pub struct Received {
+pub struct Received<D = ValueSerializer> {
     message: IncomingMessage,
     settle: Option<Box<dyn Settle>>,
-    serializer: ValueSerializer,
+    deserializer: Arc<D>,
 }
 
-impl std::fmt::Debug for Received {
+impl<D> std::fmt::Debug for Received<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Received")
             .field("message", &self.message)
@@ -404,7 +399,7 @@ impl std::fmt::Debug for Received {
     }
 }
 
-impl Received {
+impl<D> Received<D> {
     /// The message as the broker delivered it.
     pub fn message(&self) -> &IncomingMessage {
         &self.message
@@ -420,14 +415,18 @@ impl Received {
         self.message.content_type.as_deref()
     }
 
-    /// The payload deserialized by its content type (the consumer's serializer when it has
-    /// none or an unknown one).
-    pub fn value<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
-        let serializer = self
-            .content_type()
-            .and_then(ValueSerializer::from_content_type)
-            .unwrap_or(self.serializer);
-        serializer.deserialize(self.payload())
+    /// The payload read by the consumer's deserializer, which goes by the content type.
+    pub fn value<T>(&self) -> Result<T, ClientError>
+    where
+        D: Deserializer<T>,
+    {
+        self.value_with(self.deserializer.as_ref())
+    }
+
+    /// The payload read by `deserializer`: for a topic that carries several formats, or a
+    /// message whose content type the consumer's deserializer does not read.
+    pub fn value_with<T>(&self, deserializer: &impl Deserializer<T>) -> Result<T, ClientError> {
+        Ok(deserializer.decode(self.payload(), self.content_type())?)
     }
 
     /// Acknowledges the message.
@@ -452,43 +451,103 @@ impl Received {
 mod tests {
     use super::*;
 
+    /// Writes `value` with `serializer` and reads it back with the same.
+    fn round_trip<W: ?Sized, R>(
+        serializer: &(impl Serializer<W> + Deserializer<R>),
+        value: &W,
+    ) -> (Encoded, R) {
+        let encoded = serializer.encode(value).unwrap();
+        let back = serializer
+            .decode(&encoded.payload, Some(&encoded.content_type))
+            .unwrap();
+        (encoded, back)
+    }
+
     #[test]
     fn serializers_record_their_content_type_and_round_trip() {
-        let json = ValueSerializer::Json
-            .serialize(&serde_json::json!({"a": [1, 2]}))
-            .unwrap();
-        let back: serde_json::Value = ValueSerializer::Json.deserialize(&json).unwrap();
+        let (json, back): (_, serde_json::Value) =
+            round_trip(&ValueSerializer::Json, &serde_json::json!({"a": [1, 2]}));
+        assert_eq!(json.content_type, "application/json");
         assert_eq!(back["a"][1], 2);
 
-        let text = ValueSerializer::Text.serialize("héllo").unwrap();
-        assert_eq!(text, "héllo".as_bytes());
-        let back: String = ValueSerializer::Text.deserialize(&text).unwrap();
+        let (text, back): (_, String) = round_trip(&ValueSerializer::Text, "héllo");
+        assert_eq!(text.payload, "héllo".as_bytes());
+        assert_eq!(text.content_type, "text/plain; charset=utf-8");
         assert_eq!(back, "héllo");
 
-        let bytes = ValueSerializer::Bytes
-            .serialize(&[0u8, 255, 7][..])
-            .unwrap();
-        assert_eq!(bytes, vec![0, 255, 7]);
-        let back: Vec<u8> = ValueSerializer::Bytes.deserialize(&bytes).unwrap();
+        let (bytes, back): (_, Vec<u8>) = round_trip(&ValueSerializer::Bytes, &[0u8, 255, 7][..]);
+        assert_eq!(bytes.payload, vec![0, 255, 7]);
         assert_eq!(back, vec![0, 255, 7]);
 
+        // The built-in formats as types of their own write the same.
         assert_eq!(
-            ValueSerializer::from_content_type("text/plain; charset=utf-8"),
-            Some(ValueSerializer::Text)
+            Json.encode(&serde_json::json!({"a": [1, 2]})).unwrap(),
+            json
         );
-        assert_eq!(ValueSerializer::from_content_type("image/png"), None);
+        assert_eq!(Text.encode("héllo").unwrap(), text);
+        assert_eq!(Bytes.encode(&[0u8, 255, 7][..]).unwrap(), bytes);
+    }
+
+    #[test]
+    fn the_configured_serializer_reads_by_content_type() {
+        // A JSON consumer reads text and +json payloads by their label, and unlabelled ones
+        // as JSON.
+        let text: String = ValueSerializer::Json
+            .decode(b"plain", Some("text/plain; charset=utf-8"))
+            .unwrap();
+        assert_eq!(text, "plain");
+        let event: serde_json::Value = ValueSerializer::Json
+            .decode(br#"{"id":1}"#, Some("application/cloudevents+json"))
+            .unwrap();
+        assert_eq!(event["id"], 1);
+        let unlabelled: i64 = ValueSerializer::Json.decode(b"42", None).unwrap();
+        assert_eq!(unlabelled, 42);
+
+        // A format it does not know is named, not misread; the bytes consumer reads anything.
+        let protobuf = "application/x-protobuf; messageType=shop.Order";
+        let error = Deserializer::<serde_json::Value>::decode(
+            &ValueSerializer::Json,
+            &[8, 1],
+            Some(protobuf),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, SerializerError::UnknownContentType { found, .. } if found == protobuf),
+            "{error}"
+        );
+        assert!(error.to_string().contains("value_with"), "{error}");
+        let raw: Vec<u8> = ValueSerializer::Bytes
+            .decode(&[8, 1], Some(protobuf))
+            .unwrap();
+        assert_eq!(raw, vec![8, 1]);
+        assert_eq!(
+            content_type_parameter(protobuf, "MESSAGETYPE"),
+            Some("shop.Order")
+        );
+        assert_eq!(
+            content_type_parameter("text/plain; charset=\"utf-8\"", "charset"),
+            Some("utf-8")
+        );
+        assert_eq!(content_type_parameter("text/plain", "charset"), None);
     }
 
     #[test]
     fn serializers_refuse_what_they_cannot_write() {
-        let err = ValueSerializer::Text.serialize(&42).unwrap_err();
+        let err = ValueSerializer::Text.encode(&42).unwrap_err();
         assert!(err.to_string().contains("takes strings"), "{err}");
-        let err = ValueSerializer::Bytes.serialize("text").unwrap_err();
+        let err = ValueSerializer::Bytes.encode("text").unwrap_err();
         assert!(err.to_string().contains("byte sequences"), "{err}");
-        let err = ValueSerializer::Json
-            .deserialize::<serde_json::Value>(b"{oops")
-            .unwrap_err();
-        assert!(err.to_string().contains("application/json"), "{err}");
+        let err = Deserializer::<serde_json::Value>::decode(
+            &ValueSerializer::Json,
+            b"{oops",
+            Some("application/json"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, SerializerError::Deserialize { .. })
+                && err.to_string().contains("application/json"),
+            "{err}"
+        );
     }
 
     #[test]
