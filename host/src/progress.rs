@@ -3,13 +3,20 @@
 //! [`PLAIN_INTERVAL`], so a log shows the run moving without a line per message and without
 //! the control characters a bar redraws with. Either way the rate and the ETA are indicatif's
 //! (a hidden bar still measures).
+//!
+//! Bars and log lines share standard error. Every bar belongs to one [`MultiProgress`], and
+//! the log writes through [`BarAwareStderr`], which hides the bars while it writes a line and
+//! draws them again below it: a warning during a run stays whole instead of landing on a bar's
+//! line, and several commands' bars under `switchyard run` stack instead of fighting.
+//! Components' standard error goes the same way, a line at a time ([`GuestStderr`]).
 
-use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use indicatif::{
-    HumanCount, HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle,
+    HumanCount, HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState,
+    ProgressStyle,
 };
 
 /// The shortest time between two plain progress lines.
@@ -36,11 +43,10 @@ impl Progress {
 
     /// Progress drawn as a bar (`terminal`) or as plain lines.
     pub fn drawn(what: &str, total: u64, terminal: bool) -> Self {
-        let target = match terminal {
-            true => ProgressDrawTarget::stderr_with_hz(BAR_REFRESH_HZ),
-            false => ProgressDrawTarget::hidden(),
+        let bar = match terminal {
+            true => bars().add(ProgressBar::new(total)),
+            false => ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden()),
         };
-        let bar = ProgressBar::with_draw_target(Some(total), target);
         let style = ProgressStyle::with_template(
             "{msg} [{wide_bar}] {human_pos}/{human_len} {rate} ETA {eta}",
         )
@@ -102,8 +108,160 @@ impl Progress {
                 HumanCount(self.bar.length().unwrap_or(0)),
                 took(self.bar.elapsed())
             ),
-            None => self.bar.finish_and_clear(),
+            None => {
+                self.bar.finish_and_clear();
+                bars().remove(&self.bar);
+            }
         }
+    }
+}
+
+/// The bars on the terminal, drawn together.
+fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(|| {
+        MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(BAR_REFRESH_HZ))
+    })
+}
+
+/// A component's standard error, on the host's: written a line at a time through
+/// [`BarAwareStderr`]. Why lines: Rust's `eprintln!` in a guest writes one line in several
+/// pieces (each a WASI write and flush), and a bar redrawn between two pieces would split it.
+/// What is left without a newline is written when the instance goes.
+#[derive(Debug, Clone, Default)]
+pub struct GuestStderr {
+    pending: Arc<PendingLine>,
+}
+
+/// The start of a line not yet ended, shared by the streams of one instance.
+#[derive(Debug, Default)]
+struct PendingLine(Mutex<Vec<u8>>);
+
+impl GuestStderr {
+    /// A component's standard error, for `WasiCtxBuilder::stderr`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn write_lines(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut pending = self.pending.0.lock().unwrap_or_else(|p| p.into_inner());
+        match whole_lines(&mut pending, bytes) {
+            Some(lines) => BarAwareStderr.write_all(&lines),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Adds `bytes` to `pending` and takes out the lines it now ends, if any.
+fn whole_lines(pending: &mut Vec<u8>, bytes: &[u8]) -> Option<Vec<u8>> {
+    pending.extend_from_slice(bytes);
+    let end = pending.iter().rposition(|&byte| byte == b'\n')?;
+    Some(pending.drain(..=end).collect())
+}
+
+impl Drop for PendingLine {
+    fn drop(&mut self) {
+        let rest = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !rest.is_empty() {
+            rest.push(b'\n');
+            let _ = BarAwareStderr.write_all(rest);
+        }
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for GuestStderr {
+    fn is_terminal(&self) -> bool {
+        std::io::IsTerminal::is_terminal(&std::io::stderr())
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for GuestStderr {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+fn stream_error(e: std::io::Error) -> wasmtime_wasi::p2::StreamError {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe => wasmtime_wasi::p2::StreamError::Closed,
+        _ => wasmtime_wasi::p2::StreamError::LastOperationFailed(e.into()),
+    }
+}
+
+impl wasmtime_wasi::p2::OutputStream for GuestStderr {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.write_lines(&bytes).map_err(stream_error)
+    }
+
+    /// Flushes the host's standard error, not the unfinished line: a guest flushes after
+    /// every piece of a line.
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        std::io::stderr().flush().map_err(stream_error)
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        // As wasmtime-wasi's own standard error: stderr writes do not wait.
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::Pollable for GuestStderr {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestStderr {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.write_lines(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(std::io::stderr().flush())
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Standard error for log lines (`tracing_subscriber::fmt().with_writer(BarAwareStderr::new)`):
+/// writes with the progress bars hidden, then draws them again below what it wrote.
+#[derive(Debug, Default)]
+pub struct BarAwareStderr;
+
+impl BarAwareStderr {
+    /// The writer (a function, as `with_writer` takes one).
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl Write for BarAwareStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bars().suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        // One log line in one piece, with the bars hidden once.
+        bars().suspend(|| std::io::stderr().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -120,6 +278,22 @@ fn took(elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_line_written_in_pieces_comes_out_whole() {
+        let mut pending = Vec::new();
+        assert_eq!(whole_lines(&mut pending, b"producer: sent "), None);
+        assert_eq!(whole_lines(&mut pending, b"3000"), None);
+        assert_eq!(
+            whole_lines(&mut pending, b" requests\nnext"),
+            Some(b"producer: sent 3000 requests\n".to_vec())
+        );
+        assert_eq!(
+            whole_lines(&mut pending, b" one\nand\n"),
+            Some(b"next one\nand\n".to_vec())
+        );
+        assert!(pending.is_empty());
+    }
 
     #[test]
     fn short_runs_take_tenths_of_a_second() {

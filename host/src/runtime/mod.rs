@@ -497,7 +497,7 @@ fn new_store(
     let config = &component.config;
     let mut wasi = WasiCtxBuilder::new();
     wasi.inherit_stdout()
-        .inherit_stderr()
+        .stderr(crate::progress::GuestStderr::new())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
