@@ -380,9 +380,7 @@ fn stdout_lines(output: &Output) -> Vec<String> {
 /// Runs `switchyard topics ARGS --broker BROKER`, expecting it to fail, and returns what it
 /// said.
 fn topics_fails(broker: &str, args: &[&str]) -> String {
-    let mut all = vec!["topics"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--broker", broker]);
+    let all = topics_args(broker, args);
     let output = run(&all, None);
     assert_eq!(
         output.status.code(),
@@ -393,10 +391,15 @@ fn topics_fails(broker: &str, args: &[&str]) -> String {
 }
 
 fn topics(broker: &str, args: &[&str]) -> Output {
+    switchyard(&topics_args(broker, args), None)
+}
+
+/// `topics ARGS --broker BROKER`.
+fn topics_args<'a>(broker: &'a str, args: &[&'a str]) -> Vec<&'a str> {
     let mut all = vec!["topics"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--broker", broker]);
-    switchyard(&all, None)
+    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,12 +100,11 @@ impl ValueSerializer {
 
     /// The built-in serializer that reads `content_type`, if one does.
     fn for_content_type(content_type: &str) -> Option<Self> {
-        let essence = essence(content_type);
-        if essence == Json::CONTENT_TYPE || essence.ends_with("+json") {
+        if Json::reads(content_type) {
             Some(Self::Json)
-        } else if essence.starts_with("text/") {
+        } else if Text::reads(content_type) {
             Some(Self::Text)
-        } else if essence == Bytes::CONTENT_TYPE {
+        } else if essence(content_type) == Bytes::CONTENT_TYPE {
             Some(Self::Bytes)
         } else {
             None

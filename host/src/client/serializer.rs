@@ -140,7 +140,8 @@ impl Json {
     /// What it writes.
     pub const CONTENT_TYPE: &'static str = "application/json";
 
-    fn reads(content_type: &str) -> bool {
+    /// Whether it reads payloads of `content_type`.
+    pub fn reads(content_type: &str) -> bool {
         let essence = essence(content_type);
         essence == Self::CONTENT_TYPE || essence.ends_with("+json")
     }
@@ -178,6 +179,11 @@ pub struct Text;
 impl Text {
     /// What it writes.
     pub const CONTENT_TYPE: &'static str = "text/plain; charset=utf-8";
+
+    /// Whether it reads payloads of `content_type`.
+    pub fn reads(content_type: &str) -> bool {
+        essence(content_type).starts_with("text/")
+    }
 }
 
 impl<T: Serialize + ?Sized> Serializer<T> for Text {
@@ -199,7 +205,7 @@ impl<T: Serialize + ?Sized> Serializer<T> for Text {
 impl<T: DeserializeOwned> Deserializer<T> for Text {
     fn decode(&self, payload: &[u8], content_type: Option<&str>) -> Result<T, SerializerError> {
         let content_type = content_type.unwrap_or(Self::CONTENT_TYPE);
-        if !essence(content_type).starts_with("text/") {
+        if !Self::reads(content_type) {
             return Err(SerializerError::unknown_content_type(
                 content_type,
                 "text/* types",
