@@ -4,7 +4,7 @@
 
 # The broker the three-terminal targets use: by default `just broker`'s, with the client
 # settings that suit it (`switchyard broker` prints them).
-broker_url := env_var_or_default("BROKER", "kafka://127.0.0.1:9092?fetch.wait.max.ms=1&session.timeout.ms=2000&heartbeat.interval.ms=500")
+broker_url := env_var_or_default("BROKER", "kafka://127.0.0.1:9092?fetch.wait.max.ms=1&heartbeat.interval.ms=500&session.timeout.ms=2000")
 target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
 export SWITCHYARD_COMPONENTS := target / "components/wasm32-wasip2/component"
 

@@ -18,10 +18,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{Case, Sample, median, run_once};
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::Kafka;
-use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::pubsub_emulator::PubSubEmulator;
+use switchyard_broker::kafka::EmbeddedKafka;
+use switchyard_broker::kafka::Kafka;
+use switchyard_broker::pubsub::PubSubEmulator;
+use switchyard_broker::pubsub::{PubSub, PubSubConfig};
 
 const PAYLOAD_BYTES: usize = 1024;
 

@@ -45,10 +45,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka};
 use switchyard::nn::{Encoding, NnEngine, NnHost, Tensor, TensorType};
 use switchyard::pipeline;
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::kafka::EmbeddedKafka;
+use switchyard_broker::kafka::{Kafka, KafkaConfig};
 
 /// The classifier's default `batch`, the bound the batched rows use.
 const BATCH: usize = 32;
@@ -563,14 +564,10 @@ impl Drop for Killed {
 /// `fetch.wait.max.ms`, 500 ms by default).
 fn on_standalone_broker(paths: &Paths, case_args: &[String]) -> anyhow::Result<Demo> {
     let broker = StandaloneBroker::start(paths)?;
-    let properties: Vec<String> = EMBEDDED_PROPERTIES
-        .iter()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
     let mut args = case_args.to_vec();
     args.extend([
         "--broker".to_string(),
-        format!("kafka://{}?{}", broker.bootstrap, properties.join("&")),
+        BrokerConfig::Kafka(KafkaConfig::for_embedded(&broker.bootstrap)).to_url(),
     ]);
     run_demo(paths, &args, None)
 }

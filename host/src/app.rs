@@ -15,11 +15,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use crate::broker::embedded::EmbeddedKafka;
-use crate::broker::kafka::Kafka;
-use crate::broker::pubsub::PubSub;
-use crate::broker::{Broker, BrokerError, Publisher, TopicSpec};
-use crate::config::{BrokerConfig, ComponentConfig, Manifest};
+use switchyard_broker::{BrokerConfig, ConnectedBroker, Publisher, TopicSpec};
+
+use crate::config::{ComponentConfig, Manifest};
 use crate::metrics::MetricsServer;
 use crate::results::{Results, ResultsConfig};
 use crate::runtime::engine::PoolSize;
@@ -27,35 +25,6 @@ use crate::runtime::{
     CommandOutcome, HandlerGroup, HandlerStats, LoadedComponent, Runtime, RuntimeError,
     RuntimeOptions,
 };
-
-/// A connected broker, and the embedded broker behind it if there is one (kept alive here).
-pub struct ConnectedBroker {
-    /// The broker.
-    pub broker: Arc<dyn Broker>,
-    /// The embedded broker, when the manifest asked for one.
-    pub embedded: Option<Arc<EmbeddedKafka>>,
-}
-
-/// Connects to the broker a manifest names, starting the embedded one if asked to.
-pub async fn connect(config: &BrokerConfig) -> Result<ConnectedBroker, BrokerError> {
-    match config {
-        BrokerConfig::Embedded(embedded) => {
-            let cluster = Arc::new(EmbeddedKafka::start(embedded.listen).await?);
-            Ok(ConnectedBroker {
-                broker: Arc::new(Kafka::embedded(cluster.clone())),
-                embedded: Some(cluster),
-            })
-        }
-        BrokerConfig::Kafka(kafka) => Ok(ConnectedBroker {
-            broker: Arc::new(Kafka::connect(kafka.clone()).await?),
-            embedded: None,
-        }),
-        BrokerConfig::Pubsub(pubsub) => Ok(ConnectedBroker {
-            broker: Arc::new(PubSub::connect(pubsub.clone()).await?),
-            embedded: None,
-        }),
-    }
-}
 
 /// Sizes the instance pool for a manifest: every worker, every command, and room to replace
 /// instances that trapped.
@@ -161,7 +130,7 @@ impl App {
         for (name, config) in &manifest.components {
             crate::runtime::check_before_compiling(name, config)?;
         }
-        let broker = connect(&manifest.broker).await?;
+        let broker = manifest.broker.connect().await?;
         broker.broker.ensure_topics(&topics(manifest)).await?;
         let needed = pool_size(manifest);
         options.pool = PoolSize {
@@ -270,7 +239,8 @@ impl App {
         let serving = self.metrics.as_ref().map(MetricsServer::asked_for);
         if manifest.metrics.map(|m| m.listen) != serving {
             tracing::warn!(
-                "the manifest's [metrics] changed; a running host keeps the endpoint it started                  with ({}): restart `switchyard run` to move it",
+                "the manifest's [metrics] changed; a running host keeps the endpoint it started \
+                 with ({}): restart `switchyard run` to move it",
                 self.metrics
                     .as_ref()
                     .map_or("none".to_string(), MetricsServer::url)

@@ -6,8 +6,9 @@
 //! every key; `components/pipeline.toml` is a complete manifest.
 //!
 //! ```toml
-//! [broker.kafka]                     # or [broker.embedded]; default: embedded
+//! [broker.kafka]                     # or [broker.pubsub], [broker.embedded] (the default)
 //! bootstrap_servers = "127.0.0.1:9092"
+//! properties = { "compression.type" = "zstd" }
 //!
 //! [[topics]]
 //! name = "requests"
@@ -18,7 +19,9 @@
 //! subscribe = ["requests"]           # a handler; without `subscribe`, a command run once
 //! publish = ["predictions"]
 //! workers = 2
-//! args = ["--model", "/models/lenet.onnx"]
+//! batch = 32                         # requests already waiting go to one call
+//! args = ["--model", "/models/lenet.onnx", "--predictions-topic", "predictions"]
+//! nn = "auto"                        # run the model on the host through wasi:nn
 //! preopens = [{ host = "../models", guest = "/models" }]
 //! limits = { max_memory_mb = 256, max_call_ms = 10000, max_sends_per_call = 10 }
 //! ```
@@ -28,10 +31,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::broker::StartPosition;
-use crate::broker::kafka::KafkaConfig;
-use crate::broker::pubsub::PubSubConfig;
 use crate::results::ResultsConfig;
+use switchyard_broker::{BrokerConfig, StartPosition, check_topic_name};
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -95,87 +96,6 @@ pub struct Manifest {
 pub struct MetricsConfig {
     /// `IP:PORT` to serve `GET /metrics` on; port 0 takes a free one (the log says which).
     pub listen: std::net::SocketAddr,
-}
-
-/// Which broker to use.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub enum BrokerConfig {
-    /// A Kafka-protocol broker inside this process (librdkafka's mock cluster).
-    Embedded(EmbeddedConfig),
-    /// A Kafka cluster.
-    Kafka(KafkaConfig),
-    /// A Google Cloud Pub/Sub project (or the emulator).
-    Pubsub(PubSubConfig),
-}
-
-impl Default for BrokerConfig {
-    fn default() -> Self {
-        Self::Embedded(EmbeddedConfig::default())
-    }
-}
-
-impl BrokerConfig {
-    /// Parses a broker URL: `embedded`, or `kafka://host:port[,host:port...][?key=value&...]`
-    /// where each `key=value` is a librdkafka property.
-    pub fn from_url(url: &str) -> Result<Self, String> {
-        if url == "embedded" {
-            return Ok(Self::default());
-        }
-        if let Some(rest) = url.strip_prefix("kafka://") {
-            let (servers, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let servers = servers.trim_end_matches('/');
-            if servers.is_empty() {
-                return Err(
-                    "kafka:// needs at least one host:port, e.g. kafka://127.0.0.1:9092".into(),
-                );
-            }
-            let mut config = KafkaConfig::new(servers);
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
-                let Some((key, value)) = pair.split_once('=') else {
-                    return Err(format!(
-                        "broker URL parameter {pair:?} needs a value: kafka://HOST:PORT?key=value"
-                    ));
-                };
-                config.properties.insert(key.to_string(), value.to_string());
-            }
-            return Ok(Self::Kafka(config));
-        }
-        if let Some(rest) = url.strip_prefix("pubsub://") {
-            let (project, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let project = project.trim_end_matches('/');
-            if project.is_empty() {
-                return Err("pubsub:// needs a project, e.g. pubsub://my-project".into());
-            }
-            let mut config = PubSubConfig::new(project);
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
-                match pair.split_once('=') {
-                    Some(("endpoint", value)) => config.endpoint = Some(value.to_string()),
-                    Some(("anonymous", value)) => config.anonymous = value == "true",
-                    Some(("create_resources", value)) => config.create_resources = value == "true",
-                    _ => {
-                        return Err(format!(
-                            "unknown pubsub:// parameter {pair:?}: it takes endpoint=URL, \
-                             anonymous=true|false and create_resources=true|false"
-                        ));
-                    }
-                }
-            }
-            return Ok(Self::Pubsub(config));
-        }
-        Err(format!(
-            "unknown broker {url:?}: use `embedded`, kafka://HOST:PORT[,HOST:PORT...][?property=value&...] \
-             or pubsub://PROJECT[?endpoint=URL]"
-        ))
-    }
-}
-
-/// Settings of the embedded broker.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddedConfig {
-    /// Also listen on this address (such as `127.0.0.1:9092`) for other processes and `kcat`.
-    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// A topic to create.
@@ -547,7 +467,7 @@ impl Manifest {
             ));
         }
         for topic in &self.topics {
-            check_topic_name(&topic.name).map_err(|m| invalid("-", m))?;
+            check_topic_name(&topic.name).map_err(|e| invalid("-", e.to_string()))?;
             if topic.partitions < 1 {
                 return Err(invalid(
                     "-",
@@ -566,7 +486,7 @@ impl Manifest {
                 ));
             }
             for topic in component.subscribe.iter().chain(&component.publish) {
-                check_topic_name(topic).map_err(|m| invalid(name, m))?;
+                check_topic_name(topic).map_err(|e| invalid(name, e.to_string()))?;
             }
             for table in &component.results {
                 if crate::results::table(table).is_none() {
@@ -692,11 +612,6 @@ pub fn expand_env(text: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Checks a topic name against Kafka's rules (Pub/Sub's are checked by its backend).
-pub fn check_topic_name(name: &str) -> Result<(), String> {
-    crate::broker::kafka::check_topic_name(name).map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,7 +628,7 @@ mod tests {
     #[test]
     fn minimal_manifest_uses_defaults() {
         let m = parse(MINIMAL).unwrap();
-        assert_eq!(m.broker, BrokerConfig::Embedded(EmbeddedConfig::default()));
+        assert_eq!(m.broker, BrokerConfig::default());
         let c = &m.components["c"];
         assert!(!c.is_handler());
         assert_eq!(c.workers, 1);
@@ -898,37 +813,6 @@ mod tests {
         assert!(
             err.contains("sasl.password") && err.contains("SWITCHYARD_UNSET_VAR"),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            BrokerConfig::from_url("embedded").unwrap(),
-            BrokerConfig::default()
-        );
-        assert_eq!(
-            BrokerConfig::from_url("kafka://h:1,g:2").unwrap(),
-            BrokerConfig::Kafka(KafkaConfig::new("h:1,g:2"))
-        );
-        assert!(BrokerConfig::from_url("kafka://").is_err());
-        let BrokerConfig::Kafka(with_properties) =
-            BrokerConfig::from_url("kafka://h:1?session.timeout.ms=3000&acks=all").unwrap()
-        else {
-            panic!("not kafka")
-        };
-        assert_eq!(with_properties.bootstrap_servers, "h:1");
-        assert_eq!(with_properties.properties["session.timeout.ms"], "3000");
-        assert_eq!(with_properties.properties["acks"], "all");
-        assert!(
-            BrokerConfig::from_url("kafka://h:1?acks")
-                .unwrap_err()
-                .contains("needs a value")
-        );
-        assert!(
-            BrokerConfig::from_url("amqp://x")
-                .unwrap_err()
-                .contains("kafka://")
         );
     }
 }

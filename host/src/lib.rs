@@ -4,12 +4,13 @@
 //! The host owns every broker connection; a component sees only the WIT interface and what its
 //! manifest entry grants. The pieces:
 //!
-//! - [`broker`]: the unified broker API and its backends (Kafka on rdkafka, the embedded
-//!   Kafka-protocol broker, and Pub/Sub on Google's SDK); the runtime depends on this layer
-//!   alone;
+//! - `switchyard-broker` (its own crate): the unified broker API and its backends (Kafka on
+//!   rdkafka, the embedded Kafka-protocol broker, and Pub/Sub on Google's SDK), the one layer
+//!   the runtime reaches brokers through;
 //! - [`runtime`]: the wasmtime engine, the compiled-component cache, the instance pool, the
 //!   `wasi:messaging` host implementation and the handler workers;
-//! - [`client`]: producers and consumers for Rust programs, on any backend;
+//! - `switchyard-client` (its own crate): producers and consumers for Rust programs, on any
+//!   backend; the CLI's `publish`, `consume` and `replay` use it;
 //! - [`config`]: the TOML manifest;
 //! - [`nn`]: inference on the host, the engines behind `wasi:nn`;
 //! - [`build`]: building components from source for `wasm32-wasip2` (adding the target when
@@ -21,22 +22,18 @@
 //! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
 //! - [`results`]: the results store (SQLite or PostgreSQL) components write rows into;
 //! - [`report`]: a run's results as a terminal summary and an HTML page with plots;
-//! - [`pipeline`]: the Fashion-MNIST demo built on the above;
-//! - [`pubsub_emulator`]: starting Google's Pub/Sub emulator, for the demo and the tests.
+//! - [`pipeline`]: the Fashion-MNIST demo built on the above.
 #![deny(missing_docs)]
 
 pub mod admin;
 pub mod app;
-pub mod broker;
 pub mod build;
-pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod nn;
 pub mod pipeline;
 pub mod private_dir;
 pub mod progress;
-pub mod pubsub_emulator;
 pub mod report;
 pub mod results;
 pub mod runtime;

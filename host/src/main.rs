@@ -10,18 +10,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use switchyard::admin::{self, AdminSocket};
-use switchyard::app::{self, App};
-use switchyard::broker::TopicSpec;
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::config::{
-    BrokerConfig, ComponentConfig, EmbeddedConfig, Limits, Manifest, MetricsConfig, Preopen,
-};
+use switchyard::app::App;
+use switchyard::config::{ComponentConfig, Limits, Manifest, MetricsConfig, Preopen};
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
-use switchyard::pubsub_emulator::PubSubEmulator;
 use switchyard::report::{RunReport, default_reports_dir};
 use switchyard::results::{Results, ResultsConfig};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard_broker::kafka::EmbeddedKafka;
+use switchyard_broker::pubsub::PubSubEmulator;
+use switchyard_broker::{BrokerConfig, EmbeddedConfig, TopicSpec};
 
 #[derive(Parser)]
 #[command(
@@ -355,7 +353,7 @@ fn runtime_options(cache_dir: Option<PathBuf>) -> RuntimeOptions {
 }
 
 fn broker_config(url: &str) -> anyhow::Result<BrokerConfig> {
-    BrokerConfig::from_url(url).map_err(anyhow::Error::msg)
+    Ok(BrokerConfig::from_url(url)?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -990,7 +988,7 @@ async fn run_broker(listen: SocketAddr, topics: &[String]) -> anyhow::Result<Exi
             ),
             None => (topic.as_str(), 8),
         };
-        switchyard::config::check_topic_name(name).map_err(anyhow::Error::msg)?;
+        switchyard_broker::check_topic_name(name)?;
         broker.create_topic(&TopicSpec {
             name: name.to_string(),
             partitions,
@@ -1033,7 +1031,7 @@ async fn exec(
         BrokerConfig::Embedded(_) => BrokerConfig::Embedded(EmbeddedConfig::default()),
         other => other,
     };
-    let connected = app::connect(&broker).await?;
+    let connected = broker.connect().await?;
     let runtime = Runtime::new(connected.broker.clone(), options).await?;
     let component = runtime.load(&name, &config)?;
     let outcome = runtime.run_command(&component).await?;

@@ -9,20 +9,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine;
 use serde_json::json;
-use switchyard::broker::dead_letter;
-use switchyard::broker::kafka::EMBEDDED_PROPERTIES;
-use switchyard::broker::{IncomingMessage, OutgoingMessage, StartPosition};
-use switchyard::client::{Client, ClientConfig, Received, ValueSerializer};
-use switchyard::config::BrokerConfig;
+use switchyard_broker::dead_letter;
+use switchyard_broker::kafka::KafkaConfig;
+use switchyard_broker::{BrokerConfig, IncomingMessage, OutgoingMessage, StartPosition};
+use switchyard_client::{Client, ClientConfig, Received, ValueSerializer};
 
 /// The URL for clients of a `switchyard broker` at `servers`, with the client settings that
 /// suit the embedded broker.
 pub fn embedded_broker_url(servers: &str) -> String {
-    let properties: Vec<String> = EMBEDDED_PROPERTIES
-        .iter()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
-    format!("kafka://{servers}?{}", properties.join("&"))
+    BrokerConfig::Kafka(KafkaConfig::for_embedded(servers)).to_url()
 }
 
 /// The broker `switchyard broker` runs by default.
@@ -34,7 +29,7 @@ fn local_broker_url() -> String {
 /// default; refuses `embedded`, which no other process can reach.
 pub fn broker(url: Option<String>) -> anyhow::Result<BrokerConfig> {
     let url = url.unwrap_or_else(local_broker_url);
-    let config = BrokerConfig::from_url(&url).map_err(anyhow::Error::msg)?;
+    let config = BrokerConfig::from_url(&url)?;
     if matches!(config, BrokerConfig::Embedded(_)) {
         bail!(
             "`embedded` lives inside one process, so other commands cannot share it: run \

@@ -24,7 +24,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::broker::PartitionLag;
+use switchyard_broker::PartitionLag;
 
 /// Why the metrics could not be set up or served.
 #[derive(Debug, thiserror::Error)]

@@ -18,9 +18,11 @@ use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
 use serde::Serialize;
 
 use crate::app::App;
-use crate::broker::window::PublishWindow;
 use crate::build::{BuildError, ComponentBuild};
-use crate::config::{BrokerConfig, ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::window::PublishWindow;
+
+use crate::config::{ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::nn::NnEngine;
 use crate::progress::Progress;
 use crate::results::{Results, ResultsConfig};

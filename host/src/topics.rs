@@ -2,11 +2,11 @@
 //! (like `kafka-topics.sh` and `gcloud pubsub topics`), through the [`Broker`] trait, so what a
 //! backend can and cannot do is said in one place: the backend.
 //!
-//! [`Broker`]: switchyard::broker::Broker
+//! [`Broker`]: switchyard_broker::Broker
 
 use anyhow::bail;
-use switchyard::app;
-use switchyard::broker::{BrokerError, TopicSpec};
+use switchyard_broker::ConnectedBroker;
+use switchyard_broker::{BrokerError, TopicSpec};
 
 use crate::messages;
 
@@ -163,7 +163,7 @@ impl Change {
     }
 }
 
-async fn connect(broker: BrokerArg) -> anyhow::Result<app::ConnectedBroker> {
+async fn connect(broker: BrokerArg) -> anyhow::Result<ConnectedBroker> {
     let config = messages::broker(broker.broker)?;
-    Ok(app::connect(&config).await?)
+    Ok(config.connect().await?)
 }

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
-use switchyard::broker::embedded::ApiKey;
-use switchyard::broker::{Broker, ErrorKind, OutgoingMessage};
 use switchyard::config::{ComponentConfig, RetryPolicy};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard_broker::kafka::embedded::ApiKey;
+use switchyard_broker::{Broker, ErrorKind, OutgoingMessage};
 
 const MESSAGES: usize = 300;
 /// How long the broker stays down.

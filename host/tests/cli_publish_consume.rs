@@ -17,9 +17,10 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::EMBEDDED_PROPERTIES;
-use switchyard::pubsub_emulator::PubSubEmulator;
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::kafka::EmbeddedKafka;
+use switchyard_broker::kafka::KafkaConfig;
+use switchyard_broker::pubsub::PubSubEmulator;
 
 fn switchyard(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let output = run(args, stdin);
@@ -334,15 +335,7 @@ async fn publish_and_consume_on_kafka() {
     let broker = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
         .await
         .unwrap();
-    let properties: Vec<String> = EMBEDDED_PROPERTIES
-        .iter()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
-    let url = format!(
-        "kafka://{}?{}",
-        broker.bootstrap_servers(),
-        properties.join("&")
-    );
+    let url = BrokerConfig::Kafka(KafkaConfig::for_embedded(broker.bootstrap_servers())).to_url();
     tokio::task::spawn_blocking(move || round_trip(&url))
         .await
         .unwrap();
@@ -457,7 +450,7 @@ async fn topics_on_the_embedded_broker() {
     // What `switchyard broker --topic requests:6` does.
     let requests = support::unique("requests");
     embedded
-        .create_topic(&switchyard::broker::TopicSpec {
+        .create_topic(&switchyard_broker::TopicSpec {
             name: requests.clone(),
             partitions: 6,
         })

@@ -13,8 +13,8 @@ mod support;
 use std::sync::Arc;
 
 use support::hosts::{Host, WAIT};
-use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka, KafkaConfig};
-use switchyard::broker::{Broker, OutgoingMessage};
+use switchyard_broker::kafka::{Kafka, KafkaConfig};
+use switchyard_broker::{Broker, OutgoingMessage};
 
 /// Starts `switchyard run` on a manifest (in `dir`) with the test handler on `work`, its
 /// embedded broker listening on a free port; returns the process once it says it is running,
@@ -53,11 +53,11 @@ async fn broker_address(host: &mut Host) -> String {
 }
 
 async fn client(address: &str) -> Arc<dyn Broker> {
-    let mut config = KafkaConfig::new(address);
-    for (key, value) in EMBEDDED_PROPERTIES {
-        config.properties.insert(key.to_string(), value.to_string());
-    }
-    Arc::new(Kafka::connect(config).await.unwrap())
+    Arc::new(
+        Kafka::connect(KafkaConfig::for_embedded(address))
+            .await
+            .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

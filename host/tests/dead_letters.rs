@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard::broker::dead_letter as dlq;
-use switchyard::broker::{
+use switchyard::config::{ComponentConfig, DeadLetter, RetryPolicy};
+use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard_broker::dead_letter as dlq;
+use switchyard_broker::{
     Broker, BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, Subscriber, SubscriptionSpec,
     TopicSpec,
 };
-use switchyard::config::{ComponentConfig, DeadLetter, RetryPolicy};
-use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::broker::dead_letter as dlq;
-use switchyard::broker::{Broker, OutgoingMessage};
 use switchyard::config::{ComponentConfig, Limits, RetryPolicy};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard_broker::dead_letter as dlq;
+use switchyard_broker::{Broker, OutgoingMessage};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -25,9 +25,10 @@ use pipeline_core::IMAGE_BYTES;
 use pipeline_core::wire::{GRAY8_CONTENT_TYPE, REQUEST_ID};
 use support::hosts::{self, Host, Pipeline};
 use switchyard::app::{Action, App, DeployError};
-use switchyard::broker::OutgoingMessage;
-use switchyard::config::{BrokerConfig, ComponentConfig, Limits, Manifest};
+use switchyard::config::{ComponentConfig, Limits, Manifest};
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::OutgoingMessage;
 
 const MESSAGES: usize = 400;
 

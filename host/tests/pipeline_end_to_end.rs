@@ -21,16 +21,16 @@ use classifier::model::Lenet;
 use pipeline_core::IMAGE_BYTES;
 use pipeline_core::idx::IdxArray;
 use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM, Prediction, softmax};
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::{Kafka, KafkaConfig};
-use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
-use switchyard::config::BrokerConfig;
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
-use switchyard::pubsub_emulator::PubSubEmulator;
 use switchyard::results::ResultsConfig;
 use switchyard::runtime::RuntimeOptions;
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::kafka::EmbeddedKafka;
+use switchyard_broker::kafka::{Kafka, KafkaConfig};
+use switchyard_broker::pubsub::PubSubEmulator;
+use switchyard_broker::pubsub::{PubSub, PubSubConfig};
+use switchyard_broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
 
 const IMAGES: usize = 1_000;
 

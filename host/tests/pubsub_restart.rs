@@ -13,11 +13,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::{Broker, OutgoingMessage, Subscriber};
 use switchyard::config::{ComponentConfig, RetryPolicy};
-use switchyard::pubsub_emulator::PubSubEmulator;
 use switchyard::runtime::{Runtime, RuntimeOptions};
+use switchyard_broker::pubsub::PubSubEmulator;
+use switchyard_broker::pubsub::{PubSub, PubSubConfig};
+use switchyard_broker::{Broker, OutgoingMessage, Subscriber};
 
 /// Messages forwarded before the emulator dies, and after it is back.
 const EACH_SIDE: usize = 20;

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use pipeline_core::wire::{Prediction, Timings};
 use switchyard::app::App;
-use switchyard::broker::OutgoingMessage;
-use switchyard::config::{BrokerConfig, ComponentConfig, Manifest, TopicConfig};
+use switchyard::config::{ComponentConfig, Manifest, TopicConfig};
 use switchyard::results::{PREDICTIONS, PredictionRecord, Results, ResultsConfig, ResultsError};
 use switchyard::runtime::RuntimeOptions;
 use switchyard::runtime::host::SENT_BY_HEADER;
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::OutgoingMessage;
 
 /// The local PostgreSQL the tests write into.
 fn postgres_url() -> String {

@@ -22,12 +22,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
 use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
 use switchyard::nn::NnEngine;
 use switchyard::runtime::engine::{CacheOutcome, PoolSize};
 use switchyard::runtime::host::SENT_BY_HEADER;
 use switchyard::runtime::{HandlerStats, Runtime, RuntimeError, RuntimeOptions};
+use switchyard_broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
 
 fn config(name: &str) -> ComponentConfig {
     ComponentConfig::new(support::component(name))
@@ -549,7 +549,7 @@ fn test_handler(input: &str, output: &str, limits: Limits, retry: RetryPolicy) -
     }
 }
 
-async fn next_payload(subscriber: &dyn switchyard::broker::Subscriber) -> String {
+async fn next_payload(subscriber: &dyn switchyard_broker::Subscriber) -> String {
     let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
         .await
         .expect("a message within 30 s")

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use switchyard::app::{App, ConnectedBroker};
-use switchyard::broker::{
-    Broker, BrokerError, Delivery, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
-};
+use switchyard::app::App;
 use switchyard::config::ComponentConfig;
 use switchyard::runtime::{Runtime, RuntimeError, RuntimeOptions};
+use switchyard_broker::ConnectedBroker;
+use switchyard_broker::{
+    Broker, BrokerError, Delivery, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
+};
 
 /// The real broker, except that members of `failing_group` cannot leave it.
 struct FailsToLeave {
@@ -129,7 +130,7 @@ async fn a_handler_that_fails_to_stop_does_not_keep_the_others_running() {
         runtime: Arc::new(runtime),
         handlers,
         commands: Vec::new(),
-        broker_config: switchyard::config::BrokerConfig::default(),
+        broker_config: switchyard_broker::BrokerConfig::default(),
         results_config: None,
         metrics: None,
         running: Default::default(),

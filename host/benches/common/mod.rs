@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard::broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
+use switchyard_broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
 
 /// Partitions of every topic a benchmark creates (the demo's topics have as many).
 pub const PARTITIONS: i32 = 8;

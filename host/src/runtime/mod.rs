@@ -26,7 +26,6 @@ use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker};
 use wasmtime::{Engine, Store, StoreLimitsBuilder};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
-use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::ComponentConfig;
 use crate::metrics::{ComponentMetrics, Metrics};
 use crate::nn::NnHost;
@@ -37,6 +36,7 @@ use host::bindings::exports::wasi::messaging::incoming_handler::GuestIndices as 
 use host::{ComponentState, MessageLimits, MessagingCtx, ReceiptSink};
 use nn::NnCtx;
 use results::ResultsCtx;
+use switchyard_broker::{Broker, BrokerError, Publisher};
 
 pub use worker::{HandlerGroup, HandlerStats};
 
@@ -397,7 +397,7 @@ impl Runtime {
     }
 
     /// [`Runtime::run_command`], sending through `publisher` (a
-    /// [`crate::broker::window::PublishWindow`] around [`Runtime::publisher`], say).
+    /// [`switchyard_broker::window::PublishWindow`] around [`Runtime::publisher`], say).
     pub async fn run_command_through(
         &self,
         component: &LoadedComponent,
@@ -407,7 +407,7 @@ impl Runtime {
         let counter = tokio::spawn(async move {
             let (mut delivered, mut failed, mut first_error) = (0u64, 0u64, None);
             while let Some(receipt) = receiver.recv().await {
-                match crate::broker::DeliveryReceipt::wait(receipt).await {
+                match switchyard_broker::DeliveryReceipt::wait(receipt).await {
                     Ok(()) => delivered += 1,
                     Err(e) => {
                         failed += 1;

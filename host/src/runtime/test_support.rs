@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use wasmtime::component::{HasSelf, Linker, Resource};
 
 use super::host::{ComponentState, HostMessage};
-use crate::broker::{
+use switchyard_broker::{
     Broker, BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, Subscriber, SubscriptionSpec,
     TopicSpec,
 };

@@ -12,7 +12,7 @@
 //! message that keeps failing across restarts still runs out of attempts.
 //!
 //! After the last attempt the message goes to its dead-letter topic (`<topic>.dlq` unless the
-//! manifest names another, see [`crate::broker::dead_letter`] for what it carries), and only
+//! manifest names another, see [`switchyard_broker::dead_letter`] for what it carries), and only
 //! once the broker has stored the dead letter is the original acknowledged: a dead letter that
 //! cannot be written leaves the original unsettled, and writing it is tried again with a
 //! backoff until it succeeds or the handler stops (then the next member gets the original).
@@ -49,12 +49,12 @@ use super::host::bindings::exports::wasi::messaging::incoming_handler::Guest as 
 use super::host::bindings::wasi::messaging::types::Error as WitError;
 use super::host::{ComponentState, ReceiptSink};
 use super::{LoadedComponent, Runtime, RuntimeError, new_store, within_deadline};
-use crate::broker::dead_letter::{self, Reason};
-use crate::broker::{
+use crate::metrics::{ComponentMetrics, FailureKind};
+use switchyard_broker::dead_letter::{self, Reason};
+use switchyard_broker::{
     Delivery, DeliveryReceipt, ErrorKind, PartitionLag, Publisher, Subscriber, SubscriptionSpec,
     TopicSpec,
 };
-use crate::metrics::{ComponentMetrics, FailureKind};
 
 /// Counters of one handler component, updated as it works. Each count also goes to the
 /// runtime's [`Metrics`](crate::metrics::Metrics), by topic where it has one, so what
@@ -170,7 +170,7 @@ impl HandlerGroup {
     }
 
     /// Waits until its subscription is receiving (see
-    /// [`Subscriber::joined`](crate::broker::Subscriber::joined)).
+    /// [`Subscriber::joined`](switchyard_broker::Subscriber::joined)).
     pub async fn joined(&self) -> Result<(), RuntimeError> {
         Ok(self.subscriber.joined().await?)
     }

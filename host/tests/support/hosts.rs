@@ -10,9 +10,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::{EMBEDDED_PROPERTIES, Kafka};
-use switchyard::broker::{Broker, TopicSpec};
+use switchyard_broker::BrokerConfig;
+use switchyard_broker::kafka::EmbeddedKafka;
+use switchyard_broker::kafka::{Kafka, KafkaConfig};
+use switchyard_broker::{Broker, TopicSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -36,13 +37,7 @@ pub async fn kafka() -> StandaloneBroker {
             .await
             .expect("embedded broker"),
     );
-    let url = format!(
-        "kafka://{}?{}",
-        cluster.bootstrap_servers(),
-        EMBEDDED_PROPERTIES
-            .map(|(key, value)| format!("{key}={value}"))
-            .join("&")
-    );
+    let url = BrokerConfig::Kafka(KafkaConfig::for_embedded(cluster.bootstrap_servers())).to_url();
     StandaloneBroker {
         client: Arc::new(Kafka::embedded(cluster)),
         url,
@@ -52,11 +47,7 @@ pub async fn kafka() -> StandaloneBroker {
 /// Google's Pub/Sub emulator (see [`super::emulator_endpoint`]).
 pub async fn pubsub() -> StandaloneBroker {
     let config = super::pubsub_config().await;
-    let url = format!(
-        "pubsub://{}?endpoint={}&anonymous=true",
-        config.project,
-        config.endpoint.clone().unwrap()
-    );
+    let url = BrokerConfig::Pubsub(config.clone()).to_url();
     StandaloneBroker {
         client: super::pubsub().await,
         url,

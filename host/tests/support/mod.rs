@@ -1,65 +1,16 @@
-//! Helpers shared by the integration tests: the embedded broker, Google's Pub/Sub emulator
-//! started once per test binary, the components built once, and waiting for a condition with
-//! a deadline instead of sleeping.
+//! Helpers shared by the host's integration tests: the components built once, and what the
+//! host's tests need beside the brokers and names of `switchyard-testing` (re-exported here).
 
 #![allow(dead_code)]
 
 pub mod hosts;
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
 
-use switchyard::broker::embedded::EmbeddedKafka;
-use switchyard::broker::kafka::Kafka;
-use switchyard::broker::pubsub::{PubSub, PubSubConfig};
-use switchyard::broker::{
-    Broker, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
-};
 use switchyard::build::ComponentBuild;
 use switchyard::config::{ComponentConfig, Preopen, RetryPolicy};
-use switchyard::pubsub_emulator::PubSubEmulator;
-
-/// An embedded broker and the Kafka backend on it.
-pub async fn embedded() -> (Arc<EmbeddedKafka>, Arc<dyn Broker>) {
-    let cluster = Arc::new(EmbeddedKafka::start(None).await.expect("embedded broker"));
-    let broker: Arc<dyn Broker> = Arc::new(Kafka::embedded(cluster.clone()));
-    (cluster, broker)
-}
-
-/// The endpoint of Google's Pub/Sub emulator: the one `PUBSUB_EMULATOR_HOST` names, else one
-/// this test binary starts (on a free port, with a capped heap) and that dies with it. It
-/// blocks while the emulator starts: call it through `spawn_blocking` from async code.
-pub fn emulator_endpoint() -> String {
-    if let Ok(host) = std::env::var("PUBSUB_EMULATOR_HOST") {
-        return format!("http://{host}");
-    }
-    static EMULATOR: OnceLock<PubSubEmulator> = OnceLock::new();
-    EMULATOR
-        .get_or_init(|| PubSubEmulator::start(None).expect("starting the Pub/Sub emulator"))
-        .endpoint()
-}
-
-/// Settings for the test project on the emulator.
-pub async fn pubsub_config() -> PubSubConfig {
-    let mut config = PubSubConfig::new("switchyard-test");
-    config.endpoint = Some(
-        tokio::task::spawn_blocking(emulator_endpoint)
-            .await
-            .expect("starting the Pub/Sub emulator"),
-    );
-    config.anonymous = true;
-    config
-}
-
-/// The Pub/Sub backend on the emulator.
-pub async fn pubsub() -> Arc<dyn Broker> {
-    Arc::new(
-        PubSub::connect(pubsub_config().await)
-            .await
-            .expect("connecting to the Pub/Sub emulator"),
-    )
-}
+pub use switchyard_testing::*;
 
 /// The directory with producer.wasm, classifier.wasm and consumer.wasm, built once per test
 /// binary (cargo makes later builds no-ops).
@@ -99,7 +50,7 @@ pub fn test_handler() -> PathBuf {
 
 /// The build that sent `message`, as its `switchyard-sent-by` header names it
 /// (`NAME@sha256:…`); panics if it has none, since the host stamps every component's send.
-pub fn sent_by(message: &switchyard::broker::IncomingMessage) -> String {
+pub fn sent_by(message: &switchyard_broker::IncomingMessage) -> String {
     message
         .headers
         .iter()
@@ -138,97 +89,6 @@ pub fn models() -> PathBuf {
     switchyard::pipeline::models_dir()
 }
 
-/// Creates `names` with one partition each (one partition keeps a test's messages in order).
-pub async fn create_topics(broker: &dyn Broker, names: &[&str]) {
-    let specs: Vec<TopicSpec> = names
-        .iter()
-        .map(|name| TopicSpec {
-            name: name.to_string(),
-            partitions: 1,
-        })
-        .collect();
-    broker.ensure_topics(&specs).await.expect("creating topics");
-}
-
-/// Publishes `message` and waits until the broker stored it.
-pub async fn publish(broker: &dyn Broker, message: OutgoingMessage) {
-    broker
-        .publisher()
-        .await
-        .expect("a publisher")
-        .publish(message)
-        .await
-        .expect("publishing")
-        .wait()
-        .await
-        .expect("the broker stores the message");
-}
-
-/// A member of `group` reading `topic` from its start.
-pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Subscriber> {
-    broker
-        .subscribe(&SubscriptionSpec {
-            group: group.into(),
-            topics: vec![topic.into()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .expect("subscribing")
-}
-
-/// Waits until `condition` holds, failing the test after `limit`.
-pub async fn wait_until(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A unique name, so tests sharing a broker never share topics or groups.
-pub fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Everything the host logs from now on (as `RUST_LOG` says; by default switchyard's and
-/// rdkafka's lines at `info`),
-/// as text a test can wait on; also echoed to standard error. Once per test binary.
-pub fn capture_logs() -> tokio::sync::watch::Receiver<String> {
-    #[derive(Clone)]
-    struct Log(Arc<tokio::sync::watch::Sender<String>>);
-    impl std::io::Write for Log {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            let text = String::from_utf8_lossy(bytes);
-            eprint!("{text}");
-            self.0.send_modify(|log| log.push_str(&text));
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let (sender, receiver) = tokio::sync::watch::channel(String::new());
-    let log = Log(Arc::new(sender));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "switchyard=info,rdkafka=info".into()),
-        )
-        .with_ansi(false)
-        .with_writer(move || log.clone())
-        .init();
-    receiver
-}
-
 /// A file of the workspace, as text.
 pub fn workspace_file(relative: &str) -> String {
     let path: PathBuf = switchyard::pipeline::workspace_root().join(relative);
@@ -252,15 +112,6 @@ pub fn justfile_recipe(justfile: &str, header: &str) -> String {
         "recipe `{header}` should be one command"
     );
     command
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `PATH` with the directory of the `switchyard` under test first, as a user who installed it

@@ -1,0 +1,404 @@
+//! Receiving from Kafka as a member of a consumer group, with the offset of a message stored
+//! for commit only once it and every earlier message of its partition are acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::KafkaConfig;
+use super::errors::{ClientErrors, config_error, is_transient, kafka_error};
+use super::offsets::{InFlight, OffsetTracker};
+use crate::outage::OutageLog;
+use crate::{
+    BrokerError, Delivery, ErrorKind, PartitionLag, Settle, StartPosition, Subscriber,
+    SubscriptionSpec, check_topic_name, wire,
+};
+
+/// Commits what was acknowledged when a rebalance takes partitions away, then forgets their
+/// in-flight offsets, so acknowledgements that arrive after it do not commit on behalf of the
+/// new owner.
+struct GroupContext {
+    tracker: Arc<OffsetTracker>,
+    /// Set once the group gave this member its first assignment (see [`Subscriber::joined`]).
+    joined: watch::Sender<bool>,
+    /// The lag of the partitions this member holds, from librdkafka's last statistics.
+    lag: watch::Sender<Vec<PartitionLag>>,
+    errors: ClientErrors,
+}
+
+/// How often librdkafka reports a group member's lag (its `statistics.interval.ms`, unless
+/// the broker's properties set one).
+const LAG_REPORT_INTERVAL_MS: &str = "5000";
+
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.error(error, reason);
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag: Vec<PartitionLag> = statistics
+            .topics
+            .into_iter()
+            .flat_map(|(topic, stats)| {
+                stats
+                    .partitions
+                    .into_values()
+                    // Partition -1 is librdkafka's internal queue; `desired` means assigned
+                    // to this member; a lag of -1 means not known yet (nothing committed).
+                    .filter(|p| p.partition >= 0 && p.desired && p.consumer_lag >= 0)
+                    .map(move |p| PartitionLag {
+                        topic: topic.clone(),
+                        partition: p.partition,
+                        messages: p.consumer_lag,
+                    })
+            })
+            .collect();
+        lag.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        self.lag.send_if_modified(|shown| {
+            let changed = *shown != lag;
+            *shown = std::mem::take(&mut lag);
+            changed
+        });
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                // Commit what was acknowledged before the partitions go, so the next owner
+                // does not handle it again.
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                    Err(e) => tracing::debug!("commit before revoking partitions failed: {e}"),
+                }
+                for element in partitions.elements() {
+                    self.tracker.revoke(element.topic(), element.partition());
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // An assignment, even of no partitions (more members than partitions), means the
+        // member is in the group.
+        if let Rebalance::Assign(_) = rebalance {
+            self.joined.send_replace(true);
+        }
+    }
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// The consumer is the only strong reference to the librdkafka handle (deliveries hold weak
+/// ones), so `close` can drop it, which leaves the group at once instead of after the
+/// session timeout.
+pub(super) struct KafkaSubscriber {
+    consumer: std::sync::Mutex<Option<Arc<GroupConsumer>>>,
+    tracker: Arc<OffsetTracker>,
+    joined: watch::Receiver<bool>,
+    lag: watch::Receiver<Vec<PartitionLag>>,
+    outage: Arc<OutageLog>,
+}
+
+impl KafkaSubscriber {
+    fn consumer(&self) -> Result<Arc<GroupConsumer>, BrokerError> {
+        self.consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(BrokerError::closed)
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaSubscriber {
+    async fn joined(&self) -> Result<(), BrokerError> {
+        let mut joined = self.joined.clone();
+        joined
+            .wait_for(|joined| *joined)
+            .await
+            .map(|_| ())
+            .map_err(|_| BrokerError::closed())
+    }
+
+    fn lag(&self) -> Option<watch::Receiver<Vec<PartitionLag>>> {
+        Some(self.lag.clone())
+    }
+
+    async fn next(&self) -> Result<Delivery, BrokerError> {
+        let consumer = self.consumer()?;
+        loop {
+            let message = match consumer.recv().await {
+                Ok(message) => message,
+                Err(e) => {
+                    let error = kafka_error("receiving", &e);
+                    match error.kind() {
+                        ErrorKind::PermissionDenied | ErrorKind::NotFound | ErrorKind::Rejected => {
+                            return Err(error);
+                        }
+                        // Passes by itself (a broker restart, a rebalance): librdkafka
+                        // reconnects on its own.
+                        _ => self.outage.error(&error),
+                    }
+                    continue;
+                }
+            };
+            self.outage.received();
+            let headers = message.headers().into_iter().flat_map(|headers| {
+                headers.iter().map(|header| {
+                    let value = String::from_utf8_lossy(header.value.unwrap_or_default());
+                    (header.key.to_string(), value.into_owned())
+                })
+            });
+            let mut incoming = wire::incoming_message(
+                message.topic(),
+                format!("{}@{}", message.partition(), message.offset()),
+                message.key(),
+                message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers,
+                None,
+            );
+            incoming.partition_offset = Some((message.partition(), message.offset()));
+            let in_flight =
+                self.tracker
+                    .delivered(message.topic(), message.partition(), message.offset());
+            let settle = KafkaSettle {
+                consumer: Arc::downgrade(&consumer),
+                tracker: self.tracker.clone(),
+                in_flight,
+            };
+            return Ok(Delivery::new(incoming, Box::new(settle)));
+        }
+    }
+
+    async fn close(&self) -> Result<(), BrokerError> {
+        let taken = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(consumer) = taken else {
+            return Ok(());
+        };
+        // A thread of its own rather than tokio's blocking pool: librdkafka's close can wait
+        // forever (seen on the mock cluster when the group rebalances at that moment: the
+        // revoke's assign() never returns). The wait below is bounded, and a stuck thread must
+        // not hold up the runtime's shutdown as a blocking task would.
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let closer = move || {
+            let mut result = consumer.commit_consumer_state(CommitMode::Sync);
+            // A group that is rebalancing, or a broker that answers with a passing error (a
+            // moved coordinator or leader, a timeout), refuses commits for a moment; try again
+            // briefly (measured in broker_faults.rs: injected NotLeaderForPartition).
+            for _ in 0..20 {
+                match &result {
+                    Err(KafkaError::ConsumerCommit(code)) if is_transient(*code) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        result = consumer.commit_consumer_state(CommitMode::Sync);
+                    }
+                    _ => break,
+                }
+            }
+            let result = match result {
+                // Nothing was acknowledged since the last commit.
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                // Still refused, or the partitions moved meanwhile: what was acknowledged since
+                // the last commit is delivered again to the next owner (at-least-once).
+                Err(KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::RebalanceInProgress
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::UnknownMemberId,
+                )) => {
+                    tracing::warn!(
+                        "the group kept rebalancing; the last acknowledgements were not \
+                         committed and will be delivered again"
+                    );
+                    Ok(())
+                }
+                other => other,
+            };
+            // The last strong reference: dropping it leaves the group (librdkafka's
+            // consumer close), so the partitions move to the other members now.
+            drop(consumer);
+            let _ = done.send(result);
+        };
+        std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(closer)
+            .map_err(|e| BrokerError::unavailable("cannot start closing").with_source(e))?;
+        match tokio::time::timeout(CLOSE_TIMEOUT, finished).await {
+            Ok(Ok(result)) => {
+                result.map_err(|e| kafka_error("committing offsets on close", &e))?;
+            }
+            Ok(Err(_)) => {
+                return Err(BrokerError::unavailable(
+                    "closing the consumer failed before it finished",
+                ));
+            }
+            Err(_) => tracing::warn!(
+                "leaving the consumer group took over {CLOSE_TIMEOUT:?}; going on without it. \
+                 Its partitions move to other members after the session timeout, and what was \
+                 not committed is delivered again"
+            ),
+        }
+        self.tracker.revoke_all();
+        Ok(())
+    }
+}
+
+impl Drop for KafkaSubscriber {
+    /// A member dropped without [`Subscriber::close`] (its owner panicked, say) still leaves
+    /// its group, but on a thread of its own: librdkafka's close runs the revoke (and its
+    /// synchronous commit), which can wait for a long time, and must never hold one of the
+    /// async runtime's few worker threads (seen: a test's runtime starved by one).
+    fn drop(&mut self) {
+        let taken = self
+            .consumer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(consumer) = taken {
+            let leave = move || drop(consumer);
+            if let Err(e) = std::thread::Builder::new()
+                .name("kafka-drop".into())
+                .spawn(leave)
+            {
+                tracing::warn!("cannot leave the consumer group off the runtime: {e}");
+            }
+        }
+    }
+}
+
+/// How long closing a consumer (final commit, leaving the group) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct KafkaSettle {
+    consumer: std::sync::Weak<GroupConsumer>,
+    tracker: Arc<OffsetTracker>,
+    in_flight: InFlight,
+}
+
+impl Settle for KafkaSettle {
+    fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        let Some(position) = self.tracker.complete(&self.in_flight) else {
+            return Ok(());
+        };
+        // Closed meanwhile: the message goes to the next member, as promised.
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Ok(());
+        };
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(
+            &self.in_flight.topic,
+            self.in_flight.partition,
+            Offset::Offset(position),
+        )
+        .map_err(|e| kafka_error("recording the offset", &e))?;
+        match consumer.store_offsets(&list) {
+            Ok(()) => Ok(()),
+            // The partition moved to another member meanwhile; it will redeliver.
+            Err(e) => {
+                tracing::debug!("offset {position} not stored: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    fn nack(self: Box<Self>) -> Result<(), BrokerError> {
+        // The offset stays in flight, so nothing past it is committed; rewinding makes this
+        // member fetch it again (and what followed it, which may arrive twice).
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Ok(());
+        };
+        let InFlight {
+            topic,
+            partition,
+            offset,
+            ..
+        } = &self.in_flight;
+        match consumer.seek(
+            topic,
+            *partition,
+            Offset::Offset(*offset),
+            Duration::from_secs(5),
+        ) {
+            Ok(()) => Ok(()),
+            // Not assigned here any more: the new owner starts from the committed offset,
+            // which is at or before this one.
+            Err(e) => {
+                tracing::debug!("cannot rewind {topic}/{partition} to {offset}: {e}");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl KafkaSubscriber {
+    /// Joins `spec.group` on the cluster `config` names.
+    pub(super) fn subscribe(
+        kafka: &KafkaConfig,
+        spec: &SubscriptionSpec,
+    ) -> Result<Self, BrokerError> {
+        spec.check()?;
+        for topic in &spec.topics {
+            check_topic_name(topic)?;
+        }
+        let tracker = Arc::new(OffsetTracker::default());
+        let mut config = kafka.client_config();
+        config
+            .set("group.id", &spec.group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match spec.start {
+                    StartPosition::Earliest => "earliest",
+                    StartPosition::Latest => "latest",
+                },
+            );
+        // librdkafka reports each partition's lag in its statistics, which it only gathers
+        // when asked to (a small JSON document per interval).
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", LAG_REPORT_INTERVAL_MS);
+        }
+        let (joined, joined_receiver) = watch::channel(false);
+        let (lag, lag_receiver) = watch::channel(Vec::new());
+        let outage = Arc::new(OutageLog::new(format!(
+            "group {:?} receiving from {:?}",
+            spec.group, spec.topics
+        )));
+        let context = GroupContext {
+            tracker: tracker.clone(),
+            joined,
+            lag,
+            errors: ClientErrors {
+                outage: outage.clone(),
+            },
+        };
+        let consumer: StreamConsumer<GroupContext> =
+            config.create_with_context(context).map_err(config_error)?;
+        let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| kafka_error(&format!("subscribing to {topics:?}"), &e))?;
+        Ok(Self {
+            consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
+            tracker,
+            joined: joined_receiver,
+            lag: lag_receiver,
+            outage,
+        })
+    }
+}

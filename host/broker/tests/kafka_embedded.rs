@@ -1,0 +1,425 @@
+//! Proves the Kafka backend against the embedded Kafka-protocol broker, over real TCP
+//! connections: messages round-trip with keys, headers and content type; a message that was
+//! not acknowledged is delivered again to the next member of the group, while an acknowledged
+//! one is not; the embedded broker on a fixed address serves clients that know only that
+//! address (other processes, kcat); a producer whose local queue is full waits instead of
+//! dropping; a burst of keyless messages is spread over the partitions so that the embedded
+//! broker's 5 MiB per partition loses none of it; a member says when it has joined its group;
+//! an unreachable broker fails within the bounded wait with an error that says what to do; a
+//! publisher behind a window sends only as far ahead as its consumer has caught up.
+
+use switchyard_testing as support;
+
+use std::time::{Duration, Instant};
+
+use switchyard_broker::kafka::{EmbeddedKafka, Kafka, KafkaConfig};
+use switchyard_broker::window::PublishWindow;
+use switchyard_broker::{
+    Broker, ErrorKind, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec,
+};
+
+fn spec(group: &str, topic: &str) -> SubscriptionSpec {
+    SubscriptionSpec {
+        group: group.into(),
+        topics: vec![topic.into()],
+        start: StartPosition::Earliest,
+    }
+}
+
+async fn publish(broker: &dyn Broker, topic: &str, key: &str, payload: &[u8]) {
+    let publisher = broker.publisher().await.unwrap();
+    let receipt = publisher
+        .publish(OutgoingMessage {
+            topic: topic.into(),
+            key: Some(key.as_bytes().to_vec()),
+            payload: payload.to_vec(),
+            headers: vec![("request-id".into(), key.into())],
+            content_type: Some("text/plain".into()),
+        })
+        .await
+        .unwrap();
+    receipt.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_round_trip_with_keys_headers_and_content_type() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("roundtrip");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..20u8 {
+        let receipt = publisher
+            .publish(OutgoingMessage {
+                topic: topic.clone(),
+                key: Some(vec![b'k', i]),
+                payload: vec![i; usize::from(i)],
+                headers: vec![("n".into(), i.to_string()), ("empty".into(), String::new())],
+                content_type: Some("application/octet-stream".into()),
+            })
+            .await
+            .unwrap();
+        receipts.push(receipt);
+    }
+    for receipt in receipts {
+        receipt.wait().await.unwrap();
+    }
+
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    for i in 0..20u8 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap();
+        let m = &delivery.message;
+        assert_eq!(m.topic, topic);
+        assert_eq!(
+            m.key.as_deref(),
+            Some(&[b'k', i][..]),
+            "one partition keeps the order"
+        );
+        assert_eq!(m.payload, vec![i; usize::from(i)]);
+        assert_eq!(
+            m.headers,
+            vec![
+                ("empty".to_string(), String::new()),
+                ("n".to_string(), i.to_string()),
+            ],
+            "headers arrive sorted by name, as on every backend"
+        );
+        assert_eq!(m.content_type.as_deref(), Some("application/octet-stream"));
+        delivery.ack().unwrap();
+    }
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_not() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("redeliver");
+    let group = support::unique("group");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+    publish(broker.as_ref(), &topic, "first", b"1").await;
+    publish(broker.as_ref(), &topic, "second", b"2").await;
+
+    // Member A acknowledges the first message and fails the second (never acknowledges it),
+    // then leaves the group.
+    let a = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let first = a.next().await.unwrap();
+    assert_eq!(first.message.payload, b"1");
+    first.ack().unwrap();
+    let second = a.next().await.unwrap();
+    assert_eq!(second.message.payload, b"2");
+    drop(second);
+    a.close().await.unwrap();
+
+    // Member B of the same group gets the second message again, not the first.
+    let b = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(30), b.next())
+        .await
+        .expect("redelivery within 30 s")
+        .unwrap();
+    assert_eq!(
+        again.message.payload, b"2",
+        "the unsettled message comes back first"
+    );
+    again.ack().unwrap();
+    b.close().await.unwrap();
+
+    // And after B acknowledged it, a third member gets nothing old.
+    publish(broker.as_ref(), &topic, "third", b"3").await;
+    let c = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.message.payload, b"3");
+    next.ack().unwrap();
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_fails_within_the_bounded_wait() {
+    // Port 9 (discard): nothing listens there, and no test's broker can take it.
+    let address = "127.0.0.1:9";
+    let mut config = KafkaConfig::new(address);
+    config.connect_timeout_ms = 1_500;
+    let started = Instant::now();
+    let err = Kafka::connect(config).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&address.to_string()), "{text}");
+    assert!(text.contains("switchyard broker"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
+    // Port 0: the broker takes a free port (a probed and freed one can be taken by another
+    // test's broker first).
+    let cluster = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let address = cluster.bootstrap_servers().to_string();
+    let topic = support::unique("fixed");
+    // As `switchyard broker --topic` does: the mock broker has no CreateTopics API.
+    cluster
+        .create_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        })
+        .unwrap();
+
+    // A client that knows only the address, as another process would.
+    let config = KafkaConfig::for_embedded(address);
+    let broker = Kafka::connect(config).await.unwrap();
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+    publish(&broker, &topic, "k", b"through the relay").await;
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+        .await
+        .expect("a delivery within 30 s")
+        .unwrap();
+    assert_eq!(delivery.message.payload, b"through the relay");
+    delivery.ack().unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
+    // Port 0: the broker takes a free port (a probed and freed one can be taken by another
+    // test's broker first).
+    let cluster = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let address = cluster.bootstrap_servers().to_string();
+    let topic = support::unique("backpressure");
+    cluster
+        .create_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .unwrap();
+    let mut config = KafkaConfig::for_embedded(address);
+    // Room for 5 messages in librdkafka's queue, and a linger that keeps them there a while.
+    config
+        .properties
+        .insert("queue.buffering.max.messages".into(), "5".into());
+    config.properties.insert("linger.ms".into(), "20".into());
+    let broker = Kafka::connect(config).await.unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..300u32 {
+        let receipt = publisher
+            .publish(OutgoingMessage {
+                topic: topic.clone(),
+                payload: i.to_be_bytes().to_vec(),
+                ..OutgoingMessage::default()
+            })
+            .await
+            .expect("a full queue waits instead of failing");
+        receipts.push(receipt);
+    }
+    for receipt in receipts {
+        receipt.wait().await.unwrap();
+    }
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    for i in 0..300u32 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("every message arrives")
+            .unwrap();
+        assert_eq!(
+            delivery.message.payload,
+            i.to_be_bytes(),
+            "in order, none missing"
+        );
+        delivery.ack().unwrap();
+    }
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
+    // The embedded broker keeps 5 MiB per partition and drops older data beyond it, read or
+    // not; 12 MiB sent at once into 8 partitions fits only if no partition takes much more
+    // than its share.
+    const MESSAGES: u32 = 12_000;
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("burst");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 8,
+        }])
+        .await
+        .unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..MESSAGES {
+        let mut payload = vec![0u8; 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        let message = OutgoingMessage {
+            topic: topic.clone(),
+            payload,
+            ..OutgoingMessage::default()
+        };
+        receipts.push(publisher.publish(message).await.unwrap());
+    }
+    for receipt in receipts {
+        receipt.wait().await.unwrap();
+    }
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut partitions = std::collections::HashMap::<String, u32>::new();
+    while seen.len() < MESSAGES as usize {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {MESSAGES} arrived", seen.len()))
+            .unwrap();
+        let payload = &delivery.message.payload;
+        seen.insert(u32::from_be_bytes([
+            payload[0], payload[1], payload[2], payload[3],
+        ]));
+        let partition = delivery.message.position.split('@').next().unwrap_or("");
+        *partitions.entry(partition.to_string()).or_default() += 1;
+        delivery.ack().unwrap();
+    }
+    subscriber.close().await.unwrap();
+    assert_eq!(
+        partitions.len(),
+        8,
+        "every partition got some: {partitions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_says_when_it_has_joined_its_group() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("joined");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    // Not a member until someone receives, which drives the join.
+    let early = tokio::time::timeout(Duration::from_millis(300), subscriber.joined()).await;
+    assert!(early.is_err(), "joined before anyone received");
+    let receiving = tokio::spawn({
+        let subscriber = subscriber.clone();
+        async move { subscriber.next().await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), subscriber.joined())
+        .await
+        .expect("the member joins within 30 s")
+        .unwrap();
+    publish(broker.as_ref(), &topic, "k", b"after the join").await;
+    let delivery = tokio::time::timeout(Duration::from_secs(30), receiving)
+        .await
+        .expect("the message arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message.payload, b"after the join");
+    delivery.ack().unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("window");
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+    let window = PublishWindow::new(3);
+    let publisher = window.publisher(broker.publisher().await.unwrap());
+    let message = |i: u8| OutgoingMessage {
+        topic: topic.clone(),
+        payload: vec![i],
+        ..OutgoingMessage::default()
+    };
+    for i in 0..3 {
+        let receipt = publisher.publish(message(i)).await.unwrap();
+        receipt.wait().await.unwrap();
+    }
+    assert_eq!(window.room(), 0);
+
+    // The fourth waits until the consumer says it has caught up with one more: polled before
+    // that, it is still pending.
+    let mut fourth = publisher.publish(message(3));
+    assert!(
+        futures::poll!(&mut fourth).is_pending(),
+        "sent without room in the window"
+    );
+    window.completed(1);
+    tokio::time::timeout(Duration::from_secs(10), fourth)
+        .await
+        .expect("sent once there was room")
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    // Counts lower than one already given make no room; higher ones make room for the rest.
+    window.completed(1);
+    assert_eq!(window.room(), 0);
+    window.completed(5);
+    assert_eq!(window.room(), 4);
+
+    let subscriber = broker
+        .subscribe(&spec(&support::unique("g"), &topic))
+        .await
+        .unwrap();
+    for i in 0..4u8 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap();
+        assert_eq!(delivery.message.payload, vec![i]);
+        delivery.ack().unwrap();
+    }
+    subscriber.close().await.unwrap();
+}
