@@ -22,8 +22,7 @@ use crate::metrics::MetricsServer;
 use crate::results::{Results, ResultsConfig};
 use crate::runtime::engine::PoolSize;
 use crate::runtime::{
-    CommandOutcome, HandlerGroup, HandlerStats, LoadedComponent, Runtime, RuntimeError,
-    RuntimeOptions,
+    CommandOutcome, HandlerGroup, LoadedComponent, Runtime, RuntimeError, RuntimeOptions,
 };
 
 /// Sizes the instance pool for a manifest: every worker, every command, and room to replace
@@ -371,10 +370,7 @@ impl App {
             Step::Replace { loaded, previous } => {
                 let name = loaded.name().to_string();
                 let Some(handler) = self.handlers.iter().find(|h| h.name() == name) else {
-                    return Err(RuntimeError::Failed {
-                        component: name,
-                        message: "it is not running, so it cannot be replaced".into(),
-                    });
+                    return Err(RuntimeError::NotRunning { component: name });
                 };
                 handler.replace(&loaded).await?;
                 self.record(&loaded);
@@ -437,18 +433,10 @@ impl App {
             self.deployed_commands.spawn(async move {
                 let name = command.name();
                 match runtime.run_command(&command).await {
-                    Ok(outcome) => tracing::info!(
-                        "{name} ({}) exited with {} ({} messages delivered, {} failed{})",
-                        command.version(),
-                        outcome.exit_code,
-                        outcome.delivered,
-                        outcome.failed,
-                        outcome
-                            .first_error
-                            .as_ref()
-                            .map(|e| format!("; first delivery error: {e}"))
-                            .unwrap_or_default()
-                    ),
+                    Ok(outcome) if outcome.succeeded() => {
+                        tracing::info!("{name} ({}) {outcome}", command.version());
+                    }
+                    Ok(outcome) => tracing::error!("{name} ({}) {outcome}", command.version()),
                     Err(e) => tracing::error!("{name} ({}): {e}", command.version()),
                 }
             });
@@ -469,11 +457,7 @@ impl App {
         }
         let stats = handler.stats().clone();
         handler.stop().await?;
-        tracing::info!(
-            "{name}: stopped, having handled {} message(s) ({} given up on)",
-            HandlerStats::get(&stats.handled),
-            HandlerStats::get(&stats.gave_up)
-        );
+        tracing::info!("{name}: stopped: {}", stats.snapshot());
         Ok(())
     }
 

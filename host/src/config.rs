@@ -406,10 +406,10 @@ impl Manifest {
             let resolve = |path: &Path| {
                 expand_env(&path.to_string_lossy())
                     .map(|p| base.join(p))
-                    .map_err(|message| ConfigError::Invalid {
+                    .map_err(|error| ConfigError::Invalid {
                         path: name.to_path_buf(),
                         component: component_name.clone(),
-                        message,
+                        message: error.to_string(),
                     })
             };
             component.wasm = resolve(&component.wasm)?;
@@ -419,20 +419,20 @@ impl Manifest {
         }
         manifest.results = match manifest.results.take() {
             Some(ResultsConfig::Postgres { url }) => Some(ResultsConfig::Postgres {
-                url: expand_env(&url).map_err(|message| ConfigError::Invalid {
+                url: expand_env(&url).map_err(|error| ConfigError::Invalid {
                     path: name.to_path_buf(),
                     component: "-".into(),
-                    message: format!("[results.postgres] url: {message}"),
+                    message: format!("[results.postgres] url: {error}"),
                 })?,
             }),
             Some(ResultsConfig::Sqlite { path }) => Some(
                 ResultsConfig::Sqlite {
                     path: expand_env(&path.to_string_lossy())
                         .map(PathBuf::from)
-                        .map_err(|message| ConfigError::Invalid {
+                        .map_err(|error| ConfigError::Invalid {
                             path: name.to_path_buf(),
                             component: "-".into(),
-                            message: format!("[results.sqlite] path: {message}"),
+                            message: format!("[results.sqlite] path: {error}"),
                         })?,
                 }
                 .resolved(base),
@@ -442,10 +442,10 @@ impl Manifest {
         // Credentials stay out of the file: `"sasl.password" = "${KAFKA_PASSWORD}"`.
         if let BrokerConfig::Kafka(kafka) = &mut manifest.broker {
             for (key, value) in &mut kafka.properties {
-                *value = expand_env(value).map_err(|message| ConfigError::Invalid {
+                *value = expand_env(value).map_err(|error| ConfigError::Invalid {
                     path: name.to_path_buf(),
                     component: "-".into(),
-                    message: format!("[broker.kafka] property {key:?}: {message}"),
+                    message: format!("[broker.kafka] property {key:?}: {error}"),
                 })?;
             }
         }
@@ -583,13 +583,15 @@ impl Manifest {
 /// Expands `${NAME}` and `${NAME:-default}` in a path or a Kafka property from the manifest, so
 /// one manifest works wherever the build puts the components
 /// (`${SWITCHYARD_COMPONENTS:-../target/...}`) and secrets come from the environment.
-pub fn expand_env(text: &str) -> Result<String, String> {
+pub fn expand_env(text: &str) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let Some(end) = rest[start..].find('}') else {
-            return Err(format!("unclosed ${{ in {text:?}"));
+            return Err(ExpandError::Unclosed {
+                text: text.to_string(),
+            });
         };
         let inner = &rest[start + 2..start + end];
         let (name, default) = match inner.split_once(":-") {
@@ -600,16 +602,38 @@ pub fn expand_env(text: &str) -> Result<String, String> {
             (Ok(value), _) if !value.is_empty() => out.push_str(&value),
             (_, Some(default)) => out.push_str(default),
             _ => {
-                return Err(format!(
-                    "{text:?} uses ${{{name}}}, which is not set: set it or give a default \
-                     with ${{{name}:-DEFAULT}}"
-                ));
+                return Err(ExpandError::Unset {
+                    text: text.to_string(),
+                    name: name.to_string(),
+                });
             }
         }
         rest = &rest[start + end + 1..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Why [`expand_env`] could not expand a text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpandError {
+    /// A `${` without its `}`.
+    #[error("unclosed ${{ in {text:?}")]
+    Unclosed {
+        /// The text.
+        text: String,
+    },
+    /// A variable that is not set (or empty), without a default.
+    #[error(
+        "{text:?} uses ${{{name}}}, which is not set: set it or give a default with \
+         ${{{name}:-DEFAULT}}"
+    )]
+    Unset {
+        /// The text.
+        text: String,
+        /// The variable.
+        name: String,
+    },
 }
 
 #[cfg(test)]
@@ -778,12 +802,16 @@ mod tests {
             "a/b/x"
         );
         assert_eq!(expand_env("plain").unwrap(), "plain");
+        assert!(matches!(
+            expand_env("${SWITCHYARD_UNSET_VAR}"),
+            Err(ExpandError::Unset { name, .. }) if name == "SWITCHYARD_UNSET_VAR"
+        ));
         assert!(
-            expand_env("${SWITCHYARD_UNSET_VAR}")
+            expand_env("${OPEN")
                 .unwrap_err()
-                .contains("not set")
+                .to_string()
+                .contains("unclosed")
         );
-        assert!(expand_env("${OPEN").unwrap_err().contains("unclosed"));
         let err = parse("[components.c]\nwasm = \"${SWITCHYARD_UNSET_VAR}/c.wasm\"\n").unwrap_err();
         assert!(err.to_string().contains("SWITCHYARD_UNSET_VAR"), "{err}");
         assert!(parse("[components.c]\nwasm = \"${SWITCHYARD_UNSET_VAR:-.}/c.wasm\"\n").is_ok());

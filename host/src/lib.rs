@@ -19,6 +19,7 @@
 //!   one into it;
 //! - [`metrics`]: what a running host counts, served to Prometheus at `/metrics`;
 //! - [`progress`]: progress bars on a terminal, plain lines elsewhere;
+//! - [`serve`]: serving a manifest until asked to stop (`switchyard run`, in-process);
 //! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
 //! - [`results`]: the results store (SQLite or PostgreSQL) components write rows into;
 //! - [`report`]: a run's results as a terminal summary and an HTML page with plots;
@@ -38,6 +39,7 @@ pub mod report;
 pub mod results;
 pub mod runtime;
 pub mod scaffold;
+pub mod serve;
 
 /// `NAME` in switchyard's per-user cache: `$XDG_CACHE_HOME/switchyard/NAME`, else
 /// `$HOME/.cache/switchyard/NAME`; `None` without either. What is kept there (compiled

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use switchyard::admin::{self, AdminSocket};
-use switchyard::app::App;
+use switchyard::admin;
 use switchyard::config::{ComponentConfig, Limits, Manifest, MetricsConfig, Preopen};
 use switchyard::nn::{NnEngine, onnxruntime};
 use switchyard::pipeline::{self, DemoOptions};
 use switchyard::report::{RunReport, default_reports_dir};
 use switchyard::results::{Results, ResultsConfig};
-use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard::runtime::{Runtime, RuntimeOptions};
+use switchyard::serve::{self, ServeOptions, Serving};
 use switchyard_broker::kafka::EmbeddedKafka;
 use switchyard_broker::pubsub::PubSubEmulator;
 use switchyard_broker::{BrokerConfig, EmbeddedConfig, TopicSpec};
@@ -384,19 +384,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             results,
             metrics,
         } => {
-            // `run` shows its commands' progress (a producer's bar); the demo shows its own.
-            let options = RuntimeOptions {
-                show_progress: true,
-                ..options
-            };
-            let run = RunOptions {
-                broker,
-                results,
+            let serve = ServeOptions {
+                broker: broker.as_deref().map(BrokerConfig::from_url).transpose()?,
+                results: results
+                    .as_deref()
+                    .map(ResultsConfig::from_url)
+                    .transpose()?,
                 metrics,
                 stop_timeout: Duration::from_secs(stop_timeout),
                 admin_socket,
+                // `run` shows its commands' progress (a producer's bar); the demo its own.
+                runtime: RuntimeOptions {
+                    show_progress: true,
+                    ..options
+                },
             };
-            run_manifest(&manifest, &run, options).await
+            run_manifest(&manifest, serve).await
         }
         Commands::Deploy {
             manifest,
@@ -671,247 +674,40 @@ fn describe(config: &ComponentConfig, shape: &switchyard::runtime::world::Shape)
     what
 }
 
-/// What `switchyard run` was told besides the manifest.
-struct RunOptions {
-    broker: Option<String>,
-    results: Option<String>,
-    metrics: Option<std::net::SocketAddr>,
-    stop_timeout: Duration,
-    admin_socket: Option<PathBuf>,
-}
-
-/// The manifest at `path`, with the broker, results store and metrics endpoint `--broker`,
-/// `--results` and `--metrics` gave instead of its own.
-fn load_manifest(path: &std::path::Path, run: &RunOptions) -> anyhow::Result<Manifest> {
-    let mut manifest = Manifest::load(path)?;
-    if let Some(url) = &run.broker {
-        manifest.broker = broker_config(url)?;
-    }
-    if let Some(url) = &run.results {
-        manifest.results = Some(ResultsConfig::from_url(url)?);
-    }
-    if let Some(listen) = run.metrics {
-        manifest.metrics = Some(MetricsConfig { listen });
-    }
-    Ok(manifest)
-}
-
-async fn run_manifest(
-    path: &std::path::Path,
-    run: &RunOptions,
-    options: RuntimeOptions,
-) -> anyhow::Result<ExitCode> {
-    let manifest = load_manifest(path, run)?;
-    let stop_timeout = run.stop_timeout;
-    let mut app = App::start(&manifest, options).await?;
-    if let Some(embedded) = &app.broker.embedded {
-        tracing::info!("embedded broker at {}", embedded.bootstrap_servers());
-    }
-    let mut code = ExitCode::SUCCESS;
-    // Whatever fails from here on, the handlers are stopped (committing what they settled and
-    // leaving their groups) before the error is returned.
-    let mut failure: Option<anyhow::Error> = None;
-    for (name, outcome) in app.run_commands().await {
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                failure.get_or_insert(anyhow::Error::new(e).context(format!("running {name}")));
-                continue;
-            }
-        };
-        tracing::info!(
-            "{name} exited with {} ({} messages delivered, {} failed)",
-            outcome.exit_code,
-            outcome.delivered,
-            outcome.failed
-        );
-        if let Some(error) = outcome.first_error {
-            tracing::error!("{name}: first delivery error: {error}");
+/// `switchyard run`: serves the manifest until Ctrl-C or SIGTERM, then prints each handler's
+/// reports and counters.
+async fn run_manifest(path: &std::path::Path, options: ServeOptions) -> anyhow::Result<ExitCode> {
+    let serving = Serving::start(path, options).await?;
+    // Listening before the host says how to stop it (in `serve`): a signal that comes before
+    // its listener exists is lost.
+    let (stop, requests) = serve::stop_requests();
+    let listening = StopSignals::listen();
+    let not_listening = match listening {
+        Ok(signals) => {
+            tokio::spawn(signals.forward(stop));
+            None
         }
-        if outcome.exit_code != 0 || outcome.failed > 0 {
-            code = ExitCode::FAILURE;
-        }
-    }
-    let mut signals = None;
-    if failure.is_none() && !app.handlers.is_empty() {
-        let serving = match StopSignals::listen() {
-            Ok(listening) => {
-                open_admin_socket(path, run.admin_socket.as_deref()).map(|admin| (listening, admin))
-            }
-            Err(e) => Err(anyhow::Error::new(e).context("listening for Ctrl-C")),
-        };
-        match serving {
-            Ok((mut listening, mut admin)) => {
-                tracing::info!("running; press Ctrl-C (or send SIGTERM) to stop");
-                let signal = serve(&mut app, path, run, &mut listening, admin.as_mut()).await;
-                drop(admin);
-                tracing::info!(
-                    "{signal}: stopping: finishing in-flight messages and committing (at most \
-                     {}s; Ctrl-C again to exit at once)",
-                    stop_timeout.as_secs()
-                );
-                signals = Some(listening);
-            }
-            Err(e) => failure = Some(e),
-        }
-    }
-    // Taken now, after the deploys, so they name the handlers that run at the end; printed
-    // after the stop, so the counts include the messages finished while stopping.
-    let counters: Vec<_> = app
-        .handlers
-        .iter()
-        .map(|h| (h.name().to_string(), h.stats().clone()))
-        .collect();
-    // Once the signals are ours, a second Ctrl-C would not end the process by itself: it is
-    // one of the two ways out of a stop that hangs (a broker gone, a handler stuck), the
-    // bound the other.
-    let second_signal = async {
-        match &mut signals {
-            Some(signals) => signals.next().await,
-            None => std::future::pending().await,
+        Err(e) => {
+            stop.stop("no signal listener");
+            Some(e)
         }
     };
-    tokio::select! {
-        stopped = tokio::time::timeout(stop_timeout, app.stop()) => match stopped {
-            Ok(Ok(stopped)) => {
-                for (name, reports) in stopped {
-                    for report in reports {
-                        println!("{name}: {report}");
-                    }
-                }
-            }
-            Ok(Err(e)) => {
-                failure.get_or_insert(e.into());
-            }
-            Err(_) => {
-                failure.get_or_insert(anyhow::anyhow!(
-                    "stopping took over {}s (--stop-timeout): exiting without finishing; what \
-                     was not committed or acknowledged is delivered again to the next member",
-                    stop_timeout.as_secs()
-                ));
-            }
-        },
-        signal = second_signal => {
-            failure.get_or_insert(anyhow::anyhow!(
-                "{signal} again while stopping: exiting without finishing; what was not \
-                 committed or acknowledged is delivered again to the next member"
-            ));
+    let served = serving.serve(requests).await;
+    for (name, reports) in &served.reports {
+        for report in reports {
+            println!("{name}: {report}");
         }
     }
     // After the stop, so the counts include the messages finished while stopping.
-    for (name, stats) in counters {
-        let count = |counter| HandlerStats::get(counter);
-        println!(
-            "{name}: received {}, handled {}, retried {}, gave up {} ({} dead-lettered), \
-             traps {}",
-            count(&stats.received),
-            count(&stats.handled),
-            count(&stats.retries),
-            count(&stats.gave_up),
-            count(&stats.dead_lettered),
-            count(&stats.traps)
-        );
+    for (name, counts) in &served.counts {
+        println!("{name}: {counts}");
     }
-    match failure {
-        Some(failure) => Err(failure),
-        None => Ok(code),
-    }
-}
-
-/// Listens for `switchyard deploy`: at `--admin-socket` when given (failing if it cannot),
-/// else at the manifest's default socket, where another host of the same manifest (a
-/// scale-out on one machine) may already listen: then this one runs without taking deploys.
-fn open_admin_socket(
-    manifest: &std::path::Path,
-    chosen: Option<&std::path::Path>,
-) -> anyhow::Result<Option<AdminSocket>> {
-    if let Some(path) = chosen {
-        return Ok(Some(AdminSocket::bind(path, false)?));
-    }
-    let path = admin::default_socket(manifest)?;
-    match AdminSocket::bind(&path, true) {
-        Ok(socket) => Ok(Some(socket)),
-        Err(e @ admin::AdminError::InUse { .. }) => {
-            tracing::warn!("{e}; this host takes no deploys");
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Serves deploys until Ctrl-C or SIGTERM, and names the signal. Deploys are taken one at a
-/// time; a signal while one compiles drops it (nothing has changed yet), and one while it is
-/// applied waits for it to finish, so no handler is left half replaced.
-async fn serve(
-    app: &mut App,
-    manifest: &std::path::Path,
-    run: &RunOptions,
-    signals: &mut StopSignals,
-    mut admin: Option<&mut AdminSocket>,
-) -> &'static str {
-    if let Some(admin) = &admin {
-        tracing::info!(
-            "deploy changes with `switchyard deploy {}` (admin socket {})",
-            manifest.display(),
-            admin.path().display()
-        );
-    }
-    let ours = admin::absolute_manifest(manifest).ok();
-    loop {
-        let next_request = async {
-            match admin.as_mut() {
-                Some(admin) => admin.next().await,
-                None => std::future::pending().await,
-            }
-        };
-        let (request, reply) = tokio::select! {
-            signal = signals.next() => return signal,
-            Some(next) = next_request => next,
-        };
-        let admin::Request::Deploy { manifest: asked } = request;
-        if ours.as_ref() != Some(&asked) {
-            let _ = reply.send(admin::Response::Failed {
-                error: format!(
-                    "this host runs {}, not {}: deploy that manifest, or find the socket of \
-                     the host that runs yours",
-                    manifest.display(),
-                    asked.display()
-                ),
-            });
-            continue;
-        }
-        tracing::info!("deploy: reading {} again", manifest.display());
-        let plan = tokio::select! {
-            signal = signals.next() => {
-                let _ = reply.send(admin::Response::Failed {
-                    error: format!("the host is stopping ({signal}): nothing was deployed"),
-                });
-                return signal;
-            }
-            plan = async {
-                let new = load_manifest(manifest, run)?;
-                Ok::<_, anyhow::Error>(app.prepare(&new).await?)
-            } => plan,
-        };
-        let response = match plan {
-            Err(e) => Err(format!(
-                "refused: {e:#}; nothing was changed, the running versions go on"
-            )),
-            Ok(plan) => app
-                .apply(plan)
-                .await
-                .map_err(|e| format!("failed: {:#}", anyhow::Error::new(e))),
-        };
-        let response = match response {
-            Ok(report) => admin::Response::Deployed(report),
-            Err(error) => {
-                tracing::error!("deploy {error}");
-                admin::Response::Failed {
-                    error: format!("deploy {error}"),
-                }
-            }
-        };
-        let _ = reply.send(response);
+    let succeeded = served.succeeded();
+    match (served.failure, not_listening) {
+        (Some(failure), _) => Err(failure.into()),
+        (None, Some(e)) => Err(serve::ServeError::Signals(e).into()),
+        (None, None) if succeeded => Ok(ExitCode::SUCCESS),
+        (None, None) => Ok(ExitCode::FAILURE),
     }
 }
 
@@ -972,6 +768,13 @@ impl StopSignals {
         tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+
+    /// Turns every signal into a stop request of `stop`.
+    async fn forward(mut self, stop: serve::StopHandle) {
+        loop {
+            stop.stop(self.next().await);
         }
     }
 }
@@ -1172,13 +975,15 @@ async fn unit_tests(
     let component = runtime.load(&name, &config)?;
     match runtime.run_command(&component).await {
         Ok(outcome) => Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1))),
-        Err(switchyard::runtime::RuntimeError::Failed { message, .. }) => {
+        Err(switchyard::runtime::RuntimeError::Trapped {
+            trap, rust_panic, ..
+        }) => {
             // A panic's message, above, says where it happened; its trap's Wasm backtrace
             // would only bury it. Any other trap has only the backtrace to tell.
-            let details = if message.contains("::panicking::") {
+            let details = if rust_panic {
                 String::new()
             } else {
-                format!("\n{message}")
+                format!("\n{trap}")
             };
             eprintln!(
                 "error: {name} stopped: a test failed (its message is above) or trapped; on \

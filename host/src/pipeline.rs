@@ -26,7 +26,7 @@ use crate::config::{ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::nn::NnEngine;
 use crate::progress::Progress;
 use crate::results::{Results, ResultsConfig};
-use crate::runtime::{HandlerStats, RuntimeError, RuntimeOptions};
+use crate::runtime::{CommandOutcome, RuntimeError, RuntimeOptions};
 
 /// Topic of classification requests.
 pub const REQUESTS_TOPIC: &str = "requests";
@@ -282,6 +282,31 @@ fn peak_rss_mb() -> Option<f64> {
 /// the backlog and the memory of a long run without slowing it.
 pub const WINDOW: usize = 16_384;
 
+/// Why the demo did not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The host failed: a component would not start, the broker or the store went away.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The results store failed while the run was read back.
+    #[error(transparent)]
+    Results(#[from] crate::results::ResultsError),
+    /// The demo's manifest names a results store, so its host always opens one.
+    #[error("the demo's host opened no results store")]
+    NoResultsStore,
+    /// The producer waited for predictions that did not come.
+    #[error("producer: {0}")]
+    Stalled(String),
+    /// The producer ended badly: a non-zero exit, or messages the broker did not store.
+    #[error("{component} {outcome}")]
+    CommandFailed {
+        /// The command.
+        component: String,
+        /// How it ended.
+        outcome: CommandOutcome,
+    },
+}
+
 /// How often, at most, the demo counts the run's rows in the results store while waiting.
 const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -304,7 +329,7 @@ async fn count_stored(results: &Results, run_id: &str) -> u64 {
 }
 
 /// The tally of run `run_id`'s predictions in the results store.
-async fn stored_summary(results: &Results, run_id: &str) -> Result<Summary, RuntimeError> {
+async fn stored_summary(results: &Results, run_id: &str) -> Result<Summary, DemoError> {
     let mut tally = Tally::default();
     for record in results.predictions(run_id).await? {
         tally.record(&record.prediction, record.received_at_ms);
@@ -316,14 +341,7 @@ async fn stored_summary(results: &Results, run_id: &str) -> Result<Summary, Runt
 /// output, or the consumer's intake.
 fn hop_counts(app: &App, name: &str) -> String {
     app.handler(name).map_or("not running".to_string(), |h| {
-        let stats = h.stats();
-        format!(
-            "received {}, handled {}, gave up {} ({} dead-lettered)",
-            HandlerStats::get(&stats.received),
-            HandlerStats::get(&stats.handled),
-            HandlerStats::get(&stats.gave_up),
-            HandlerStats::get(&stats.dead_lettered)
-        )
+        h.stats().snapshot().to_string()
     })
 }
 
@@ -346,7 +364,7 @@ fn describe_engines(engines: &BTreeMap<String, u64>, granted: Option<NnEngine>) 
 }
 
 /// Runs the pipeline once and reports.
-pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
+pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     let run_id = format!("{:x}", unix_ms() as u64);
     let manifest = manifest(options, &run_id);
     let started_ms = unix_ms();
@@ -354,14 +372,11 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
     let broker = app.runtime.broker().describe();
     let Some(results) = app.runtime.results().cloned() else {
         app.stop().await?;
-        return Err(RuntimeError::Failed {
-            component: "consumer".into(),
-            message: "the demo's host opened no results store".into(),
-        });
+        return Err(DemoError::NoResultsStore);
     };
     let classifier_failed = |app: &App| {
         app.handler("classifier")
-            .map_or(0, |h| HandlerStats::get(&h.stats().gave_up))
+            .map_or(0, |h| h.stats().snapshot().gave_up)
     };
     let watch = |name: &str| app.handler(name).map(|h| h.stats().settled());
 
@@ -421,33 +436,21 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, RuntimeError> {
         Ok(outcomes) => outcomes,
         Err(stalled) => {
             app.stop().await?;
-            return Err(RuntimeError::Failed {
-                component: "producer".into(),
-                message: stalled,
-            });
+            return Err(DemoError::Stalled(stalled));
         }
     };
     let mut sent = 0u64;
     for (name, outcome) in outcomes {
         let failed = match outcome {
-            Ok(outcome) if outcome.exit_code == 0 && outcome.failed == 0 => {
+            Ok(outcome) if outcome.succeeded() => {
                 sent += outcome.delivered;
                 continue;
             }
-            Ok(outcome) => RuntimeError::Failed {
+            Ok(outcome) => DemoError::CommandFailed {
                 component: name,
-                message: format!(
-                    "exited with {} after {} messages delivered, {} failed{}",
-                    outcome.exit_code,
-                    outcome.delivered,
-                    outcome.failed,
-                    outcome
-                        .first_error
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                ),
+                outcome,
             },
-            Err(e) => e,
+            Err(e) => e.into(),
         };
         // The handlers commit what they settled and leave their groups before the error.
         if let Err(e) = app.stop().await {

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchyard::config::{ComponentConfig, DeadLetter, RetryPolicy};
-use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::dead_letter as dlq;
 use switchyard_broker::{
     Broker, BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, Subscriber, SubscriptionSpec,
@@ -131,12 +131,12 @@ async fn failed_messages_go_to_the_dead_letter_topic_with_their_reasons(
         .await
         .expect("every message settled")
         .unwrap();
-    assert_eq!(HandlerStats::get(&stats.handled), 1, "{backend}");
-    assert_eq!(HandlerStats::get(&stats.gave_up), poison.len() as u64);
-    assert_eq!(HandlerStats::get(&stats.dead_lettered), poison.len() as u64);
+    assert_eq!(stats.snapshot().handled, 1, "{backend}");
+    assert_eq!(stats.snapshot().gave_up, poison.len() as u64);
+    assert_eq!(stats.snapshot().dead_lettered, poison.len() as u64);
     // Twice alone, and once more if it came in a batch with others (which are then handled
     // one by one without being charged an attempt).
-    let traps = HandlerStats::get(&stats.traps);
+    let traps = stats.snapshot().traps;
     assert!((2..=3).contains(&traps), "{backend}: {traps} traps");
     running.stop().await.unwrap();
 
@@ -246,8 +246,8 @@ async fn a_refused_dead_letter_leaves_the_original_unsettled_for_the_next_member
         .expect("the dead letter is tried again")
         .unwrap();
     let stats = Arc::clone(running.stats());
-    assert_eq!(HandlerStats::get(&stats.gave_up), 0);
-    assert_eq!(HandlerStats::get(&stats.dead_lettered), 0);
+    assert_eq!(stats.snapshot().gave_up, 0);
+    assert_eq!(stats.snapshot().dead_lettered, 0);
     assert_eq!(*stats.settled().borrow(), 0);
     tokio::time::timeout(WAIT, running.stop())
         .await
@@ -283,8 +283,8 @@ async fn with_dead_letters_off_a_failed_message_is_dropped_and_settled() {
         .await
         .expect("the message is given up on")
         .unwrap();
-    assert_eq!(HandlerStats::get(&stats.gave_up), 1);
-    assert_eq!(HandlerStats::get(&stats.dead_lettered), 0);
+    assert_eq!(stats.snapshot().gave_up, 1);
+    assert_eq!(stats.snapshot().dead_lettered, 0);
     running.stop().await.unwrap();
 
     send(broker.as_ref(), &topic, "marker", b"marker").await;

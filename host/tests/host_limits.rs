@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard::config::{ComponentConfig, Limits, RetryPolicy};
-use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::dead_letter as dlq;
 use switchyard_broker::{Broker, OutgoingMessage};
 
@@ -148,11 +148,7 @@ async fn caps_on_what_a_component_holds_and_sends_cost_it_an_error_never_the_hos
     .await
     .expect("every message settled")
     .unwrap();
-    assert_eq!(
-        HandlerStats::get(&stats.traps),
-        3,
-        "the three caps on holding"
-    );
-    assert_eq!(HandlerStats::get(&stats.handled), 2);
+    assert_eq!(stats.snapshot().traps, 3, "the three caps on holding");
+    assert_eq!(stats.snapshot().handled, 2);
     running.stop().await.unwrap();
 }

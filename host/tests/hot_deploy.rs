@@ -26,7 +26,7 @@ use pipeline_core::wire::{GRAY8_CONTENT_TYPE, REQUEST_ID};
 use support::hosts::{self, Host, Pipeline};
 use switchyard::app::{Action, App, DeployError};
 use switchyard::config::{ComponentConfig, Limits, Manifest};
-use switchyard::runtime::{HandlerStats, Runtime, RuntimeOptions};
+use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::OutgoingMessage;
 
@@ -92,7 +92,7 @@ async fn a_handler_is_replaced_between_messages_and_each_is_answered_once() {
     support::wait_until(
         "some messages to be handled by the first build",
         Duration::from_secs(60),
-        async || HandlerStats::get(&stats.handled) >= 20,
+        async || stats.snapshot().handled >= 20,
     )
     .await;
     handler.replace(&v2).await.unwrap();

@@ -18,7 +18,7 @@ use switchyard::app::App;
 use switchyard::config::{ComponentConfig, Manifest, TopicConfig};
 use switchyard::results::{PREDICTIONS, PredictionRecord, Results, ResultsConfig, ResultsError};
 use switchyard::runtime::RuntimeOptions;
-use switchyard::runtime::host::SENT_BY_HEADER;
+use switchyard::runtime::SENT_BY_HEADER;
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::OutgoingMessage;
 
@@ -193,10 +193,7 @@ async fn a_consumer_without_the_grant_stores_nothing_and_handles_its_messages() 
     )
     .await;
     let consumer = app.handler("consumer").unwrap();
-    assert_eq!(
-        switchyard::runtime::HandlerStats::get(&consumer.stats().handled),
-        1
-    );
+    assert_eq!(consumer.stats().snapshot().handled, 1);
     app.stop().await.unwrap();
     let results = Results::open(&store).await.unwrap();
     assert_eq!(results.count_predictions("ungranted").await.unwrap(), 0);

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
 use switchyard::nn::NnEngine;
+use switchyard::runtime::SENT_BY_HEADER;
 use switchyard::runtime::engine::{CacheOutcome, PoolSize};
-use switchyard::runtime::host::SENT_BY_HEADER;
-use switchyard::runtime::{HandlerStats, Runtime, RuntimeError, RuntimeOptions};
+use switchyard::runtime::{Runtime, RuntimeError, RuntimeOptions};
 use switchyard_broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
 
 fn config(name: &str) -> ComponentConfig {
@@ -279,14 +279,10 @@ async fn the_sandbox_grants_its_preopens_read_only_and_nothing_else() {
     support::wait_until(
         "the probe to be handled",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.handled) + HandlerStats::get(&stats.gave_up) > 0,
+        async || stats.snapshot().handled + stats.snapshot().gave_up > 0,
     )
     .await;
-    assert_eq!(
-        HandlerStats::get(&stats.handled),
-        1,
-        "the probe ran: {stats:?}"
-    );
+    assert_eq!(stats.snapshot().handled, 1, "the probe ran: {stats:?}");
     let report = next_payload(replies.as_ref()).await;
     let outcome = |name: &str| {
         report
@@ -399,10 +395,10 @@ async fn a_failing_message_is_not_settled_while_it_is_retried() {
     send(broker.as_ref(), &input, b"not an image".to_vec(), "bad-1").await;
     let stats = Arc::clone(handler.stats());
     support::wait_until("two failed attempts", Duration::from_secs(60), async || {
-        HandlerStats::get(&stats.retries) >= 2
+        stats.snapshot().retried >= 2
     })
     .await;
-    assert_eq!(HandlerStats::get(&stats.handled), 0);
+    assert_eq!(stats.snapshot().handled, 0);
     handler.stop().await.unwrap();
 
     // The next member of the group gets the message again.
@@ -463,10 +459,10 @@ async fn a_bad_message_is_given_up_on_and_the_pipeline_moves_on() {
     support::wait_until(
         "the bad message to be given up",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.gave_up) == 1,
+        async || stats.snapshot().gave_up == 1,
     )
     .await;
-    assert_eq!(HandlerStats::get(&stats.handled), 1);
+    assert_eq!(stats.snapshot().handled, 1);
     handler.stop().await.unwrap();
 
     // Both were settled: a new member of the group receives neither.
@@ -523,14 +519,10 @@ async fn a_model_the_host_cannot_load_is_an_error_for_the_guest_not_a_trap() {
     support::wait_until(
         "the request to be given up",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.gave_up) == 1,
+        async || stats.snapshot().gave_up == 1,
     )
     .await;
-    assert_eq!(
-        HandlerStats::get(&stats.traps),
-        0,
-        "wasi:nn errors are values"
-    );
+    assert_eq!(stats.snapshot().traps, 0, "wasi:nn errors are values");
     handler.stop().await.unwrap();
 }
 
@@ -611,9 +603,9 @@ async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
     .await
     .expect("every message settled")
     .unwrap();
-    assert_eq!(HandlerStats::get(&stats.handled), 3);
-    assert_eq!(HandlerStats::get(&stats.traps), 1);
-    assert_eq!(HandlerStats::get(&stats.gave_up), 1);
+    assert_eq!(stats.snapshot().handled, 3);
+    assert_eq!(stats.snapshot().traps, 1);
+    assert_eq!(stats.snapshot().gave_up, 1);
     replies.close().await.unwrap();
     handler.stop().await.unwrap();
 }
@@ -663,10 +655,10 @@ async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_hos
     support::wait_until(
         "the three bad messages to be given up and both good ones settled",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.gave_up) == 3 && HandlerStats::get(&stats.handled) == 2,
+        async || stats.snapshot().gave_up == 3 && stats.snapshot().handled == 2,
     )
     .await;
-    assert_eq!(HandlerStats::get(&stats.traps), 6);
+    assert_eq!(stats.snapshot().traps, 6);
     replies.close().await.unwrap();
     handler.stop().await.unwrap();
 }
@@ -730,11 +722,11 @@ async fn waiting_messages_come_in_batches_and_each_keeps_its_own_outcome() {
     support::wait_until(
         "every message to be settled",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.handled) + HandlerStats::get(&stats.gave_up) == 41,
+        async || stats.snapshot().handled + stats.snapshot().gave_up == 41,
     )
     .await;
-    assert_eq!(HandlerStats::get(&stats.handled), 31, "{sizes:?}");
-    assert_eq!(HandlerStats::get(&stats.gave_up), 10, "{sizes:?}");
+    assert_eq!(stats.snapshot().handled, 31, "{sizes:?}");
+    assert_eq!(stats.snapshot().gave_up, 10, "{sizes:?}");
     assert!(
         sizes.iter().all(|&size| (1..=8).contains(&size)),
         "no call beyond the manifest's batch: {sizes:?}"
@@ -764,12 +756,12 @@ async fn a_trap_in_a_batch_costs_only_the_message_that_caused_it() {
     support::wait_until(
         "every message to be settled",
         Duration::from_secs(30),
-        async || HandlerStats::get(&stats.handled) + HandlerStats::get(&stats.gave_up) == 8,
+        async || stats.snapshot().handled + stats.snapshot().gave_up == 8,
     )
     .await;
     // Whether the trap came alone or in a batch, only it is given up on.
-    assert_eq!(HandlerStats::get(&stats.gave_up), 1);
-    assert_eq!(HandlerStats::get(&stats.handled), 7);
-    assert!(HandlerStats::get(&stats.traps) >= 1);
+    assert_eq!(stats.snapshot().gave_up, 1);
+    assert_eq!(stats.snapshot().handled, 7);
+    assert!(stats.snapshot().traps >= 1);
     handler.stop().await.unwrap();
 }

@@ -121,8 +121,10 @@ pub enum BrokerUrlError {
 }
 
 /// What an `embedded` URL takes.
+#[cfg(feature = "kafka")]
 const EMBEDDED_TAKES: &str = "listen=HOST:PORT";
 /// What a `pubsub://` URL takes.
+#[cfg(feature = "pubsub")]
 const PUBSUB_TAKES: &str = "endpoint, anonymous, create_resources, ack_deadline_s, streams, \
      max_outstanding_messages, max_outstanding_publishes, batch_max_messages, \
      batch_max_delay_ms, connect_timeout_ms, dead_letter_topic, max_delivery_attempts and \
@@ -141,6 +143,7 @@ const PARAMETER: &AsciiSet = &CONTROLS
     .add(b'?');
 
 /// Property names whose values a [`BrokerConfig`]'s `Display` hides.
+#[cfg(feature = "kafka")]
 const SECRET_WORDS: [&str; 3] = ["password", "secret", "token"];
 
 impl BrokerConfig {
@@ -201,6 +204,8 @@ impl BrokerConfig {
         }
     }
 
+    // Only Kafka's properties hold secrets: without Kafka there is nothing to hide.
+    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
     fn url(&self, redact: bool) -> String {
         match self {
             #[cfg(feature = "kafka")]

@@ -10,7 +10,7 @@
 //! model natively. The component keeps the model file and the logic around it, so it stays
 //! portable to any wasi-nn host, and one without the grant runs its own engine instead.
 //!
-//! This module is the engines and what they share; `runtime::nn` is the WIT side. A model is
+//! This module is the engines and what they share; `runtime::interfaces::wasi_nn` is the WIT side. A model is
 //! loaded once per host however many instances load it: [`NnHost`] keeps loaded graphs by the
 //! SHA-256 of their bytes and the engine, so warm instances and their replacements share one
 //! parsed model and its optimized plans.
@@ -65,7 +65,7 @@ impl NnEngine {
     }
 
     /// Whether this host can run the engine; the error says how to make it able.
-    pub fn check_available(self) -> Result<(), String> {
+    pub fn check_available(self) -> Result<(), onnxruntime::Unavailable> {
         match self {
             NnEngine::Onnxruntime => onnxruntime::available(),
             NnEngine::Auto | NnEngine::Tract => Ok(()),
@@ -246,7 +246,7 @@ impl NnHost {
         let graph: Arc<dyn Graph> = match engine {
             NnEngine::Auto | NnEngine::Tract => Arc::new(tract::TractGraph::load(model, encoding)?),
             NnEngine::Onnxruntime => {
-                onnxruntime::available().map_err(NnError::Unsupported)?;
+                onnxruntime::available().map_err(|e| NnError::Unsupported(e.to_string()))?;
                 Arc::new(onnxruntime::OrtGraph::load(model)?)
             }
         };

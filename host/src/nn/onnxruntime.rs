@@ -52,6 +52,33 @@ pub enum InstallError {
     },
 }
 
+/// Why ONNX Runtime cannot be used in this process, and how to make it usable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    /// No library to load.
+    #[error(
+        "ONNX Runtime is not installed: `switchyard install-onnxruntime` fetches {VERSION} from \
+         PyPI (or set {LIBRARY_ENV} to a libonnxruntime.so)"
+    )]
+    NotInstalled,
+    /// The library is there but does not load.
+    #[error("cannot load {}: {error}", path.display())]
+    Load {
+        /// The library.
+        path: PathBuf,
+        /// What loading it said (in the message, so not also a `source`).
+        error: Arc<ort::LoadDynamicError>,
+    },
+    /// The library loaded but its environment does not start.
+    #[error("cannot start ONNX Runtime from {}: {error}", path.display())]
+    Start {
+        /// The library.
+        path: PathBuf,
+        /// What ONNX Runtime said.
+        error: Arc<ort::Error>,
+    },
+}
+
 /// Where `install` puts the library: `$XDG_CACHE_HOME/switchyard` or `~/.cache/switchyard`,
 /// never the shared temp directory.
 pub fn install_dir() -> Option<PathBuf> {
@@ -80,10 +107,11 @@ pub fn library_path() -> Option<PathBuf> {
 /// The process's ONNX Runtime environment, created on first use from [`library_path`]; the
 /// error says why there is none and how to get it. A library that is not there yet is looked
 /// for again next time (it may be installed meanwhile); one that failed to load is not.
-fn environment() -> Result<&'static ort::environment::Environment, String> {
-    static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+fn environment() -> Result<&'static ort::environment::Environment, Unavailable> {
+    static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, Unavailable>> =
+        OnceLock::new();
     static LOADING: Mutex<()> = Mutex::new(());
-    let loaded = |result: &'static Result<_, String>| result.as_ref().map_err(Clone::clone);
+    let loaded = |result: &'static Result<_, Unavailable>| result.as_ref().map_err(Clone::clone);
     if let Some(result) = ENVIRONMENT.get() {
         return loaded(result);
     }
@@ -93,19 +121,20 @@ fn environment() -> Result<&'static ort::environment::Environment, String> {
     if let Some(result) = ENVIRONMENT.get() {
         return loaded(result);
     }
-    let path = library_path().ok_or_else(|| {
-        format!(
-            "ONNX Runtime is not installed: `switchyard install-onnxruntime` fetches {VERSION} \
-             from PyPI (or set {LIBRARY_ENV} to a libonnxruntime.so)"
-        )
-    })?;
+    let path = library_path().ok_or(Unavailable::NotInstalled)?;
     let result = ort::init_from(&path)
-        .map_err(|e| format!("cannot load {}: {e}", path.display()))
+        .map_err(|error| Unavailable::Load {
+            path: path.clone(),
+            error: Arc::new(error),
+        })
         .and_then(|builder| {
             builder
                 .with_name("switchyard")
                 .build()
-                .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", path.display()))
+                .map_err(|error| Unavailable::Start {
+                    path: path.clone(),
+                    error: Arc::new(error),
+                })
         });
     if result.is_ok() {
         tracing::info!("ONNX Runtime loaded from {}", path.display());
@@ -114,7 +143,7 @@ fn environment() -> Result<&'static ort::environment::Environment, String> {
 }
 
 /// Whether ONNX Runtime can be used in this process (loading it on first call).
-pub fn available() -> Result<(), String> {
+pub fn available() -> Result<(), Unavailable> {
     environment().map(|_| ())
 }
 
@@ -230,7 +259,7 @@ impl OrtGraph {
 /// One session per caller, single-threaded: the host runs one per worker, and workers are
 /// already as many as the cores the operator gave them.
 fn open(bytes: &[u8]) -> Result<OrtSession, ort::Error> {
-    let environment = environment().map_err(ort::Error::new)?;
+    let environment = environment().map_err(|e| ort::Error::new(e.to_string()))?;
     OrtSession::builder(environment)?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
         .with_intra_threads(1)?

@@ -6,39 +6,37 @@
 //! that one instance, which is thrown away and replaced; the message is retried, and settled
 //! only once handled or given up on after the retry policy's attempts.
 
+pub mod bindings;
 pub mod cache;
 pub mod engine;
-pub mod host;
-pub mod nn;
-pub mod progress;
-pub mod results;
-pub mod test_support;
+mod instance;
+pub mod interfaces;
 mod worker;
 pub mod world;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use wasmtime::Engine;
 use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker};
-use wasmtime::{Engine, Store, StoreLimitsBuilder};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::config::ComponentConfig;
-use crate::metrics::{ComponentMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::nn::NnHost;
 use crate::results::Results;
+use bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
+use bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
-use host::bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
-use host::bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
-use host::{ComponentState, MessageLimits, MessagingCtx, ReceiptSink};
-use nn::NnCtx;
-use results::ResultsCtx;
+use instance::{InstanceState, Shared, new_store, within_deadline};
+use interfaces::messaging::ReceiptSink;
+use interfaces::progress::ProgressCtx;
+use interfaces::test_support::{SentLog, UnitTestBroker};
 use switchyard_broker::{Broker, BrokerError, Publisher};
 
-pub use worker::{HandlerGroup, HandlerStats};
+pub use interfaces::messaging::SENT_BY_HEADER;
+pub use worker::{HandlerCounts, HandlerGroup, HandlerStats};
 
 /// Name of the optional report export (`switchyard:host/report`).
 pub const REPORT_INTERFACE: &str = "switchyard:host/report@0.1.0";
@@ -75,13 +73,80 @@ pub enum RuntimeError {
     /// The metrics cannot be registered or served.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
-    /// A component trapped or failed outside of message handling.
-    #[error("component {component}: {message}")]
-    Failed {
+    /// The inference engine a manifest entry asks for cannot run on this host.
+    #[error(
+        "{component}: its manifest entry asks for nn = \"{}\", but {reason}; or choose \
+         nn = \"auto\" or \"tract\"",
+        engine.manifest_value()
+    )]
+    NnUnavailable {
         /// The component's name.
         component: String,
-        /// What happened.
-        message: String,
+        /// The engine asked for.
+        engine: crate::nn::NnEngine,
+        /// Why it cannot run, and how to make it able (in the message, not also a source).
+        reason: crate::nn::onnxruntime::Unavailable,
+    },
+    /// A directory the manifest entry preopens cannot be opened.
+    #[error("component {component}: cannot open preopen {}: {error}", path.display())]
+    Preopen {
+        /// The component's name.
+        component: String,
+        /// The host directory.
+        path: PathBuf,
+        /// What failed.
+        error: String,
+    },
+    /// An instance of the component could not be made.
+    #[error("component {component}: cannot instantiate: {error}")]
+    Instantiate {
+        /// The component's name.
+        component: String,
+        /// What failed.
+        error: String,
+    },
+    /// The component trapped (or hit a limit) outside message handling: in a command's run.
+    #[error("component {component}: trapped: {trap}")]
+    Trapped {
+        /// The component's name.
+        component: String,
+        /// The trap, with its Wasm backtrace.
+        trap: String,
+        /// Whether the trap is a Rust panic of the guest (its backtrace passes through the
+        /// standard library's panic machinery): the panic's own message, printed on the
+        /// guest's standard error, says more than the backtrace.
+        rust_panic: bool,
+    },
+    /// A handler was asked to take a build that cannot replace it between messages.
+    #[error(
+        "component {component}: {replacement} cannot replace it in place: its name, subscription \
+         (`subscribe`, `group`, `start`) or pool (`workers`, `batch`) differs; stop it and start \
+         the new one"
+    )]
+    NotReplaceable {
+        /// The running handler.
+        component: String,
+        /// The build offered in its place.
+        replacement: String,
+    },
+    /// A deploy asked to replace a handler that is not running.
+    #[error("component {component}: it is not running, so it cannot be replaced")]
+    NotRunning {
+        /// The component's name.
+        component: String,
+    },
+    /// Tasks of the host itself panicked (a bug in switchyard, never a guest's trap).
+    #[error(
+        "component {component}: {count} of its worker tasks panicked (a bug in switchyard; \
+         please report it): {first}"
+    )]
+    HostPanicked {
+        /// The component whose tasks they were.
+        component: String,
+        /// How many panicked.
+        count: usize,
+        /// The first panic's message.
+        first: String,
     },
 }
 
@@ -111,13 +176,10 @@ fn check_as(
     if let Some(engine) = config.nn {
         engine
             .check_available()
-            .map_err(|reason| RuntimeError::Failed {
+            .map_err(|reason| RuntimeError::NnUnavailable {
                 component: name.to_string(),
-                message: format!(
-                    "its manifest entry asks for nn = \"{}\", but {reason}; or choose \
-                     nn = \"auto\" or \"tract\"",
-                    engine.manifest_value()
-                ),
+                engine,
+                reason,
             })?;
     }
     Ok(shape)
@@ -150,7 +212,7 @@ impl Default for RuntimeOptions {
 /// The engine, the linker and the broker connection shared by every component of a host.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<ComponentState>,
+    linker: Linker<InstanceState>,
     // Before `broker`: the publisher must go before the broker (an embedded one stops with it).
     publisher: Arc<dyn Publisher>,
     broker: Arc<dyn Broker>,
@@ -159,7 +221,7 @@ pub struct Runtime {
     results: Option<Arc<Results>>,
     cache: Option<cache::ArtifactCache>,
     /// Test mode (`switchyard test`): where sends are recorded, and `test-support` is linked.
-    sent_log: Option<Arc<test_support::SentLog>>,
+    sent_log: Option<Arc<SentLog>>,
     pool: engine::PoolSize,
     /// Whether commands' progress is shown.
     show_progress: bool,
@@ -173,7 +235,7 @@ pub struct Runtime {
 pub struct LoadedComponent {
     name: Arc<str>,
     config: Arc<ComponentConfig>,
-    pre: InstancePre<ComponentState>,
+    pre: InstancePre<InstanceState>,
     report: Option<ComponentExportIndex>,
     /// Where its `wasi:messaging/incoming-handler` export is (handlers only).
     handle: Option<IncomingHandlerIndices>,
@@ -223,6 +285,28 @@ pub struct CommandOutcome {
     pub first_error: Option<String>,
 }
 
+impl CommandOutcome {
+    /// Whether it exited with 0 and the broker stored every message it sent.
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == 0 && self.failed == 0
+    }
+}
+
+/// `exited with 0 (120 messages delivered, 0 failed)`, and the first delivery error if any.
+impl std::fmt::Display for CommandOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exited with {} ({} messages delivered, {} failed",
+            self.exit_code, self.delivered, self.failed
+        )?;
+        if let Some(error) = &self.first_error {
+            write!(f, "; first delivery error: {error}")?;
+        }
+        f.write_str(")")
+    }
+}
+
 impl Runtime {
     /// Creates a runtime on a broker.
     pub async fn new(
@@ -236,7 +320,7 @@ impl Runtime {
     /// broker (sends are recorded and acknowledged at once, nothing can subscribe) and
     /// `switchyard:host/test-support` linked, through which the tests read what was sent.
     pub async fn for_unit_tests(options: RuntimeOptions) -> Result<Self, RuntimeError> {
-        let broker = test_support::UnitTestBroker::default();
+        let broker = UnitTestBroker::default();
         let sent = broker.sent().clone();
         Self::assemble(Arc::new(broker), options, Some(sent)).await
     }
@@ -244,15 +328,12 @@ impl Runtime {
     async fn assemble(
         broker: Arc<dyn Broker>,
         options: RuntimeOptions,
-        sent_log: Option<Arc<test_support::SentLog>>,
+        sent_log: Option<Arc<SentLog>>,
     ) -> Result<Self, RuntimeError> {
         let engine = engine::engine(options.pool)?;
         let mut linker = Linker::new(&engine);
-        let linked = host::add_to_linker(&mut linker).and_then(|()| match sent_log {
-            Some(_) => test_support::add_to_linker(&mut linker),
-            None => Ok(()),
-        });
-        linked.map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        instance::add_to_linker(&mut linker, sent_log.is_some())
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let publisher = broker.publisher().await?;
         // Test mode writes results into a store in memory, which each test run starts empty.
         let results = match sent_log {
@@ -418,15 +499,16 @@ impl Runtime {
             (delivered, failed, first_error)
         });
 
-        let failed = |message: String| RuntimeError::Failed {
+        let instantiate = |e: wasmtime::Error| RuntimeError::Instantiate {
             component: component.name.to_string(),
-            message,
+            error: format!("{e:#}"),
+        };
+        let shared = Shared {
+            publisher,
+            ..self.shared()
         };
         let mut store = new_store(
-            &self.engine,
-            publisher,
-            &self.nn,
-            self.results.as_ref(),
+            &shared,
             component,
             ReceiptSink::Forward(sender),
             self.metrics.component(&component.name),
@@ -434,43 +516,56 @@ impl Runtime {
         let max_call_ms = component.config.limits.max_call_ms;
         let deadline =
             (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
-        store.data_mut().deadline = deadline;
-        store.data_mut().progress =
-            progress::ProgressCtx::new(component.name.clone(), self.show_progress);
+        let state = store.data_mut();
+        state.deadline = deadline;
+        state.progress = ProgressCtx::new(component.name.clone(), self.show_progress);
         if let Some(sent_log) = &self.sent_log {
-            store.data_mut().test_support = Some(sent_log.clone());
-            store.data_mut().messaging.grant_every_topic();
-            store.data_mut().results = ResultsCtx::new(
-                component.name.clone(),
-                results::Grants::Every,
-                self.results.clone(),
-            );
+            state.for_unit_tests(sent_log.clone(), self.results.clone());
         }
         let command = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())
-            .map_err(|e| failed(format!("{e:#}")))?
+            .map_err(instantiate)?
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| failed(format!("cannot instantiate: {e:#}")))?;
+            .map_err(instantiate)?;
         let run = command.wasi_cli_run().call_run(&mut store);
         let exit_code = match within_deadline(&component.name, deadline, run).await {
             Ok(Ok(())) => 0,
             Ok(Err(())) => 1,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(exit) => exit.0,
-                None => return Err(failed(format!("trapped: {e:#}"))),
+                None => {
+                    return Err(RuntimeError::Trapped {
+                        component: component.name.to_string(),
+                        rust_panic: is_rust_panic(&e),
+                        trap: format!("{e:#}"),
+                    });
+                }
             },
         };
         store.data_mut().progress.finish();
         drop(store);
-        let (delivered, failed_count, first_error) = counter
-            .await
-            .map_err(|e| failed(format!("delivery counter failed: {e}")))?;
+        let (delivered, failed_count, first_error) =
+            counter.await.map_err(|e| RuntimeError::HostPanicked {
+                component: component.name.to_string(),
+                count: 1,
+                first: format!("counting its deliveries: {e}"),
+            })?;
         Ok(CommandOutcome {
             exit_code,
             delivered,
             failed: failed_count,
             first_error,
         })
+    }
+
+    /// What its instances share.
+    fn shared(&self) -> Shared<'_> {
+        Shared {
+            engine: &self.engine,
+            publisher: &self.publisher,
+            nn: &self.nn,
+            results: self.results.as_ref(),
+        }
     }
 
     /// Subscribes a handler component and starts its workers.
@@ -482,101 +577,17 @@ impl Runtime {
     }
 }
 
-/// A fresh store for `component` with exactly its grants: its arguments, its preopened
-/// directories, no environment variables, no network, its memory limit, and an epoch callback
-/// that yields every tick and traps once the call's deadline has passed.
-fn new_store(
-    engine: &Engine,
-    publisher: &Arc<dyn Publisher>,
-    nn: &Arc<NnHost>,
-    results: Option<&Arc<Results>>,
-    component: &LoadedComponent,
-    receipts: ReceiptSink,
-    metrics: ComponentMetrics,
-) -> Result<Store<ComponentState>, RuntimeError> {
-    let config = &component.config;
-    let mut wasi = WasiCtxBuilder::new();
-    wasi.inherit_stdout()
-        .stderr(crate::progress::GuestStderr::new())
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false)
-        .arg(component.name.as_ref())
-        .args(&config.args);
-    for preopen in &config.preopens {
-        let perms = if preopen.writable {
-            FsPerms::ReadWrite
-        } else {
-            FsPerms::ReadOnly
-        };
-        wasi.preopened_dir(&preopen.host, &preopen.guest, perms)
-            .map_err(|e| RuntimeError::Failed {
-                component: component.name.to_string(),
-                message: format!("cannot open preopen {}: {e:#}", preopen.host.display()),
-            })?;
-    }
-    let limits = StoreLimitsBuilder::new()
-        .memory_size(usize::try_from(config.limits.max_memory_mb << 20).unwrap_or(usize::MAX))
-        .trap_on_grow_failure(true)
-        .build();
-    let messaging = MessagingCtx::new(
-        component.name.clone(),
-        &component.version,
-        publisher.clone(),
-        Arc::new(config.publish.iter().cloned().collect::<HashSet<_>>()),
-        receipts,
-        MessageLimits::from(&config.limits),
-        metrics,
-    );
-    let nn = NnCtx::new(component.name.clone(), config.nn, nn.clone());
-    let results = ResultsCtx::new(
-        component.name.clone(),
-        results::Grants::Tables(Arc::new(config.results.iter().cloned().collect())),
-        results.cloned(),
-    );
-    let max_resources = usize::try_from(config.limits.max_resources).unwrap_or(usize::MAX);
-    let mut store = Store::new(
-        engine,
-        ComponentState::new(wasi.build(), limits, max_resources, messaging, nn, results),
-    );
-    store.limiter(|state| state.limiter());
-    let name = component.name.clone();
-    store.epoch_deadline_callback(move |context| match context.data().deadline {
-        Some(deadline) if Instant::now() >= deadline => Err(wasmtime::Error::msg(format!(
-            "component {name} exceeded its max_call_ms limit"
-        ))),
-        // Yield to the async executor each tick so one busy guest cannot starve the
-        // others and the broker's tasks.
-        _ => Ok(wasmtime::UpdateDeadline::Yield(1)),
-    });
-    store.set_epoch_deadline(1);
-    Ok(store)
-}
-
-/// How long past its deadline a call waiting in a host call is cut off. Running Wasm is
-/// stopped at the deadline by the epoch callback; this only catches a guest blocked in the
-/// host, so it leaves that callback time to act first.
-const HOST_WAIT_GRACE: Duration = Duration::from_millis(250);
-
-/// Runs one guest call under `deadline`. The epoch callback stops a guest that is running Wasm
-/// past its deadline, but never runs while the guest waits in a host call (sleeping on a
-/// clock, polling a socket), so such a call is dropped here instead: it costs the instance,
-/// as a trap does, and never the worker.
-async fn within_deadline<T>(
-    component: &str,
-    deadline: Option<Instant>,
-    call: impl std::future::Future<Output = wasmtime::Result<T>>,
-) -> wasmtime::Result<T> {
-    let Some(deadline) = deadline else {
-        return call.await;
-    };
-    let cut_off = tokio::time::Instant::from_std(deadline) + HOST_WAIT_GRACE;
-    match tokio::time::timeout_at(cut_off, call).await {
-        Ok(result) => result,
-        Err(_) => Err(wasmtime::Error::msg(format!(
-            "component {component} exceeded its max_call_ms limit while waiting in a host call"
-        ))),
-    }
+/// Whether a trap is a Rust panic of the guest: on wasm32 a panic aborts through the standard
+/// library's panic machinery, whose frames the trap's Wasm backtrace names.
+fn is_rust_panic(trap: &wasmtime::Error) -> bool {
+    trap.downcast_ref::<wasmtime::WasmBacktrace>()
+        .is_some_and(|backtrace| {
+            backtrace.frames().iter().any(|frame| {
+                frame
+                    .func_name()
+                    .is_some_and(|name| name.contains("::panicking::"))
+            })
+        })
 }
 
 fn report_export(component: &Component) -> Option<ComponentExportIndex> {

@@ -44,11 +44,12 @@ use tracing::Instrument;
 use wasmtime::Store;
 use wasmtime::component::Instance;
 
-use super::host::bindings::exports::switchyard::host::batch::Guest as BatchExport;
-use super::host::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
-use super::host::bindings::wasi::messaging::types::Error as WitError;
-use super::host::{ComponentState, ReceiptSink};
-use super::{LoadedComponent, Runtime, RuntimeError, new_store, within_deadline};
+use super::bindings::exports::switchyard::host::batch::Guest as BatchExport;
+use super::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
+use super::bindings::wasi::messaging::types::Error as WitError;
+use super::instance::{InstanceState, Shared, new_store, within_deadline};
+use super::interfaces::messaging::ReceiptSink;
+use super::{LoadedComponent, Runtime, RuntimeError};
 use crate::metrics::{ComponentMetrics, FailureKind};
 use switchyard_broker::dead_letter::{self, Reason};
 use switchyard_broker::{
@@ -59,25 +60,48 @@ use switchyard_broker::{
 /// Counters of one handler component, updated as it works. Each count also goes to the
 /// runtime's [`Metrics`](crate::metrics::Metrics), by topic where it has one, so what
 /// `switchyard run` prints when it stops and what `/metrics` shows are counted in one place.
+/// Read them with [`HandlerStats::snapshot`].
 #[derive(Debug)]
 pub struct HandlerStats {
-    /// Deliveries taken from the subscription.
-    pub received: AtomicU64,
-    /// Deliveries handled successfully and acknowledged.
-    pub handled: AtomicU64,
-    /// Deliveries given up on after the last attempt, and settled: dead-lettered, or dropped
-    /// when dead letters are off.
-    pub gave_up: AtomicU64,
-    /// Of those, the ones written to a dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Attempts that failed and were retried.
-    pub retries: AtomicU64,
-    /// Instances lost to a trap and replaced.
-    pub traps: AtomicU64,
+    received: AtomicU64,
+    handled: AtomicU64,
+    gave_up: AtomicU64,
+    dead_lettered: AtomicU64,
+    retries: AtomicU64,
+    traps: AtomicU64,
     /// Deliveries settled so far (handled, or given up on): a watch, so whoever waits for a
     /// handler's progress wakes when it moves instead of polling.
     settled: watch::Sender<u64>,
     metrics: ComponentMetrics,
+}
+
+/// A handler's counters at one moment; `Display` writes them as `switchyard run` prints them
+/// when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HandlerCounts {
+    /// Deliveries taken from the subscription.
+    pub received: u64,
+    /// Deliveries handled successfully and acknowledged.
+    pub handled: u64,
+    /// Attempts that failed and were retried.
+    pub retried: u64,
+    /// Deliveries given up on after the last attempt, and settled: dead-lettered, or dropped
+    /// when dead letters are off.
+    pub gave_up: u64,
+    /// Of those, the ones written to a dead-letter topic.
+    pub dead_lettered: u64,
+    /// Instances lost to a trap and replaced.
+    pub traps: u64,
+}
+
+impl std::fmt::Display for HandlerCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "received {}, handled {}, retried {}, gave up {} ({} dead-lettered), traps {}",
+            self.received, self.handled, self.retried, self.gave_up, self.dead_lettered, self.traps
+        )
+    }
 }
 
 impl HandlerStats {
@@ -133,9 +157,17 @@ impl HandlerStats {
         self.settled.subscribe()
     }
 
-    /// Reads a counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// The counters now.
+    pub fn snapshot(&self) -> HandlerCounts {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        HandlerCounts {
+            received: read(&self.received),
+            handled: read(&self.handled),
+            retried: read(&self.retries),
+            gave_up: read(&self.gave_up),
+            dead_lettered: read(&self.dead_lettered),
+            traps: read(&self.traps),
+        }
     }
 }
 
@@ -201,14 +233,9 @@ impl HandlerGroup {
         let same_subscription =
             component.name == self.name && self.config.can_replace_in_place(&component.config);
         if !same_subscription {
-            return Err(RuntimeError::Failed {
+            return Err(RuntimeError::NotReplaceable {
                 component: self.name.to_string(),
-                message: format!(
-                    "{} cannot replace it in place: its name, subscription (`subscribe`, \
-                     `group`, `start`) or pool (`workers`, `batch`) differs; stop it and start \
-                     the new one",
-                    component.name
-                ),
+                replacement: component.name.to_string(),
             });
         }
         let mut switched = Vec::with_capacity(self.workers.len());
@@ -259,13 +286,10 @@ impl HandlerGroup {
         }
         self.subscriber.close().await?;
         match panics.first() {
-            Some(first) => Err(RuntimeError::Failed {
+            Some(first) => Err(RuntimeError::HostPanicked {
                 component: self.name.to_string(),
-                message: format!(
-                    "{} of its worker tasks panicked (a bug in switchyard; please report it): \
-                     {first}",
-                    panics.len()
-                ),
+                count: panics.len(),
+                first: first.clone(),
             }),
             None => Ok(()),
         }
@@ -438,7 +462,7 @@ fn batch_bound(component: &LoadedComponent) -> usize {
 
 /// A warm instance.
 struct Live {
-    store: Store<ComponentState>,
+    store: Store<InstanceState>,
     instance: Instance,
     handle: HandleExport,
     batch: Option<BatchExport>,
@@ -855,11 +879,14 @@ impl Worker {
 
     async fn live(&mut self) -> Result<&mut Live, Failure> {
         if self.live.is_none() {
+            let shared = Shared {
+                engine: &self.engine,
+                publisher: &self.publisher,
+                nn: &self.nn,
+                results: self.results.as_ref(),
+            };
             let mut store = new_store(
-                &self.engine,
-                &self.publisher,
-                &self.nn,
-                self.results.as_ref(),
+                &shared,
                 &self.component,
                 ReceiptSink::Collect(Vec::new()),
                 self.settling.stats.metrics.clone(),
@@ -918,6 +945,7 @@ impl Worker {
         let mut messages = Vec::with_capacity(jobs.len());
         for job in jobs {
             let message = state
+                .messaging()
                 .push_incoming(&job.delivery.message)
                 .map_err(|e| Failure::Trap(format!("{e:#}")))?;
             messages.push(message);

@@ -54,7 +54,7 @@ pub fn sent_by(message: &switchyard_broker::IncomingMessage) -> String {
     message
         .headers
         .iter()
-        .find(|(name, _)| name == switchyard::runtime::host::SENT_BY_HEADER)
+        .find(|(name, _)| name == switchyard::runtime::SENT_BY_HEADER)
         .map(|(_, build)| build.clone())
         .expect("a message a component sent names the build that sent it")
 }

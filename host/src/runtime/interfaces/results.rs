@@ -1,19 +1,19 @@
-//! The host side of `switchyard:host/results`: what a component's `table.open` and
-//! `table.insert` calls do.
+//! `switchyard:host/results`: what a component's `table.open` and `table.insert` calls do.
 //!
 //! A component may open only the tables its manifest entry grants (`results`); anything else,
 //! and every database failure, comes back as a WIT `error`, never a trap, so a handler can
 //! return an error and have its message retried. The store and the schema are in
 //! [`crate::results`]; this file turns WIT values into its rows and its errors into WIT errors.
+//! The state is a [`ResultsCtx`] per instance; the host calls work on a [`ResultsView`] of it
+//! and the instance's resource table.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use wasmtime::component::Resource;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use super::host::ComponentState;
-use super::host::bindings::switchyard::host::results::{self, Error, Value as WitValue};
 use crate::results::{Results, ResultsError, TableSchema, Value};
+use crate::runtime::bindings::switchyard::host::results::{self, Error, Value as WitValue};
 
 /// A table as the guest holds it.
 #[derive(Debug)]
@@ -53,6 +53,30 @@ impl ResultsCtx {
     }
 }
 
+/// What the `switchyard:host/results` host calls work on: the instance's results context and
+/// its resource table, borrowed from the store's state for one call.
+pub struct ResultsView<'a> {
+    /// The instance's results context.
+    pub ctx: &'a ResultsCtx,
+    /// The instance's resource table, where its open tables live.
+    pub table: &'a mut ResourceTable,
+}
+
+/// `switchyard:host/results` as wasmtime's linker names it: its data is a [`ResultsView`].
+struct ResultsInterface;
+
+impl HasData for ResultsInterface {
+    type Data<'a> = ResultsView<'a>;
+}
+
+/// Adds `switchyard:host/results` to a linker, reaching each instance's through `view`.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> ResultsView<'_>,
+) -> wasmtime::Result<()> {
+    results::add_to_linker::<T, ResultsInterface>(linker, view)
+}
+
 fn wit_error(error: ResultsError) -> Error {
     match error {
         ResultsError::AccessDenied { .. } => Error::AccessDenied(error.to_string()),
@@ -71,11 +95,11 @@ fn value(value: WitValue) -> Value {
     }
 }
 
-impl results::Host for ComponentState {}
+impl results::Host for ResultsView<'_> {}
 
-impl results::HostTable for ComponentState {
+impl results::HostTable for ResultsView<'_> {
     async fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<HostTable>, Error>> {
-        let ctx = &self.results;
+        let ctx = self.ctx;
         let Some(table) = crate::results::table(&name) else {
             return Ok(Err(wit_error(ResultsError::NoSuchTable { table: name })));
         };
@@ -85,7 +109,7 @@ impl results::HostTable for ComponentState {
                 table: name,
             })));
         }
-        Ok(Ok(self.table().push(HostTable(table))?))
+        Ok(Ok(self.table.push(HostTable(table))?))
     }
 
     async fn insert(
@@ -93,8 +117,8 @@ impl results::HostTable for ComponentState {
         table: Resource<HostTable>,
         rows: Vec<Vec<(String, WitValue)>>,
     ) -> wasmtime::Result<Result<u32, Error>> {
-        let schema = self.table().get(&table)?.0;
-        let Some(store) = self.results.store.clone() else {
+        let schema = self.table.get(&table)?.0;
+        let Some(store) = self.ctx.store.clone() else {
             return Ok(Err(wit_error(ResultsError::NoStore)));
         };
         let rows = rows
@@ -108,14 +132,14 @@ impl results::HostTable for ComponentState {
         Ok(match store.insert(schema, rows).await {
             Ok(new) => Ok(u32::try_from(new).unwrap_or(u32::MAX)),
             Err(e) => {
-                tracing::debug!("{}: results: {e}", self.results.component);
+                tracing::debug!("{}: results: {e}", self.ctx.component);
                 Err(wit_error(e))
             }
         })
     }
 
     async fn drop(&mut self, table: Resource<HostTable>) -> wasmtime::Result<()> {
-        self.table().delete(table)?;
+        self.table.delete(table)?;
         Ok(())
     }
 }
