@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use switchyard_broker::{BrokerConfig, ConnectedBroker, Publisher, TopicSpec};
 
-use crate::config::{ComponentConfig, Manifest};
+use crate::manifest::{ComponentConfig, Manifest};
 use crate::metrics::MetricsServer;
 use crate::results::{Results, ResultsConfig};
 use crate::runtime::engine::PoolSize;
@@ -127,7 +127,7 @@ impl App {
     ) -> Result<Self, RuntimeError> {
         // A component that cannot run is refused before the broker is reached.
         for (name, config) in &manifest.components {
-            crate::runtime::check_before_compiling(name, config)?;
+            crate::runtime::check_before_compiling(name, config, &options.tables)?;
         }
         let broker = manifest.broker.connect().await?;
         broker.broker.ensure_topics(&topics(manifest)).await?;
@@ -139,7 +139,7 @@ impl App {
         let mut runtime = Runtime::new(broker.broker.clone(), options).await?;
         let results_config = results_store(manifest);
         if let Some(config) = &results_config {
-            let results = Results::open(config).await?;
+            let results = Results::open(config, runtime.tables()).await?;
             tracing::info!("results go to {}", results.describe());
             runtime = runtime.with_results(Arc::new(results));
         }
@@ -340,8 +340,9 @@ impl App {
         Ok(DeployReport { changes })
     }
 
-    /// One step of [`App::apply`]; a restart's first half (the stop) is done here too, and
-    /// its second half goes back into the plan's order as a start.
+    /// One step of [`App::apply`]. A restart is one step: the old handler stops (committing
+    /// and leaving its group) before the new one starts; [`App::apply`] runs the restarts
+    /// with the stops, before every other step.
     async fn apply_step(
         &mut self,
         step: Step,
@@ -665,7 +666,7 @@ pub enum DeployError {
     /// Applying failed part way.
     #[error(
         "{error} (the deploy stopped there; applied before it: {})",
-        describe(done)
+        applied(done)
     )]
     Applying {
         /// What had been applied.
@@ -675,7 +676,8 @@ pub enum DeployError {
     },
 }
 
-fn describe(done: &[Change]) -> String {
+/// What a deploy that stopped part way had applied, for its error.
+fn applied(done: &[Change]) -> String {
     let applied: Vec<String> = done
         .iter()
         .filter(|change| change.action != Action::Unchanged)

@@ -11,7 +11,7 @@
 //!   `wasi:messaging` host implementation and the handler workers;
 //! - `switchyard-client` (its own crate): producers and consumers for Rust programs, on any
 //!   backend; the CLI's `publish`, `consume` and `replay` use it;
-//! - [`config`]: the TOML manifest;
+//! - [`manifest`]: the TOML manifest;
 //! - [`nn`]: inference on the host, the engines behind `wasi:nn`;
 //! - [`build`]: building components from source for `wasm32-wasip2` (adding the target when
 //!   the toolchain lacks it);
@@ -23,16 +23,18 @@
 //! - [`admin`]: the local socket through which `switchyard deploy` reaches a running host;
 //! - [`results`]: the results store (SQLite or PostgreSQL) components write rows into;
 //! - [`report`]: a run's results as a terminal summary and an HTML page with plots;
-//! - [`pipeline`]: the Fashion-MNIST demo built on the above.
+//! - [`pipeline`]: the Fashion-MNIST demo built on the above, and [`predictions`], the table
+//!   its components write into the results store.
 #![deny(missing_docs)]
 
 pub mod admin;
 pub mod app;
 pub mod build;
-pub mod config;
+pub mod manifest;
 pub mod metrics;
 pub mod nn;
 pub mod pipeline;
+pub mod predictions;
 pub mod private_dir;
 pub mod progress;
 pub mod report;

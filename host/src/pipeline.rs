@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pipeline_core::row::PREDICTIONS_TABLE;
-use pipeline_core::tally::{Summary, Tally};
 use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
 use serde::Serialize;
 
@@ -22,9 +21,10 @@ use crate::build::{BuildError, ComponentBuild};
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::window::PublishWindow;
 
-use crate::config::{ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
+use crate::manifest::{ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
 use crate::nn::NnEngine;
 use crate::progress::Progress;
+use crate::report::RunReport;
 use crate::results::{Results, ResultsConfig};
 use crate::runtime::{CommandOutcome, RuntimeError, RuntimeOptions};
 
@@ -136,7 +136,17 @@ pub struct DemoOptions {
     /// Whether to show progress on standard error (a bar on a terminal, lines otherwise).
     pub progress: bool,
     /// Where to serve Prometheus metrics while it runs, if anywhere.
-    pub metrics: Option<crate::config::MetricsConfig>,
+    pub metrics: Option<crate::manifest::MetricsConfig>,
+}
+
+/// What a demo run gives: its summary, and the report of its predictions (read once from the
+/// store, for the summary and for the report page).
+#[derive(Debug)]
+pub struct Demo {
+    /// The summary, also the demo's last output line as JSON.
+    pub report: DemoReport,
+    /// The run's predictions as `switchyard report` shows them.
+    pub run: RunReport,
 }
 
 /// The demo's result: its last output line, as JSON.
@@ -321,20 +331,21 @@ async fn changed(settled: &mut Option<tokio::sync::watch::Receiver<u64>>) -> boo
 /// How many of run `run_id`'s predictions the store holds; 0, with a warning, when it cannot
 /// say (the caller looks again, or reports what it has).
 async fn count_stored(results: &Results, run_id: &str) -> u64 {
-    results
-        .count_predictions(run_id)
+    crate::predictions::count(results, run_id)
         .await
         .inspect_err(|e| tracing::warn!("counting the run's predictions: {e}"))
         .unwrap_or(0)
 }
 
-/// The tally of run `run_id`'s predictions in the results store.
-async fn stored_summary(results: &Results, run_id: &str) -> Result<Summary, DemoError> {
-    let mut tally = Tally::default();
-    for record in results.predictions(run_id).await? {
-        tally.record(&record.prediction, record.received_at_ms);
-    }
-    Ok(tally.summary())
+/// The report of run `run_id`, from its predictions in the results store: read once, for the
+/// demo's summary and for its report page.
+async fn read_run(results: &Results, run_id: &str) -> Result<RunReport, DemoError> {
+    let records = crate::predictions::read(results, run_id).await?;
+    Ok(RunReport::new(
+        run_id.to_string(),
+        results.describe(),
+        &records,
+    ))
 }
 
 /// A handler's counts, to say which hop holds missing messages: the classifier's intake, its
@@ -364,11 +375,16 @@ fn describe_engines(engines: &BTreeMap<String, u64>, granted: Option<NnEngine>) 
 }
 
 /// Runs the pipeline once and reports.
-pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
+pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
     let run_id = format!("{:x}", unix_ms() as u64);
     let manifest = manifest(options, &run_id);
     let started_ms = unix_ms();
-    let app = App::start(&manifest, options.runtime.clone()).await?;
+    // The demo's components write its table, whatever else the host keeps.
+    let runtime = RuntimeOptions {
+        tables: crate::predictions::tables(),
+        ..options.runtime.clone()
+    };
+    let app = App::start(&manifest, runtime).await?;
     let broker = app.runtime.broker().describe();
     let Some(results) = app.runtime.results().cloned() else {
         app.stop().await?;
@@ -515,7 +531,8 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         progress.finish();
     }
     app.stop().await?;
-    let summary = stored_summary(&results, &run_id).await?;
+    let run = read_run(&results, &run_id).await?;
+    let summary = &run.summary;
     let duplicates = results.counts().already_there;
     // From the first request sent, as a broker benchmark counts: the producer's start-up
     // (instantiating it, reading the images) is not the pipeline's throughput.
@@ -524,7 +541,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         let seconds = (last - first_sent_ms) / 1000.0;
         (seconds > 0.0).then(|| summary.predictions as f64 / seconds)
     });
-    Ok(DemoReport {
+    let report = DemoReport {
         broker,
         results: results.describe(),
         run: run_id,
@@ -546,5 +563,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
             ),
             None => describe_engines(&summary.engines, options.inference),
         },
-    })
+    };
+    Ok(Demo { report, run })
 }

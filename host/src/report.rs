@@ -16,7 +16,8 @@ use pipeline_core::tally::{Summary, Tally};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::results::{PredictionRecord, Results, ResultsError, RunInfo};
+use crate::predictions::{self, PredictionRecord, RunInfo};
+use crate::results::{Results, ResultsError};
 
 /// Why a report could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +93,7 @@ impl RunReport {
     /// Reads run `run_id` (the latest run when `None`) from `results`.
     pub async fn read(results: &Results, run_id: Option<&str>) -> Result<Self, ReportError> {
         let store = results.describe();
-        let runs = results.runs().await?;
+        let runs = predictions::runs(results).await?;
         let run_id = match run_id {
             Some(run) if runs.iter().any(|r| r.run_id == run) => run.to_string(),
             Some(run) => {
@@ -111,7 +112,7 @@ impl RunReport {
                 None => return Err(ReportError::NoRuns { store }),
             },
         };
-        let records = results.predictions(&run_id).await?;
+        let records = predictions::read(results, &run_id).await?;
         Ok(Self::new(run_id, store, &records))
     }
 

@@ -21,7 +21,7 @@ use switchyard_broker::BrokerConfig;
 
 use crate::admin::{self, AdminError, AdminSocket};
 use crate::app::{App, DeployError};
-use crate::config::{ConfigError, Manifest, MetricsConfig};
+use crate::manifest::{ConfigError, Manifest, MetricsConfig};
 use crate::results::ResultsConfig;
 use crate::runtime::{CommandOutcome, HandlerCounts, RuntimeError, RuntimeOptions};
 

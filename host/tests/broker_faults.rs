@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
-use switchyard::config::{ComponentConfig, RetryPolicy};
+use switchyard::manifest::{ComponentConfig, RetryPolicy};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::kafka::embedded::ApiKey;
 use switchyard_broker::{Broker, ErrorKind, OutgoingMessage};

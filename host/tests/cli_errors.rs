@@ -155,7 +155,9 @@ async fn a_report_on_what_is_not_there_names_the_fix() {
     let store = switchyard::results::ResultsConfig::Sqlite {
         path: d.join("r.sqlite3"),
     };
-    let results = switchyard::results::Results::open(&store).await.unwrap();
+    let results = switchyard::results::Results::open(&store, &switchyard::predictions::tables())
+        .await
+        .unwrap();
     fails_with(&["report", "r.sqlite3"], d, &["holds no predictions yet"]);
     let mut logits = [0.0f32; 10];
     logits[3] = 1.0;
@@ -171,9 +173,9 @@ async fn a_report_on_what_is_not_there_names_the_fix() {
             batch: 1,
         },
     );
-    let row = switchyard::results::PredictionRecord::row(&prediction, None, 5.0);
+    let row = switchyard::predictions::PredictionRecord::row(&prediction, None, 5.0);
     results
-        .insert(&switchyard::results::PREDICTIONS, vec![row])
+        .insert(&switchyard::predictions::PREDICTIONS, vec![row])
         .await
         .unwrap();
     fails_with(

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard::config::{ComponentConfig, DeadLetter, RetryPolicy};
+use switchyard::manifest::{ComponentConfig, DeadLetter, RetryPolicy};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::dead_letter as dlq;
 use switchyard_broker::{

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::config::{ComponentConfig, Limits, RetryPolicy};
+use switchyard::manifest::{ComponentConfig, Limits, RetryPolicy};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::dead_letter as dlq;
 use switchyard_broker::{Broker, OutgoingMessage};

@@ -25,7 +25,7 @@ use pipeline_core::IMAGE_BYTES;
 use pipeline_core::wire::{GRAY8_CONTENT_TYPE, REQUEST_ID};
 use support::hosts::{self, Host, Pipeline};
 use switchyard::app::{Action, App, DeployError};
-use switchyard::config::{ComponentConfig, Limits, Manifest};
+use switchyard::manifest::{ComponentConfig, Limits, Manifest};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::OutgoingMessage;

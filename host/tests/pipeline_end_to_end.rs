@@ -74,7 +74,7 @@ async fn a_run_fifteen_times_the_test_set_loses_nothing_and_keeps_its_accuracy()
         progress: false,
         metrics: None,
     };
-    let report = pipeline::run(&options).await.expect("the demo runs");
+    let report = pipeline::run(&options).await.expect("the demo runs").report;
     assert_eq!(report.images, LONG_RUN as u64, "{report:?}");
     assert_eq!(report.predictions, LONG_RUN as u64, "{report:?}");
     assert_eq!((report.duplicates, report.failed), (0, 0), "{report:?}");
@@ -165,7 +165,7 @@ async fn check_pipeline(
         progress: false,
         metrics: None,
     };
-    let report = pipeline::run(&options).await.expect("the demo runs");
+    let report = pipeline::run(&options).await.expect("the demo runs").report;
     assert_eq!(report.images, IMAGES as u64);
     assert_eq!(report.predictions, IMAGES as u64, "{report:?}");
     // The emulator may offer an acknowledged message again; what is promised is that no

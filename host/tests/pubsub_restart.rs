@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard::config::{ComponentConfig, RetryPolicy};
+use switchyard::manifest::{ComponentConfig, RetryPolicy};
 use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::pubsub::PubSubEmulator;
 use switchyard_broker::pubsub::{PubSub, PubSubConfig};

@@ -3,8 +3,8 @@
 //! into the local PostgreSQL (127.0.0.1:5432, database `test`, or `SWITCHYARD_TEST_POSTGRES`),
 //! and a prediction delivered twice is still one row. Read back, every row holds what the
 //! prediction held. A consumer without the grant stores nothing and still handles its
-//! messages; a manifest granting a table the host does not keep is refused with the tables it
-//! keeps; a row that does not fit its table writes nothing of its call; a database written by
+//! messages; a manifest granting a table the host does not keep is refused (before anything is
+//! compiled) with the tables it keeps; a row that does not fit its table writes nothing of its call; a database written by
 //! a newer switchyard, and a PostgreSQL that is not there, are refused with the fix.
 
 mod support;
@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use pipeline_core::wire::{Prediction, Timings};
 use switchyard::app::App;
-use switchyard::config::{ComponentConfig, Manifest, TopicConfig};
-use switchyard::results::{PREDICTIONS, PredictionRecord, Results, ResultsConfig, ResultsError};
+use switchyard::manifest::{ComponentConfig, Manifest, TopicConfig};
+use switchyard::predictions::{PREDICTIONS, PredictionRecord};
+use switchyard::results::{Results, ResultsConfig, ResultsError};
 use switchyard::runtime::RuntimeOptions;
 use switchyard::runtime::SENT_BY_HEADER;
 use switchyard_broker::BrokerConfig;
@@ -71,7 +72,11 @@ async fn consumer_host(results: ResultsConfig, granted: bool) -> App {
         results: Some(results),
         metrics: None,
     };
-    App::start(&manifest, RuntimeOptions::default())
+    let options = RuntimeOptions {
+        tables: switchyard::predictions::tables(),
+        ..RuntimeOptions::default()
+    };
+    App::start(&manifest, options)
         .await
         .expect("the consumer starts")
 }
@@ -131,12 +136,19 @@ async fn predictions_are_stored_once_each(store: ResultsConfig) {
     );
     app.stop().await.expect("stopping");
 
-    let results = Results::open(&store)
+    let results = Results::open(&store, &switchyard::predictions::tables())
         .await
         .expect("opening the store again");
-    let rows = results.predictions(&run).await.expect("reading the run");
+    let rows = switchyard::predictions::read(&results, &run)
+        .await
+        .expect("reading the run");
     assert_eq!(rows.len(), 20, "one row per request: {rows:#?}");
-    assert_eq!(results.count_predictions(&run).await.unwrap(), 20);
+    assert_eq!(
+        switchyard::predictions::count(&results, &run)
+            .await
+            .unwrap(),
+        20
+    );
     let by_request: BTreeMap<&str, &PredictionRecord> = rows
         .iter()
         .map(|row| (row.prediction.request_id.as_str(), row))
@@ -154,7 +166,9 @@ async fn predictions_are_stored_once_each(store: ResultsConfig) {
         );
         assert!(row.received_at_ms > now, "{row:?}");
     }
-    let runs = results.runs().await.expect("listing runs");
+    let runs = switchyard::predictions::runs(&results)
+        .await
+        .expect("listing runs");
     let listed = runs
         .iter()
         .find(|r| r.run_id == run)
@@ -195,8 +209,15 @@ async fn a_consumer_without_the_grant_stores_nothing_and_handles_its_messages() 
     let consumer = app.handler("consumer").unwrap();
     assert_eq!(consumer.stats().snapshot().handled, 1);
     app.stop().await.unwrap();
-    let results = Results::open(&store).await.unwrap();
-    assert_eq!(results.count_predictions("ungranted").await.unwrap(), 0);
+    let results = Results::open(&store, &switchyard::predictions::tables())
+        .await
+        .unwrap();
+    assert_eq!(
+        switchyard::predictions::count(&results, "ungranted")
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -212,11 +233,20 @@ fn a_manifest_granting_a_table_the_host_does_not_keep_is_refused() {
         subscribe = ["in"]
         results = ["predictions", "scores"]
     "#;
-    let error = Manifest::parse(text, Path::new("m.toml"), dir.path())
-        .unwrap_err()
-        .to_string();
+    // The store keeps the tables the embedding program declares: the `switchyard` binary
+    // declares the demo's, and a host that declares none keeps none.
+    let manifest = Manifest::parse(text, Path::new("m.toml"), dir.path()).unwrap();
+    let check = |tables: &switchyard::results::Tables| {
+        switchyard::runtime::check_before_compiling("c", &manifest.components["c"], tables)
+            .unwrap_err()
+            .to_string()
+    };
+    let error = check(&switchyard::predictions::tables());
     assert!(error.contains("\"scores\""), "{error}");
     assert!(error.contains("it keeps \"predictions\""), "{error}");
+    let error = check(&switchyard::results::Tables::default());
+    assert!(error.contains("\"predictions\""), "{error}");
+    assert!(error.contains("it keeps none"), "{error}");
 
     let granted = text.replace(", \"scores\"", "");
     let manifest = Manifest::parse(&granted, Path::new("m.toml"), dir.path()).unwrap();
@@ -235,9 +265,12 @@ fn a_manifest_granting_a_table_the_host_does_not_keep_is_refused() {
 #[tokio::test]
 async fn a_row_that_does_not_fit_writes_nothing_of_its_call() {
     let dir = tempfile::tempdir().unwrap();
-    let results = Results::open(&ResultsConfig::Sqlite {
-        path: dir.path().join("r.sqlite3"),
-    })
+    let results = Results::open(
+        &ResultsConfig::Sqlite {
+            path: dir.path().join("r.sqlite3"),
+        },
+        &switchyard::predictions::tables(),
+    )
     .await
     .unwrap();
     let good = PredictionRecord::row(&prediction("fit-1", 1, 1, 1.0), None, 2.0);
@@ -251,7 +284,12 @@ async fn a_row_that_does_not_fit_writes_nothing_of_its_call() {
         matches!(&error, ResultsError::InvalidRow { problem, .. } if problem.contains("\"model\" needs a value")),
         "{error}"
     );
-    assert_eq!(results.count_predictions("fit").await.unwrap(), 0);
+    assert_eq!(
+        switchyard::predictions::count(&results, "fit")
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(results.insert(&PREDICTIONS, vec![good]).await.unwrap(), 1);
 }
 
@@ -260,15 +298,26 @@ async fn a_database_of_a_newer_switchyard_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("newer.sqlite3");
     let config = ResultsConfig::Sqlite { path: path.clone() };
-    drop(Results::open(&config).await.unwrap());
+    drop(
+        Results::open(&config, &switchyard::predictions::tables())
+            .await
+            .unwrap(),
+    );
     // Opening again migrates nothing and keeps what is there.
-    drop(Results::open(&config).await.unwrap());
+    drop(
+        Results::open(&config, &switchyard::predictions::tables())
+            .await
+            .unwrap(),
+    );
     let connection = rusqlite::Connection::open(&path).unwrap();
     connection
         .execute("UPDATE switchyard_schema SET version = 99", [])
         .unwrap();
     drop(connection);
-    let error = Results::open(&config).await.unwrap_err().to_string();
+    let error = Results::open(&config, &switchyard::predictions::tables())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         error.contains("schema version 99") && error.contains("upgrade switchyard"),
         "{error}"
@@ -281,10 +330,13 @@ async fn a_postgres_that_is_not_there_is_named_with_the_fix() {
     let config = ResultsConfig::Postgres {
         url: format!("postgres://postgres:secret@127.0.0.1:{port}/test"),
     };
-    let error = tokio::time::timeout(Duration::from_secs(30), Results::open(&config))
-        .await
-        .expect("a refused connection fails at once")
-        .unwrap_err();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        Results::open(&config, &switchyard::predictions::tables()),
+    )
+    .await
+    .expect("a refused connection fails at once")
+    .unwrap_err();
     let text = format!("{:#}", anyhow::Error::from(error));
     assert!(text.contains("is PostgreSQL running"), "{text}");
     assert_eq!(

@@ -22,12 +22,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::config::{ComponentConfig, Limits, Preopen, RetryPolicy};
+use switchyard::manifest::{ComponentConfig, Limits, Preopen, RetryPolicy};
 use switchyard::nn::NnEngine;
 use switchyard::runtime::SENT_BY_HEADER;
 use switchyard::runtime::engine::{CacheOutcome, PoolSize};
 use switchyard::runtime::{Runtime, RuntimeError, RuntimeOptions};
-use switchyard_broker::{Broker, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec};
+use switchyard_broker::OutgoingMessage;
 
 fn config(name: &str) -> ComponentConfig {
     ComponentConfig::new(support::component(name))
@@ -43,40 +43,18 @@ fn options(cache: Option<&std::path::Path>) -> RuntimeOptions {
             instances: 16,
             max_memory_bytes: 256 << 20,
         },
-        show_progress: false,
+        ..defaults
     }
 }
 
-fn classifier(topic: &str, out: &str, group: &str, retry: RetryPolicy) -> ComponentConfig {
-    support::classifier(topic, out, group, retry)
-}
-
-async fn send(broker: &dyn Broker, topic: &str, payload: Vec<u8>, id: &str) {
-    let publisher = broker.publisher().await.unwrap();
-    publisher
-        .publish(OutgoingMessage {
-            topic: topic.into(),
-            key: None,
-            payload,
-            headers: vec![("request-id".into(), id.into())],
-            content_type: None,
-        })
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
-}
-
-async fn topics(broker: &dyn Broker, names: &[&str]) {
-    let specs: Vec<TopicSpec> = names
-        .iter()
-        .map(|n| TopicSpec {
-            name: n.to_string(),
-            partitions: 1,
-        })
-        .collect();
-    broker.ensure_topics(&specs).await.unwrap();
+/// A request to `topic` with `payload`, named `id` by its `request-id` header.
+fn request(topic: &str, payload: Vec<u8>, id: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        topic: topic.into(),
+        payload,
+        headers: vec![("request-id".into(), id.into())],
+        ..OutgoingMessage::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +224,7 @@ async fn files_that_are_not_components_or_do_not_fit_their_role_are_refused() {
 async fn the_sandbox_grants_its_preopens_read_only_and_nothing_else() {
     let (_cluster, broker) = support::embedded().await;
     let (input, output) = (support::unique("in"), support::unique("out"));
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("probe.txt"), "granted").unwrap();
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
@@ -260,19 +238,10 @@ async fn the_sandbox_grants_its_preopens_read_only_and_nothing_else() {
     };
     let loaded = runtime.load("test", &config).unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    let replies = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
-    send(
+    let replies = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
+    support::publish(
         broker.as_ref(),
-        &input,
-        format!("probe {output}").into_bytes(),
-        "p",
+        request(&input, format!("probe {output}").into_bytes(), "p"),
     )
     .await;
     let stats = Arc::clone(handler.stats());
@@ -303,7 +272,7 @@ async fn the_sandbox_grants_its_preopens_read_only_and_nothing_else() {
 async fn every_sent_message_names_the_component_build_that_sent_it() {
     let (_cluster, broker) = support::embedded().await;
     let (input, output) = (support::unique("in"), support::unique("out"));
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let config = test_handler(&input, &output, Limits::default(), RetryPolicy::default());
     let loaded = runtime.load("stamped", &config).unwrap();
@@ -314,11 +283,9 @@ async fn every_sent_message_names_the_component_build_that_sent_it() {
     );
     let _handler = runtime.start_handler(&loaded).await.unwrap();
     let replies = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
-    send(
+    support::publish(
         broker.as_ref(),
-        &input,
-        format!("send {output}").into_bytes(),
-        "s",
+        request(&input, format!("send {output}").into_bytes(), "s"),
     )
     .await;
     let delivery = tokio::time::timeout(Duration::from_secs(30), replies.next())
@@ -382,17 +349,24 @@ async fn a_failing_message_is_not_settled_while_it_is_retried() {
         support::unique("out"),
         support::unique("g"),
     );
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let endless = RetryPolicy {
         max_attempts: 1_000,
         backoff_ms: 20,
     };
     let loaded = runtime
-        .load("classifier", &classifier(&input, &output, &group, endless))
+        .load(
+            "classifier",
+            &support::classifier(&input, &output, &group, endless),
+        )
         .unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    send(broker.as_ref(), &input, b"not an image".to_vec(), "bad-1").await;
+    support::publish(
+        broker.as_ref(),
+        request(&input, b"not an image".to_vec(), "bad-1"),
+    )
+    .await;
     let stats = Arc::clone(handler.stats());
     support::wait_until("two failed attempts", Duration::from_secs(60), async || {
         stats.snapshot().retried >= 2
@@ -402,14 +376,7 @@ async fn a_failing_message_is_not_settled_while_it_is_retried() {
     handler.stop().await.unwrap();
 
     // The next member of the group gets the message again.
-    let next = broker
-        .subscribe(&SubscriptionSpec {
-            group,
-            topics: vec![input],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let next = support::member(broker.as_ref(), &group, &input).await;
     let again = tokio::time::timeout(Duration::from_secs(30), next.next())
         .await
         .expect("redelivered within 30 s")
@@ -426,27 +393,27 @@ async fn a_bad_message_is_given_up_on_and_the_pipeline_moves_on() {
         support::unique("out"),
         support::unique("g"),
     );
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let quick = RetryPolicy {
         max_attempts: 2,
         backoff_ms: 10,
     };
     let loaded = runtime
-        .load("classifier", &classifier(&input, &output, &group, quick))
+        .load(
+            "classifier",
+            &support::classifier(&input, &output, &group, quick),
+        )
         .unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    send(broker.as_ref(), &input, b"not an image".to_vec(), "bad-1").await;
-    send(broker.as_ref(), &input, vec![0u8; 784], "good-2").await;
+    support::publish(
+        broker.as_ref(),
+        request(&input, b"not an image".to_vec(), "bad-1"),
+    )
+    .await;
+    support::publish(broker.as_ref(), request(&input, vec![0u8; 784], "good-2")).await;
 
-    let predictions = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let predictions = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     let prediction = tokio::time::timeout(Duration::from_secs(60), predictions.next())
         .await
         .expect("the good request is answered")
@@ -466,15 +433,12 @@ async fn a_bad_message_is_given_up_on_and_the_pipeline_moves_on() {
     handler.stop().await.unwrap();
 
     // Both were settled: a new member of the group receives neither.
-    send(broker.as_ref(), &input, b"marker".to_vec(), "marker").await;
-    let next = broker
-        .subscribe(&SubscriptionSpec {
-            group,
-            topics: vec![input],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    support::publish(
+        broker.as_ref(),
+        request(&input, b"marker".to_vec(), "marker"),
+    )
+    .await;
+    let next = support::member(broker.as_ref(), &group, &input).await;
     let first = tokio::time::timeout(Duration::from_secs(30), next.next())
         .await
         .unwrap()
@@ -491,7 +455,7 @@ async fn a_model_the_host_cannot_load_is_an_error_for_the_guest_not_a_trap() {
         support::unique("out"),
         support::unique("g"),
     );
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let models = tempfile::tempdir().unwrap();
     std::fs::write(models.path().join("lenet.onnx"), b"not an ONNX model").unwrap();
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
@@ -502,7 +466,7 @@ async fn a_model_the_host_cannot_load_is_an_error_for_the_guest_not_a_trap() {
             guest: "/models".into(),
             writable: false,
         }],
-        ..classifier(
+        ..support::classifier(
             &input,
             &output,
             &group,
@@ -514,7 +478,7 @@ async fn a_model_the_host_cannot_load_is_an_error_for_the_guest_not_a_trap() {
     };
     let loaded = runtime.load("classifier", &config).unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    send(broker.as_ref(), &input, vec![0u8; 784], "doomed-1").await;
+    support::publish(broker.as_ref(), request(&input, vec![0u8; 784], "doomed-1")).await;
     let stats = Arc::clone(handler.stats());
     support::wait_until(
         "the request to be given up",
@@ -555,7 +519,7 @@ async fn next_payload(subscriber: &dyn switchyard_broker::Subscriber) -> String 
 async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
     let (_cluster, broker) = support::embedded().await;
     let (input, output) = (support::unique("in"), support::unique("out"));
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let once = RetryPolicy {
         max_attempts: 1,
@@ -568,18 +532,15 @@ async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
         )
         .unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    let replies = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let replies = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     let count = format!("count {output}");
     // One partition, one worker: the messages are handled in order by the same instance.
     for command in [&count, &count, &"trap".to_string(), &count] {
-        send(broker.as_ref(), &input, command.as_bytes().to_vec(), "t").await;
+        support::publish(
+            broker.as_ref(),
+            request(&input, command.as_bytes().to_vec(), "t"),
+        )
+        .await;
     }
     assert_eq!(next_payload(replies.as_ref()).await, "1");
     assert_eq!(
@@ -614,7 +575,7 @@ async fn instances_stay_warm_and_a_trap_replaces_only_the_instance() {
 async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_host() {
     let (_cluster, broker) = support::embedded().await;
     let (input, output) = (support::unique("in"), support::unique("out"));
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let retry = RetryPolicy {
         max_attempts: 2,
@@ -629,14 +590,7 @@ async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_hos
         .load("test", &test_handler(&input, &output, limits, retry))
         .unwrap();
     let handler = runtime.start_handler(&loaded).await.unwrap();
-    let replies = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let replies = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     for command in [
         "spin".to_string(),
         // Waits in a host call, where the epoch callback that stops spinning never runs: cut
@@ -646,7 +600,7 @@ async fn a_call_past_its_deadline_or_memory_limit_costs_the_instance_not_the_hos
         "grow 4".to_string(),
         format!("send {output}"),
     ] {
-        send(broker.as_ref(), &input, command.into_bytes(), "t").await;
+        support::publish(broker.as_ref(), request(&input, command.into_bytes(), "t")).await;
     }
     // The spinning, the sleeping and the greedy message cost two instances each and are given
     // up; the modest ones after them are handled, by the same host.
@@ -684,7 +638,7 @@ fn batching_test_handler(input: &str, output: &str) -> ComponentConfig {
 async fn waiting_messages_come_in_batches_and_each_keeps_its_own_outcome() {
     let (_cluster, broker) = support::embedded().await;
     let (input, output) = (support::unique("in"), support::unique("out"));
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let loaded = runtime
         .load("test", &batching_test_handler(&input, &output))
@@ -698,16 +652,13 @@ async fn waiting_messages_come_in_batches_and_each_keeps_its_own_outcome() {
         .chain((0..40).map(|i| if i % 4 == 3 { "error" } else { &batch }))
         .collect();
     for command in &commands {
-        send(broker.as_ref(), &input, command.as_bytes().to_vec(), "t").await;
+        support::publish(
+            broker.as_ref(),
+            request(&input, command.as_bytes().to_vec(), "t"),
+        )
+        .await;
     }
-    let replies = broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("reader"),
-            topics: vec![output.clone()],
-            start: StartPosition::Earliest,
-        })
-        .await
-        .unwrap();
+    let replies = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     let handler = runtime.start_handler(&loaded).await.unwrap();
     let mut sizes = Vec::new();
     for _ in 0..30 {
@@ -743,13 +694,17 @@ async fn waiting_messages_come_in_batches_and_each_keeps_its_own_outcome() {
 async fn a_trap_in_a_batch_costs_only_the_message_that_caused_it() {
     let (_cluster, broker) = support::embedded().await;
     let (input, output) = (support::unique("in"), support::unique("out"));
-    topics(broker.as_ref(), &[&input, &output]).await;
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let runtime = Runtime::new(broker.clone(), options(None)).await.unwrap();
     let loaded = runtime
         .load("test", &batching_test_handler(&input, &output))
         .unwrap();
     for command in ["ok", "ok", "ok", "trap", "ok", "ok", "ok", "ok"] {
-        send(broker.as_ref(), &input, command.as_bytes().to_vec(), "t").await;
+        support::publish(
+            broker.as_ref(),
+            request(&input, command.as_bytes().to_vec(), "t"),
+        )
+        .await;
     }
     let handler = runtime.start_handler(&loaded).await.unwrap();
     let stats = Arc::clone(handler.stats());

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use switchyard::app::App;
-use switchyard::config::ComponentConfig;
+use switchyard::manifest::ComponentConfig;
 use switchyard::runtime::{Runtime, RuntimeError, RuntimeOptions};
 use switchyard_broker::ConnectedBroker;
 use switchyard_broker::{

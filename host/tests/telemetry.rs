@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_semantic_conventions::attribute as semconv;
-use switchyard::config::ComponentConfig;
+use switchyard::manifest::ComponentConfig;
 use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::{Broker, OutgoingMessage};
 use tracing::field::{Field, Visit};

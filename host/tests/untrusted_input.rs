@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use switchyard::config::Manifest;
+use switchyard::manifest::Manifest;
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::IncomingMessage;
 use switchyard_broker::dead_letter::{self as dlq, Reason};

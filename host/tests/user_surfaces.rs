@@ -134,12 +134,18 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
     let store = support::hosts::results_home().join("switchyard/results.sqlite3");
     assert_eq!(report["results"], store.to_str().unwrap(), "{report}");
     let run = report["run"].as_str().expect("a run id");
-    let results = switchyard::results::Results::open(&switchyard::results::ResultsConfig::Sqlite {
-        path: store.clone(),
-    })
+    let results = switchyard::results::Results::open(
+        &switchyard::results::ResultsConfig::Sqlite {
+            path: store.clone(),
+        },
+        &switchyard::predictions::tables(),
+    )
     .await
     .unwrap();
-    assert_eq!(results.count_predictions(run).await.unwrap(), 300);
+    assert_eq!(
+        switchyard::predictions::count(&results, run).await.unwrap(),
+        300
+    );
 
     // It wrote the run's report, which holds the run's numbers and its plots.
     let accuracy_text = format!("{:.2} %", accuracy * 100.0);

@@ -10,7 +10,7 @@
 //! own to see how its user reacts to a failing broker.
 //!
 //! What both backends do the same way is written once, here: the header, content-type and key
-//! conversions (`wire.rs`), topic names ([`check_topic_name`]), dead-letter headers
+//! conversions (`conversions.rs`), topic names ([`check_topic_name`]), dead-letter headers
 //! ([`dead_letter`]), the bounded outage log, and the broker URLs ([`BrokerConfig`]).
 //!
 //! Cargo features: `kafka` and `pubsub` (both on by default) each bring one backend and its
@@ -19,6 +19,7 @@
 
 #[cfg(any(feature = "kafka", feature = "pubsub"))]
 mod config;
+mod conversions;
 pub mod dead_letter;
 mod error;
 #[cfg(feature = "kafka")]
@@ -27,7 +28,6 @@ mod outage;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
 pub mod window;
-mod wire;
 
 use std::fmt;
 use std::sync::Arc;

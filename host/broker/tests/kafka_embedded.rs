@@ -14,31 +14,17 @@ use std::time::{Duration, Instant};
 
 use switchyard_broker::kafka::{EmbeddedKafka, Kafka, KafkaConfig};
 use switchyard_broker::window::PublishWindow;
-use switchyard_broker::{
-    Broker, ErrorKind, OutgoingMessage, StartPosition, SubscriptionSpec, TopicSpec,
-};
+use switchyard_broker::{Broker, ErrorKind, OutgoingMessage, TopicSpec};
 
-fn spec(group: &str, topic: &str) -> SubscriptionSpec {
-    SubscriptionSpec {
-        group: group.into(),
-        topics: vec![topic.into()],
-        start: StartPosition::Earliest,
+/// A text message with `key`, also named by its `request-id` header.
+fn keyed(topic: &str, key: &str, payload: &[u8]) -> OutgoingMessage {
+    OutgoingMessage {
+        topic: topic.into(),
+        key: Some(key.as_bytes().to_vec()),
+        payload: payload.to_vec(),
+        headers: vec![("request-id".into(), key.into())],
+        content_type: Some("text/plain".into()),
     }
-}
-
-async fn publish(broker: &dyn Broker, topic: &str, key: &str, payload: &[u8]) {
-    let publisher = broker.publisher().await.unwrap();
-    let receipt = publisher
-        .publish(OutgoingMessage {
-            topic: topic.into(),
-            key: Some(key.as_bytes().to_vec()),
-            payload: payload.to_vec(),
-            headers: vec![("request-id".into(), key.into())],
-            content_type: Some("text/plain".into()),
-        })
-        .await
-        .unwrap();
-    receipt.wait().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,10 +57,7 @@ async fn messages_round_trip_with_keys_headers_and_content_type() {
         receipt.wait().await.unwrap();
     }
 
-    let subscriber = broker
-        .subscribe(&spec(&support::unique("g"), &topic))
-        .await
-        .unwrap();
+    let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     for i in 0..20u8 {
         let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
             .await
@@ -114,12 +97,12 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
         }])
         .await
         .unwrap();
-    publish(broker.as_ref(), &topic, "first", b"1").await;
-    publish(broker.as_ref(), &topic, "second", b"2").await;
+    support::publish(broker.as_ref(), keyed(&topic, "first", b"1")).await;
+    support::publish(broker.as_ref(), keyed(&topic, "second", b"2")).await;
 
     // Member A acknowledges the first message and fails the second (never acknowledges it),
     // then leaves the group.
-    let a = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let a = support::member(broker.as_ref(), &group, &topic).await;
     let first = a.next().await.unwrap();
     assert_eq!(first.message.payload, b"1");
     first.ack().unwrap();
@@ -129,7 +112,7 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
     a.close().await.unwrap();
 
     // Member B of the same group gets the second message again, not the first.
-    let b = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    let b = support::member(broker.as_ref(), &group, &topic).await;
     let again = tokio::time::timeout(Duration::from_secs(30), b.next())
         .await
         .expect("redelivery within 30 s")
@@ -142,8 +125,8 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
     b.close().await.unwrap();
 
     // And after B acknowledged it, a third member gets nothing old.
-    publish(broker.as_ref(), &topic, "third", b"3").await;
-    let c = broker.subscribe(&spec(&group, &topic)).await.unwrap();
+    support::publish(broker.as_ref(), keyed(&topic, "third", b"3")).await;
+    let c = support::member(broker.as_ref(), &group, &topic).await;
     let next = tokio::time::timeout(Duration::from_secs(30), c.next())
         .await
         .unwrap()
@@ -199,11 +182,8 @@ async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
         }])
         .await
         .unwrap();
-    publish(&broker, &topic, "k", b"through the relay").await;
-    let subscriber = broker
-        .subscribe(&spec(&support::unique("g"), &topic))
-        .await
-        .unwrap();
+    support::publish(&broker, keyed(&topic, "k", b"through the relay")).await;
+    let subscriber = support::member(&broker, &support::unique("g"), &topic).await;
     let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
         .await
         .expect("a delivery within 30 s")
@@ -251,10 +231,7 @@ async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
     for receipt in receipts {
         receipt.wait().await.unwrap();
     }
-    let subscriber = broker
-        .subscribe(&spec(&support::unique("g"), &topic))
-        .await
-        .unwrap();
+    let subscriber = support::member(&broker, &support::unique("g"), &topic).await;
     for i in 0..300u32 {
         let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
             .await
@@ -300,10 +277,7 @@ async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
     for receipt in receipts {
         receipt.wait().await.unwrap();
     }
-    let subscriber = broker
-        .subscribe(&spec(&support::unique("g"), &topic))
-        .await
-        .unwrap();
+    let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     let mut seen = std::collections::HashSet::new();
     let mut partitions = std::collections::HashMap::<String, u32>::new();
     while seen.len() < MESSAGES as usize {
@@ -338,10 +312,7 @@ async fn a_member_says_when_it_has_joined_its_group() {
         }])
         .await
         .unwrap();
-    let subscriber = broker
-        .subscribe(&spec(&support::unique("g"), &topic))
-        .await
-        .unwrap();
+    let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     // Not a member until someone receives, which drives the join.
     let early = tokio::time::timeout(Duration::from_millis(300), subscriber.joined()).await;
     assert!(early.is_err(), "joined before anyone received");
@@ -353,7 +324,7 @@ async fn a_member_says_when_it_has_joined_its_group() {
         .await
         .expect("the member joins within 30 s")
         .unwrap();
-    publish(broker.as_ref(), &topic, "k", b"after the join").await;
+    support::publish(broker.as_ref(), keyed(&topic, "k", b"after the join")).await;
     let delivery = tokio::time::timeout(Duration::from_secs(30), receiving)
         .await
         .expect("the message arrives")
@@ -409,10 +380,7 @@ async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() 
     window.completed(5);
     assert_eq!(window.room(), 4);
 
-    let subscriber = broker
-        .subscribe(&spec(&support::unique("g"), &topic))
-        .await
-        .unwrap();
+    let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     for i in 0..4u8 {
         let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
             .await

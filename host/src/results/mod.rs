@@ -7,101 +7,64 @@
 //! already there changes nothing. That makes a handler's write idempotent, which at-least-once
 //! delivery needs: a redelivered prediction never becomes a second row.
 //!
-//! What both backends share lives here, written once: the tables ([`PREDICTIONS`]), checking a
-//! row against its table ([`TableSchema::row`]), the SQL both dialects take, the migrations and
-//! the counts of rows written. [`sqlite`] and [`postgres`] only run statements.
+//! The store is generic: the program that embeds the host declares its tables ([`Tables`],
+//! such as the demo's `predictions`), and the store creates the missing ones when it opens.
+//! What both backends share lives here, written once: checking a row against its table
+//! ([`TableSchema::row`]), the SQL both dialects take, the migrations and the counts of rows
+//! written. [`sqlite`] and [`postgres`] only run statements.
 //!
 //! # Schema
 //!
-//! `switchyard_schema(version)` holds the schema version; the host migrates an older database
-//! forward when it opens it and refuses a newer one. Version 1 has one table:
-//!
-//! `predictions`, keyed by `(run_id, request_id)`: one row per prediction. Its columns are in
-//! [`PREDICTIONS`]; times are Unix milliseconds (fractional), `scores` a JSON array of the ten
-//! class probabilities (`JSONB` in PostgreSQL, `TEXT` in SQLite).
+//! `switchyard_schema(version)` holds the version of the store's own layout; the host migrates
+//! an older database forward when it opens it and refuses a newer one. Version 1 is the schema
+//! table alone; every declared table is created when missing, each time a store opens.
 
 pub mod postgres;
 pub mod sqlite;
+mod table;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use pipeline_core::row::Cell;
-use pipeline_core::wire::{Prediction, Timings};
 use serde::Deserialize;
 
-/// A column's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnType {
-    /// A 64-bit integer.
-    Integer,
-    /// A 64-bit float.
-    Real,
-    /// Text.
-    Text,
-    /// A JSON document, written as text (`JSONB` in PostgreSQL).
-    Json,
+pub use table::{Column, ColumnType, Dialect, TableSchema, Value};
+
+/// The tables a host keeps, declared by the program that embeds it (the demo declares
+/// `predictions`); components may write those their manifest entry grants.
+#[derive(Debug, Clone, Default)]
+pub struct Tables(Vec<&'static TableSchema>);
+
+impl Tables {
+    /// These tables.
+    pub fn new(tables: impl IntoIterator<Item = &'static TableSchema>) -> Self {
+        Self(tables.into_iter().collect())
+    }
+
+    /// The table named `name`, if the host keeps one.
+    pub fn get(&self, name: &str) -> Option<&'static TableSchema> {
+        self.0.iter().copied().find(|table| table.name == name)
+    }
+
+    /// Every table.
+    pub fn iter(&self) -> impl Iterator<Item = &'static TableSchema> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// Their names, for messages (`"predictions"`, or `none`).
+    pub fn names(&self) -> String {
+        if self.0.is_empty() {
+            return "none".to_string();
+        }
+        self.0
+            .iter()
+            .map(|table| format!("{:?}", table.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
-
-/// One column of a table.
-#[derive(Debug, Clone, Copy)]
-pub struct Column {
-    /// Its name.
-    pub name: &'static str,
-    /// Its type.
-    pub ty: ColumnType,
-    /// Whether a row may leave it out.
-    pub nullable: bool,
-}
-
-const fn column(name: &'static str, ty: ColumnType, nullable: bool) -> Column {
-    Column { name, ty, nullable }
-}
-
-/// A table the host keeps.
-#[derive(Debug)]
-pub struct TableSchema {
-    /// Its name, as the manifest grants it and the component opens it.
-    pub name: &'static str,
-    /// Its columns, key columns first.
-    pub columns: &'static [Column],
-    /// How many of the first columns make the key.
-    pub key_columns: usize,
-}
-
-/// One row per prediction, keyed by run and request.
-pub const PREDICTIONS: TableSchema = TableSchema {
-    name: "predictions",
-    columns: &[
-        // The producer run the request belongs to (the part of its id before the last `-`).
-        column("run_id", ColumnType::Text, false),
-        column("request_id", ColumnType::Text, false),
-        column("predicted_class", ColumnType::Integer, false),
-        column("class_name", ColumnType::Text, false),
-        // The request's ground truth, when it had one.
-        column("label", ColumnType::Integer, true),
-        // Probability of each class, by class index.
-        column("scores", ColumnType::Json, false),
-        // The model's name and the first bytes of its SHA-256.
-        column("model", ColumnType::Text, false),
-        // The component build that predicted it, `classifier@sha256:…`.
-        column("component", ColumnType::Text, true),
-        // `wasm` (inside the classifier) or `wasi-nn` (on the host).
-        column("engine", ColumnType::Text, true),
-        // How many requests shared the model run.
-        column("batch", ColumnType::Integer, true),
-        column("decode_us", ColumnType::Integer, true),
-        column("inference_us", ColumnType::Integer, true),
-        column("sent_at_ms", ColumnType::Real, true),
-        column("received_at_ms", ColumnType::Real, false),
-    ],
-    key_columns: 2,
-};
-
-/// Every table the host keeps.
-pub const TABLES: &[&TableSchema] = &[&PREDICTIONS];
 
 /// Rows per insert statement: 500 × 14 parameters stays well inside both databases' limits
 /// (SQLite's 32,766 variables, PostgreSQL's 65,535 parameters).
@@ -110,270 +73,12 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// The schema version this host writes; see the module docs.
 pub const SCHEMA_VERSION: i64 = 1;
 
-/// The table named `name`, if the host keeps one.
-pub fn table(name: &str) -> Option<&'static TableSchema> {
-    TABLES.iter().copied().find(|table| table.name == name)
-}
-
-/// The names of the tables the host keeps, for messages.
-pub fn table_names() -> String {
-    TABLES
-        .iter()
-        .map(|table| format!("{:?}", table.name))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A value in a row.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// No value.
-    Null,
-    /// An integer.
-    Integer(i64),
-    /// A float.
-    Real(f64),
-    /// Text (also JSON, for a JSON column).
-    Text(String),
-}
-
-impl From<Cell> for Value {
-    fn from(cell: Cell) -> Self {
-        match cell {
-            Cell::Null => Value::Null,
-            Cell::Integer(v) => Value::Integer(v),
-            Cell::Real(v) => Value::Real(v),
-            Cell::Text(v) => Value::Text(v),
-        }
-    }
-}
-
-impl Value {
-    fn kind(&self) -> &'static str {
-        match self {
-            Value::Null => "null",
-            Value::Integer(_) => "an integer",
-            Value::Real(_) => "a real",
-            Value::Text(_) => "text",
-        }
-    }
-
-    /// The integer it holds, if any.
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Value::Integer(value) => Some(*value),
-            _ => None,
-        }
-    }
-
-    /// The number it holds, if any.
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Value::Real(value) => Some(*value),
-            Value::Integer(value) => Some(*value as f64),
-            _ => None,
-        }
-    }
-
-    /// The text it holds, if any.
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::Text(value) => Some(value),
-            _ => None,
-        }
-    }
-}
-
-/// SQL as one database takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// SQLite 3.24 or later (upserts).
-    Sqlite,
-    /// PostgreSQL 9.5 or later.
-    Postgres,
-}
-
-impl Dialect {
-    fn type_name(self, ty: ColumnType) -> &'static str {
-        match (self, ty) {
-            (Dialect::Sqlite, ColumnType::Integer) => "INTEGER",
-            (Dialect::Postgres, ColumnType::Integer) => "BIGINT",
-            (Dialect::Sqlite, ColumnType::Real) => "REAL",
-            (Dialect::Postgres, ColumnType::Real) => "DOUBLE PRECISION",
-            (_, ColumnType::Text) => "TEXT",
-            (Dialect::Sqlite, ColumnType::Json) => "TEXT",
-            (Dialect::Postgres, ColumnType::Json) => "JSONB",
-        }
-    }
-
-    fn placeholder(self, index: usize) -> String {
-        match self {
-            Dialect::Sqlite => format!("?{index}"),
-            Dialect::Postgres => format!("${index}"),
-        }
-    }
-}
-
-impl TableSchema {
-    /// The statement that creates it.
-    pub fn create_sql(&self, dialect: Dialect) -> String {
-        let columns: Vec<String> = self
-            .columns
-            .iter()
-            .map(|column| {
-                format!(
-                    "{} {}{}",
-                    column.name,
-                    dialect.type_name(column.ty),
-                    if column.nullable { "" } else { " NOT NULL" }
-                )
-            })
-            .collect();
-        format!(
-            "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
-            self.name,
-            columns.join(", "),
-            self.key().join(", ")
-        )
-    }
-
-    fn key(&self) -> Vec<&'static str> {
-        self.columns[..self.key_columns]
-            .iter()
-            .map(|c| c.name)
-            .collect()
-    }
-
-    fn column_list(&self) -> String {
-        self.columns
-            .iter()
-            .map(|c| c.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// How many rows have a given first key column.
-    pub fn count_sql(&self, dialect: Dialect) -> String {
-        format!(
-            "SELECT COUNT(*) FROM {} WHERE {} = {}",
-            self.name,
-            self.columns[0].name,
-            dialect.placeholder(1)
-        )
-    }
-
-    /// An insert of `rows` rows that leaves a row whose key is already there as it was.
-    pub fn insert_sql(&self, dialect: Dialect, rows: usize) -> String {
-        let width = self.columns.len();
-        let values: Vec<String> = (0..rows)
-            .map(|row| {
-                let cells: Vec<String> = (1..=width)
-                    .map(|column| dialect.placeholder(row * width + column))
-                    .collect();
-                format!("({})", cells.join(", "))
-            })
-            .collect();
-        format!(
-            "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO NOTHING",
-            self.name,
-            self.column_list(),
-            values.join(", "),
-            self.key().join(", ")
-        )
-    }
-
-    /// Every row whose first key column is `key` (for `predictions`: one run), in key order.
-    pub fn select_sql(&self, dialect: Dialect) -> String {
-        format!(
-            "SELECT {} FROM {} WHERE {} = {} ORDER BY {}",
-            self.column_list(),
-            self.name,
-            self.columns[0].name,
-            dialect.placeholder(1),
-            self.key().join(", ")
-        )
-    }
-
-    /// Checks `cells` against the table and returns the row's values in column order. An
-    /// integer is taken for a real column; everything else must match the column's type.
-    pub fn row(&self, cells: Vec<(String, Value)>) -> Result<Vec<Value>, ResultsError> {
-        let invalid = |problem: String| ResultsError::InvalidRow {
-            table: self.name,
-            problem,
-        };
-        let mut values = vec![None; self.columns.len()];
-        for (name, value) in cells {
-            let Some(index) = self.columns.iter().position(|c| c.name == name) else {
-                return Err(invalid(format!(
-                    "it has no column {name:?}; its columns are {}",
-                    self.column_list()
-                )));
-            };
-            if values[index].is_some() {
-                return Err(invalid(format!("column {name:?} is given twice")));
-            }
-            let column = &self.columns[index];
-            let value = match (column.ty, value) {
-                (_, Value::Null) => Value::Null,
-                (ColumnType::Integer, value @ Value::Integer(_)) => value,
-                (ColumnType::Real, Value::Integer(value)) => Value::Real(value as f64),
-                (ColumnType::Real, Value::Real(value)) if value.is_finite() => Value::Real(value),
-                (ColumnType::Real, Value::Real(value)) => {
-                    return Err(invalid(format!(
-                        "column {name:?} takes finite numbers, not {value}"
-                    )));
-                }
-                (ColumnType::Text, value @ Value::Text(_)) => value,
-                (ColumnType::Json, Value::Text(text)) => {
-                    serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
-                        invalid(format!(
-                            "column {name:?} takes JSON text, and this is not: {e}"
-                        ))
-                    })?;
-                    Value::Text(text)
-                }
-                (ty, value) => {
-                    return Err(invalid(format!(
-                        "column {name:?} takes {}, not {}",
-                        match ty {
-                            ColumnType::Integer => "an integer",
-                            ColumnType::Real => "a number",
-                            ColumnType::Text => "text",
-                            ColumnType::Json => "JSON text",
-                        },
-                        value.kind()
-                    )));
-                }
-            };
-            values[index] = Some(value);
-        }
-        self.columns
-            .iter()
-            .zip(values)
-            .map(|(column, value)| match value.unwrap_or(Value::Null) {
-                Value::Null if !column.nullable => Err(invalid(format!(
-                    "column {:?} needs a value{}",
-                    column.name,
-                    if self.columns[..self.key_columns]
-                        .iter()
-                        .any(|c| c.name == column.name)
-                    {
-                        " (it is part of the key)"
-                    } else {
-                        ""
-                    }
-                ))),
-                value => Ok(value),
-            })
-            .collect()
-    }
-}
-
 /// The statements that bring a database from one schema version to the next: element `i`
 /// takes version `i` to `i + 1`. Each backend runs the missing ones in one transaction, under
 /// a lock, so two hosts opening one database migrate it once.
-fn migrations(dialect: Dialect) -> Vec<Vec<String>> {
-    vec![TABLES.iter().map(|t| t.create_sql(dialect)).collect()]
+fn migrations() -> Vec<Vec<String>> {
+    // Version 1: the schema table alone (which every backend creates first).
+    vec![Vec::new()]
 }
 
 /// Creates the table that holds the schema version.
@@ -382,16 +87,22 @@ const SCHEMA_TABLE_SQL: &str =
 /// Reads the schema version (0: a new database).
 const SCHEMA_VERSION_SQL: &str = "SELECT COALESCE(MAX(version), 0) FROM switchyard_schema";
 
-/// The statements that take a database at schema version `found` to [`SCHEMA_VERSION`], the
-/// last of them recording it; an error when `found` is newer.
-fn migration_plan(store: &str, dialect: Dialect, found: i64) -> Result<Vec<String>, ResultsError> {
+/// The statements that take a database at schema version `found` to [`SCHEMA_VERSION`],
+/// recording it, and then create every one of `tables` that is missing; an error when `found`
+/// is newer.
+fn migration_plan(
+    store: &str,
+    dialect: Dialect,
+    found: i64,
+    tables: &Tables,
+) -> Result<Vec<String>, ResultsError> {
     if found > SCHEMA_VERSION {
         return Err(ResultsError::NewerSchema {
             store: store.to_string(),
             found,
         });
     }
-    let mut statements: Vec<String> = migrations(dialect)
+    let mut statements: Vec<String> = migrations()
         .into_iter()
         .skip(usize::try_from(found).unwrap_or(0))
         .flatten()
@@ -402,6 +113,7 @@ fn migration_plan(store: &str, dialect: Dialect, found: i64) -> Result<Vec<Strin
             "INSERT INTO switchyard_schema (version) VALUES ({SCHEMA_VERSION})"
         ));
     }
+    statements.extend(tables.iter().map(|table| table.create_sql(dialect)));
     Ok(statements)
 }
 
@@ -420,13 +132,12 @@ pub enum ResultsError {
         table: String,
     },
     /// No such table.
-    #[error(
-        "there is no results table {table:?}; the host keeps {}",
-        table_names()
-    )]
+    #[error("there is no results table {table:?}; this host keeps {kept}")]
     NoSuchTable {
         /// The name asked for.
         table: String,
+        /// The tables the host keeps.
+        kept: String,
     },
     /// A row does not fit its table.
     #[error("a row for table {table:?} does not fit: {problem}")]
@@ -534,23 +245,24 @@ pub trait ResultsBackend: Send + Sync {
     ) -> Result<Vec<Vec<Value>>, ResultsError>;
     /// How many rows have `key` in their first key column.
     async fn count(&self, table: &'static TableSchema, key: &str) -> Result<u64, ResultsError>;
-    /// The runs in `predictions`, newest first: run id, rows, last `received_at_ms`.
-    async fn runs(&self) -> Result<Vec<RunInfo>, ResultsError>;
+    /// Runs [`TableSchema::groups_sql`].
+    async fn groups(
+        &self,
+        table: &'static TableSchema,
+        newest: &'static str,
+    ) -> Result<Vec<Group>, ResultsError>;
 }
 
-/// One run in the store.
+/// The rows of a table that share the value of its first key column (a run's predictions).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RunInfo {
-    /// Its id.
-    pub run_id: String,
-    /// Its predictions.
-    pub predictions: u64,
-    /// When its last prediction arrived (Unix ms).
-    pub last_received_ms: f64,
+pub struct Group {
+    /// The value of the first key column.
+    pub key: String,
+    /// How many rows hold it.
+    pub rows: u64,
+    /// The largest value of the column asked for, among them.
+    pub newest: f64,
 }
-
-const RUNS_SQL: &str = "SELECT run_id, COUNT(*), MAX(received_at_ms) FROM predictions \
-                        GROUP BY run_id ORDER BY MAX(received_at_ms) DESC";
 
 /// Where results go, as the manifest's `[results]` section or `--results` names it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -618,9 +330,10 @@ impl ResultsConfig {
     }
 }
 
-/// A results store: a backend, the tables each component may write, and counts.
+/// A results store: a backend, the tables it keeps, and counts.
 pub struct Results {
     backend: Arc<dyn ResultsBackend>,
+    tables: Tables,
     written: AtomicU64,
     already_there: AtomicU64,
 }
@@ -643,24 +356,31 @@ pub struct WriteCounts {
 }
 
 impl Results {
-    /// Opens (creating and migrating where needed) the store `config` names.
-    pub async fn open(config: &ResultsConfig) -> Result<Self, ResultsError> {
+    /// Opens the store `config` names, keeping `tables`: creates and migrates it where
+    /// needed, and creates the tables it lacks.
+    pub async fn open(config: &ResultsConfig, tables: &Tables) -> Result<Self, ResultsError> {
         let backend: Arc<dyn ResultsBackend> = match config {
-            ResultsConfig::Sqlite { path } => Arc::new(sqlite::Sqlite::open(path).await?),
-            ResultsConfig::Postgres { url } => Arc::new(postgres::Postgres::connect(url).await?),
+            ResultsConfig::Sqlite { path } => Arc::new(sqlite::Sqlite::open(path, tables).await?),
+            ResultsConfig::Postgres { url } => {
+                Arc::new(postgres::Postgres::connect(url, tables).await?)
+            }
         };
-        Ok(Self::new(backend))
+        Ok(Self::new(backend, tables.clone()))
     }
 
-    /// A store in memory (SQLite), for `switchyard test`.
-    pub fn in_memory() -> Result<Self, ResultsError> {
-        Ok(Self::new(Arc::new(sqlite::Sqlite::in_memory()?)))
+    /// A store in memory (SQLite) keeping `tables`, for `switchyard test`.
+    pub fn in_memory(tables: &Tables) -> Result<Self, ResultsError> {
+        Ok(Self::new(
+            Arc::new(sqlite::Sqlite::in_memory(tables)?),
+            tables.clone(),
+        ))
     }
 
-    /// A store on `backend` (one a test injects, say).
-    pub fn new(backend: Arc<dyn ResultsBackend>) -> Self {
+    /// A store on `backend` (one a test injects, say), whose tables exist.
+    pub fn new(backend: Arc<dyn ResultsBackend>, tables: Tables) -> Self {
         Self {
             backend,
+            tables,
             written: AtomicU64::new(0),
             already_there: AtomicU64::new(0),
         }
@@ -700,101 +420,33 @@ impl Results {
         }
     }
 
-    /// The predictions of run `run_id`, in request order.
-    pub async fn predictions(&self, run_id: &str) -> Result<Vec<PredictionRecord>, ResultsError> {
-        let rows = self.backend.select(&PREDICTIONS, run_id).await?;
-        rows.into_iter()
-            .map(|row| {
-                PredictionRecord::from_row(row).map_err(|problem| ResultsError::Corrupt {
-                    store: self.describe(),
-                    table: PREDICTIONS.name,
-                    problem,
-                })
-            })
-            .collect()
+    /// The tables it keeps.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
     }
 
-    /// How many predictions run `run_id` has.
-    pub async fn count_predictions(&self, run_id: &str) -> Result<u64, ResultsError> {
-        self.backend.count(&PREDICTIONS, run_id).await
+    /// The rows of `table` whose first key column is `key`, in key order.
+    pub async fn select(
+        &self,
+        table: &'static TableSchema,
+        key: &str,
+    ) -> Result<Vec<Vec<Value>>, ResultsError> {
+        self.backend.select(table, key).await
     }
 
-    /// The runs in the store, newest first.
-    pub async fn runs(&self) -> Result<Vec<RunInfo>, ResultsError> {
-        self.backend.runs().await
-    }
-}
-
-/// A row of `predictions`, read back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PredictionRecord {
-    /// The run.
-    pub run_id: String,
-    /// The prediction as the classifier sent it (its timings' `batch`, `decode_us` and
-    /// `inference_us` are 0 where the row has none).
-    pub prediction: Prediction,
-    /// The component build that predicted it.
-    pub component: Option<String>,
-    /// When it arrived (Unix ms).
-    pub received_at_ms: f64,
-}
-
-impl PredictionRecord {
-    /// The row for `prediction`, received at `received_at_ms`, predicted by `component`: the
-    /// one the consumer writes ([`pipeline_core::row::prediction_row`]).
-    pub fn row(
-        prediction: &Prediction,
-        component: Option<&str>,
-        received_at_ms: f64,
-    ) -> Vec<(String, Value)> {
-        pipeline_core::row::prediction_row(prediction, component, received_at_ms)
-            .into_iter()
-            .map(|(name, cell)| (name.to_string(), Value::from(cell)))
-            .collect()
+    /// How many rows of `table` have `key` in their first key column.
+    pub async fn count(&self, table: &'static TableSchema, key: &str) -> Result<u64, ResultsError> {
+        self.backend.count(table, key).await
     }
 
-    /// Reads a row in [`PREDICTIONS`]' column order.
-    fn from_row(row: Vec<Value>) -> Result<Self, String> {
-        let get = |name: &str| {
-            PREDICTIONS
-                .columns
-                .iter()
-                .position(|c| c.name == name)
-                .and_then(|i| row.get(i))
-                .unwrap_or(&Value::Null)
-        };
-        let text = |name: &str| {
-            get(name)
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| format!("column {name} holds {}, not text", get(name).kind()))
-        };
-        let count = |name: &str| get(name).as_i64().and_then(|v| u64::try_from(v).ok());
-        let class = count("predicted_class").ok_or("predicted_class is no class index")? as usize;
-        let scores: Vec<f32> = serde_json::from_str(&text("scores")?)
-            .map_err(|e| format!("scores are no JSON list of numbers: {e}"))?;
-        Ok(Self {
-            run_id: text("run_id")?,
-            prediction: Prediction {
-                request_id: text("request_id")?,
-                class,
-                class_name: text("class_name")?,
-                scores,
-                label: count("label").map(|l| l as usize),
-                sent_at_ms: get("sent_at_ms").as_f64(),
-                model: text("model")?,
-                timings: Timings {
-                    decode_us: count("decode_us").unwrap_or(0),
-                    inference_us: count("inference_us").unwrap_or(0),
-                    batch: count("batch").map_or(0, |b| b as u32),
-                },
-                engine: get("engine").as_str().unwrap_or_default().to_string(),
-            },
-            component: get("component").as_str().map(str::to_string),
-            received_at_ms: get("received_at_ms")
-                .as_f64()
-                .ok_or("received_at_ms is no number")?,
-        })
+    /// The values of `table`'s first key column, each with its rows and the largest value of
+    /// the column `newest`, the largest first (a table's runs, newest first).
+    pub async fn groups(
+        &self,
+        table: &'static TableSchema,
+        newest: &'static str,
+    ) -> Result<Vec<Group>, ResultsError> {
+        self.backend.groups(table, newest).await
     }
 }
 
@@ -806,48 +458,80 @@ mod tests {
         (name.to_string(), value)
     }
 
+    /// A table of the tests' own: the store knows no table but those it is given.
+    const READINGS: TableSchema = TableSchema {
+        name: "readings",
+        columns: &[
+            Column {
+                name: "run_id",
+                ty: ColumnType::Text,
+                nullable: false,
+            },
+            Column {
+                name: "sensor",
+                ty: ColumnType::Text,
+                nullable: false,
+            },
+            Column {
+                name: "value",
+                ty: ColumnType::Real,
+                nullable: true,
+            },
+            Column {
+                name: "count",
+                ty: ColumnType::Integer,
+                nullable: true,
+            },
+            Column {
+                name: "extra",
+                ty: ColumnType::Json,
+                nullable: true,
+            },
+        ],
+        key_columns: 2,
+    };
+
     #[test]
     fn rows_are_checked_against_their_table() {
-        let prediction = Prediction::from_logits(
-            "run7-12".into(),
-            &[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-            Some(1),
-            Some(10.5),
-            "lenet5-x".into(),
-            Timings {
-                decode_us: 3,
-                inference_us: 40,
-                batch: 4,
-            },
-        );
-        let values = PREDICTIONS
-            .row(PredictionRecord::row(
-                &prediction,
-                Some("classifier@sha256:ab"),
-                12.0,
-            ))
+        let values = READINGS
+            .row(vec![
+                cell("sensor", Value::Text("t1".into())),
+                cell("run_id", Value::Text("run7".into())),
+                cell("value", Value::Integer(3)),
+                cell("extra", Value::Text("{\"unit\": \"C\"}".into())),
+            ])
             .unwrap();
-        assert_eq!(values[0], Value::Text("run7".into()));
-        let back = PredictionRecord::from_row(values).unwrap();
-        assert_eq!(back.prediction, prediction);
-        assert_eq!(back.run_id, "run7");
-        assert_eq!(back.component.as_deref(), Some("classifier@sha256:ab"));
+        assert_eq!(
+            values,
+            [
+                Value::Text("run7".into()),
+                Value::Text("t1".into()),
+                Value::Real(3.0),
+                Value::Null,
+                Value::Text("{\"unit\": \"C\"}".into()),
+            ]
+        );
 
-        let problem = |cells| match PREDICTIONS.row(cells) {
+        let problem = |cells| match READINGS.row(cells) {
             Err(ResultsError::InvalidRow { problem, .. }) => problem,
             other => panic!("{other:?}"),
         };
-        assert!(problem(vec![cell("run_id", Value::Text("r".into()))]).contains("request_id"));
+        let key_only = problem(vec![cell("run_id", Value::Text("r".into()))]);
+        assert!(
+            key_only.contains("sensor") && key_only.contains("key"),
+            "{key_only}"
+        );
         assert!(problem(vec![cell("colour", Value::Integer(1))]).contains("no column \"colour\""));
         assert!(
-            problem(vec![cell("label", Value::Text("seven".into()))])
+            problem(vec![cell("count", Value::Text("seven".into()))])
                 .contains("takes an integer, not text")
         );
-        assert!(problem(vec![cell("scores", Value::Text("[1,".into()))]).contains("JSON"));
+        assert!(problem(vec![cell("extra", Value::Text("[1,".into()))]).contains("JSON"));
+        assert!(problem(vec![cell("value", Value::Real(f64::NAN))]).contains("finite"));
         assert!(
             problem(vec![
-                cell("label", Value::Integer(1)),
-                cell("label", Value::Integer(2))
+                cell("count", Value::Integer(1)),
+                cell("count", Value::Integer(2))
             ])
             .contains("twice")
         );
@@ -855,18 +539,47 @@ mod tests {
 
     #[test]
     fn sql_is_generated_for_both_dialects() {
-        let create = PREDICTIONS.create_sql(Dialect::Postgres);
-        assert!(create.contains("scores JSONB NOT NULL"), "{create}");
+        let create = READINGS.create_sql(Dialect::Postgres);
+        assert!(create.contains("extra JSONB,"), "{create}");
+        assert!(create.contains("run_id TEXT NOT NULL"), "{create}");
         assert!(
-            create.ends_with("PRIMARY KEY (run_id, request_id))"),
+            create.ends_with("PRIMARY KEY (run_id, sensor))"),
             "{create}"
         );
-        let insert = PREDICTIONS.insert_sql(Dialect::Sqlite, 2);
-        assert!(insert.contains("(?15, ?16,"), "{insert}");
+        let insert = READINGS.insert_sql(Dialect::Sqlite, 2);
+        assert!(insert.contains("(?6, ?7,"), "{insert}");
         assert!(
-            insert.ends_with("ON CONFLICT (run_id, request_id) DO NOTHING"),
+            insert.ends_with("ON CONFLICT (run_id, sensor) DO NOTHING"),
             "{insert}"
         );
+        let groups = READINGS.groups_sql("value");
+        assert!(groups.contains("GROUP BY run_id"), "{groups}");
+    }
+
+    #[test]
+    fn opening_creates_the_declared_tables_and_refuses_a_newer_schema() {
+        let tables = Tables::new([&READINGS]);
+        let plan = migration_plan("test", Dialect::Sqlite, 0, &tables).unwrap();
+        assert!(
+            plan.last()
+                .unwrap()
+                .starts_with("CREATE TABLE IF NOT EXISTS readings")
+        );
+        assert!(
+            plan.iter()
+                .any(|s| s.contains("INSERT INTO switchyard_schema"))
+        );
+        // A store at this version only gets the tables it lacks.
+        let again = migration_plan("test", Dialect::Sqlite, SCHEMA_VERSION, &tables).unwrap();
+        assert_eq!(again, [READINGS.create_sql(Dialect::Sqlite)]);
+        assert!(matches!(
+            migration_plan("test", Dialect::Sqlite, SCHEMA_VERSION + 1, &tables),
+            Err(ResultsError::NewerSchema { .. })
+        ));
+        assert_eq!(tables.get("readings").map(|t| t.name), Some("readings"));
+        assert!(tables.get("predictions").is_none());
+        assert_eq!(tables.names(), "\"readings\"");
+        assert_eq!(Tables::default().names(), "none");
     }
 
     #[test]

@@ -15,8 +15,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use super::{
-    ColumnType, Dialect, ROWS_PER_STATEMENT, RUNS_SQL, ResultsBackend, ResultsError, RunInfo,
-    SCHEMA_TABLE_SQL, SCHEMA_VERSION_SQL, TableSchema, Value, migration_plan,
+    ColumnType, Dialect, Group, ROWS_PER_STATEMENT, ResultsBackend, ResultsError, SCHEMA_TABLE_SQL,
+    SCHEMA_VERSION_SQL, TableSchema, Tables, Value, migration_plan,
 };
 
 /// The advisory lock under which hosts migrate the schema (an arbitrary constant, "swyd").
@@ -80,8 +80,8 @@ fn hint(error: &tokio_postgres::Error) -> &'static str {
 }
 
 impl Postgres {
-    /// Connects to `url` and migrates the schema.
-    pub async fn connect(url: &str) -> Result<Self, ResultsError> {
+    /// Connects to `url`, migrates the schema and creates the `tables` it lacks.
+    pub async fn connect(url: &str, tables: &Tables) -> Result<Self, ResultsError> {
         let store = Self {
             url: url.to_string(),
             name: redact(url),
@@ -104,7 +104,7 @@ impl Postgres {
             .await
             .map_err(&error)?
             .get(0);
-        for statement in migration_plan(&store.name, Dialect::Postgres, found)? {
+        for statement in migration_plan(&store.name, Dialect::Postgres, found, tables)? {
             transaction
                 .batch_execute(&statement)
                 .await
@@ -261,22 +261,26 @@ impl ResultsBackend for Postgres {
         Ok(count.max(0) as u64)
     }
 
-    async fn runs(&self) -> Result<Vec<RunInfo>, ResultsError> {
+    async fn groups(
+        &self,
+        table: &'static TableSchema,
+        newest: &'static str,
+    ) -> Result<Vec<Group>, ResultsError> {
         let client = self.client().await?;
         let rows = client
-            .query(RUNS_SQL, &[])
+            .query(&table.groups_sql(newest), &[])
             .await
-            .map_err(self.error("listing runs"))?;
+            .map_err(self.error("reading the groups of rows"))?;
         rows.iter()
             .map(|row| {
-                Ok(RunInfo {
-                    run_id: row.try_get(0)?,
-                    predictions: row.try_get::<_, i64>(1)?.max(0) as u64,
-                    last_received_ms: row.try_get(2)?,
+                Ok(Group {
+                    key: row.try_get(0)?,
+                    rows: row.try_get::<_, i64>(1)?.max(0) as u64,
+                    newest: row.try_get::<_, Option<f64>>(2)?.unwrap_or(f64::NAN),
                 })
             })
             .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(self.error("reading the runs"))
+            .map_err(self.error("reading the groups of rows"))
     }
 }
 

@@ -15,8 +15,8 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, TransactionBehavior, params_from_iter};
 
 use super::{
-    Dialect, ROWS_PER_STATEMENT, RUNS_SQL, ResultsBackend, ResultsError, RunInfo, SCHEMA_TABLE_SQL,
-    SCHEMA_VERSION_SQL, TableSchema, Value, migration_plan,
+    Dialect, Group, ROWS_PER_STATEMENT, ResultsBackend, ResultsError, SCHEMA_TABLE_SQL,
+    SCHEMA_VERSION_SQL, TableSchema, Tables, Value, migration_plan,
 };
 
 /// How long a write waits for another process's lock before it fails.
@@ -29,8 +29,9 @@ pub struct Sqlite {
 }
 
 impl Sqlite {
-    /// Opens (creating it and its directory when missing) and migrates the file at `path`.
-    pub async fn open(path: &Path) -> Result<Self, ResultsError> {
+    /// Opens (creating it and its directory when missing) and migrates the file at `path`,
+    /// creating the `tables` it lacks.
+    pub async fn open(path: &Path, tables: &Tables) -> Result<Self, ResultsError> {
         let path = path.to_path_buf();
         let name = path.display().to_string();
         let error = {
@@ -58,11 +59,11 @@ impl Sqlite {
             Ok(connection)
         })
         .await?;
-        Self::migrated(name, connection).await
+        Self::migrated(name, connection, tables.clone()).await
     }
 
-    /// A database in memory, gone when it is dropped (`switchyard test`).
-    pub fn in_memory() -> Result<Self, ResultsError> {
+    /// A database in memory with `tables`, gone when it is dropped (`switchyard test`).
+    pub fn in_memory(tables: &Tables) -> Result<Self, ResultsError> {
         let name = ":memory:".to_string();
         let connection = Connection::open_in_memory().map_err(|source| ResultsError::Sqlite {
             store: name.clone(),
@@ -73,22 +74,22 @@ impl Sqlite {
             name,
             connection: Arc::new(Mutex::new(connection)),
         };
-        store.migrate_now()?;
+        migrate(&store.name, &mut lock(&store.connection), tables)?;
         Ok(store)
     }
 
-    async fn migrated(name: String, connection: Connection) -> Result<Self, ResultsError> {
+    async fn migrated(
+        name: String,
+        connection: Connection,
+        tables: Tables,
+    ) -> Result<Self, ResultsError> {
         let store = Self {
             name,
             connection: Arc::new(Mutex::new(connection)),
         };
         let (name, connection) = (store.name.clone(), store.connection.clone());
-        run_blocking(move || migrate(&name, &mut lock(&connection))).await?;
+        run_blocking(move || migrate(&name, &mut lock(&connection), &tables)).await?;
         Ok(store)
-    }
-
-    fn migrate_now(&self) -> Result<(), ResultsError> {
-        migrate(&self.name, &mut lock(&self.connection))
     }
 
     fn error(&self, doing: &'static str) -> impl Fn(rusqlite::Error) -> ResultsError + use<> {
@@ -117,7 +118,7 @@ async fn run_blocking<T: Send + 'static>(
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-fn migrate(name: &str, connection: &mut Connection) -> Result<(), ResultsError> {
+fn migrate(name: &str, connection: &mut Connection, tables: &Tables) -> Result<(), ResultsError> {
     let error = |doing| {
         move |source| ResultsError::Sqlite {
             store: name.to_string(),
@@ -135,7 +136,7 @@ fn migrate(name: &str, connection: &mut Connection) -> Result<(), ResultsError> 
     let found: i64 = transaction
         .query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))
         .map_err(error("reading the schema version"))?;
-    for statement in migration_plan(name, Dialect::Sqlite, found)? {
+    for statement in migration_plan(name, Dialect::Sqlite, found, tables)? {
         transaction
             .execute_batch(&statement)
             .map_err(error("migrating the schema"))?;
@@ -239,22 +240,28 @@ impl ResultsBackend for Sqlite {
         .await
     }
 
-    async fn runs(&self) -> Result<Vec<RunInfo>, ResultsError> {
+    async fn groups(
+        &self,
+        table: &'static TableSchema,
+        newest: &'static str,
+    ) -> Result<Vec<Group>, ResultsError> {
         let connection = self.connection.clone();
-        let error = self.error("listing runs");
+        let error = self.error("reading the groups of rows");
         run_blocking(move || {
             let connection = lock(&connection);
-            let mut statement = connection.prepare_cached(RUNS_SQL).map_err(&error)?;
-            let runs = statement
+            let mut statement = connection
+                .prepare_cached(&table.groups_sql(newest))
+                .map_err(&error)?;
+            let groups = statement
                 .query_map([], |row| {
-                    Ok(RunInfo {
-                        run_id: row.get(0)?,
-                        predictions: row.get::<_, i64>(1)?.max(0) as u64,
-                        last_received_ms: row.get(2)?,
+                    Ok(Group {
+                        key: row.get(0)?,
+                        rows: row.get::<_, i64>(1)?.max(0) as u64,
+                        newest: row.get::<_, Option<f64>>(2)?.unwrap_or(f64::NAN),
                     })
                 })
                 .map_err(&error)?;
-            runs.collect::<Result<Vec<_>, _>>().map_err(&error)
+            groups.collect::<Result<Vec<_>, _>>().map_err(&error)
         })
         .await
     }

@@ -23,7 +23,7 @@ use super::interfaces::wasi_nn::{self, NnCtx, NnView};
 use super::{LoadedComponent, RuntimeError};
 use crate::metrics::ComponentMetrics;
 use crate::nn::NnHost;
-use crate::results::Results;
+use crate::results::{Results, Tables};
 
 /// Everything an instance's store holds.
 pub struct InstanceState {
@@ -80,10 +80,20 @@ impl InstanceState {
     /// Switches the instance to test mode (`switchyard test`): its sends are recorded in
     /// `sent` and may go to any topic, and it may write any results table (into the test
     /// store).
-    pub fn for_unit_tests(&mut self, sent: Arc<SentLog>, results: Option<Arc<Results>>) {
+    pub fn for_unit_tests(
+        &mut self,
+        sent: Arc<SentLog>,
+        tables: Arc<Tables>,
+        results: Option<Arc<Results>>,
+    ) {
         self.test_support = Some(sent);
         self.messaging.grant_every_topic();
-        self.results = ResultsCtx::new(self.messaging.component().clone(), Grants::Every, results);
+        self.results = ResultsCtx::new(
+            self.messaging.component().clone(),
+            Grants::Every,
+            tables,
+            results,
+        );
     }
 }
 
@@ -119,6 +129,8 @@ pub(crate) struct Shared<'a> {
     pub publisher: &'a Arc<dyn Publisher>,
     /// The inference engines behind `wasi:nn`.
     pub nn: &'a Arc<NnHost>,
+    /// The tables the host keeps.
+    pub tables: &'a Arc<Tables>,
     /// The results store, if the host has one.
     pub results: Option<&'a Arc<Results>>,
 }
@@ -177,6 +189,7 @@ pub(crate) fn new_store(
         results: ResultsCtx::new(
             component.name.clone(),
             Grants::Tables(Arc::new(config.results.iter().cloned().collect())),
+            shared.tables.clone(),
             shared.results.cloned(),
         ),
         progress: ProgressCtx::hidden(),

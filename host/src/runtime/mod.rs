@@ -9,9 +9,9 @@
 pub mod bindings;
 pub mod cache;
 pub mod engine;
+mod handler;
 mod instance;
 pub mod interfaces;
-mod worker;
 pub mod world;
 
 use std::path::PathBuf;
@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 use wasmtime::Engine;
 use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker};
 
-use crate::config::ComponentConfig;
+use crate::manifest::ComponentConfig;
 use crate::metrics::Metrics;
 use crate::nn::NnHost;
-use crate::results::Results;
+use crate::results::{Results, Tables};
 use bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
 use bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
@@ -35,8 +35,8 @@ use interfaces::progress::ProgressCtx;
 use interfaces::test_support::{SentLog, UnitTestBroker};
 use switchyard_broker::{Broker, BrokerError, Publisher};
 
+pub use handler::{HandlerCounts, HandlerGroup, HandlerStats};
 pub use interfaces::messaging::SENT_BY_HEADER;
-pub use worker::{HandlerCounts, HandlerGroup, HandlerStats};
 
 /// Name of the optional report export (`switchyard:host/report`).
 pub const REPORT_INTERFACE: &str = "switchyard:host/report@0.1.0";
@@ -105,6 +105,19 @@ pub enum RuntimeError {
         /// What failed.
         error: String,
     },
+    /// A component's manifest entry grants a results table the host does not keep.
+    #[error(
+        "{component}: `results` names table {table:?}, which this host does not keep; it keeps \
+         {kept}"
+    )]
+    UnknownTable {
+        /// The component's name.
+        component: String,
+        /// The table it names.
+        table: String,
+        /// The tables the host keeps.
+        kept: String,
+    },
     /// The component trapped (or hit a limit) outside message handling: in a command's run.
     #[error("component {component}: trapped: {trap}")]
     Trapped {
@@ -157,8 +170,9 @@ pub enum RuntimeError {
 pub fn check_before_compiling(
     name: &str,
     config: &ComponentConfig,
+    tables: &Tables,
 ) -> Result<world::Shape, RuntimeError> {
-    check_as(name, config, world::Role::of(config))
+    check_as(name, config, world::Role::of(config), tables)
 }
 
 /// [`check_before_compiling`] for a component run as `role`.
@@ -166,7 +180,19 @@ fn check_as(
     name: &str,
     config: &ComponentConfig,
     role: world::Role,
+    tables: &Tables,
 ) -> Result<world::Shape, RuntimeError> {
+    if let Some(table) = config
+        .results
+        .iter()
+        .find(|table| tables.get(table).is_none())
+    {
+        return Err(RuntimeError::UnknownTable {
+            component: name.to_string(),
+            table: table.clone(),
+            kept: tables.names(),
+        });
+    }
     let world_error = |problem| RuntimeError::World {
         component: name.to_string(),
         problem: Box::new(problem),
@@ -194,6 +220,9 @@ pub struct RuntimeOptions {
     pub pool: PoolSize,
     /// Whether commands' `switchyard:host/progress` is shown on standard error.
     pub show_progress: bool,
+    /// The results tables the host keeps, which components may be granted (the embedding
+    /// program declares them; none by default).
+    pub tables: Tables,
 }
 
 impl Default for RuntimeOptions {
@@ -205,6 +234,7 @@ impl Default for RuntimeOptions {
                 max_memory_bytes: 256 << 20,
             },
             show_progress: false,
+            tables: Tables::default(),
         }
     }
 }
@@ -217,6 +247,8 @@ pub struct Runtime {
     publisher: Arc<dyn Publisher>,
     broker: Arc<dyn Broker>,
     nn: Arc<NnHost>,
+    /// The results tables the host keeps.
+    tables: Arc<Tables>,
     /// Where components' `switchyard:host/results` rows go, when the host has a store.
     results: Option<Arc<Results>>,
     cache: Option<cache::ArtifactCache>,
@@ -337,12 +369,13 @@ impl Runtime {
         let publisher = broker.publisher().await?;
         // Test mode writes results into a store in memory, which each test run starts empty.
         let results = match sent_log {
-            Some(_) => Some(Arc::new(Results::in_memory()?)),
+            Some(_) => Some(Arc::new(Results::in_memory(&options.tables)?)),
             None => None,
         };
         let metrics = Metrics::new()?;
         Ok(Self {
             results,
+            tables: Arc::new(options.tables),
             metrics: Arc::new(metrics),
             _ticker: EpochTicker::start(&engine),
             engine,
@@ -373,6 +406,11 @@ impl Runtime {
     pub fn with_results(mut self, results: Arc<Results>) -> Self {
         self.results = Some(results);
         self
+    }
+
+    /// The results tables it keeps.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
     }
 
     /// The results store, if it has one.
@@ -408,7 +446,7 @@ impl Runtime {
             Some(_) => world::Role::UnitTests,
             None => world::Role::of(config),
         };
-        check_as(name, config, role)?;
+        check_as(name, config, role, &self.tables)?;
         let engine::Compiled {
             component,
             outcome: cache,
@@ -520,7 +558,7 @@ impl Runtime {
         state.deadline = deadline;
         state.progress = ProgressCtx::new(component.name.clone(), self.show_progress);
         if let Some(sent_log) = &self.sent_log {
-            state.for_unit_tests(sent_log.clone(), self.results.clone());
+            state.for_unit_tests(sent_log.clone(), self.tables.clone(), self.results.clone());
         }
         let command = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())
             .map_err(instantiate)?
@@ -564,6 +602,7 @@ impl Runtime {
             engine: &self.engine,
             publisher: &self.publisher,
             nn: &self.nn,
+            tables: &self.tables,
             results: self.results.as_ref(),
         }
     }
@@ -573,7 +612,7 @@ impl Runtime {
         &self,
         component: &LoadedComponent,
     ) -> Result<HandlerGroup, RuntimeError> {
-        worker::start(self, component).await
+        handler::start(self, component).await
     }
 }
 

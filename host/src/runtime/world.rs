@@ -25,7 +25,7 @@ pub enum Role {
 
 impl Role {
     /// The role a manifest entry gives its component.
-    pub fn of(config: &crate::config::ComponentConfig) -> Self {
+    pub fn of(config: &crate::manifest::ComponentConfig) -> Self {
         if config.is_handler() {
             Role::Handler
         } else {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use switchyard::build::ComponentBuild;
-use switchyard::config::{ComponentConfig, Preopen, RetryPolicy};
+use switchyard::manifest::{ComponentConfig, Preopen, RetryPolicy};
 pub use switchyard_testing::*;
 
 /// The directory with producer.wasm, classifier.wasm and consumer.wasm, built once per test

@@ -14,7 +14,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::KafkaConfig;
 use super::errors::{ClientErrors, config_error, kafka_error};
 use crate::outage::OutageLog;
-use crate::{BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, check_topic_name, wire};
+use crate::{
+    BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, check_topic_name, conversions,
+};
 
 /// How long to wait between attempts to enqueue while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
@@ -68,7 +70,7 @@ impl KafkaPublisher {
 impl Publisher for KafkaPublisher {
     async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
         check_topic_name(&message.topic)?;
-        let sent_headers = wire::outgoing_headers(&message);
+        let sent_headers = conversions::outgoing_headers(&message);
         let mut headers = OwnedHeaders::new_with_capacity(sent_headers.len());
         for (key, value) in sent_headers {
             headers = headers.insert(Header {
@@ -79,7 +81,7 @@ impl Publisher for KafkaPublisher {
         let mut record = FutureRecord::to(&message.topic)
             .payload(&message.payload)
             .headers(headers);
-        if let Some(key) = wire::outgoing_key(&message) {
+        if let Some(key) = conversions::outgoing_key(&message) {
             record = record.key(key);
         }
         let topic = message.topic.clone();

@@ -19,7 +19,7 @@ use super::offsets::{InFlight, OffsetTracker};
 use crate::outage::OutageLog;
 use crate::{
     BrokerError, Delivery, ErrorKind, PartitionLag, Settle, StartPosition, Subscriber,
-    SubscriptionSpec, check_topic_name, wire,
+    SubscriptionSpec, check_topic_name, conversions,
 };
 
 /// Commits what was acknowledged when a rebalance takes partitions away, then forgets their
@@ -161,7 +161,7 @@ impl Subscriber for KafkaSubscriber {
                     (header.key.to_string(), value.into_owned())
                 })
             });
-            let mut incoming = wire::incoming_message(
+            let mut incoming = conversions::incoming_message(
                 message.topic(),
                 format!("{}@{}", message.partition(), message.offset()),
                 message.key(),

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use super::errors::rpc_error;
 use super::resources::check_resource_id;
 use super::{EMPTY_MARKER, PubSubConfig};
-use crate::{BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, wire};
+use crate::{BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, conversions};
 
 /// The most attributes a Pub/Sub message may carry, and the longest name and value (bytes).
 const MAX_ATTRIBUTES: usize = 100;
@@ -29,7 +29,7 @@ const MAX_ORDERING_KEY: usize = 1024;
 /// Refuses headers Pub/Sub would refuse as attributes, naming the rule, before anything is
 /// queued: a publish the service rejects later fails its whole batch.
 fn check_attributes(message: &OutgoingMessage) -> Result<(), BrokerError> {
-    let attributes = wire::outgoing_headers(message);
+    let attributes = conversions::outgoing_headers(message);
     if attributes.len() > MAX_ATTRIBUTES {
         return Err(BrokerError::rejected(format!(
             "a message to topic {:?} has {} headers; Pub/Sub takes at most {MAX_ATTRIBUTES}",
@@ -60,7 +60,7 @@ fn check_attributes(message: &OutgoingMessage) -> Result<(), BrokerError> {
 
 /// A message's key as a Pub/Sub ordering key, which is text of at most 1,024 bytes.
 fn ordering_key(message: &OutgoingMessage) -> Result<Option<String>, BrokerError> {
-    let Some(key) = wire::outgoing_key(message) else {
+    let Some(key) = conversions::outgoing_key(message) else {
         return Ok(None);
     };
     let key = std::str::from_utf8(key).map_err(|_| {
@@ -125,7 +125,7 @@ impl Publisher for PubSubPublisher {
             .acquire_owned()
             .await
             .map_err(|_| BrokerError::closed())?;
-        let mut attributes: HashMap<String, String> = wire::outgoing_headers(&message)
+        let mut attributes: HashMap<String, String> = conversions::outgoing_headers(&message)
             .into_iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();

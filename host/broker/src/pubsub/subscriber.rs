@@ -18,7 +18,8 @@ use super::resources::Resources;
 use super::{EMPTY_MARKER, PubSub};
 use crate::outage::OutageLog;
 use crate::{
-    BrokerError, Delivery, ErrorKind, Settle, StartPosition, Subscriber, SubscriptionSpec, wire,
+    BrokerError, Delivery, ErrorKind, Settle, StartPosition, Subscriber, SubscriptionSpec,
+    conversions,
 };
 
 /// What a pump needs to (re)open one streaming pull.
@@ -219,7 +220,7 @@ fn delivery(settings: &StreamSettings, message: Message, handler: Handler) -> De
         .into_iter()
         .filter(|(name, _)| name != EMPTY_MARKER);
     let key = (!message.ordering_key.is_empty()).then_some(message.ordering_key.as_bytes());
-    let incoming = wire::incoming_message(
+    let incoming = conversions::incoming_message(
         &settings.topic,
         message.message_id.clone(),
         key,

@@ -97,8 +97,8 @@ pub struct MessageLimits {
     pub max_sends_per_call: u32,
 }
 
-impl From<&crate::config::Limits> for MessageLimits {
-    fn from(limits: &crate::config::Limits) -> Self {
+impl From<&crate::manifest::Limits> for MessageLimits {
+    fn from(limits: &crate::manifest::Limits) -> Self {
         Self {
             max_message_bytes: usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX),
             max_held_bytes: usize::try_from(limits.max_held_mb << 20).unwrap_or(usize::MAX),

@@ -12,17 +12,19 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::results::{Results, ResultsError, TableSchema, Value};
+use crate::results::{Results, ResultsError, TableSchema, Tables, Value};
 use crate::runtime::bindings::switchyard::host::results::{self, Error, Value as WitValue};
 
 /// A table as the guest holds it.
 #[derive(Debug)]
 pub struct HostTable(&'static TableSchema);
 
-/// The results half of a component's state: its grants and the host's store.
+/// The results half of a component's state: its grants, the tables the host keeps, and the
+/// host's store.
 pub struct ResultsCtx {
     component: Arc<str>,
     grants: Grants,
+    tables: Arc<Tables>,
     store: Option<Arc<Results>>,
 }
 
@@ -36,11 +38,17 @@ pub enum Grants {
 }
 
 impl ResultsCtx {
-    /// Results for `component`, which may write `grants` into `store`.
-    pub fn new(component: Arc<str>, grants: Grants, store: Option<Arc<Results>>) -> Self {
+    /// Results for `component`, which may write `grants` of the host's `tables` into `store`.
+    pub fn new(
+        component: Arc<str>,
+        grants: Grants,
+        tables: Arc<Tables>,
+        store: Option<Arc<Results>>,
+    ) -> Self {
         Self {
             component,
             grants,
+            tables,
             store,
         }
     }
@@ -100,8 +108,11 @@ impl results::Host for ResultsView<'_> {}
 impl results::HostTable for ResultsView<'_> {
     async fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<HostTable>, Error>> {
         let ctx = self.ctx;
-        let Some(table) = crate::results::table(&name) else {
-            return Ok(Err(wit_error(ResultsError::NoSuchTable { table: name })));
+        let Some(table) = ctx.tables.get(&name) else {
+            return Ok(Err(wit_error(ResultsError::NoSuchTable {
+                table: name,
+                kept: ctx.tables.names(),
+            })));
         };
         if !ctx.granted(&name) {
             return Ok(Err(wit_error(ResultsError::AccessDenied {

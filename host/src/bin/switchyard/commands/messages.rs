@@ -190,7 +190,7 @@ async fn read_each(
     client: &Client,
     mut each: impl AsyncFnMut(Received) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
-    let mut signals = crate::StopSignals::listen().context("listening for Ctrl-C")?;
+    let mut signals = crate::signals::StopSignals::listen().context("listening for Ctrl-C")?;
     let consumer = client.consumer().await?;
     let mut read = 0u64;
     // A signal ends the loop between messages, never inside `each`: what was handed over is

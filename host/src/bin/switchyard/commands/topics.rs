@@ -8,7 +8,7 @@ use anyhow::bail;
 use switchyard_broker::ConnectedBroker;
 use switchyard_broker::{BrokerError, TopicSpec};
 
-use crate::messages;
+use super::messages;
 
 /// The broker a topics command talks to.
 #[derive(Debug, clap::Args)]

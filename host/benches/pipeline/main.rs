@@ -1,0 +1,496 @@
+//! The performance table (BENCHMARKS.md): every row measured in one run on one machine, so
+//! the rows compare with each other. Our machines are shared and noisy: absolute numbers move
+//! from run to run, ratios much less, so read the ratios.
+//!
+//! 1. Broker ceiling: the embedded Kafka broker through the unified API, messages the size of
+//!    a request, published and taken back (the pipeline crosses it twice: requests, then
+//!    predictions).
+//! 2. Inference ceiling, µs per image on one thread, at batch 1 and at the classifier's batch:
+//!    tract natively and in Wasm (the classifier's `ceiling` example, built both ways, the Wasm
+//!    one run by `switchyard exec`), the host's `wasi:nn` engines (tract, and ONNX Runtime when
+//!    installed), and ONNX Runtime from Python as a reference when `python3 -c "import
+//!    onnxruntime"` works (`pip install onnxruntime`; `SWITCHYARD_PYTHON` names another
+//!    interpreter, such as a venv's); otherwise that row says it was skipped.
+//! 3. The pipeline: `switchyard demo` as a child process per run, 10,000 images on the
+//!    embedded broker: each engine at full speed, batches against none, one classifier worker
+//!    against two, and paced at 2,000 requests/s. Images/s, p50, p99 and the process's peak RSS.
+//!    The cases alternate round by round and the table gives medians.
+//! 4. Start: the first prediction with an empty compile cache (cold) and a warm one.
+//! 5. Scale: the first pipeline case again over 100,000, 300,000 and 1,000,000 requests (the
+//!    producer cycles through the test set), once each: throughput should stay level against
+//!    the 10,000-image rounds and the peak RSS flat against the run before, and the rows say
+//!    whether they did.
+//!
+//! 6. The careful Python rebuild the performance issue measures switchyard against
+//!    (`benches/python/careful_pipeline.py`: confluent-kafka, batched polling, ONNX Runtime at
+//!    batch 64, one process per role) and `switchyard demo`, each against a standalone
+//!    `switchyard broker` of its own, alternating round by round; skipped with the reason when
+//!    the Python cannot import confluent_kafka, onnxruntime and numpy.
+//!
+//! It prints one Markdown table and writes the same rows as JSON to
+//! `<target dir>/bench/pipeline.json`.
+//!
+//! ```sh
+//! just bench                                      # 3 rounds
+//! cargo bench -p switchyard --bench pipeline -- 5  # rounds
+//! ```
+
+mod ceilings;
+#[path = "../common/mod.rs"]
+mod common;
+mod demo;
+mod table;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use switchyard::nn::NnEngine;
+use switchyard::pipeline;
+
+use ceilings::{
+    broker_ceiling, ceiling_host, ceiling_native, ceiling_python, ceiling_rows, ceiling_wasm,
+    test_images,
+};
+use demo::{Demo, Paths, args, careful_python, on_standalone_broker, run_demo};
+use table::{Row, fmt, median_of, print_table, ratio, skipped, thousands};
+
+/// The classifier's default `batch`, the bound the batched rows use.
+const BATCH: usize = 32;
+/// Images per inference-ceiling measurement.
+const CEILING_IMAGES: usize = 2048;
+/// A request on the wire: the 784-byte image plus its headers.
+const REQUEST_BYTES: usize = 900;
+const PACED_RATE: u32 = 2000;
+/// Request counts of the scale rows.
+const SCALES: [u64; 3] = [100_000, 300_000, 1_000_000];
+/// Throughput at scale counts as level from this share of the 10,000-image median (the
+/// machine's run-to-run noise is 10 to 20 %).
+const LEVEL: f64 = 0.8;
+/// Peak RSS at scale counts as flat up to this many MiB above the run with ten times fewer
+/// requests.
+const FLAT_MB: f64 = 32.0;
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; the number is ours.
+    let rounds = std::env::args()
+        .skip(1)
+        .find_map(|arg| arg.parse::<usize>().ok())
+        .unwrap_or(3)
+        .max(1);
+    let components_target = pipeline::components_target_dir();
+    let paths = Paths {
+        switchyard: PathBuf::from(env!("CARGO_BIN_EXE_switchyard")),
+        workspace: pipeline::workspace_root(),
+        target: components_target
+            .parent()
+            .map(Path::to_path_buf)
+            .context("the components' target directory has no parent")?,
+        components: pipeline::build_components().context("building the components")?,
+        models: pipeline::models_dir(),
+    };
+    let onnxruntime = NnEngine::Onnxruntime.check_available().is_ok();
+    let mut rows = Vec::new();
+
+    eprintln!("broker ceiling…");
+    rows.push(broker_ceiling()?);
+    eprintln!("inference ceilings…");
+    let ceilings = inference_ceilings(&paths, &components_target, onnxruntime, &mut rows)?;
+
+    let engine = if onnxruntime { "onnxruntime" } else { "tract" };
+    let cases = pipeline_cases(engine, onnxruntime);
+    let runs = run_cases(&paths, &cases, rounds, &mut rows)?;
+    let medians: Vec<Option<f64>> = runs
+        .iter()
+        .map(|demos| median_of(demos.iter().map(|d| d.images_per_s)))
+        .collect();
+
+    eprintln!("against the careful Python rebuild, each on a standalone broker…");
+    let standalone = against_python(&paths, &cases[0], rounds, &mut rows)?;
+
+    eprintln!("start, cold and warm…");
+    start_rows(&paths, engine, &mut rows)?;
+    let first_rss = median_of(runs[0].iter().map(|d| d.peak_rss_mb));
+    scale_rows(&paths, &cases[0], medians[0], first_rss, &mut rows)?;
+    ratio_rows(&ceilings, &runs, &standalone, &mut rows);
+
+    print_table(&rows, rounds);
+    let out = paths.target.join("bench");
+    std::fs::create_dir_all(&out)?;
+    let json = out.join("pipeline.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&rows)?)?;
+    eprintln!("\nwritten to {}", json.display());
+    Ok(())
+}
+
+/// Inference alone, µs per image at batch 1 and [`BATCH`]: each engine measured.
+struct Ceilings {
+    native: Vec<(usize, f64)>,
+    wasm: Vec<(usize, f64)>,
+    host_tract: Vec<(usize, f64)>,
+    host_ort: Option<Vec<(usize, f64)>>,
+}
+
+fn inference_ceilings(
+    paths: &Paths,
+    components_target: &Path,
+    onnxruntime: bool,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<Ceilings> {
+    let native = ceiling_native(paths)?;
+    let wasm = ceiling_wasm(paths, components_target)?;
+    rows.extend(ceiling_rows(
+        "tract, native (the classifier's code)",
+        &native,
+    ));
+    rows.extend(ceiling_rows("tract, in Wasm (the same code)", &wasm));
+    let onnx = std::fs::read(paths.models.join("lenet.onnx"))?;
+    let images = test_images(&paths.models)?;
+    let host_tract = ceiling_host(&onnx, &images, NnEngine::Tract)?;
+    rows.extend(ceiling_rows("wasi:nn on the host, tract", &host_tract));
+    let host_ort = if onnxruntime {
+        let measured = ceiling_host(&onnx, &images, NnEngine::Onnxruntime)?;
+        rows.extend(ceiling_rows("wasi:nn on the host, ONNX Runtime", &measured));
+        Some(measured)
+    } else {
+        rows.push(skipped(
+            "wasi:nn on the host, ONNX Runtime",
+            "not installed: `switchyard install-onnxruntime`",
+        ));
+        None
+    };
+    match ceiling_python(paths) {
+        Ok(measured) => rows.extend(ceiling_rows(
+            "ONNX Runtime from Python (reference)",
+            &measured,
+        )),
+        Err(e) => rows.push(skipped(
+            "ONNX Runtime from Python (reference)",
+            &format!("skipped: {e:#}; `pip install onnxruntime` adds it"),
+        )),
+    }
+    Ok(Ceilings {
+        native,
+        wasm,
+        host_tract,
+        host_ort,
+    })
+}
+
+/// The pipeline's cases: the first is the best engine at full speed, which the later
+/// sections compare against.
+fn pipeline_cases(engine: &str, onnxruntime: bool) -> Vec<(String, Vec<String>)> {
+    let mut cases: Vec<(String, Vec<String>)> = vec![
+        (
+            format!("{engine}, batch {BATCH}, 2 workers"),
+            args(engine, BATCH, 2, None),
+        ),
+        (
+            format!("{engine}, batch 1, 2 workers"),
+            args(engine, 1, 2, None),
+        ),
+        (
+            format!("{engine}, batch {BATCH}, 1 worker"),
+            args(engine, BATCH, 1, None),
+        ),
+    ];
+    if onnxruntime {
+        cases.push((
+            format!("tract, batch {BATCH}, 2 workers"),
+            args("tract", BATCH, 2, None),
+        ));
+    }
+    cases.push((
+        format!("wasm, batch {BATCH}, 2 workers"),
+        args("wasm", BATCH, 2, None),
+    ));
+    cases.push((
+        format!("{engine}, batch {BATCH}, paced at {PACED_RATE}/s"),
+        args(engine, BATCH, 2, Some(PACED_RATE)),
+    ));
+    cases
+}
+
+/// Runs every case `rounds` times, alternating, and adds their medians to the table.
+fn run_cases(
+    paths: &Paths,
+    cases: &[(String, Vec<String>)],
+    rounds: usize,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<Vec<Vec<Demo>>> {
+    let mut runs: Vec<Vec<Demo>> = cases.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for ((name, case_args), into) in cases.iter().zip(runs.iter_mut()) {
+            let demo = run_demo(paths, case_args, None)?;
+            eprintln!(
+                "  round {} {name:<36} {:>6.0} images/s  p50 {:>7.1} ms  p99 {:>7.1} ms  {:>4.0} MiB",
+                round + 1,
+                demo.images_per_s.unwrap_or(0.0),
+                demo.p50_ms.unwrap_or(0.0),
+                demo.p99_ms.unwrap_or(0.0),
+                demo.peak_rss_mb.unwrap_or(0.0)
+            );
+            into.push(demo);
+        }
+    }
+    for ((name, _), demos) in cases.iter().zip(&runs) {
+        let throughput = median_of(demos.iter().map(|d| d.images_per_s));
+        rows.push(
+            Row::new("pipeline", name.clone(), throughput, "images/s").detail(format!(
+                "p50 {} ms, p99 {} ms, peak RSS {} MiB, accuracy {}",
+                fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
+                fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
+                fmt(median_of(demos.iter().map(|d| d.peak_rss_mb)), 0),
+                fmt(
+                    median_of(demos.iter().map(|d| d.accuracy.map(|a| a * 100.0))),
+                    2
+                ),
+            )),
+        );
+    }
+    Ok(runs)
+}
+
+/// The careful Python rebuild and switchyard's first case, each on a standalone broker of its
+/// own, alternating round by round; the pairs, for the ratio rows.
+fn against_python(
+    paths: &Paths,
+    first_case: &(String, Vec<String>),
+    rounds: usize,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<Vec<(Demo, Demo)>> {
+    let mut standalone: Vec<(Demo, Demo)> = Vec::new();
+    let mut python_skipped = None;
+    for round in 0..rounds {
+        let python = match careful_python(paths) {
+            Ok(python) => python,
+            Err(e) => {
+                python_skipped = Some(format!("{e:#}"));
+                break;
+            }
+        };
+        let ours = on_standalone_broker(paths, &first_case.1)?;
+        eprintln!(
+            "  round {} careful Python {:>6.0} images/s, switchyard {:>6.0} images/s",
+            round + 1,
+            python.images_per_s.unwrap_or(0.0),
+            ours.images_per_s.unwrap_or(0.0)
+        );
+        standalone.push((python, ours));
+    }
+    match &python_skipped {
+        Some(why) => rows.push(skipped(
+            "careful Python rebuild",
+            &format!(
+                "skipped: {why}; `pip install confluent-kafka onnxruntime numpy` in the \
+                 interpreter SWITCHYARD_PYTHON names adds it"
+            ),
+        )),
+        None => {
+            let pythons: Vec<&Demo> = standalone.iter().map(|(python, _)| python).collect();
+            let ours: Vec<&Demo> = standalone.iter().map(|(_, ours)| ours).collect();
+            for (name, demos) in [
+                (
+                    "careful Python rebuild, standalone broker".to_string(),
+                    pythons,
+                ),
+                (
+                    format!("switchyard demo, {}, standalone broker", first_case.0),
+                    ours,
+                ),
+            ] {
+                rows.push(
+                    Row::new(
+                        "against Python",
+                        name,
+                        median_of(demos.iter().map(|d| d.images_per_s)),
+                        "images/s",
+                    )
+                    .detail(format!(
+                        "p50 {} ms, p99 {} ms, accuracy {}",
+                        fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
+                        fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
+                        fmt(
+                            median_of(demos.iter().map(|d| d.accuracy.map(|a| a * 100.0))),
+                            2
+                        ),
+                    )),
+                );
+            }
+        }
+    }
+    Ok(standalone)
+}
+
+/// The first prediction with an empty compile cache, and with a warm one.
+fn start_rows(paths: &Paths, engine: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let cold_cache = tempfile::tempdir()?;
+    let mut start_args = args(engine, BATCH, 2, None);
+    start_args.extend(["--images".to_string(), "200".to_string()]);
+    let cold = run_demo(paths, &start_args, Some(cold_cache.path()))?;
+    let warm = run_demo(paths, &start_args, None)?;
+    rows.push(
+        Row::new(
+            "start",
+            "cold: compiling the components",
+            cold.first_prediction_s,
+            "s",
+        )
+        .detail("to the first prediction, empty compile cache"),
+    );
+    rows.push(
+        Row::new(
+            "start",
+            "warm: from the compile cache",
+            warm.first_prediction_s,
+            "s",
+        )
+        .detail("to the first prediction"),
+    );
+    Ok(())
+}
+
+/// The first case over more requests than the test set: throughput should stay level and
+/// the peak RSS flat.
+fn scale_rows(
+    paths: &Paths,
+    first_case: &(String, Vec<String>),
+    first_median: Option<f64>,
+    first_rss: Option<f64>,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    // Each scale row's RSS is compared with the row before it: memory that grows with the
+    // work keeps growing from one to the next, while buffers that fill once (the embedded
+    // broker keeps up to 5 MiB per partition) stop.
+    let mut previous = (10_000, first_rss);
+    for images in SCALES {
+        eprintln!("scale, {images} requests…");
+        let mut scale_args = first_case.1.clone();
+        scale_args.extend(["--images".to_string(), images.to_string()]);
+        let demo = run_demo(paths, &scale_args, None)?;
+        let level = ratio(demo.images_per_s, first_median);
+        let growth = match (demo.peak_rss_mb, previous.1) {
+            (Some(rss), Some(before)) => Some(rss - before),
+            _ => None,
+        };
+        let verdict = |holds: Option<bool>, yes: &str, no: &str| match holds {
+            Some(true) => yes.to_string(),
+            Some(false) => no.to_string(),
+            None => "not measured".to_string(),
+        };
+        rows.push(
+            Row::new(
+                "scale",
+                format!("{}, {} requests", first_case.0, thousands(images)),
+                demo.images_per_s,
+                "images/s",
+            )
+            .detail(format!(
+                "{} x the 10,000-image median ({}); peak RSS {} MiB, {} MiB against {} ({}); \
+                 accuracy {}",
+                fmt(level, 2),
+                verdict(level.map(|l| l >= LEVEL), "level", "NOT level"),
+                fmt(demo.peak_rss_mb, 0),
+                growth.map_or("-".to_string(), |g| format!("{g:+.0}")),
+                thousands(previous.0),
+                verdict(growth.map(|g| g <= FLAT_MB), "flat", "NOT flat"),
+                fmt(demo.accuracy.map(|a| a * 100.0), 2),
+            )),
+        );
+        previous = (images, demo.peak_rss_mb);
+    }
+    Ok(())
+}
+
+/// The ratios the performance issue sets targets for.
+fn ratio_rows(
+    ceilings: &Ceilings,
+    runs: &[Vec<Demo>],
+    standalone: &[(Demo, Demo)],
+    rows: &mut Vec<Row>,
+) {
+    let best = median_of(runs[0].iter().map(|d| d.images_per_s));
+    let python_median = median_of(standalone.iter().map(|(p, _)| p.images_per_s));
+    let broker = rows[0].value;
+    let inference_batched = ceilings
+        .host_ort
+        .as_ref()
+        .unwrap_or(&ceilings.host_tract)
+        .iter()
+        .find(|(batch, _)| *batch == BATCH)
+        .map(|(_, us)| *us);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let ceiling = match (broker, inference_batched) {
+        (Some(broker), Some(us)) => Some((broker / 2.0).min(cores * 1e6 / us)),
+        _ => None,
+    };
+    rows.push(
+        Row::new("ratio", "pipeline / its ceiling", ratio(best, ceiling), "x").detail(format!(
+            "ceiling = min(broker ceiling / 2 hops, {cores} cores x the host engine at batch \
+             {BATCH}) = {} images/s; target >= 0.70",
+            fmt(ceiling, 0)
+        )),
+    );
+    rows.push(
+        Row::new(
+            "ratio",
+            "pipeline (embedded broker) / careful Python",
+            ratio(best, python_median),
+            "x",
+        )
+        .detail("images/s; target >= 2"),
+    );
+    rows.push(
+        Row::new(
+            "ratio",
+            "pipeline / careful Python, both on a standalone broker",
+            median_of(
+                standalone
+                    .iter()
+                    .map(|(python, ours)| ratio(ours.images_per_s, python.images_per_s)),
+            ),
+            "x",
+        )
+        .detail("images/s, median of the rounds' ratios"),
+    );
+    let wasm_vs_native = |batch: usize| {
+        let find = |measured: &[(usize, f64)]| {
+            measured
+                .iter()
+                .find(|(b, _)| *b == batch)
+                .map(|(_, us)| *us)
+        };
+        ratio(find(&ceilings.wasm), find(&ceilings.native))
+    };
+    rows.push(
+        Row::new(
+            "ratio",
+            "Wasm / native tract, batch 1",
+            wasm_vs_native(1),
+            "x",
+        )
+        .detail("time per image, same code; target <= 1.3"),
+    );
+    // Ratios of pipeline cases are taken round by round, where both ran minutes apart at most,
+    // and the median of those is reported.
+    let per_round = |a: usize, b: usize| {
+        median_of(
+            runs[a]
+                .iter()
+                .zip(&runs[b])
+                .map(|(x, y)| ratio(x.images_per_s, y.images_per_s)),
+        )
+    };
+    rows.push(
+        Row::new("ratio", "2 workers / 1 worker", per_round(0, 2), "x")
+            .detail("pipeline images/s, median of the rounds' ratios; target >= 1.6"),
+    );
+    rows.push(
+        Row::new(
+            "ratio",
+            format!("batch {BATCH} / batch 1"),
+            per_round(0, 1),
+            "x",
+        )
+        .detail("pipeline images/s, median of the rounds' ratios"),
+    );
+}
