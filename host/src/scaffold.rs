@@ -72,9 +72,9 @@ const MESSAGING_WIT: [(&str, &str); 5] = [
 ];
 const SWITCHYARD_WIT: &str = include_str!("../../wit/switchyard.wit");
 const NN_WIT: &str = include_str!("../../wit/deps/nn/nn.wit");
-const HELPER_LIB: &str = include_str!("../../components/switchyard-test/src/lib.rs");
+const HELPER_LIB: &str = include_str!("../../components/libs/switchyard-test/src/lib.rs");
 /// The helper's WIT path in this repository, and in a created crate.
-const HELPER_WIT_PATH: (&str, &str) = ("path: \"../../wit\"", "path: \"wit\"");
+const HELPER_WIT_PATH: (&str, &str) = ("path: \"../../../wit\"", "path: \"wit\"");
 /// The wit-bindgen this repository's components build with.
 const WIT_BINDGEN: &str = "0.63.0";
 

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
-use switchyard::manifest::{ComponentConfig, RetryPolicy};
-use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::kafka::embedded::ApiKey;
 use switchyard_broker::{Broker, ErrorKind, OutgoingMessage};
+use switchyard_runtime::manifest::{ComponentConfig, RetryPolicy};
+use switchyard_runtime::{Runtime, RuntimeOptions};
 
 const MESSAGES: usize = 300;
 /// How long the broker stays down.

@@ -152,12 +152,15 @@ async fn a_report_on_what_is_not_there_names_the_fix() {
         d,
         &["is PostgreSQL running"],
     );
-    let store = switchyard::results::ResultsConfig::Sqlite {
+    let store = switchyard_runtime::results::ResultsConfig::Sqlite {
         path: d.join("r.sqlite3"),
     };
-    let results = switchyard::results::Results::open(&store, &switchyard::predictions::tables())
-        .await
-        .unwrap();
+    let results = switchyard_runtime::results::Results::open(
+        &store,
+        &switchyard_pipeline::predictions::tables(),
+    )
+    .await
+    .unwrap();
     fails_with(&["report", "r.sqlite3"], d, &["holds no predictions yet"]);
     let mut logits = [0.0f32; 10];
     logits[3] = 1.0;
@@ -173,9 +176,9 @@ async fn a_report_on_what_is_not_there_names_the_fix() {
             batch: 1,
         },
     );
-    let row = switchyard::predictions::PredictionRecord::row(&prediction, None, 5.0);
+    let row = switchyard_pipeline::predictions::PredictionRecord::row(&prediction, None, 5.0);
     results
-        .insert(&switchyard::predictions::PREDICTIONS, vec![row])
+        .insert(&switchyard_pipeline::predictions::PREDICTIONS, vec![row])
         .await
         .unwrap();
     fails_with(
@@ -320,7 +323,7 @@ fn validate_passes_the_pipeline_and_names_what_does_not_fit() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["validate", "components/pipeline.toml"])
-        .current_dir(switchyard::pipeline::workspace_root())
+        .current_dir(switchyard_pipeline::demo::workspace_root())
         .env("SWITCHYARD_COMPONENTS", support::components())
         .env("RUST_LOG", "error")
         .output()

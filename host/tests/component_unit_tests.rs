@@ -20,8 +20,8 @@ use std::process::Command;
 /// Runs `cargo test --profile component --target wasm32-wasip2` in `crate_dir` and returns
 /// its standard output, failing with both streams when it fails.
 fn cargo_test_in(crate_dir: &str) -> String {
-    let workspace = switchyard::pipeline::workspace_root();
-    switchyard::build::ensure_wasm_target(&workspace).expect("the wasm32-wasip2 target");
+    let workspace = switchyard_pipeline::demo::workspace_root();
+    switchyard_pipeline::build::ensure_wasm_target(&workspace).expect("the wasm32-wasip2 target");
     cargo_in(
         crate_dir,
         &[
@@ -37,7 +37,7 @@ fn cargo_test_in(crate_dir: &str) -> String {
 /// Runs cargo with `args` in `crate_dir`, the `switchyard` just built first on the PATH, and
 /// returns its standard output, failing with both streams when it fails.
 fn cargo_in(crate_dir: &str, args: &[&str]) -> String {
-    let workspace = switchyard::pipeline::workspace_root();
+    let workspace = switchyard_pipeline::demo::workspace_root();
     let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(workspace.join(crate_dir))
         .env("PATH", support::path_with_switchyard())
@@ -110,7 +110,7 @@ fn classifier_tests_answer_requests_and_match_pytorch_inside_wasm() {
 
 #[test]
 fn pipeline_core_tests_pass_inside_wasm() {
-    let stdout = cargo_test_in("components/pipeline-core");
+    let stdout = cargo_test_in("components/libs/pipeline-core");
     ran(&stdout, &["tally::tests::counts_each_request_once"]);
 }
 

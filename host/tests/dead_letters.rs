@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard::manifest::{ComponentConfig, DeadLetter, RetryPolicy};
-use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::dead_letter as dlq;
 use switchyard_broker::{
     Broker, BrokerError, DeliveryReceipt, OutgoingMessage, Publisher, Subscriber, SubscriptionSpec,
     TopicSpec,
 };
+use switchyard_runtime::manifest::{ComponentConfig, DeadLetter, RetryPolicy};
+use switchyard_runtime::{Runtime, RuntimeOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::manifest::{ComponentConfig, Limits, RetryPolicy};
-use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::dead_letter as dlq;
 use switchyard_broker::{Broker, OutgoingMessage};
+use switchyard_runtime::manifest::{ComponentConfig, Limits, RetryPolicy};
+use switchyard_runtime::{Runtime, RuntimeOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 

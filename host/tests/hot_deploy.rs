@@ -24,11 +24,11 @@ use std::time::Duration;
 use pipeline_core::IMAGE_BYTES;
 use pipeline_core::wire::{GRAY8_CONTENT_TYPE, REQUEST_ID};
 use support::hosts::{self, Host, Pipeline};
-use switchyard::app::{Action, App, DeployError};
-use switchyard::manifest::{ComponentConfig, Limits, Manifest};
-use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::OutgoingMessage;
+use switchyard_runtime::app::{Action, App, DeployError};
+use switchyard_runtime::manifest::{ComponentConfig, Limits, Manifest};
+use switchyard_runtime::{Runtime, RuntimeOptions};
 
 const MESSAGES: usize = 400;
 

@@ -21,16 +21,16 @@ use classifier::model::Lenet;
 use pipeline_core::IMAGE_BYTES;
 use pipeline_core::idx::IdxArray;
 use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM, Prediction, softmax};
-use switchyard::nn::{NnEngine, onnxruntime};
-use switchyard::pipeline::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
-use switchyard::results::ResultsConfig;
-use switchyard::runtime::RuntimeOptions;
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::kafka::EmbeddedKafka;
 use switchyard_broker::kafka::{Kafka, KafkaConfig};
 use switchyard_broker::pubsub::PubSubEmulator;
 use switchyard_broker::pubsub::{PubSub, PubSubConfig};
 use switchyard_broker::{Broker, StartPosition, SubscriptionSpec, TopicSpec};
+use switchyard_pipeline::demo::{self, DemoOptions, PREDICTIONS_TOPIC, REQUESTS_TOPIC};
+use switchyard_runtime::RuntimeOptions;
+use switchyard_runtime::nn::{NnEngine, onnxruntime};
+use switchyard_runtime::results::ResultsConfig;
 
 const IMAGES: usize = 1_000;
 
@@ -74,7 +74,7 @@ async fn a_run_fifteen_times_the_test_set_loses_nothing_and_keeps_its_accuracy()
         progress: false,
         metrics: None,
     };
-    let report = pipeline::run(&options).await.expect("the demo runs").report;
+    let report = demo::run(&options).await.expect("the demo runs").report;
     assert_eq!(report.images, LONG_RUN as u64, "{report:?}");
     assert_eq!(report.predictions, LONG_RUN as u64, "{report:?}");
     assert_eq!((report.duplicates, report.failed), (0, 0), "{report:?}");
@@ -165,7 +165,7 @@ async fn check_pipeline(
         progress: false,
         metrics: None,
     };
-    let report = pipeline::run(&options).await.expect("the demo runs").report;
+    let report = demo::run(&options).await.expect("the demo runs").report;
     assert_eq!(report.images, IMAGES as u64);
     assert_eq!(report.predictions, IMAGES as u64, "{report:?}");
     // The emulator may offer an acknowledged message again; what is promised is that no

@@ -13,11 +13,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard::manifest::{ComponentConfig, RetryPolicy};
-use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::pubsub::PubSubEmulator;
 use switchyard_broker::pubsub::{PubSub, PubSubConfig};
 use switchyard_broker::{Broker, OutgoingMessage, Subscriber};
+use switchyard_runtime::manifest::{ComponentConfig, RetryPolicy};
+use switchyard_runtime::{Runtime, RuntimeOptions};
 
 /// Messages forwarded before the emulator dies, and after it is back.
 const EACH_SIDE: usize = 20;

@@ -14,14 +14,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use pipeline_core::wire::{Prediction, Timings};
-use switchyard::app::App;
-use switchyard::manifest::{ComponentConfig, Manifest, TopicConfig};
-use switchyard::predictions::{PREDICTIONS, PredictionRecord};
-use switchyard::results::{Results, ResultsConfig, ResultsError};
-use switchyard::runtime::RuntimeOptions;
-use switchyard::runtime::SENT_BY_HEADER;
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::OutgoingMessage;
+use switchyard_pipeline::predictions::{PREDICTIONS, PredictionRecord};
+use switchyard_runtime::RuntimeOptions;
+use switchyard_runtime::SENT_BY_HEADER;
+use switchyard_runtime::app::App;
+use switchyard_runtime::manifest::{ComponentConfig, Manifest, TopicConfig};
+use switchyard_runtime::results::{Results, ResultsConfig, ResultsError};
 
 /// The local PostgreSQL the tests write into.
 fn postgres_url() -> String {
@@ -73,7 +73,7 @@ async fn consumer_host(results: ResultsConfig, granted: bool) -> App {
         metrics: None,
     };
     let options = RuntimeOptions {
-        tables: switchyard::predictions::tables(),
+        tables: switchyard_pipeline::predictions::tables(),
         ..RuntimeOptions::default()
     };
     App::start(&manifest, options)
@@ -136,15 +136,15 @@ async fn predictions_are_stored_once_each(store: ResultsConfig) {
     );
     app.stop().await.expect("stopping");
 
-    let results = Results::open(&store, &switchyard::predictions::tables())
+    let results = Results::open(&store, &switchyard_pipeline::predictions::tables())
         .await
         .expect("opening the store again");
-    let rows = switchyard::predictions::read(&results, &run)
+    let rows = switchyard_pipeline::predictions::read(&results, &run)
         .await
         .expect("reading the run");
     assert_eq!(rows.len(), 20, "one row per request: {rows:#?}");
     assert_eq!(
-        switchyard::predictions::count(&results, &run)
+        switchyard_pipeline::predictions::count(&results, &run)
             .await
             .unwrap(),
         20
@@ -166,7 +166,7 @@ async fn predictions_are_stored_once_each(store: ResultsConfig) {
         );
         assert!(row.received_at_ms > now, "{row:?}");
     }
-    let runs = switchyard::predictions::runs(&results)
+    let runs = switchyard_pipeline::predictions::runs(&results)
         .await
         .expect("listing runs");
     let listed = runs
@@ -209,11 +209,11 @@ async fn a_consumer_without_the_grant_stores_nothing_and_handles_its_messages() 
     let consumer = app.handler("consumer").unwrap();
     assert_eq!(consumer.stats().snapshot().handled, 1);
     app.stop().await.unwrap();
-    let results = Results::open(&store, &switchyard::predictions::tables())
+    let results = Results::open(&store, &switchyard_pipeline::predictions::tables())
         .await
         .unwrap();
     assert_eq!(
-        switchyard::predictions::count(&results, "ungranted")
+        switchyard_pipeline::predictions::count(&results, "ungranted")
             .await
             .unwrap(),
         0
@@ -236,15 +236,15 @@ fn a_manifest_granting_a_table_the_host_does_not_keep_is_refused() {
     // The store keeps the tables the embedding program declares: the `switchyard` binary
     // declares the demo's, and a host that declares none keeps none.
     let manifest = Manifest::parse(text, Path::new("m.toml"), dir.path()).unwrap();
-    let check = |tables: &switchyard::results::Tables| {
-        switchyard::runtime::check_before_compiling("c", &manifest.components["c"], tables)
+    let check = |tables: &switchyard_runtime::results::Tables| {
+        switchyard_runtime::check_before_compiling("c", &manifest.components["c"], tables)
             .unwrap_err()
             .to_string()
     };
-    let error = check(&switchyard::predictions::tables());
+    let error = check(&switchyard_pipeline::predictions::tables());
     assert!(error.contains("\"scores\""), "{error}");
     assert!(error.contains("it keeps \"predictions\""), "{error}");
-    let error = check(&switchyard::results::Tables::default());
+    let error = check(&switchyard_runtime::results::Tables::default());
     assert!(error.contains("\"predictions\""), "{error}");
     assert!(error.contains("it keeps none"), "{error}");
 
@@ -269,7 +269,7 @@ async fn a_row_that_does_not_fit_writes_nothing_of_its_call() {
         &ResultsConfig::Sqlite {
             path: dir.path().join("r.sqlite3"),
         },
-        &switchyard::predictions::tables(),
+        &switchyard_pipeline::predictions::tables(),
     )
     .await
     .unwrap();
@@ -285,7 +285,7 @@ async fn a_row_that_does_not_fit_writes_nothing_of_its_call() {
         "{error}"
     );
     assert_eq!(
-        switchyard::predictions::count(&results, "fit")
+        switchyard_pipeline::predictions::count(&results, "fit")
             .await
             .unwrap(),
         0
@@ -299,13 +299,13 @@ async fn a_database_of_a_newer_switchyard_is_refused() {
     let path = dir.path().join("newer.sqlite3");
     let config = ResultsConfig::Sqlite { path: path.clone() };
     drop(
-        Results::open(&config, &switchyard::predictions::tables())
+        Results::open(&config, &switchyard_pipeline::predictions::tables())
             .await
             .unwrap(),
     );
     // Opening again migrates nothing and keeps what is there.
     drop(
-        Results::open(&config, &switchyard::predictions::tables())
+        Results::open(&config, &switchyard_pipeline::predictions::tables())
             .await
             .unwrap(),
     );
@@ -314,7 +314,7 @@ async fn a_database_of_a_newer_switchyard_is_refused() {
         .execute("UPDATE switchyard_schema SET version = 99", [])
         .unwrap();
     drop(connection);
-    let error = Results::open(&config, &switchyard::predictions::tables())
+    let error = Results::open(&config, &switchyard_pipeline::predictions::tables())
         .await
         .unwrap_err()
         .to_string();
@@ -332,7 +332,7 @@ async fn a_postgres_that_is_not_there_is_named_with_the_fix() {
     };
     let error = tokio::time::timeout(
         Duration::from_secs(30),
-        Results::open(&config, &switchyard::predictions::tables()),
+        Results::open(&config, &switchyard_pipeline::predictions::tables()),
     )
     .await
     .expect("a refused connection fails at once")

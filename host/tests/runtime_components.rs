@@ -22,12 +22,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::manifest::{ComponentConfig, Limits, Preopen, RetryPolicy};
-use switchyard::nn::NnEngine;
-use switchyard::runtime::SENT_BY_HEADER;
-use switchyard::runtime::engine::{CacheOutcome, PoolSize};
-use switchyard::runtime::{Runtime, RuntimeError, RuntimeOptions};
 use switchyard_broker::OutgoingMessage;
+use switchyard_runtime::SENT_BY_HEADER;
+use switchyard_runtime::engine::{CacheOutcome, PoolSize};
+use switchyard_runtime::manifest::{ComponentConfig, Limits, Preopen, RetryPolicy};
+use switchyard_runtime::nn::NnEngine;
+use switchyard_runtime::{Runtime, RuntimeError, RuntimeOptions};
 
 fn config(name: &str) -> ComponentConfig {
     ComponentConfig::new(support::component(name))

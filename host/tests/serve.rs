@@ -11,8 +11,8 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use switchyard::serve::{self, ServeError, ServeOptions, Serving};
 use switchyard_broker::OutgoingMessage;
+use switchyard_runtime::serve::{self, ServeError, ServeOptions, Serving};
 
 /// How long a test waits for what it expects before failing.
 const WAIT: Duration = Duration::from_secs(60);

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use switchyard::app::App;
-use switchyard::manifest::ComponentConfig;
-use switchyard::runtime::{Runtime, RuntimeError, RuntimeOptions};
 use switchyard_broker::ConnectedBroker;
 use switchyard_broker::{
     Broker, BrokerError, Delivery, Publisher, Subscriber, SubscriptionSpec, TopicSpec,
 };
+use switchyard_runtime::app::App;
+use switchyard_runtime::manifest::ComponentConfig;
+use switchyard_runtime::{Runtime, RuntimeError, RuntimeOptions};
 
 /// The real broker, except that members of `failing_group` cannot leave it.
 struct FailsToLeave {

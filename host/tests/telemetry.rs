@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_semantic_conventions::attribute as semconv;
-use switchyard::manifest::ComponentConfig;
-use switchyard::runtime::{Runtime, RuntimeOptions};
 use switchyard_broker::{Broker, OutgoingMessage};
+use switchyard_runtime::manifest::ComponentConfig;
+use switchyard_runtime::{Runtime, RuntimeOptions};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};

@@ -10,10 +10,10 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use switchyard::manifest::Manifest;
 use switchyard_broker::BrokerConfig;
 use switchyard_broker::IncomingMessage;
 use switchyard_broker::dead_letter::{self as dlq, Reason};
+use switchyard_runtime::manifest::Manifest;
 
 /// TOML text shaped like a manifest: known sections and keys (and some unknown ones), with
 /// values of every type, in any order.

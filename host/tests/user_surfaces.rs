@@ -54,7 +54,7 @@ const TEST_IMAGES: usize = 10_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_terminal_targets_classify_every_test_image() {
     let justfile = support::workspace_file("justfile");
-    let root = switchyard::pipeline::workspace_root();
+    let root = switchyard_pipeline::demo::workspace_root();
     let components = support::components();
     let env = [("SWITCHYARD_COMPONENTS", components.to_str().unwrap())];
     let port = support::free_port().to_string();
@@ -134,16 +134,18 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
     let store = support::hosts::results_home().join("switchyard/results.sqlite3");
     assert_eq!(report["results"], store.to_str().unwrap(), "{report}");
     let run = report["run"].as_str().expect("a run id");
-    let results = switchyard::results::Results::open(
-        &switchyard::results::ResultsConfig::Sqlite {
+    let results = switchyard_runtime::results::Results::open(
+        &switchyard_runtime::results::ResultsConfig::Sqlite {
             path: store.clone(),
         },
-        &switchyard::predictions::tables(),
+        &switchyard_pipeline::predictions::tables(),
     )
     .await
     .unwrap();
     assert_eq!(
-        switchyard::predictions::count(&results, run).await.unwrap(),
+        switchyard_pipeline::predictions::count(&results, run)
+            .await
+            .unwrap(),
         300
     );
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use switchyard::nn::{Encoding, NnEngine, NnHost, Tensor, TensorType};
 use switchyard_broker::kafka::{EmbeddedKafka, Kafka};
+use switchyard_runtime::nn::{Encoding, NnEngine, NnHost, Tensor, TensorType};
 
 use crate::demo::Paths;
 use crate::table::Row;
@@ -80,7 +80,7 @@ pub fn ceiling_native(paths: &Paths) -> anyhow::Result<Vec<(usize, f64)>> {
 }
 
 pub fn ceiling_wasm(paths: &Paths, components_target: &Path) -> anyhow::Result<Vec<(usize, f64)>> {
-    switchyard::build::ensure_wasm_target(&paths.workspace)?;
+    switchyard_pipeline::build::ensure_wasm_target(&paths.workspace)?;
     build_ceiling(
         paths,
         components_target,

@@ -44,8 +44,8 @@ mod table;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use switchyard::nn::NnEngine;
-use switchyard::pipeline;
+use switchyard_pipeline::demo as source;
+use switchyard_runtime::nn::NnEngine;
 
 use ceilings::{
     broker_ceiling, ceiling_host, ceiling_native, ceiling_python, ceiling_rows, ceiling_wasm,
@@ -77,16 +77,16 @@ fn main() -> anyhow::Result<()> {
         .find_map(|arg| arg.parse::<usize>().ok())
         .unwrap_or(3)
         .max(1);
-    let components_target = pipeline::components_target_dir();
+    let components_target = source::components_target_dir();
     let paths = Paths {
         switchyard: PathBuf::from(env!("CARGO_BIN_EXE_switchyard")),
-        workspace: pipeline::workspace_root(),
+        workspace: source::workspace_root(),
         target: components_target
             .parent()
             .map(Path::to_path_buf)
             .context("the components' target directory has no parent")?,
-        components: pipeline::build_components().context("building the components")?,
-        models: pipeline::models_dir(),
+        components: source::build_components().context("building the components")?,
+        models: source::models_dir(),
     };
     let onnxruntime = NnEngine::Onnxruntime.check_available().is_ok();
     let mut rows = Vec::new();

@@ -8,8 +8,8 @@ pub mod hosts;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use switchyard::build::ComponentBuild;
-use switchyard::manifest::{ComponentConfig, Preopen, RetryPolicy};
+use switchyard_pipeline::build::ComponentBuild;
+use switchyard_runtime::manifest::{ComponentConfig, Preopen, RetryPolicy};
 pub use switchyard_testing::*;
 
 /// The directory with producer.wasm, classifier.wasm and consumer.wasm, built once per test
@@ -17,7 +17,9 @@ pub use switchyard_testing::*;
 pub fn components() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| switchyard::pipeline::build_components().expect("building the components"))
+        .get_or_init(|| {
+            switchyard_pipeline::demo::build_components().expect("building the components")
+        })
         .clone()
 }
 
@@ -25,13 +27,16 @@ pub fn components() -> PathBuf {
 /// tests for wasm): separate from the components' own, so `cargo test` there never relinks a
 /// component the other tests run.
 pub fn test_target_dir() -> PathBuf {
-    switchyard::pipeline::components_target_dir().with_file_name("component-tests")
+    switchyard_pipeline::demo::components_target_dir().with_file_name("component-tests")
 }
 
 /// A build of test-only components (the test handler, the components' unit tests for wasm)
 /// into [`test_target_dir`].
 pub fn test_build() -> ComponentBuild {
-    ComponentBuild::new(switchyard::pipeline::workspace_root(), test_target_dir())
+    ComponentBuild::new(
+        switchyard_pipeline::demo::workspace_root(),
+        test_target_dir(),
+    )
 }
 
 /// `test_handler.wasm` (components/test-handler), built once per test binary.
@@ -54,7 +59,7 @@ pub fn sent_by(message: &switchyard_broker::IncomingMessage) -> String {
     message
         .headers
         .iter()
-        .find(|(name, _)| name == switchyard::runtime::SENT_BY_HEADER)
+        .find(|(name, _)| name == switchyard_runtime::SENT_BY_HEADER)
         .map(|(_, build)| build.clone())
         .expect("a message a component sent names the build that sent it")
 }
@@ -86,12 +91,12 @@ pub fn classifier(topic: &str, out: &str, group: &str, retry: RetryPolicy) -> Co
 
 /// The committed models/ directory.
 pub fn models() -> PathBuf {
-    switchyard::pipeline::models_dir()
+    switchyard_pipeline::demo::models_dir()
 }
 
 /// A file of the workspace, as text.
 pub fn workspace_file(relative: &str) -> String {
-    let path: PathBuf = switchyard::pipeline::workspace_root().join(relative);
+    let path: PathBuf = switchyard_pipeline::demo::workspace_root().join(relative);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -145,7 +150,7 @@ pub fn cargo_component_ready() -> bool {
         return false;
     }
     let added = std::process::Command::new("rustup")
-        .current_dir(switchyard::pipeline::workspace_root())
+        .current_dir(switchyard_pipeline::demo::workspace_root())
         .args(["target", "add", "wasm32-wasip1"])
         .status()
         .expect("running rustup");

@@ -1,0 +1,538 @@
+//! `switchyard report`: one run's predictions, read back from the results store, as a terminal
+//! summary and as an HTML page with plots.
+//!
+//! Why from the store and not from the consumer: the store holds every prediction of the run
+//! exactly once, whichever worker stored it and whether or not one trapped, and it outlives the
+//! process, so a run can be reported on (and compared) long after it ended. The numbers are the
+//! demo's own: accuracy, per-class accuracy and latency come from the same
+//! [`pipeline_core::tally::Tally`] the demo's summary uses; the report adds the confusion
+//! matrix and the distributions behind them.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use pipeline_core::CLASS_NAMES;
+use pipeline_core::tally::{Summary, Tally};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use crate::predictions::{self, PredictionRecord, RunInfo};
+use switchyard_runtime::results::{Results, ResultsError};
+
+/// Why a report could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    /// The store holds no run at all.
+    #[error("{store} holds no predictions yet: run `switchyard demo` (or a pipeline) first")]
+    NoRuns {
+        /// The store.
+        store: String,
+    },
+    /// The store holds no run of that id.
+    #[error("{store} holds no run {run:?}; its latest runs: {latest}")]
+    NoSuchRun {
+        /// The store.
+        store: String,
+        /// The id asked for.
+        run: String,
+        /// The latest runs, with their sizes.
+        latest: String,
+    },
+    /// A plot could not be drawn.
+    #[error("drawing the {plot}: {error}")]
+    Plot {
+        /// Which plot.
+        plot: &'static str,
+        /// What plotters said (in the message, so not also a `source`).
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The report could not be written.
+    #[error("writing {path}: {error}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error (in the message, so not also a `source`).
+        error: std::io::Error,
+    },
+}
+
+/// Where the demo writes its reports unless told otherwise: `reports/RUN` in switchyard's data
+/// directory.
+pub fn default_reports_dir(run_id: &str) -> PathBuf {
+    switchyard_runtime::user_data_dir("reports")
+        .unwrap_or_else(|| PathBuf::from("switchyard-reports"))
+        .join(run_id)
+}
+
+/// The bars of the latency histogram and the points of the throughput plot.
+const BINS: usize = 40;
+
+/// One run's results.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The run.
+    pub run_id: String,
+    /// The store it was read from.
+    pub store: String,
+    /// The demo's numbers for it.
+    pub summary: Summary,
+    /// Predictions by `[label][predicted class]`, over the labelled predictions.
+    pub confusion: [[u64; 10]; 10],
+    /// Latency from `sent-at` to arrival of each prediction that has one, in ms, sorted.
+    pub latencies_ms: Vec<f64>,
+    /// Arrival times, in seconds from the first request sent (or the first arrival), sorted.
+    pub arrivals_s: Vec<f64>,
+    /// The models and component builds that made the predictions, with their counts.
+    pub made_by: Vec<(String, u64)>,
+}
+
+impl RunReport {
+    /// Reads run `run_id` (the latest run when `None`) from `results`.
+    pub async fn read(results: &Results, run_id: Option<&str>) -> Result<Self, ReportError> {
+        let store = results.describe();
+        let runs = predictions::runs(results).await?;
+        let run_id = match run_id {
+            Some(run) if runs.iter().any(|r| r.run_id == run) => run.to_string(),
+            Some(run) => {
+                return Err(if runs.is_empty() {
+                    ReportError::NoRuns { store }
+                } else {
+                    ReportError::NoSuchRun {
+                        store,
+                        run: run.to_string(),
+                        latest: latest(&runs),
+                    }
+                });
+            }
+            None => match runs.first() {
+                Some(run) => run.run_id.clone(),
+                None => return Err(ReportError::NoRuns { store }),
+            },
+        };
+        let records = predictions::read(results, &run_id).await?;
+        Ok(Self::new(run_id, store, &records))
+    }
+
+    /// The report of `records`, the predictions of run `run_id` in `store`.
+    pub fn new(run_id: String, store: String, records: &[PredictionRecord]) -> Self {
+        let mut tally = Tally::default();
+        let mut confusion = [[0u64; 10]; 10];
+        let mut latencies_ms = Vec::with_capacity(records.len());
+        let mut made_by = std::collections::BTreeMap::<String, u64>::new();
+        for record in records {
+            let prediction = &record.prediction;
+            tally.record(prediction, record.received_at_ms);
+            if let Some(label) = prediction.label.filter(|&l| l < 10)
+                && prediction.class < 10
+            {
+                confusion[label][prediction.class] += 1;
+            }
+            if let Some(sent) = prediction.sent_at_ms {
+                latencies_ms.push((record.received_at_ms - sent).max(0.0));
+            }
+            let by = match &record.component {
+                Some(component) => format!("{} by {component}", prediction.model),
+                None => prediction.model.clone(),
+            };
+            *made_by.entry(by).or_default() += 1;
+        }
+        let summary = tally.summary();
+        let start = summary
+            .first_sent_ms
+            .or(summary.first_received_ms)
+            .unwrap_or(0.0);
+        let mut arrivals_s: Vec<f64> = records
+            .iter()
+            .map(|r| ((r.received_at_ms - start) / 1000.0).max(0.0))
+            .collect();
+        arrivals_s.sort_by(f64::total_cmp);
+        latencies_ms.sort_by(f64::total_cmp);
+        Self {
+            run_id,
+            store,
+            summary,
+            confusion,
+            latencies_ms,
+            arrivals_s,
+            made_by: made_by.into_iter().collect(),
+        }
+    }
+
+    /// Predictions per second from the first request sent to the last prediction.
+    pub fn throughput(&self) -> Option<f64> {
+        let seconds = *self.arrivals_s.last()?;
+        (seconds > 0.0).then(|| self.summary.predictions as f64 / seconds)
+    }
+
+    /// The latency at `quantile` (nearest rank), in ms.
+    pub fn latency_ms(&self, quantile: f64) -> Option<f64> {
+        let last = self.latencies_ms.len().checked_sub(1)?;
+        let rank = ((quantile * self.latencies_ms.len() as f64).ceil() as usize).clamp(1, last + 1);
+        self.latencies_ms.get(rank - 1).copied()
+    }
+
+    /// The report for a terminal.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let percent = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+        let s = &self.summary;
+        let _ = writeln!(out, "run {} in {}", self.run_id, self.store);
+        let _ = writeln!(
+            out,
+            "  predictions   {} ({} with a label, {} right)",
+            s.predictions, s.labelled, s.correct
+        );
+        let _ = writeln!(out, "  accuracy      {}", percent(s.accuracy));
+        let _ = writeln!(
+            out,
+            "  throughput    {}",
+            self.throughput()
+                .map_or("-".to_string(), |t| format!("{t:.0} predictions/s"))
+        );
+        let _ = writeln!(
+            out,
+            "  latency       p50 {} · p90 {} · p99 {} · max {}",
+            ms(self.latency_ms(0.5)),
+            ms(self.latency_ms(0.9)),
+            ms(self.latency_ms(0.99)),
+            ms(self.latency_ms(1.0))
+        );
+        for (by, count) in &self.made_by {
+            let _ = writeln!(out, "  made by       {by} ({count})");
+        }
+        let _ = writeln!(out, "\nper class (accuracy over its labelled predictions)");
+        for (class, name) in CLASS_NAMES.iter().enumerate() {
+            let labelled: u64 = self.confusion[class].iter().sum();
+            let _ = writeln!(
+                out,
+                "  {name:<12} {:>9}  ({labelled})",
+                percent(s.per_class_accuracy.get(class).copied().flatten())
+            );
+        }
+        let _ = writeln!(out, "\nconfusion matrix (rows: label, columns: predicted)");
+        let _ = write!(out, "  {:<12}", "");
+        for class in 0..10 {
+            let _ = write!(out, "{:>6}", short_name(class));
+        }
+        out.push('\n');
+        for (label, row) in self.confusion.iter().enumerate() {
+            let _ = write!(out, "  {:<12}", CLASS_NAMES[label]);
+            for count in row {
+                let _ = write!(out, "{count:>6}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Writes `report.html` (the plots inline) and the plots as SVG files beside it into
+    /// `dir`, creating it; returns the page's path.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf, ReportError> {
+        let write = |path: PathBuf, text: &str| {
+            std::fs::write(&path, text)
+                .map(|()| path.clone())
+                .map_err(|error| ReportError::Write { path, error })
+        };
+        std::fs::create_dir_all(dir).map_err(|error| ReportError::Write {
+            path: dir.to_path_buf(),
+            error,
+        })?;
+        let confusion = self.confusion_svg()?;
+        let latency = self.latency_svg()?;
+        let throughput = self.throughput_svg()?;
+        write(dir.join("confusion.svg"), &confusion)?;
+        write(dir.join("latency.svg"), &latency)?;
+        write(dir.join("throughput.svg"), &throughput)?;
+        write(
+            dir.join("report.html"),
+            &self.html(&confusion, &latency, &throughput),
+        )
+    }
+
+    fn html(&self, confusion: &str, latency: &str, throughput: &str) -> String {
+        let text = escape(&self.to_text());
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>switchyard run {run}</title><style>body{{font-family:sans-serif;\
+             max-width:1000px;margin:2em auto}} pre{{background:#f6f6f6;padding:1em}} \
+             .plots{{display:flex;flex-wrap:wrap;gap:1em}}</style></head><body>\n\
+             <h1>switchyard run {run}</h1>\n<pre>{text}</pre>\n<div class=\"plots\">\n\
+             {confusion}\n{latency}\n{throughput}\n</div>\n</body></html>\n",
+            run = escape(&self.run_id),
+        )
+    }
+
+    /// The confusion matrix as a heat map: each cell's share of its row (its label).
+    pub fn confusion_svg(&self) -> Result<String, ReportError> {
+        let plot = "confusion matrix";
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (640, 560)).into_drawing_area();
+            root.fill(&WHITE).map_err(|e| plot_error(plot, e))?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("Confusion matrix (share of each label)", ("sans-serif", 20))
+                .margin(10)
+                .x_label_area_size(70)
+                .y_label_area_size(100)
+                .build_cartesian_2d((0i32..9).into_segmented(), (0i32..9).into_segmented())
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_labels(10)
+                .y_labels(10)
+                .x_label_style(("sans-serif", 10))
+                .y_label_style(("sans-serif", 11))
+                .x_label_formatter(&|x| class_label(x, false))
+                .y_label_formatter(&|y| class_label(y, true))
+                .x_desc("predicted")
+                .y_desc("label")
+                .draw()
+                .map_err(|e| plot_error(plot, e))?;
+            let cells = (0..10).flat_map(|label| {
+                let total: u64 = self.confusion[label].iter().sum();
+                (0..10).map(move |predicted| (label, predicted, total))
+            });
+            let cells: Vec<(usize, usize, u64)> = cells.collect();
+            chart
+                .draw_series(cells.iter().map(|&(label, predicted, total)| {
+                    let share = share(self.confusion[label][predicted], total);
+                    // Rows from the top: label 0 first.
+                    let (x, y) = (predicted as i32, 9 - label as i32);
+                    Rectangle::new(
+                        [
+                            (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                        ],
+                        heat(share).filled(),
+                    )
+                }))
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .draw_series(cells.iter().map(|&(label, predicted, total)| {
+                    let count = self.confusion[label][predicted];
+                    let colour = if share(count, total) > 0.5 {
+                        WHITE
+                    } else {
+                        BLACK
+                    };
+                    let style = ("sans-serif", 12)
+                        .into_font()
+                        .color(&colour)
+                        .pos(Pos::new(HPos::Center, VPos::Center));
+                    Text::new(
+                        count.to_string(),
+                        (
+                            SegmentValue::CenterOf(predicted as i32),
+                            SegmentValue::CenterOf(9 - label as i32),
+                        ),
+                        style,
+                    )
+                }))
+                .map_err(|e| plot_error(plot, e))?;
+            root.present().map_err(|e| plot_error(plot, e))?;
+        }
+        Ok(svg)
+    }
+
+    /// The latencies as a histogram.
+    pub fn latency_svg(&self) -> Result<String, ReportError> {
+        let plot = "latency histogram";
+        let top = self.latency_ms(1.0).unwrap_or(1.0).max(1e-3);
+        let width = top / BINS as f64;
+        let mut counts = vec![0u64; BINS];
+        for &latency in &self.latencies_ms {
+            let bin = ((latency / width) as usize).min(BINS - 1);
+            counts[bin] += 1;
+        }
+        let highest = counts.iter().copied().max().unwrap_or(0).max(1);
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (640, 400)).into_drawing_area();
+            root.fill(&WHITE).map_err(|e| plot_error(plot, e))?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("Latency, sent to stored", ("sans-serif", 20))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..top, 0u64..highest + highest / 10 + 1)
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .configure_mesh()
+                .x_label_formatter(&|ms| format!("{ms:.0}"))
+                .x_desc("ms")
+                .y_desc("predictions")
+                .draw()
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .draw_series(counts.iter().enumerate().map(|(bin, &count)| {
+                    let x = bin as f64 * width;
+                    Rectangle::new([(x, 0), (x + width, count)], BLUE.mix(0.6).filled())
+                }))
+                .map_err(|e| plot_error(plot, e))?;
+            root.present().map_err(|e| plot_error(plot, e))?;
+        }
+        Ok(svg)
+    }
+
+    /// Predictions stored per second over the run.
+    pub fn throughput_svg(&self) -> Result<String, ReportError> {
+        let plot = "throughput plot";
+        let end = self.arrivals_s.last().copied().unwrap_or(0.0).max(1e-3);
+        let width = end / BINS as f64;
+        let mut counts = vec![0u64; BINS];
+        for &at in &self.arrivals_s {
+            counts[((at / width) as usize).min(BINS - 1)] += 1;
+        }
+        let rates: Vec<(f64, f64)> = counts
+            .iter()
+            .enumerate()
+            .map(|(bin, &count)| ((bin as f64 + 0.5) * width, count as f64 / width))
+            .collect();
+        let highest = rates.iter().map(|r| r.1).fold(1.0, f64::max);
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (640, 400)).into_drawing_area();
+            root.fill(&WHITE).map_err(|e| plot_error(plot, e))?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("Throughput over the run", ("sans-serif", 20))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0f64..end, 0f64..highest * 1.1)
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .configure_mesh()
+                .x_desc("seconds from the first request")
+                .y_label_formatter(&|rate| format!("{rate:.0}"))
+                .y_desc("predictions/s")
+                .draw()
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .draw_series(LineSeries::new(rates, BLUE.stroke_width(2)))
+                .map_err(|e| plot_error(plot, e))?;
+            root.present().map_err(|e| plot_error(plot, e))?;
+        }
+        Ok(svg)
+    }
+}
+
+fn latest(runs: &[RunInfo]) -> String {
+    runs.iter()
+        .take(5)
+        .map(|r| format!("{} ({} predictions)", r.run_id, r.predictions))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn plot_error<E: std::error::Error + Send + Sync + 'static>(
+    plot: &'static str,
+    error: E,
+) -> ReportError {
+    ReportError::Plot {
+        plot,
+        error: Box::new(error),
+    }
+}
+
+fn share(count: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        count as f64 / total as f64
+    }
+}
+
+/// White to dark blue.
+fn heat(share: f64) -> RGBColor {
+    let fade = |full: u8| (255.0 - (255.0 - f64::from(full)) * share.clamp(0.0, 1.0)) as u8;
+    RGBColor(fade(8), fade(48), fade(107))
+}
+
+/// The class name under a cell of the confusion matrix; rows count from the top.
+fn class_label(at: &SegmentValue<i32>, rows: bool) -> String {
+    let SegmentValue::CenterOf(index) = *at else {
+        return String::new();
+    };
+    let class = if rows { 9 - index } else { index };
+    usize::try_from(class)
+        .ok()
+        .and_then(|class| CLASS_NAMES.get(class))
+        .map_or(String::new(), |name| name.to_string())
+}
+
+fn short_name(class: usize) -> String {
+    CLASS_NAMES[class].chars().take(5).collect()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline_core::wire::{Prediction, Timings};
+
+    fn record(id: usize, class: usize, label: usize, latency: f64) -> PredictionRecord {
+        let mut logits = [0.0f32; 10];
+        logits[class] = 5.0;
+        PredictionRecord {
+            run_id: "r".into(),
+            prediction: Prediction::from_logits(
+                format!("r-{id}"),
+                &logits,
+                Some(label),
+                Some(1000.0),
+                "lenet5-x".into(),
+                Timings {
+                    decode_us: 1,
+                    inference_us: 1,
+                    batch: 1,
+                },
+            ),
+            component: Some("classifier@sha256:ab".into()),
+            received_at_ms: 1000.0 + latency,
+        }
+    }
+
+    #[test]
+    fn a_report_holds_the_runs_numbers() {
+        let records: Vec<PredictionRecord> = (0..100)
+            .map(|i| {
+                record(
+                    i,
+                    i % 10,
+                    if i < 90 { i % 10 } else { (i + 1) % 10 },
+                    i as f64,
+                )
+            })
+            .collect();
+        let report = RunReport::new("r".into(), "store".into(), &records);
+        assert_eq!(report.summary.accuracy, Some(0.9));
+        assert_eq!(report.confusion[0][0], 9);
+        assert_eq!(report.confusion[1][0], 1);
+        assert_eq!(report.latency_ms(0.5), Some(49.0));
+        assert_eq!(report.latency_ms(1.0), Some(99.0));
+        let text = report.to_text();
+        assert!(text.contains("accuracy      90.00 %"), "{text}");
+        assert!(
+            text.contains("lenet5-x by classifier@sha256:ab (100)"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let page = report.write(dir.path()).unwrap();
+        let html = std::fs::read_to_string(page).unwrap();
+        assert!(html.contains("90.00 %") && html.contains("<svg"), "{html}");
+        for plot in ["confusion.svg", "latency.svg", "throughput.svg"] {
+            let svg = std::fs::read_to_string(dir.path().join(plot)).unwrap();
+            assert!(svg.starts_with("<svg"), "{plot}: {svg}");
+        }
+    }
+}
