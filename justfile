@@ -63,6 +63,12 @@ demo-pubsub *ARGS:
 onnxruntime:
     cargo run --release -- install-onnxruntime
 
+# Tansu 0.6.0, the second Kafka-protocol broker the tests prove the Kafka backend against
+# (kept in ~/.cache/switchyard/tools; see README, "Brokers"). Tests that need it start it.
+[doc("Install Tansu, the tests' second Kafka-protocol broker")]
+install-tansu:
+    .ci/install-tansu
+
 # Google's Pub/Sub emulator on 127.0.0.1:8085 (capped heap), until Ctrl-C.
 pubsub-emulator:
     cargo run --release -- pubsub-emulator --port 8085

@@ -1,8 +1,9 @@
 //! The conformance suite: what the broker API promises, checked once and run against every
-//! backend over real connections: the embedded Kafka broker, and Google's Pub/Sub emulator
-//! (started by this test binary on a free port with a capped heap, and killed with it).
-//! `KAFKA_BOOTSTRAP=host:port` adds a real Kafka cluster; `PUBSUB_EMULATOR_HOST=host:port`
-//! uses that emulator instead of starting one.
+//! backend over real connections: the embedded Kafka broker (librdkafka's mock cluster), a
+//! second and independent Kafka-protocol broker (Tansu, a broker of its own per test, or the
+//! cluster `KAFKA_BOOTSTRAP=host:port` names; see `switchyard_testing::second_kafka`), and
+//! Google's Pub/Sub emulator (started by this test binary on a free port with a capped heap,
+//! and killed with it; `PUBSUB_EMULATOR_HOST=host:port` uses that emulator instead).
 //!
 //! Promises: N messages round-trip with no loss and, after acknowledgement, no duplicate;
 //! headers/attributes and content type survive, converted the same way on every backend (one
@@ -38,8 +39,11 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// A backend under test, with whatever keeps it alive.
 struct Backend {
-    name: &'static str,
+    /// What it is, for messages: `kafka (embedded)`, `kafka (Tansu 0.6.0)`, `pubsub`.
+    name: String,
     broker: Arc<dyn Broker>,
+    /// Whether it speaks Kafka's protocol (partitions, no subscriptions).
+    kafka: bool,
     /// Whether it is librdkafka's mock cluster (the embedded broker), which cannot delete
     /// topics.
     mock_cluster: bool,
@@ -47,21 +51,29 @@ struct Backend {
 }
 
 async fn kafka() -> Backend {
-    if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP") {
-        return Backend {
-            name: "kafka",
-            broker: Arc::new(Kafka::connect(KafkaConfig::new(bootstrap)).await.unwrap()),
-            mock_cluster: false,
-            _keep: None,
-        };
-    }
     let (cluster, broker) = support::embedded().await;
     Backend {
-        name: "kafka",
+        name: "kafka (embedded)".into(),
         broker,
+        kafka: true,
         mock_cluster: true,
         _keep: Some(Box::new(cluster)),
     }
+}
+
+/// The Kafka backend on the second broker, `None` (said on standard error) without one.
+async fn second_kafka(test: &str) -> Option<Backend> {
+    let second = support::second_kafka(test)?;
+    let broker = Kafka::connect(KafkaConfig::new(second.bootstrap.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", second.name));
+    Some(Backend {
+        name: format!("kafka ({})", second.name),
+        broker: Arc::new(broker),
+        kafka: true,
+        mock_cluster: false,
+        _keep: Some(Box::new(second)),
+    })
 }
 
 async fn pubsub() -> Backend {
@@ -71,8 +83,9 @@ async fn pubsub() -> Backend {
 /// The Pub/Sub backend on the emulator, with settings of the test's own.
 async fn pubsub_with(config: PubSubConfig) -> Backend {
     Backend {
-        name: "pubsub",
+        name: "pubsub".into(),
         broker: Arc::new(PubSub::connect(config).await.unwrap()),
+        kafka: false,
         mock_cluster: false,
         _keep: None,
     }
@@ -448,7 +461,7 @@ async fn topics_are_listed_created_and_deleted(backend: Backend) {
     })
     .await;
     let topic = listed().await.expect("a created topic is listed");
-    let partitions = (backend.name == "kafka").then_some(3);
+    let partitions = backend.kafka.then_some(3);
     assert_eq!(topic.partitions, partitions, "{}", backend.name);
     assert!(
         !backend.broker.create_topic(&spec).await.unwrap(),
@@ -490,6 +503,16 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test(super::kafka().await).await;
+                }
+            )*
+        }
+        mod second_kafka_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    if let Some(backend) = super::second_kafka(stringify!($test)).await {
+                        super::$test(backend).await;
+                    }
                 }
             )*
         }

@@ -1,6 +1,8 @@
 //! Proves that the unified Rust API (`switchyard-client`) behaves the same on both backends,
-//! over real connections: the embedded Kafka broker and Google's Pub/Sub emulator (started by
-//! this test binary). Values round-trip through each serializer with its content type recorded;
+//! over real connections: the embedded Kafka broker, a second and independent Kafka-protocol
+//! broker (Tansu, or the cluster `KAFKA_BOOTSTRAP` names; see
+//! `switchyard_testing::second_kafka`) and Google's Pub/Sub emulator (started by this test
+//! binary). Values round-trip through each serializer with its content type recorded;
 //! a consumer reads a payload by its content type whatever its own serializer; `consume()` is a
 //! stream with explicit acknowledgement; a nack brings the message back; `auto_ack` settles on
 //! receipt so a restarted member does not see the message again; and an incomplete
@@ -19,21 +21,52 @@ use switchyard_client::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The broker URL of each backend; the embedded one lives inside each `Client`.
-async fn broker_url(backend: &str) -> String {
-    match backend {
-        "kafka" => "embedded".into(),
-        _ => {
-            let endpoint = tokio::task::spawn_blocking(support::emulator_endpoint)
-                .await
-                .unwrap();
-            format!("pubsub://switchyard-test?endpoint={endpoint}&anonymous=true")
-        }
+/// A backend under test: the broker URL clients connect to, and what keeps its broker alive.
+struct Backend {
+    name: String,
+    url: String,
+    _keep: Option<support::SecondKafka>,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
     }
 }
 
-async fn client(backend: &str, serializer: ValueSerializer, auto_ack: bool) -> Client {
-    let mut config = ClientConfig::new(&broker_url(backend).await).unwrap();
+/// The embedded Kafka broker, which lives inside each `Client`.
+fn embedded() -> Backend {
+    Backend {
+        name: "kafka (embedded)".into(),
+        url: "embedded".into(),
+        _keep: None,
+    }
+}
+
+/// The second Kafka broker, `None` (said on standard error) without one.
+fn second_kafka(test: &str) -> Option<Backend> {
+    let second = support::second_kafka(test)?;
+    Some(Backend {
+        name: format!("kafka ({})", second.name),
+        url: format!("kafka://{}", second.bootstrap),
+        _keep: Some(second),
+    })
+}
+
+/// The Pub/Sub emulator.
+async fn pubsub() -> Backend {
+    let endpoint = tokio::task::spawn_blocking(support::emulator_endpoint)
+        .await
+        .unwrap();
+    Backend {
+        name: "pubsub".into(),
+        url: format!("pubsub://switchyard-test?endpoint={endpoint}&anonymous=true"),
+        _keep: None,
+    }
+}
+
+async fn client(backend: &Backend, serializer: ValueSerializer, auto_ack: bool) -> Client {
+    let mut config = ClientConfig::new(&backend.url).unwrap();
     config.topic = Some(support::unique("client"));
     config.group = Some(support::unique("readers"));
     config.serializer = serializer;
@@ -41,7 +74,7 @@ async fn client(backend: &str, serializer: ValueSerializer, auto_ack: bool) -> C
     Client::connect(&config).await.unwrap()
 }
 
-async fn values_round_trip_through_every_serializer(backend: &str) {
+async fn values_round_trip_through_every_serializer(backend: &Backend) {
     let client = client(backend, ValueSerializer::Json, true).await;
     let topic = client.config().topic.clone().unwrap();
     let consumer = client.consumer().await.unwrap();
@@ -97,7 +130,7 @@ async fn values_round_trip_through_every_serializer(backend: &str) {
     assert_eq!(seen.len(), 3);
 }
 
-async fn a_nack_brings_the_value_back(backend: &str) {
+async fn a_nack_brings_the_value_back(backend: &Backend) {
     let client = client(backend, ValueSerializer::Text, false).await;
     let consumer = client.consumer().await.unwrap();
     let producer = client.producer().await.unwrap();
@@ -118,7 +151,7 @@ async fn a_nack_brings_the_value_back(backend: &str) {
     consumer.close().await.unwrap();
 }
 
-async fn auto_ack_settles_on_receipt(backend: &str) {
+async fn auto_ack_settles_on_receipt(backend: &Backend) {
     let client = client(backend, ValueSerializer::Json, true).await;
     let topic = client.config().topic.clone().unwrap();
     let consumer = client.consumer().await.unwrap();
@@ -161,8 +194,8 @@ async fn auto_ack_settles_on_receipt(backend: &str) {
     restarted.close().await.unwrap();
 }
 
-async fn mistakes_are_clear_errors(backend: &str) {
-    let mut config = ClientConfig::new(&broker_url(backend).await).unwrap();
+async fn mistakes_are_clear_errors(backend: &Backend) {
+    let mut config = ClientConfig::new(&backend.url).unwrap();
     config.topic = Some(support::unique("client"));
     config.serializer = ValueSerializer::Text;
     let client = Client::connect(&config).await.unwrap();
@@ -197,7 +230,7 @@ use protobuf_example::shop::{Line, Order};
 /// A serializer of one's own (Protobuf) writes and reads through the public API, labelled
 /// with its content type; a payload of another format is refused naming that format, and is
 /// read with `value_with` and the right deserializer.
-async fn a_serializer_of_ones_own_round_trips(backend: &str) {
+async fn a_serializer_of_ones_own_round_trips(backend: &Backend) {
     let client = client(backend, ValueSerializer::Json, false).await;
     let topic = client.config().topic.clone().unwrap();
     let consumer = client
@@ -256,10 +289,8 @@ async fn a_serializer_of_ones_own_round_trips(backend: &str) {
 
 /// The example itself, as a user runs it: orders come back, the JSON note is refused by the
 /// Protobuf reader and read as JSON.
-async fn the_protobuf_example_runs(backend: &str) {
-    let (orders, note) = protobuf_example::run(&broker_url(backend).await)
-        .await
-        .unwrap();
+async fn the_protobuf_example_runs(backend: &Backend) {
+    let (orders, note) = protobuf_example::run(&backend.url).await.unwrap();
     let ids: Vec<&str> = orders.iter().map(|order| order.id.as_str()).collect();
     assert_eq!(ids, ["order-1", "order-2"], "{backend}");
     assert_eq!(orders[1].lines[0].sku, "sandal-38", "{backend}");
@@ -297,7 +328,17 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name("kafka").await;
+                    super::$name(&super::embedded()).await;
+                }
+            )*
+        }
+        mod second_kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(backend) = super::second_kafka(stringify!($name)) {
+                        super::$name(&backend).await;
+                    }
                 }
             )*
         }
@@ -305,7 +346,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name("pubsub").await;
+                    super::$name(&super::pubsub().await).await;
                 }
             )*
         }
