@@ -211,3 +211,27 @@ pub fn careful_python(paths: &Paths) -> anyhow::Result<Demo> {
     }
     Ok(report)
 }
+
+/// The demo's first case on the second Kafka-protocol broker (Tansu, a fresh one per run, or
+/// the cluster `KAFKA_BOOTSTRAP` names), with the client setting the README gives for it
+/// (`session.timeout.ms=6000`: Tansu holds a group join for half the session timeout); `None`
+/// when there is none (`.ci/install-tansu` installs it).
+pub fn on_second_kafka(paths: &Paths, case_args: &[String]) -> anyhow::Result<Option<Demo>> {
+    let Some(broker) = switchyard_testing::second_kafka("the brokers section") else {
+        return Ok(None);
+    };
+    let mut args = case_args.to_vec();
+    args.extend(["--broker".to_string(), broker.url()]);
+    run_demo(paths, &args, None).map(Some)
+}
+
+/// The demo's first case through Google's Pub/Sub emulator, which the demo starts for the run
+/// (its start is in the first prediction's time, not in the throughput).
+pub fn on_pubsub_emulator(paths: &Paths, case_args: &[String]) -> anyhow::Result<Demo> {
+    let mut args = case_args.to_vec();
+    args.extend([
+        "--broker".to_string(),
+        "pubsub://switchyard-demo".to_string(),
+    ]);
+    run_demo(paths, &args, None)
+}

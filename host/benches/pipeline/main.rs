@@ -27,12 +27,18 @@
 //!    `switchyard broker` of its own, alternating round by round; skipped with the reason when
 //!    the Python cannot import confluent_kafka, onnxruntime and numpy.
 //!
+//! 7. Brokers: the first pipeline case on each broker the suite runs against, alternating round
+//!    by round: the embedded broker in the demo's process, a standalone `switchyard broker`, the
+//!    second Kafka-protocol broker (Tansu 0.6.0, `.ci/install-tansu`; a row saying so when it
+//!    is missing) and Google's Pub/Sub emulator. `just bench 3 brokers` runs this section alone.
+//!
 //! It prints one Markdown table and writes the same rows as JSON to
 //! `<target dir>/bench/pipeline.json`.
 //!
 //! ```sh
 //! just bench                                      # 3 rounds
 //! cargo bench -p switchyard --bench pipeline -- 5  # rounds
+//! just bench 3 brokers                            # one section: brokers
 //! ```
 
 mod ceilings;
@@ -51,7 +57,10 @@ use ceilings::{
     broker_ceiling, ceiling_host, ceiling_native, ceiling_python, ceiling_rows, ceiling_wasm,
     test_images,
 };
-use demo::{Demo, Paths, args, careful_python, on_standalone_broker, run_demo};
+use demo::{
+    Demo, Paths, args, careful_python, on_pubsub_emulator, on_second_kafka, on_standalone_broker,
+    run_demo,
+};
 use table::{Row, fmt, median_of, print_table, ratio, skipped, thousands};
 
 /// The classifier's default `batch`, the bound the batched rows use.
@@ -77,6 +86,15 @@ fn main() -> anyhow::Result<()> {
         .find_map(|arg| arg.parse::<usize>().ok())
         .unwrap_or(3)
         .max(1);
+    let only_brokers = match std::env::args()
+        .skip(1)
+        .find(|arg| !arg.starts_with('-') && arg.parse::<usize>().is_err())
+        .as_deref()
+    {
+        None => false,
+        Some("brokers") => true,
+        Some(other) => anyhow::bail!("no section {other:?}: the one to run alone is `brokers`"),
+    };
     let components_target = source::components_target_dir();
     let paths = Paths {
         switchyard: PathBuf::from(env!("CARGO_BIN_EXE_switchyard")),
@@ -90,14 +108,19 @@ fn main() -> anyhow::Result<()> {
     };
     let onnxruntime = NnEngine::Onnxruntime.check_available().is_ok();
     let mut rows = Vec::new();
+    let engine = if onnxruntime { "onnxruntime" } else { "tract" };
+    let cases = pipeline_cases(engine, onnxruntime);
+    if only_brokers {
+        broker_rows(&paths, &cases[0], rounds, &mut rows)?;
+        print_table(&rows, rounds);
+        return Ok(());
+    }
 
     eprintln!("broker ceiling…");
     rows.push(broker_ceiling()?);
     eprintln!("inference ceilings…");
     let ceilings = inference_ceilings(&paths, &components_target, onnxruntime, &mut rows)?;
 
-    let engine = if onnxruntime { "onnxruntime" } else { "tract" };
-    let cases = pipeline_cases(engine, onnxruntime);
     let runs = run_cases(&paths, &cases, rounds, &mut rows)?;
     let medians: Vec<Option<f64>> = runs
         .iter()
@@ -112,6 +135,7 @@ fn main() -> anyhow::Result<()> {
     let first_rss = median_of(runs[0].iter().map(|d| d.peak_rss_mb));
     scale_rows(&paths, &cases[0], medians[0], first_rss, &mut rows)?;
     ratio_rows(&ceilings, &runs, &standalone, &mut rows);
+    broker_rows(&paths, &cases[0], rounds, &mut rows)?;
 
     print_table(&rows, rounds);
     let out = paths.target.join("bench");
@@ -319,6 +343,72 @@ fn against_python(
         }
     }
     Ok(standalone)
+}
+
+/// The first case on every broker, alternating round by round (see the file's point 7).
+fn broker_rows(
+    paths: &Paths,
+    first_case: &(String, Vec<String>),
+    rounds: usize,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!("the first case on every broker…");
+    let brokers = [
+        "embedded broker, in the demo's process",
+        "standalone `switchyard broker`",
+        "second Kafka-protocol broker (Tansu 0.6.0, or KAFKA_BOOTSTRAP's)",
+        "Pub/Sub emulator",
+    ];
+    let mut runs: Vec<Vec<Demo>> = brokers.iter().map(|_| Vec::new()).collect();
+    let mut no_second_kafka = false;
+    for round in 0..rounds {
+        for (index, name) in brokers.iter().enumerate() {
+            let demo = match index {
+                0 => run_demo(paths, &first_case.1, None)?,
+                1 => on_standalone_broker(paths, &first_case.1)?,
+                2 => match on_second_kafka(paths, &first_case.1)? {
+                    Some(demo) => demo,
+                    None => {
+                        no_second_kafka = true;
+                        continue;
+                    }
+                },
+                _ => on_pubsub_emulator(paths, &first_case.1)?,
+            };
+            eprintln!(
+                "  round {} {name:<44} {:>6.0} images/s  p50 {:>7.1} ms  first prediction {:>5.1} s",
+                round + 1,
+                demo.images_per_s.unwrap_or(0.0),
+                demo.p50_ms.unwrap_or(0.0),
+                demo.first_prediction_s.unwrap_or(0.0),
+            );
+            runs[index].push(demo);
+        }
+    }
+    for (name, demos) in brokers.iter().zip(&runs) {
+        if demos.is_empty() && no_second_kafka {
+            rows.push(skipped(
+                &format!("brokers: {name}"),
+                "skipped: not installed; `.ci/install-tansu` installs it",
+            ));
+            continue;
+        }
+        rows.push(
+            Row::new(
+                "brokers",
+                format!("{}, {name}", first_case.0),
+                median_of(demos.iter().map(|d| d.images_per_s)),
+                "images/s",
+            )
+            .detail(format!(
+                "p50 {} ms, p99 {} ms, first prediction {} s",
+                fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
+                fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
+                fmt(median_of(demos.iter().map(|d| d.first_prediction_s)), 1),
+            )),
+        );
+    }
+    Ok(())
 }
 
 /// The first prediction with an empty compile cache, and with a warm one.

@@ -241,7 +241,9 @@ pub enum StartPosition {
     /// From the oldest retained message.
     #[default]
     Earliest,
-    /// Only messages published after joining.
+    /// Only messages published after subscribing: on Kafka, from the end of each partition
+    /// when `subscribe` was called (committed for the new group before it joins, so nothing
+    /// published during the join is skipped); on Pub/Sub, from the subscription's creation.
     Latest,
 }
 

@@ -10,10 +10,13 @@
 //! value per name, sorted, the content type once); messages of one key keep their order; a nack,
 //! or a member that leaves without settling, leads to redelivery; two members of one group
 //! share the load and lose nothing (a message in flight while Kafka moves its partition may
-//! come twice); a restarted member resumes without what it acknowledged;
+//! come twice); a restarted member resumes without what it acknowledged; a new group that
+//! starts at the latest position gets everything published after `subscribe` returned, even
+//! before it has joined (all of a topic created after it subscribed), and nothing from before;
 //! an empty payload and one near the size limit pass; a bad topic name, a missing subscription
 //! and an unreachable endpoint give errors that say what to do; topics are listed (sorted,
-//! without internal ones), created once and deleted.
+//! without internal ones), created once and deleted; on Kafka, batches compressed with every
+//! codec (gzip, snappy, lz4, zstd) round-trip.
 //!
 //! Where a backend cannot promise something, the test says so for that backend instead of
 //! skipping: the Pub/Sub emulator (like Pub/Sub without exactly-once delivery) may deliver an
@@ -23,6 +26,7 @@
 //! broker (librdkafka's mock cluster) cannot delete a topic, which it must refuse saying so.
 
 use switchyard_testing as support;
+use switchyard_testing::TansuDefect;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -47,6 +51,10 @@ struct Backend {
     /// Whether it is librdkafka's mock cluster (the embedded broker), which cannot delete
     /// topics.
     mock_cluster: bool,
+    /// A Kafka-protocol broker's bootstrap address, for a client of a test's own.
+    bootstrap: Option<String>,
+    /// The second Kafka broker, whose known defects a test may have to step around.
+    second_kafka: Option<support::SecondKafka>,
     _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -57,6 +65,8 @@ async fn kafka() -> Backend {
         broker,
         kafka: true,
         mock_cluster: true,
+        bootstrap: Some(cluster.bootstrap_servers().to_string()),
+        second_kafka: None,
         _keep: Some(Box::new(cluster)),
     }
 }
@@ -64,7 +74,7 @@ async fn kafka() -> Backend {
 /// The Kafka backend on the second broker, `None` (said on standard error) without one.
 async fn second_kafka(test: &str) -> Option<Backend> {
     let second = support::second_kafka(test)?;
-    let broker = Kafka::connect(KafkaConfig::new(second.bootstrap.clone()))
+    let broker = Kafka::connect(second.kafka_config())
         .await
         .unwrap_or_else(|e| panic!("connecting to {}: {e}", second.name));
     Some(Backend {
@@ -72,7 +82,9 @@ async fn second_kafka(test: &str) -> Option<Backend> {
         broker: Arc::new(broker),
         kafka: true,
         mock_cluster: false,
-        _keep: Some(Box::new(second)),
+        bootstrap: Some(second.bootstrap.clone()),
+        second_kafka: Some(second),
+        _keep: None,
     })
 }
 
@@ -87,6 +99,8 @@ async fn pubsub_with(config: PubSubConfig) -> Backend {
         broker: Arc::new(PubSub::connect(config).await.unwrap()),
         kafka: false,
         mock_cluster: false,
+        bootstrap: None,
+        second_kafka: None,
         _keep: None,
     }
 }
@@ -378,6 +392,130 @@ async fn a_restarted_member_resumes_after_what_it_acknowledged(backend: Backend)
     restarted.close().await.unwrap();
 }
 
+async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: Backend) {
+    let topic = backend.topic("latest", 4).await;
+    let before: Vec<OutgoingMessage> = (0..20)
+        .map(|i| {
+            message(
+                &topic,
+                Some(&format!("k{i}")),
+                format!("before {i}").as_bytes(),
+            )
+        })
+        .collect();
+    backend.publish_all(before).await;
+    let member = backend
+        .broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("g"),
+            topics: vec![topic.clone()],
+            start: StartPosition::Latest,
+        })
+        .await
+        .unwrap();
+    // Published at once, before the member has joined its group: a new group's start is the
+    // moment `subscribe` returned (Kafka: the end of each partition then, committed for the
+    // group; Pub/Sub: the subscription's creation), not whenever the join completes.
+    let after: BTreeSet<Vec<u8>> = (0..20).map(|i| format!("after {i}").into_bytes()).collect();
+    backend
+        .publish_all(
+            after
+                .iter()
+                .enumerate()
+                .map(|(i, payload)| message(&topic, Some(&format!("k{i}")), payload))
+                .collect(),
+        )
+        .await;
+    let (mut received, mut before_received) = (BTreeSet::new(), Vec::new());
+    while received.len() < after.len() {
+        let delivery = tokio::time::timeout(WAIT, member.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{}: {} of the {} messages published after subscribing arrived; the others \
+                     were skipped as if published before",
+                    backend.name,
+                    received.len(),
+                    after.len()
+                )
+            })
+            .unwrap();
+        let payload = delivery.message.payload.clone();
+        delivery.ack().unwrap();
+        if !after.contains(&payload) {
+            before_received.push(String::from_utf8_lossy(&payload).into_owned());
+            continue;
+        }
+        received.insert(payload);
+    }
+    if let Some(extra) = nothing_more(member.as_ref(), Duration::from_secs(2)).await {
+        before_received.push(String::from_utf8_lossy(&extra.message.payload).into_owned());
+    }
+    member.close().await.unwrap();
+
+    // A topic that does not exist yet when the group subscribes holds only what follows: all
+    // of it arrives (librdkafka alone looked up "latest" once the topic appeared, after its
+    // first messages, and skipped them).
+    let later = support::unique("latest-later");
+    let member = backend
+        .broker
+        .subscribe(&SubscriptionSpec {
+            group: support::unique("g"),
+            topics: vec![later.clone()],
+            start: StartPosition::Latest,
+        })
+        .await
+        .unwrap();
+    backend
+        .broker
+        .ensure_topics(&[TopicSpec {
+            name: later.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+    backend
+        .publish_all(
+            (0..10)
+                .map(|i| message(&later, None, format!("first {i}").as_bytes()))
+                .collect(),
+        )
+        .await;
+    for i in 0..10 {
+        let delivery = tokio::time::timeout(WAIT, member.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{}: {i} of the 10 first messages of a topic created after the group \
+                     subscribed at latest arrived",
+                    backend.name
+                )
+            })
+            .unwrap();
+        delivery.ack().unwrap();
+    }
+    member.close().await.unwrap();
+
+    let skip_nothing_before = backend.second_kafka.as_ref().is_some_and(|second| {
+        second.has(
+            TansuDefect::LatestOffsetInsideLastBatch,
+            "a_group_starting_at_latest_gets_what_follows_its_subscription",
+            &format!(
+                "nothing published before is received; received {}",
+                before_received.len()
+            ),
+        )
+    });
+    if !skip_nothing_before {
+        assert!(
+            before_received.is_empty(),
+            "{}: a group starting at latest received what was published before it \
+             subscribed: {before_received:?}",
+            backend.name
+        );
+    }
+}
+
 async fn empty_and_large_payloads_pass(backend: Backend) {
     let topic = backend.topic("sizes", 1).await;
     let member = backend.member(&support::unique("g"), &topic).await;
@@ -535,6 +673,7 @@ conformance!(
     a_member_leaving_unsettled_hands_the_message_on,
     two_members_share_the_load_and_lose_nothing,
     a_restarted_member_resumes_after_what_it_acknowledged,
+    a_group_starting_at_latest_gets_what_follows_its_subscription,
     empty_and_large_payloads_pass,
     bad_names_are_refused_with_the_rule,
     topics_are_listed_created_and_deleted,
@@ -607,6 +746,68 @@ async fn pubsub_a_missing_subscription_is_reported_when_resources_are_not_create
     assert_eq!(err.code(), Some("NotFound"), "{err:?}");
     assert!(err.to_string().contains("not found"), "{err}");
     assert!(err.to_string().contains("create_resources"), "{err}");
+}
+
+/// Kafka only: a batch compressed with each codec switchyard's librdkafka is built with
+/// (`compression.type`: gzip, snappy, lz4, zstd) is stored by the broker and read back as
+/// sent. The publisher is a client of its own on `bootstrap`, with the codec set as users set
+/// it, a property of `[broker.kafka]`.
+async fn every_compression_codec_round_trips(backend: Backend) {
+    let bootstrap = backend.bootstrap.clone().expect("a Kafka-protocol broker");
+    for codec in ["gzip", "snappy", "lz4", "zstd"] {
+        let topic = backend.topic(&format!("zip-{codec}"), 1).await;
+        let member = backend.member(&support::unique("g"), &topic).await;
+        let mut config = KafkaConfig::new(bootstrap.clone());
+        config.properties.extend(
+            [("compression.type", codec), ("linger.ms", "20")].map(|(k, v)| (k.into(), v.into())),
+        );
+        let publisher = Kafka::connect(config)
+            .await
+            .unwrap()
+            .publisher()
+            .await
+            .unwrap();
+        // Alike payloads, so the codec has something to squeeze, and distinct, to count.
+        let sent: BTreeSet<Vec<u8>> = (0..200)
+            .map(|i| format!("{codec} {i} {}", "pipeline ".repeat(40)).into_bytes())
+            .collect();
+        let mut receipts = Vec::new();
+        for payload in &sent {
+            receipts.push(
+                publisher
+                    .publish(message(&topic, None, payload))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for receipt in receipts {
+            receipt
+                .wait()
+                .await
+                .unwrap_or_else(|e| panic!("{}: a {codec} batch refused: {e}", backend.name));
+        }
+        let mut received = BTreeSet::new();
+        while received.len() < sent.len() {
+            let delivery = next(member.as_ref()).await;
+            received.insert(delivery.message.payload.clone());
+            delivery.ack().unwrap();
+        }
+        assert_eq!(received, sent, "{}: {codec}", backend.name);
+        member.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_every_compression_codec_round_trips() {
+    every_compression_codec_round_trips(kafka().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_kafka_every_compression_codec_round_trips() {
+    let test = "second_kafka_every_compression_codec_round_trips";
+    if let Some(backend) = second_kafka(test).await {
+        every_compression_codec_round_trips(backend).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,7 +48,7 @@ fn second_kafka(test: &str) -> Option<Backend> {
     let second = support::second_kafka(test)?;
     Some(Backend {
         name: format!("kafka ({})", second.name),
-        url: format!("kafka://{}", second.bootstrap),
+        url: second.url(),
         _keep: Some(second),
     })
 }

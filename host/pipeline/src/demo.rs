@@ -17,8 +17,8 @@ use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
 use serde::Serialize;
 
 use crate::build::{BuildError, ComponentBuild};
-use switchyard_broker::BrokerConfig;
 use switchyard_broker::window::PublishWindow;
+use switchyard_broker::{BrokerConfig, StartPosition};
 use switchyard_runtime::app::App;
 
 use crate::report::RunReport;
@@ -299,7 +299,11 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
     }
     let consumer = ComponentConfig {
         subscribe: vec![PREDICTIONS_TOPIC.into()],
+        // A group of the run's own that starts where the topic ends now: a broker that
+        // outlives runs keeps their predictions, which this run's consumer would otherwise
+        // read (and skip) from the first, counting them as progress.
         group: Some(format!("switchyard-consumer-{run_id}")),
+        start: StartPosition::Latest,
         results: vec![PREDICTIONS_TABLE.into()],
         args: consumer_args,
         ..component("consumer")
@@ -320,6 +324,21 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
         results: Some(options.results.clone()),
         metrics: options.metrics,
     }
+}
+
+/// A run's id: when it started (hex milliseconds, so ids sort by time), then the process and
+/// a count of runs in it, because two demos that start in the same millisecond on one results
+/// store (two tests, say) would otherwise share their request ids, and each would find the
+/// other's predictions already stored.
+fn new_run_id() -> String {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "{:x}{:05x}{:02x}",
+        unix_ms() as u64,
+        std::process::id() & 0xf_ffff,
+        run & 0xff
+    )
 }
 
 fn unix_ms() -> f64 {
@@ -459,7 +478,7 @@ fn requests_sent(
 
 /// Runs the pipeline once and reports.
 pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
-    let run_id = format!("{:x}", unix_ms() as u64);
+    let run_id = new_run_id();
     let manifest = manifest(options, &run_id);
     let started_ms = unix_ms();
     // The demo's components write its table, whatever else the host keeps.
@@ -631,4 +650,22 @@ pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
         },
     };
     Ok(Demo { report, run })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_started_in_one_millisecond_get_different_ids() {
+        let (first, second) = (new_run_id(), new_run_id());
+        assert_ne!(first, second);
+        assert_eq!(first.len(), second.len());
+        // The time comes first, so ids of later runs sort after.
+        assert!(first[..11] <= second[..11], "{first} {second}");
+        assert!(
+            !first.contains('-'),
+            "a run id is what precedes the last '-'"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod second_kafka;
-pub use second_kafka::{SecondKafka, TANSU_VERSION, second_kafka};
+pub use second_kafka::{SecondKafka, TANSU_VERSION, TansuDefect, second_kafka};
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

@@ -27,6 +27,8 @@ pub struct StandaloneBroker {
     pub client: Arc<dyn Broker>,
     /// What `--broker` takes.
     pub url: String,
+    /// The second Kafka broker's process, killed with the test, when it is one.
+    pub second_kafka: Option<super::SecondKafka>,
 }
 
 /// The embedded Kafka-protocol broker, listening on a free loopback port for other processes
@@ -41,6 +43,7 @@ pub async fn kafka() -> StandaloneBroker {
     StandaloneBroker {
         client: Arc::new(Kafka::embedded(cluster)),
         url,
+        second_kafka: None,
     }
 }
 
@@ -51,7 +54,23 @@ pub async fn pubsub() -> StandaloneBroker {
     StandaloneBroker {
         client: super::pubsub().await,
         url,
+        second_kafka: None,
     }
+}
+
+/// The second Kafka-protocol broker (see [`super::second_kafka`]), with the client settings
+/// the README gives for it ([`super::SecondKafka::kafka_config`]); `None`, said on standard
+/// error, without one.
+pub async fn second_kafka(test: &str) -> Option<StandaloneBroker> {
+    let second = super::second_kafka(test)?;
+    let client = Kafka::connect(second.kafka_config())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", second.name));
+    Some(StandaloneBroker {
+        client: Arc::new(client),
+        url: second.url(),
+        second_kafka: Some(second),
+    })
 }
 
 /// A `switchyard` process whose log lines (standard error) and output lines (standard output)
@@ -201,6 +220,19 @@ impl Host {
         let (status, stdout) = self.finish().await;
         assert!(status.success(), "{name}: {status}: {stdout}");
         stdout
+    }
+
+    /// Waits for the process to exit; returns its status, standard output, and the lines it
+    /// wrote to standard error that [`Host::wait_for`] has not taken.
+    pub async fn finish_with_log(mut self) -> (std::process::ExitStatus, String, Vec<String>) {
+        let mut lines = std::mem::replace(&mut self.lines, mpsc::unbounded_channel().1);
+        let (status, stdout) = self.finish().await;
+        let mut log = Vec::new();
+        // The reader of standard error ends, and drops its sender, at the end of the stream.
+        while let Some(line) = lines.recv().await {
+            log.push(line);
+        }
+        (status, stdout, log)
     }
 
     /// Waits for the process to exit; returns its status and standard output.

@@ -162,6 +162,8 @@ impl Broker for Kafka {
     }
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
-        Ok(Arc::new(KafkaSubscriber::subscribe(&self.config, spec)?))
+        Ok(Arc::new(
+            KafkaSubscriber::subscribe_at_start(&self.config, spec).await?,
+        ))
     }
 }

@@ -344,9 +344,74 @@ impl Settle for KafkaSettle {
     }
 }
 
+/// Gives a group that starts at [`StartPosition::Latest`] a position at the end of each
+/// partition as it is now, by committing those ends for the group before this member joins.
+/// Returns whether every partition of the topics now has a position, so that any partition
+/// still without one (of a topic created later) holds only what was published since, and the
+/// member can read it from the start (`auto.offset.reset=earliest`).
+///
+/// Why: librdkafka resolves `auto.offset.reset=latest` only once the member has joined and
+/// been assigned its partitions, which takes from milliseconds to seconds, and it skips what
+/// was published in between; for a topic that does not exist yet it resolves "latest" after
+/// the topic's first messages, and skips them too (measured: the demo's consumer on a
+/// standalone embedded broker received none of 300 predictions). With the ends committed here,
+/// "latest" means "after `subscribe` was called", as a new Pub/Sub subscription does.
+/// Partitions the group already has a position in keep it. When the commit is refused (other
+/// members hold the group) or the broker does not answer, returns `false` and librdkafka's
+/// own "latest" applies. Blocks (librdkafka calls).
+fn commit_ends_for_new_group(kafka: &KafkaConfig, spec: &SubscriptionSpec) -> bool {
+    let timeout = Duration::from_millis(kafka.connect_timeout_ms);
+    let attempt = || -> Result<(), KafkaError> {
+        let consumer: BaseConsumer = kafka
+            .client_config()
+            .set("group.id", &spec.group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut partitions = TopicPartitionList::new();
+        for topic in &spec.topics {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+            // A topic that does not exist yet has no partitions to position.
+            for found in metadata.topics().iter().filter(|t| t.error().is_none()) {
+                for partition in found.partitions() {
+                    partitions.add_partition(topic, partition.id());
+                }
+            }
+        }
+        if partitions.count() == 0 {
+            return Ok(());
+        }
+        let committed = consumer.committed_offsets(partitions, timeout)?;
+        let mut ends = TopicPartitionList::new();
+        for element in committed.elements() {
+            if element.offset() == Offset::Invalid {
+                let (topic, partition) = (element.topic(), element.partition());
+                let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+                ends.add_partition_offset(topic, partition, Offset::Offset(high))?;
+            }
+        }
+        if ends.count() > 0 {
+            consumer.commit(&ends, CommitMode::Sync)?;
+        }
+        Ok(())
+    };
+    match attempt() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(
+                "group {:?}: no start committed at the partitions' ends ({e}); it starts where \
+                 librdkafka finds the end once it has joined",
+                spec.group
+            );
+            false
+        }
+    }
+}
+
 impl KafkaSubscriber {
-    /// Joins `spec.group` on the cluster `config` names.
-    pub(super) fn subscribe(
+    /// Joins `spec.group` on the cluster `config` names (a new group at
+    /// [`StartPosition::Latest`] first gets its start committed, see
+    /// [`commit_ends_for_new_group`]).
+    pub(super) async fn subscribe_at_start(
         kafka: &KafkaConfig,
         spec: &SubscriptionSpec,
     ) -> Result<Self, BrokerError> {
@@ -354,6 +419,31 @@ impl KafkaSubscriber {
         for topic in &spec.topics {
             check_topic_name(topic)?;
         }
+        let reset = match spec.start {
+            StartPosition::Earliest => "earliest",
+            StartPosition::Latest => {
+                let (kafka_for_commit, spec_for_commit) = (kafka.clone(), spec.clone());
+                let positioned = tokio::task::spawn_blocking(move || {
+                    commit_ends_for_new_group(&kafka_for_commit, &spec_for_commit)
+                })
+                .await
+                .map_err(|e| {
+                    BrokerError::unavailable("committing a new group's start stopped")
+                        .with_source(e)
+                })?;
+                if positioned { "earliest" } else { "latest" }
+            }
+        };
+        Self::subscribe(kafka, spec, reset)
+    }
+
+    /// Joins `spec.group` on the cluster `config` names (`spec` already checked); partitions
+    /// without a committed position start at `reset` (librdkafka's `auto.offset.reset`).
+    fn subscribe(
+        kafka: &KafkaConfig,
+        spec: &SubscriptionSpec,
+        reset: &str,
+    ) -> Result<Self, BrokerError> {
         let tracker = Arc::new(OffsetTracker::default());
         let mut config = kafka.client_config();
         config
@@ -361,13 +451,7 @@ impl KafkaSubscriber {
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
-            .set(
-                "auto.offset.reset",
-                match spec.start {
-                    StartPosition::Earliest => "earliest",
-                    StartPosition::Latest => "latest",
-                },
-            );
+            .set("auto.offset.reset", reset);
         // librdkafka reports each partition's lag in its statistics, which it only gathers
         // when asked to (a small JSON document per interval).
         if config.get("statistics.interval.ms").is_none() {
