@@ -8,7 +8,8 @@
 //! dependency of switchyard's own crates.
 
 use std::collections::BTreeSet;
-use std::process::Command;
+
+use switchyard_testing::cargo_tree::normal_dependencies;
 
 /// What a library user of the client must never compile.
 const NEVER: [&str; 9] = [
@@ -23,27 +24,9 @@ const NEVER: [&str; 9] = [
     "hyper",
 ];
 
-/// `cargo tree` of the client with `arguments`, one package name per line.
+/// `cargo tree` of the client with `arguments`, one package name each.
 fn cargo_tree(arguments: &[&str]) -> BTreeSet<String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tree", "-p", "switchyard-client", "-e", "normal"])
-        .args(["--prefix", "none", "--format", "{p}"])
-        .args(arguments)
-        .output()
-        .expect("running cargo tree");
-    assert!(
-        output.status.success(),
-        "cargo tree {arguments:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("cargo tree prints UTF-8")
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .map(String::from)
-        .collect()
+    normal_dependencies("switchyard-client", arguments)
 }
 
 fn assert_absent(packages: &BTreeSet<String>, forbidden: &[&str], build: &str) {

@@ -5,33 +5,10 @@
 //! pipeline, in turn, compiles no command line. A module that reached across would have to add
 //! the dependency, and this test names it.
 
-use std::collections::BTreeSet;
-use std::process::Command;
-
-/// The packages `package` depends on (normal dependencies, every level), one name each.
-fn dependencies_of(package: &str) -> BTreeSet<String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tree", "-p", package, "-e", "normal"])
-        .args(["--prefix", "none", "--format", "{p}"])
-        .output()
-        .expect("running cargo tree");
-    assert!(
-        output.status.success(),
-        "cargo tree -p {package}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("cargo tree prints UTF-8")
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .map(String::from)
-        .collect()
-}
+use switchyard_testing::cargo_tree::normal_dependencies;
 
 fn assert_absent(package: &str, forbidden: &[&str]) {
-    let packages = dependencies_of(package);
+    let packages = normal_dependencies(package, &[]);
     assert!(
         packages.contains("switchyard-broker"),
         "{package} should stand on switchyard-broker: {packages:?}"

@@ -1,12 +1,14 @@
 //! Helpers of switchyard's own tests, shared by every crate's integration tests: the brokers
 //! they run against (the embedded Kafka-protocol broker; a second, independent Kafka-protocol
 //! broker, [`second_kafka`]; Google's Pub/Sub emulator, started once per test binary), names
-//! no other test uses, and waiting for a condition with a deadline instead of sleeping.
+//! no other test uses, waiting for a condition with a deadline instead of sleeping, and
+//! Cargo's dependency graph ([`cargo_tree`]).
 //!
 //! Every helper talks to a real broker over a real connection; none stands in for one. They
 //! panic on failure, as a test should.
 #![deny(missing_docs)]
 
+pub mod cargo_tree;
 pub mod second_kafka;
 pub use second_kafka::{SecondKafka, TANSU_VERSION, TansuDefect, second_kafka};
 

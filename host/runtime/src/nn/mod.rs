@@ -256,6 +256,13 @@ impl NnHost {
     }
 }
 
+/// The repository's LeNet-5, the model both engines' tests load.
+#[cfg(test)]
+fn test_lenet() -> Vec<u8> {
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/lenet.onnx"))
+        .expect("models/lenet.onnx")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

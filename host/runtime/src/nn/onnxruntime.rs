@@ -384,14 +384,7 @@ impl Session for OrtContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::{Encoding, NnEngine, NnHost};
-
-    fn lenet() -> Vec<u8> {
-        std::fs::read(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/lenet.onnx"),
-        )
-        .unwrap()
-    }
+    use crate::nn::{Encoding, NnEngine, NnHost, test_lenet};
 
     fn images(count: u32) -> Tensor {
         // A gradient rather than a constant, so the logits depend on every pixel.
@@ -421,10 +414,10 @@ mod tests {
 
         let host = NnHost::new();
         let ort = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Onnxruntime)
+            .load(&[test_lenet()], Encoding::Onnx, NnEngine::Onnxruntime)
             .unwrap();
         let tract = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
+            .load(&[test_lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
         let (mut ort, mut tract) = (ort.session().unwrap(), tract.session().unwrap());
         for batch in [1, 5] {

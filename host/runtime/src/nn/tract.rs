@@ -207,14 +207,7 @@ impl Session for TractSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::{NnEngine, NnHost};
-
-    fn lenet() -> Vec<u8> {
-        std::fs::read(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/lenet.onnx"),
-        )
-        .unwrap()
-    }
+    use crate::nn::{NnEngine, NnHost, test_lenet};
 
     fn image(batch: u32, fill: f32) -> Tensor {
         let count = batch as usize * 28 * 28;
@@ -231,7 +224,7 @@ mod tests {
     fn runs_lenet_and_names_its_output() {
         let host = NnHost::new();
         let graph = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
+            .load(&[test_lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
         let mut session = graph.session().unwrap();
         for batch in [1, 3] {
@@ -251,10 +244,10 @@ mod tests {
     fn the_same_bytes_load_once() {
         let host = NnHost::new();
         let first = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
+            .load(&[test_lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
         let second = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
+            .load(&[test_lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
         // Compare addresses only: the vtable half of a `dyn` pointer may differ per codegen unit.
         assert!(std::ptr::addr_eq(Arc::as_ptr(&first), Arc::as_ptr(&second)));
@@ -273,7 +266,7 @@ mod tests {
         );
 
         let graph = host
-            .load(&[lenet()], Encoding::Onnx, NnEngine::Tract)
+            .load(&[test_lenet()], Encoding::Onnx, NnEngine::Tract)
             .unwrap();
         let mut session = graph.session().unwrap();
         let error = session
