@@ -14,17 +14,25 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use switchyard_testing::process::output_within;
 
 mod support;
 
+/// The longest a command here may take: each fails (or validates) within seconds, and one that
+/// hangs instead is a regression to fail on, not to wait for.
+const LIMIT: Duration = Duration::from_secs(180);
+
 fn switchyard(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .current_dir(dir)
-        .env("SWITCHYARD_CACHE_DIR", dir.join("cache"))
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("running switchyard")
+    output_within(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .current_dir(dir)
+            .env("SWITCHYARD_CACHE_DIR", dir.join("cache"))
+            .env("RUST_LOG", "error"),
+        LIMIT,
+    )
 }
 
 fn fails_with(args: &[&str], dir: &Path, expected: &[&str]) {
@@ -300,17 +308,20 @@ fn an_engine_the_host_cannot_load_is_named_with_the_fix() {
         ),
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "nn.toml"])
-        .current_dir(dir.path())
-        .env("SWITCHYARD_CACHE_DIR", dir.path().join("cache"))
-        .env(
-            "SWITCHYARD_ONNXRUNTIME",
-            dir.path().join("libonnxruntime.so"),
-        )
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
+    // A host that started instead of failing would run until killed: the limit turns that
+    // regression into a failure.
+    let output = output_within(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "nn.toml"])
+            .current_dir(dir.path())
+            .env("SWITCHYARD_CACHE_DIR", dir.path().join("cache"))
+            .env(
+                "SWITCHYARD_ONNXRUNTIME",
+                dir.path().join("libonnxruntime.so"),
+            )
+            .env("RUST_LOG", "error"),
+        LIMIT,
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     for needle in ["classifier", "onnxruntime", "libonnxruntime.so"] {
@@ -321,13 +332,14 @@ fn an_engine_the_host_cannot_load_is_named_with_the_fix() {
 #[test]
 fn validate_passes_the_pipeline_and_names_what_does_not_fit() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["validate", "components/pipeline.toml"])
-        .current_dir(switchyard_pipeline::demo::workspace_root())
-        .env("SWITCHYARD_COMPONENTS", support::components())
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
+    let output = output_within(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["validate", "components/pipeline.toml"])
+            .current_dir(switchyard_pipeline::demo::workspace_root())
+            .env("SWITCHYARD_COMPONENTS", support::components())
+            .env("RUST_LOG", "error"),
+        LIMIT,
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

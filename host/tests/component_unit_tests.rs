@@ -8,14 +8,22 @@
 //! silently stopped running fails here.
 //!
 //! `cargo component test` runs the consumer's the same way, when cargo-component is installed
-//! (CI installs it).
+//! (CI installs it). And a test that fails inside Wasm fails the run: `switchyard test` does
+//! not pass what failed.
 //!
 //! They build with the `component` profile (optimized, as the components themselves) into the
 //! test-only target directory, which the other tests' builds share.
 
 mod support;
 
-use std::process::Command;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use switchyard_testing::process::output_within;
+
+/// The longest one cargo run here may take: a cold build of a component's dependencies is
+/// minutes on a loaded 2-core machine; a run that hangs is a regression to fail on.
+const CARGO_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// Runs `cargo test --profile component --target wasm32-wasip2` in `crate_dir` and returns
 /// its standard output, failing with both streams when it fails.
@@ -35,16 +43,22 @@ fn cargo_test_in(crate_dir: &str) -> String {
 }
 
 /// Runs cargo with `args` in `crate_dir`, the `switchyard` just built first on the PATH, and
-/// returns its standard output, failing with both streams when it fails.
-fn cargo_in(crate_dir: &str, args: &[&str]) -> String {
+/// returns what it did.
+fn run_cargo_in(crate_dir: &str, args: &[&str]) -> Output {
     let workspace = switchyard_pipeline::demo::workspace_root();
-    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(workspace.join(crate_dir))
-        .env("PATH", support::path_with_switchyard())
-        .env("CARGO_TARGET_DIR", support::test_target_dir())
-        .args(args)
-        .output()
-        .expect("running cargo");
+    output_within(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(workspace.join(crate_dir))
+            .env("PATH", support::path_with_switchyard())
+            .env("CARGO_TARGET_DIR", support::test_target_dir())
+            .args(args),
+        CARGO_LIMIT,
+    )
+}
+
+/// [`run_cargo_in`], returning its standard output, failing with both streams when it fails.
+fn cargo_in(crate_dir: &str, args: &[&str]) -> String {
+    let output = run_cargo_in(crate_dir, args);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -105,6 +119,42 @@ fn classifier_tests_answer_requests_and_match_pytorch_inside_wasm() {
             "accuracy_on_the_test_set_is_at_least_91_percent",
             "switchyard_pooling_gives_tract_logits_bit_for_bit",
         ],
+    );
+}
+
+/// The runner must fail a run whose test fails: pipeline-core carries one test that fails on
+/// purpose, ignored in its own runs, which this runs alone.
+#[test]
+fn a_failing_wasm_test_fails_the_run() {
+    let workspace = switchyard_pipeline::demo::workspace_root();
+    switchyard_pipeline::build::ensure_wasm_target(&workspace).expect("the wasm32-wasip2 target");
+    let output = run_cargo_in(
+        "components/libs/pipeline-core",
+        &[
+            "test",
+            "--profile",
+            "component",
+            "--target",
+            "wasm32-wasip2",
+            "--test",
+            "runner_reports_failure",
+            "--",
+            "--ignored",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a failing test passed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("test fails_on_purpose ..."),
+        "the test did not run:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("this test fails on purpose"),
+        "the failure's message is not shown:\n{stdout}\n{stderr}"
     );
 }
 

@@ -6,8 +6,9 @@
 //! that sends more than `limits.max_sends_per_call` gets an `error` value from `send` once it
 //! is past the cap, and the sends before it go through. Each of these messages ends in the
 //! dead-letter topic with that error, and the same host then handles a well-behaved message.
-//! A guest's TCP connection is refused at once (components get no network), never left to hang
-//! the worker.
+//! Components get no network: a guest's TCP connection and UDP datagram to a socket the test
+//! listens on never arrive (its calls fail at once, never hanging the worker), and a DNS
+//! lookup fails.
 
 mod support;
 
@@ -65,6 +66,14 @@ async fn caps_on_what_a_component_holds_and_sends_cost_it_an_error_never_the_hos
     let loaded = runtime.load("tester", &config).unwrap();
     let running = runtime.start_handler(&loaded).await.unwrap();
 
+    // Something listens where the guest tries to connect and to send, so a sandbox that let
+    // the guest through would show up here, not only as some other error.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let tcp_address = listener.local_addr().unwrap();
+    let datagrams = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    datagrams.set_nonblocking(true).unwrap();
+    let udp_address = datagrams.local_addr().unwrap();
     let cases = [
         (
             "too-big",
@@ -83,11 +92,9 @@ async fn caps_on_what_a_component_holds_and_sends_cost_it_an_error_never_the_hos
             "limits.max_resources",
         ),
         ("floods", format!("flood {output} 5"), "sent 3, then"),
-        (
-            "network",
-            "connect 127.0.0.1:9".to_string(),
-            "connect: denied",
-        ),
+        ("tcp", format!("connect {tcp_address}"), "connect: denied"),
+        ("udp", format!("udp {udp_address}"), "udp: denied"),
+        ("dns", "resolve localhost".to_string(), "resolve: denied"),
     ];
     for (key, command, _) in &cases {
         send(broker.as_ref(), &input, key, command).await;
@@ -148,6 +155,20 @@ async fn caps_on_what_a_component_holds_and_sends_cost_it_an_error_never_the_hos
     .await
     .expect("every message settled")
     .unwrap();
+    let nothing = std::io::ErrorKind::WouldBlock;
+    let accepted = listener.accept().map(|(_, peer)| peer);
+    assert_eq!(
+        accepted.map_err(|e| e.kind()),
+        Err(nothing),
+        "a guest connected"
+    );
+    let mut buffer = [0u8; 64];
+    let received = datagrams.recv_from(&mut buffer).map(|(bytes, _)| bytes);
+    assert_eq!(
+        received.map_err(|e| e.kind()),
+        Err(nothing),
+        "a guest's datagram arrived"
+    );
     assert_eq!(stats.snapshot().traps, 3, "the three caps on holding");
     assert_eq!(stats.snapshot().handled, 2);
     running.stop().await.unwrap();

@@ -10,6 +10,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use switchyard_testing::process::output_within;
 
 use support::hosts::Host;
 
@@ -18,16 +21,21 @@ fn target_dir() -> PathBuf {
     support::test_target_dir().join("new-components")
 }
 
+/// The longest one command here may take: a cold build of a new component's dependencies is
+/// minutes on a loaded 2-core machine; a command that hangs is a regression to fail on.
+const LIMIT: Duration = Duration::from_secs(30 * 60);
+
 /// Runs `program ARGS` in `dir` as a user would, with `switchyard` on the PATH.
 fn run_in(dir: &Path, program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .env("PATH", support::path_with_switchyard())
-        .env("CARGO_TARGET_DIR", target_dir())
-        .env_remove("BROKER")
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"))
+    output_within(
+        Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .env("PATH", support::path_with_switchyard())
+            .env("CARGO_TARGET_DIR", target_dir())
+            .env_remove("BROKER"),
+        LIMIT,
+    )
 }
 
 /// [`run_in`], asserting success; returns standard output.
@@ -80,20 +88,21 @@ async fn a_new_handler_tests_validates_and_answers_on_the_embedded_broker() {
         "{validated}"
     );
 
-    let port = support::free_port();
+    // The host's embedded broker takes a free port itself and logs which.
     let manifest = std::fs::read_to_string(root.join("shout.toml")).unwrap();
     assert!(manifest.contains("127.0.0.1:9092"), "{manifest}");
     std::fs::write(
         root.join("shout.toml"),
-        manifest.replace("127.0.0.1:9092", &format!("127.0.0.1:{port}")),
+        manifest.replace("127.0.0.1:9092", "127.0.0.1:0"),
     )
     .unwrap();
     let target = target_dir();
     let env = [("CARGO_TARGET_DIR", target.to_str().unwrap())];
-    let host = Host::start_in("shout", &["run", "shout.toml"], &root, &env)
-        .running()
-        .await;
-    let broker = format!("kafka://127.0.0.1:{port}");
+    let mut host = Host::start_in("shout", &["run", "shout.toml"], &root, &env);
+    let line = host.wait_for("embedded broker at ").await;
+    let address = support::hosts::address_after(&line, "embedded broker at ");
+    let host = host.running().await;
+    let broker = format!("kafka://{address}");
     succeed(
         &root,
         "switchyard",
@@ -120,6 +129,8 @@ async fn a_new_handler_tests_validates_and_answers_on_the_embedded_broker() {
             "shout-out",
             "--count",
             "1",
+            "--idle-exit",
+            "60",
         ],
     );
     let answer: serde_json::Value = serde_json::from_str(consumed.trim()).unwrap();

@@ -13,8 +13,10 @@ mod support;
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::time::Duration;
 
 use support::hosts::Host;
+use switchyard_testing::process::output_within;
 
 /// The default of a justfile variable set with `env_var_or_default("NAME", "DEFAULT")`.
 fn justfile_default(justfile: &str, variable: &str) -> String {
@@ -51,29 +53,29 @@ fn recipe_args(justfile: &str, header: &str, broker_url: &str) -> Vec<String> {
 
 const TEST_IMAGES: usize = 10_000;
 
+/// The longest a `switchyard` command here may take; one that hangs fails the test instead.
+const LIMIT: Duration = Duration::from_secs(300);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_terminal_targets_classify_every_test_image() {
     let justfile = support::workspace_file("justfile");
     let root = switchyard_pipeline::demo::workspace_root();
     let components = support::components();
     let env = [("SWITCHYARD_COMPONENTS", components.to_str().unwrap())];
-    let port = support::free_port().to_string();
-    let broker_url = justfile_default(&justfile, "broker_url")
-        .replace("127.0.0.1:9092", &format!("127.0.0.1:{port}"));
-    let start = |name: &str, header: &str, extra: &[&str]| {
-        let mut args = recipe_args(&justfile, header, &broker_url);
+    let start = |name: &str, header: &str, broker_url: &str, extra: &[&str]| {
+        let mut args = recipe_args(&justfile, header, broker_url);
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Host::start_in(name, &args, &root, &env)
     };
 
-    let mut broker = start("broker", "broker:", &["--port", &port]);
-    while !broker
-        .next_output_line()
-        .await
-        .expect("the broker says where it listens")
-        .contains("listening on")
-    {}
+    // The broker takes a free port itself (port 0) and says which, so no other test can take
+    // it between a look and its use.
+    let default_url = justfile_default(&justfile, "broker_url");
+    let mut broker = start("broker", "broker:", &default_url, &["--port", "0"]);
+    let address = support::hosts::listening_address(&mut broker).await;
+    let broker_url = default_url.replace("127.0.0.1:9092", &address);
+    let start = |name: &str, header: &str, extra: &[&str]| start(name, header, &broker_url, extra);
     let classifier = start("classifier", "classifier: components", &[])
         .running()
         .await;
@@ -168,11 +170,12 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
 
     // `switchyard report` reads the same run back, and writes the page where it is told.
     let out = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["report", store.to_str().unwrap(), "--run", run, "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let output = output_within(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["report", store.to_str().unwrap(), "--run", run, "--out"])
+            .arg(out.path()),
+        LIMIT,
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -205,13 +208,14 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
 #[test]
 fn the_demo_against_a_missing_broker_exits_1_and_names_the_fix() {
     let components = support::components();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["demo", "--images", "10", "--broker", "kafka://127.0.0.1:1"])
-        .arg("--components")
-        .arg(&components)
-        .env_remove("BROKER")
-        .output()
-        .unwrap();
+    let output = output_within(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["demo", "--images", "10", "--broker", "kafka://127.0.0.1:1"])
+            .arg("--components")
+            .arg(&components)
+            .env_remove("BROKER"),
+        LIMIT,
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(

@@ -10,6 +10,8 @@
 //! | `sleep MS` | sleeps MS milliseconds (waiting in a host call, not running Wasm) |
 //! | `announce TOPIC MS` | sends `sleeping` to TOPIC, then sleeps MS milliseconds |
 //! | `connect ADDR` | opens a TCP connection to ADDR and returns `error` with what happened |
+//! | `udp ADDR` | sends one UDP datagram to ADDR and returns `error` with what happened |
+//! | `resolve NAME` | looks NAME up in DNS and returns `error` with what happened |
 //! | `big BYTES` | creates (and drops) a message of BYTES bytes |
 //! | `hoard N BYTES` | creates N messages of BYTES bytes each and keeps them |
 //! | `flood TOPIC N` | sends N messages to TOPIC; `error` with how many went and why it stopped |
@@ -18,6 +20,7 @@
 //! | `send TOPIC` | sends `hello` to TOPIC and returns what the host said |
 //! | `echo TOPIC ...` | sends its own payload to TOPIC (so a test can tell messages apart) |
 //! | `batch TOPIC` | sends to TOPIC how many messages came in the same call |
+//! | `attempt TOPIC N` | sends its `switchyard-delivery-attempt` metadata to TOPIC; `error` before attempt N |
 //! | `probe TOPIC` | tries what the sandbox should refuse and sends to TOPIC what happened (below) |
 //!
 //! `probe` reports one `name=outcome` line each (`ok` or `denied: …`) for: reading
@@ -106,6 +109,23 @@ mod component {
                     Err(e) => format!("connect: denied: {e}"),
                 }))
             }
+            (Some("udp"), Some(address)) => {
+                let sent = std::net::UdpSocket::bind("0.0.0.0:0")
+                    .and_then(|socket| socket.send_to(b"out of the sandbox", address));
+                Err(Error::Other(match sent {
+                    Ok(bytes) => format!("udp: sent {bytes} bytes"),
+                    Err(e) => format!("udp: denied: {e}"),
+                }))
+            }
+            (Some("resolve"), Some(name)) => {
+                use std::net::ToSocketAddrs;
+                Err(Error::Other(match (name, 80).to_socket_addrs() {
+                    Ok(addresses) => {
+                        format!("resolve: resolved {:?}", addresses.collect::<Vec<_>>())
+                    }
+                    Err(e) => format!("resolve: denied: {e}"),
+                }))
+            }
             (Some("big"), Some(bytes)) => {
                 let bytes: usize = bytes
                     .parse()
@@ -142,6 +162,26 @@ mod component {
             (Some("echo"), Some(topic)) => send(topic, payload.as_bytes()),
             (Some("batch"), Some(topic)) => send(topic, size.to_string().as_bytes()),
             (Some("probe"), Some(topic)) => send(topic, probe().as_bytes()),
+            (Some("attempt"), Some(topic)) => {
+                let succeed_at: u32 = words
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| Error::Other("attempt TOPIC N".into()))?;
+                let attempt = message
+                    .metadata()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|(name, _)| name == "switchyard-delivery-attempt")
+                    .map(|(_, value)| value);
+                let said = attempt.clone().unwrap_or_else(|| "none".into());
+                send(topic, said.as_bytes())?;
+                match attempt.and_then(|a| a.parse::<u32>().ok()) {
+                    Some(attempt) if attempt >= succeed_at => Ok(()),
+                    _ => Err(Error::Other(format!(
+                        "attempt {said}: failing until {succeed_at}"
+                    ))),
+                }
+            }
             _ => Err(Error::Other(format!("unknown command {payload:?}"))),
         }
     }

@@ -66,7 +66,7 @@ use interfaces::test_support::{SentLog, UnitTestBroker};
 use switchyard_broker::{Broker, BrokerError, Publisher};
 
 pub use handler::{HandlerCounts, HandlerGroup, HandlerStats};
-pub use interfaces::messaging::SENT_BY_HEADER;
+pub use interfaces::messaging::{DELIVERY_ATTEMPT_METADATA, SENT_BY_HEADER};
 
 /// Name of the optional report export (`switchyard:host/report`).
 pub const REPORT_INTERFACE: &str = "switchyard:host/report@0.1.0";

@@ -4,19 +4,21 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::time::Duration;
 
 /// The packages `package` compiles through normal dependencies, at every level and itself
 /// included, one name each: `cargo tree -p PACKAGE -e normal` with `arguments` added (features,
 /// say), run in this workspace with the `cargo` that runs the test.
 pub fn normal_dependencies(package: &str, arguments: &[&str]) -> BTreeSet<String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tree", "-p", package, "-e", "normal"])
-        .args(["--prefix", "none", "--format", "{p}"])
-        .args(arguments)
-        .output()
-        .expect("running cargo tree");
+    let output = crate::process::output_within(
+        Command::new(cargo)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["tree", "-p", package, "-e", "normal"])
+            .args(["--prefix", "none", "--format", "{p}"])
+            .args(arguments),
+        Duration::from_secs(600),
+    );
     assert!(
         output.status.success(),
         "cargo tree -p {package} {arguments:?}: {}",

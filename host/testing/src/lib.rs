@@ -2,13 +2,15 @@
 //! they run against (the embedded Kafka-protocol broker; a second, independent Kafka-protocol
 //! broker, [`second_kafka`]; Google's Pub/Sub emulator, started once per test binary), names
 //! no other test uses, waiting for a condition with a deadline instead of sleeping, and
-//! Cargo's dependency graph ([`cargo_tree`]).
+//! Cargo's dependency graph ([`cargo_tree`]), and running a program with a time limit
+//! ([`process::output_within`]).
 //!
 //! Every helper talks to a real broker over a real connection; none stands in for one. They
 //! panic on failure, as a test should.
 #![deny(missing_docs)]
 
 pub mod cargo_tree;
+pub mod process;
 pub mod second_kafka;
 pub use second_kafka::{SecondKafka, TANSU_VERSION, TansuDefect, second_kafka};
 
@@ -130,6 +132,19 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("the bound address")
         .port()
+}
+
+/// Keeps `port` of 127.0.0.1 bound but not listening, until dropped: a connection to it is
+/// refused, as to a port nobody uses, and nothing else can take the port meanwhile (a test that
+/// stops a server and starts it again on the same port holds it in between).
+pub fn hold_port(port: u16) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    // The port's last connections may linger in TIME_WAIT, which only a reusable bind passes.
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap_or_else(|e| panic!("holding port {port}: {e}"));
+    socket
 }
 
 /// Everything switchyard logs from now on (as `RUST_LOG` says; by default switchyard's and

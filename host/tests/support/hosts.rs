@@ -73,6 +73,32 @@ pub async fn second_kafka(test: &str) -> Option<StandaloneBroker> {
     })
 }
 
+/// The `HOST:PORT` that follows `marker` in `line` (`listening on 127.0.0.1:40123 (kcat …`).
+pub fn address_after(line: &str, marker: &str) -> String {
+    let (_, rest) = line
+        .split_once(marker)
+        .unwrap_or_else(|| panic!("{marker:?} not in {line:?}"));
+    rest.split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+        .trim_end_matches([',', ';', ')'])
+        .to_string()
+}
+
+/// Where `switchyard broker --port 0` listens, as it prints it: a broker that takes a free
+/// port itself leaves no moment in which another test could take it first.
+pub async fn listening_address(broker: &mut Host) -> String {
+    loop {
+        let line = broker
+            .next_output_line()
+            .await
+            .expect("the broker says where it listens");
+        if line.contains("listening on") {
+            return address_after(&line, "listening on ");
+        }
+    }
+}
+
 /// A `switchyard` process whose log lines (standard error) and output lines (standard output)
 /// the test can wait for.
 pub struct Host {

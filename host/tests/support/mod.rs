@@ -7,6 +7,7 @@ pub mod hosts;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use switchyard_pipeline::build::ComponentBuild;
 use switchyard_runtime::manifest::{ComponentConfig, Preopen, RetryPolicy};
@@ -136,11 +137,13 @@ pub fn path_with_switchyard() -> std::ffi::OsString {
 /// component test` say so and pass, unless `SWITCHYARD_REQUIRE_CARGO_COMPONENT` is set
 /// (`.ci/run` installs cargo-component and sets it): then its absence fails them.
 pub fn cargo_component_ready() -> bool {
-    let installed =
-        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["component", "--version"])
-            .output()
-            .is_ok_and(|output| output.status.success());
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let installed = switchyard_testing::process::output_within(
+        std::process::Command::new(cargo).args(["component", "--version"]),
+        Duration::from_secs(60),
+    )
+    .status
+    .success();
     if !installed {
         assert!(
             std::env::var_os("SWITCHYARD_REQUIRE_CARGO_COMPONENT").is_none(),
@@ -149,11 +152,16 @@ pub fn cargo_component_ready() -> bool {
         eprintln!("cargo-component is not installed: `cargo component test` not tried");
         return false;
     }
-    let added = std::process::Command::new("rustup")
-        .current_dir(switchyard_pipeline::demo::workspace_root())
-        .args(["target", "add", "wasm32-wasip1"])
-        .status()
-        .expect("running rustup");
-    assert!(added.success(), "rustup target add wasm32-wasip1: {added}");
+    let added = switchyard_testing::process::output_within(
+        std::process::Command::new("rustup")
+            .current_dir(switchyard_pipeline::demo::workspace_root())
+            .args(["target", "add", "wasm32-wasip1"]),
+        Duration::from_secs(600),
+    );
+    assert!(
+        added.status.success(),
+        "rustup target add wasm32-wasip1: {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
     true
 }

@@ -91,14 +91,27 @@ impl Worker {
                 },
             };
             let mut jobs = vec![job];
-            // A first attempt takes along what else is already waiting; retries go alone.
-            if !jobs[0].retry
-                && let Ok(mut waiting) = deliveries.try_lock()
-            {
-                while jobs.len() < bound {
-                    match waiting.try_recv() {
-                        Ok(delivery) => jobs.push(Job::first(delivery)),
-                        Err(_) => break,
+            // A first attempt takes along what else is already waiting, and what comes within
+            // the manifest's wait; retries go alone.
+            let wait = Duration::from_millis(self.component.config.batch_max_wait_ms);
+            if !jobs[0].retry && bound > 1 {
+                if wait.is_zero() {
+                    if let Ok(mut waiting) = deliveries.try_lock() {
+                        while jobs.len() < bound {
+                            match waiting.try_recv() {
+                                Ok(delivery) => jobs.push(Job::first(delivery)),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                } else {
+                    let until = tokio::time::Instant::now() + wait;
+                    let mut waiting = deliveries.lock().await;
+                    while jobs.len() < bound {
+                        match tokio::time::timeout_at(until, waiting.recv()).await {
+                            Ok(Some(delivery)) => jobs.push(Job::first(delivery)),
+                            Ok(None) | Err(_) => break,
+                        }
                     }
                 }
             }
@@ -228,7 +241,7 @@ impl Worker {
         for job in jobs {
             let message = state
                 .messaging()
-                .push_incoming(&job.delivery.message)
+                .push_incoming(&job.delivery.message, job.attempt)
                 .map_err(|e| Failure::Trap(format!("{e:#}")))?;
             messages.push(message);
         }

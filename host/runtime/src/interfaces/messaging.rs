@@ -77,6 +77,13 @@ impl From<&IncomingMessage> for HostMessage {
     }
 }
 
+/// The metadata entry that tells a handler which delivery of a message this is: `1` the first
+/// time, then one more at each retry. Where the broker counts deliveries (Pub/Sub with a
+/// dead-letter policy) the count goes on across host restarts; on Kafka, which does not
+/// count, a message redelivered to a restarted host starts again at `1`. An entry of the same
+/// name that came with the message is replaced.
+pub const DELIVERY_ATTEMPT_METADATA: &str = "switchyard-delivery-attempt";
+
 /// Where the broker acknowledgements of a store's sends go.
 #[derive(Debug)]
 pub enum ReceiptSink {
@@ -254,8 +261,15 @@ impl MessagingView<'_> {
     pub fn push_incoming(
         &mut self,
         message: &IncomingMessage,
+        attempt: u32,
     ) -> wasmtime::Result<Resource<HostMessage>> {
-        let message = HostMessage::from(message);
+        let mut message = HostMessage::from(message);
+        message
+            .metadata
+            .retain(|(name, _)| name != DELIVERY_ATTEMPT_METADATA);
+        message
+            .metadata
+            .push((DELIVERY_ATTEMPT_METADATA.to_string(), attempt.to_string()));
         self.ctx.held_bytes = self.ctx.held_bytes.saturating_add(message.size());
         self.push_message(message)
     }

@@ -34,10 +34,16 @@ pub struct ComponentConfig {
     pub workers: usize,
     /// The most messages one call may take, for components that export
     /// `switchyard:host/batch`: a worker takes what is already waiting, up to this many,
-    /// without waiting for more, so a quiet topic still gets one message per call. 1 turns
-    /// batching off. Components without the export get one message per call whatever it says.
+    /// without waiting for more (unless `batch_max_wait_ms` says so), so a quiet topic still
+    /// gets one message per call. 1 turns batching off. Components without the export get one
+    /// message per call whatever it says.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// How long a batch may wait to fill, in milliseconds, from its first message: at a low
+    /// rate a call then carries more messages (its fixed cost shared) at the price of up to
+    /// this much latency. 0, the default, never waits. At most [`MAX_BATCH_WAIT_MS`].
+    #[serde(default)]
+    pub batch_max_wait_ms: u64,
     /// Arguments the component sees (`wasi:cli/environment`); the component's name is `argv[0]`.
     #[serde(default)]
     pub args: Vec<String>,
@@ -70,6 +76,10 @@ fn default_batch() -> usize {
     32
 }
 
+/// The longest `batch_max_wait_ms` a manifest may ask for: a batch that waits longer is a
+/// schedule, not a latency trade-off.
+pub const MAX_BATCH_WAIT_MS: u64 = 1_000;
+
 /// The largest `batch` a manifest may ask for: a batch's messages are all held, and their
 /// replies all wait for the broker, before any of them is settled.
 pub const MAX_BATCH: usize = 1024;
@@ -87,6 +97,7 @@ impl ComponentConfig {
             results: Vec::new(),
             workers: default_workers(),
             batch: default_batch(),
+            batch_max_wait_ms: 0,
             args: Vec::new(),
             preopens: Vec::new(),
             limits: Limits::default(),

@@ -36,7 +36,8 @@ use serde::Deserialize;
 
 use crate::results::ResultsConfig;
 pub use component::{
-    ComponentConfig, DEAD_LETTER_SUFFIX, DeadLetter, Limits, MAX_BATCH, Preopen, RetryPolicy,
+    ComponentConfig, DEAD_LETTER_SUFFIX, DeadLetter, Limits, MAX_BATCH, MAX_BATCH_WAIT_MS, Preopen,
+    RetryPolicy,
 };
 pub use env::{ExpandError, expand_env};
 use switchyard_broker::{BrokerConfig, check_topic_name};
@@ -247,6 +248,16 @@ impl Manifest {
                 return Err(invalid(
                     name,
                     format!("`batch` must be between 1 and {MAX_BATCH} (1: one message per call)"),
+                ));
+            }
+            if component.batch_max_wait_ms > MAX_BATCH_WAIT_MS {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "`batch_max_wait_ms` is {}, past the most a batch may wait to fill \
+                         ({MAX_BATCH_WAIT_MS}); 0 never waits",
+                        component.batch_max_wait_ms
+                    ),
                 ));
             }
             if component.retry.max_attempts == 0 {

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::BrokerError;
+use crate::{BrokerError, ErrorKind};
 
 mod stream_fix;
 
@@ -38,16 +38,33 @@ pub struct PubSubEmulator {
 impl PubSubEmulator {
     /// Starts an emulator on 127.0.0.1 at `port`, or at a free port, and waits until it
     /// accepts connections.
+    ///
+    /// The emulator cannot take a free port itself and say which (`--port=0` binds one but
+    /// reports 0), so a port found free may be taken by someone else before the emulator
+    /// binds it; then the emulator exits at start, and another free port is tried, twice.
     pub fn start(port: Option<u16>) -> Result<Self, BrokerError> {
         let launch = match std::env::var_os("PUBSUB_EMULATOR_BIN") {
             Some(binary) => stream_fix::Launch::Script(PathBuf::from(binary)),
             None => stream_fix::launch(&find_binary()?),
         };
         tracing::debug!("starting the Pub/Sub emulator: {launch:?}");
-        let port = match port {
-            Some(port) => port,
-            None => free_port()?,
-        };
+        if let Some(port) = port {
+            return Self::start_at(&launch, port);
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::start_at(&launch, free_port()?) {
+                Err(e) if e.kind() == ErrorKind::Unavailable && attempts < 3 => {
+                    tracing::debug!("the Pub/Sub emulator did not start ({e}); another port");
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_at(launch: &stream_fix::Launch, port: u16) -> Result<Self, BrokerError> {
+        let launch = launch.clone();
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let (spawned, pid) = mpsc::channel();
         let (exit_sender, exited) = mpsc::channel();
@@ -94,6 +111,11 @@ impl PubSubEmulator {
     /// `http://127.0.0.1:PORT`, for the backend's `endpoint`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Where it listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
     }
 
     /// `127.0.0.1:PORT`, the form `PUBSUB_EMULATOR_HOST` takes.
