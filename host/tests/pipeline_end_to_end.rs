@@ -143,6 +143,7 @@ async fn check_pipeline(
             group: support::unique("check"),
             topics: vec![PREDICTIONS_TOPIC.into()],
             start: StartPosition::Earliest,
+            guarantee: Default::default(),
         })
         .await
         .unwrap();

@@ -51,6 +51,7 @@ pub async fn run_once(
             group: format!("{topic}-group"),
             topics: vec![topic.clone()],
             start: StartPosition::Earliest,
+            guarantee: Default::default(),
         })
         .await?;
     let publisher = case.broker.publisher().await?;

@@ -95,6 +95,21 @@ pub trait Settle: Send + Sync {
 
     /// Tells the broker the message was not handled: it is delivered again soon.
     fn nack(self: Box<Self>) -> Result<(), BrokerError>;
+
+    /// Acknowledges the message together with the messages its handling produced, in one
+    /// transaction: both take effect, or neither does. Only an exactly-once subscription
+    /// ([`Guarantee::ExactlyOnce`]) offers it; the receipt resolves once the transaction
+    /// committed, or with why it will not (an error of kind [`ErrorKind::Closed`]: the
+    /// message goes to another member, which handles it again).
+    fn ack_with(
+        self: Box<Self>,
+        _outputs: Vec<OutgoingMessage>,
+    ) -> Result<DeliveryReceipt, BrokerError> {
+        Err(BrokerError::rejected(
+            "this subscription is at-least-once: publish what the message produced, then \
+             acknowledge it (exactly-once subscriptions acknowledge with their outputs)",
+        ))
+    }
 }
 
 /// A message delivered to a subscriber, to be settled once handled.
@@ -122,6 +137,12 @@ impl Delivery {
     /// message of its partition is acknowledged too.
     pub fn ack(self) -> Result<(), BrokerError> {
         self.settle.ack()
+    }
+
+    /// Acknowledges the message with the messages its handling produced, in one transaction
+    /// (exactly-once subscriptions only, see [`Settle::ack_with`]).
+    pub fn ack_with(self, outputs: Vec<OutgoingMessage>) -> Result<DeliveryReceipt, BrokerError> {
+        self.settle.ack_with(outputs)
     }
 
     /// Separates the message from how to settle it.
@@ -219,6 +240,26 @@ pub struct SubscriptionSpec {
     pub topics: Vec<String>,
     /// Where a group with no committed position starts.
     pub start: StartPosition,
+    /// What acknowledging a message promises.
+    pub guarantee: Guarantee,
+}
+
+/// What a subscription's acknowledgements promise.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Guarantee {
+    /// A message is settled after its handler's outputs were published: a crash in between
+    /// handles it again, and its outputs are published again.
+    #[default]
+    AtLeastOnce,
+    /// Kafka only: a message is settled together with its outputs, in one Kafka transaction
+    /// ([`Delivery::ack_with`]), so readers that read committed data see each message's
+    /// outputs once. The transactional id names this member's producer: a member started
+    /// with the id of one that died fences it (its open transaction is aborted at once), so
+    /// it should stay the same across restarts of one host and differ between hosts.
+    ExactlyOnce {
+        /// The producer's `transactional.id`.
+        transactional_id: String,
+    },
 }
 
 impl SubscriptionSpec {

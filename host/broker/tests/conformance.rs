@@ -124,6 +124,7 @@ impl Backend {
                 group: group.into(),
                 topics: vec![topic.into()],
                 start: StartPosition::Earliest,
+                guarantee: Default::default(),
             })
             .await
             .unwrap()
@@ -410,6 +411,7 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
             group: support::unique("g"),
             topics: vec![topic.clone()],
             start: StartPosition::Latest,
+            guarantee: Default::default(),
         })
         .await
         .unwrap();
@@ -463,6 +465,7 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
             group: support::unique("g"),
             topics: vec![later.clone()],
             start: StartPosition::Latest,
+            guarantee: Default::default(),
         })
         .await
         .unwrap();
@@ -738,6 +741,7 @@ async fn pubsub_a_missing_subscription_is_reported_when_resources_are_not_create
             group: support::unique("nobody"),
             topics: vec!["requests".into()],
             start: StartPosition::Earliest,
+            guarantee: Default::default(),
         })
         .await
         .err()

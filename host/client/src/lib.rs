@@ -275,6 +275,7 @@ impl Client {
                 group,
                 topics: vec![topic],
                 start: self.config.start,
+                guarantee: Default::default(),
             })
             .await?;
         Ok(Consumer {

@@ -97,6 +97,7 @@ pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Su
             group: group.into(),
             topics: vec![topic.into()],
             start: StartPosition::Earliest,
+            guarantee: Default::default(),
         })
         .await
         .expect("subscribing")

@@ -188,3 +188,11 @@ impl ClientContext for ClientErrors {
         self.outage.error(&kafka_error(reason, &error));
     }
 }
+
+/// For the transactional producer, whose transaction's commit reports every delivery
+/// failure: a message's own delivery report says nothing more.
+impl rdkafka::producer::ProducerContext for ClientErrors {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}

@@ -14,6 +14,11 @@
 //! This follows rust-rdkafka's `examples/at_least_once.rs` recipe (store an offset only once
 //! its message is processed; let auto-commit send what was stored), extended to messages that
 //! finish out of order.
+//!
+//! A subscription asked for with [`Guarantee::ExactlyOnce`] is **exactly-once** instead: a
+//! message is acknowledged together with what its handling produced, in one Kafka transaction
+//! (`transactions.rs`). The embedded broker refuses it (its mock cluster never stores the
+//! offsets committed in a transaction).
 
 mod admin;
 mod config;
@@ -22,6 +27,7 @@ mod errors;
 mod offsets;
 mod publisher;
 mod subscriber;
+mod transactions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +42,16 @@ use publisher::KafkaPublisher;
 use subscriber::KafkaSubscriber;
 
 use crate::{
-    Broker, BrokerError, ErrorKind, Publisher, Subscriber, SubscriptionSpec, TopicInfo, TopicSpec,
+    Broker, BrokerError, ErrorKind, Guarantee, Publisher, Subscriber, SubscriptionSpec, TopicInfo,
+    TopicSpec,
 };
+
+/// Why the embedded broker cannot run an exactly-once subscription (measured, and read in
+/// librdkafka 2.12's `rdkafka_mock_handlers.c`).
+const EMBEDDED_HAS_NO_TRANSACTIONS: &str = "the embedded broker (librdkafka's mock cluster) \
+    cannot run exactly-once: it accepts transactions but never stores the offsets committed \
+    in them, so a restarted member would handle everything again. Use a Kafka cluster \
+    (kafka://HOST:PORT) for exactly-once, or `delivery = \"at-least-once\"`";
 
 /// A Kafka cluster (or the embedded broker).
 pub struct Kafka {
@@ -162,6 +176,9 @@ impl Broker for Kafka {
     }
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
+        if self.embedded.is_some() && matches!(spec.guarantee, Guarantee::ExactlyOnce { .. }) {
+            return Err(BrokerError::config(EMBEDDED_HAS_NO_TRANSACTIONS));
+        }
         Ok(Arc::new(
             KafkaSubscriber::subscribe_at_start(&self.config, spec).await?,
         ))

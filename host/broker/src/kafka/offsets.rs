@@ -87,6 +87,15 @@ impl OffsetTracker {
         Some(position)
     }
 
+    /// Whether `message` was delivered in this member's current hold of its partition (not
+    /// before a rebalance took the partition away, or before the member left).
+    pub fn owns(&self, message: &InFlight) -> bool {
+        let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        partitions
+            .get(&(message.topic.clone(), message.partition))
+            .is_some_and(|state| state.generation == message.generation)
+    }
+
     /// Forgets partitions this member no longer owns (a rebalance revoked them).
     pub fn revoke(&self, topic: &str, partition: i32) {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());

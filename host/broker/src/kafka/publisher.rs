@@ -21,6 +21,19 @@ use crate::{
 /// How long to wait between attempts to enqueue while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 
+/// `message`'s headers as Kafka record headers (with its content type; see `conversions`).
+pub(super) fn record_headers(message: &OutgoingMessage) -> OwnedHeaders {
+    let sent_headers = conversions::outgoing_headers(message);
+    let mut headers = OwnedHeaders::new_with_capacity(sent_headers.len());
+    for (key, value) in sent_headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
 pub(super) struct KafkaPublisher {
     producer: FutureProducer<ClientErrors>,
     outage: Arc<OutageLog>,
@@ -70,17 +83,9 @@ impl KafkaPublisher {
 impl Publisher for KafkaPublisher {
     async fn publish(&self, message: OutgoingMessage) -> Result<DeliveryReceipt, BrokerError> {
         check_topic_name(&message.topic)?;
-        let sent_headers = conversions::outgoing_headers(&message);
-        let mut headers = OwnedHeaders::new_with_capacity(sent_headers.len());
-        for (key, value) in sent_headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
         let mut record = FutureRecord::to(&message.topic)
             .payload(&message.payload)
-            .headers(headers);
+            .headers(record_headers(&message));
         if let Some(key) = conversions::outgoing_key(&message) {
             record = record.key(key);
         }

@@ -16,16 +16,17 @@ use tokio::sync::watch;
 use super::KafkaConfig;
 use super::errors::{ClientErrors, config_error, is_transient, kafka_error};
 use super::offsets::{InFlight, OffsetTracker};
+use super::transactions::Transactions;
 use crate::outage::OutageLog;
 use crate::{
-    BrokerError, Delivery, ErrorKind, PartitionLag, Settle, StartPosition, Subscriber,
-    SubscriptionSpec, check_topic_name, conversions,
+    BrokerError, Delivery, DeliveryReceipt, ErrorKind, Guarantee, OutgoingMessage, PartitionLag,
+    Settle, StartPosition, Subscriber, SubscriptionSpec, check_topic_name, conversions,
 };
 
 /// Commits what was acknowledged when a rebalance takes partitions away, then forgets their
 /// in-flight offsets, so acknowledgements that arrive after it do not commit on behalf of the
 /// new owner.
-struct GroupContext {
+pub(super) struct GroupContext {
     tracker: Arc<OffsetTracker>,
     /// Set once the group gave this member its first assignment (see [`Subscriber::joined`]).
     joined: watch::Sender<bool>,
@@ -98,7 +99,7 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-type GroupConsumer = StreamConsumer<GroupContext>;
+pub(super) type GroupConsumer = StreamConsumer<GroupContext>;
 
 /// The consumer is the only strong reference to the librdkafka handle (deliveries hold weak
 /// ones), so `close` can drop it, which leaves the group at once instead of after the
@@ -109,6 +110,8 @@ pub(super) struct KafkaSubscriber {
     joined: watch::Receiver<bool>,
     lag: watch::Receiver<Vec<PartitionLag>>,
     outage: Arc<OutageLog>,
+    /// The member's transactions, for an exactly-once subscription.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl KafkaSubscriber {
@@ -137,6 +140,12 @@ impl Subscriber for KafkaSubscriber {
     }
 
     async fn next(&self) -> Result<Delivery, BrokerError> {
+        if let Some(why) = self.transactions.as_ref().and_then(|t| t.fenced()) {
+            return Err(BrokerError::new(
+                ErrorKind::Closed,
+                format!("this member receives no more: {why}"),
+            ));
+        }
         let consumer = self.consumer()?;
         loop {
             let message = match consumer.recv().await {
@@ -177,6 +186,7 @@ impl Subscriber for KafkaSubscriber {
                 consumer: Arc::downgrade(&consumer),
                 tracker: self.tracker.clone(),
                 in_flight,
+                transactions: self.transactions.clone(),
             };
             return Ok(Delivery::new(incoming, Box::new(settle)));
         }
@@ -196,7 +206,13 @@ impl Subscriber for KafkaSubscriber {
         // revoke's assign() never returns). The wait below is bounded, and a stuck thread must
         // not hold up the runtime's shutdown as a blocking task would.
         let (done, finished) = tokio::sync::oneshot::channel();
+        let transactions = self.transactions.clone();
         let closer = move || {
+            // An exactly-once member commits what is ready in its last transaction; it has
+            // no other offsets to commit.
+            if let Some(transactions) = transactions {
+                transactions.finish(CLOSE_TIMEOUT);
+            }
             let mut result = consumer.commit_consumer_state(CommitMode::Sync);
             // A group that is rebalancing, or a broker that answers with a passing error (a
             // moved coordinator or leader, a timeout), refuses commits for a moment; try again
@@ -287,10 +303,31 @@ struct KafkaSettle {
     consumer: std::sync::Weak<GroupConsumer>,
     tracker: Arc<OffsetTracker>,
     in_flight: InFlight,
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl Settle for KafkaSettle {
+    fn ack_with(
+        self: Box<Self>,
+        outputs: Vec<OutgoingMessage>,
+    ) -> Result<DeliveryReceipt, BrokerError> {
+        let Some(transactions) = &self.transactions else {
+            return Err(BrokerError::rejected(
+                "this Kafka subscription is at-least-once: publish what the message produced, \
+                 then acknowledge it",
+            ));
+        };
+        let committed = transactions.commit(self.in_flight.clone(), outputs)?;
+        Ok(DeliveryReceipt::new(Box::pin(async move {
+            committed.await.map_err(|_| BrokerError::closed())?
+        })))
+    }
+
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        if self.transactions.is_some() {
+            // Its offset commits in the next transaction; nothing waits for that.
+            return self.ack_with(Vec::new()).map(drop);
+        }
         let Some(position) = self.tracker.complete(&self.in_flight) else {
             return Ok(());
         };
@@ -434,7 +471,25 @@ impl KafkaSubscriber {
                 if positioned { "earliest" } else { "latest" }
             }
         };
-        Self::subscribe(kafka, spec, reset)
+        let mut subscriber = Self::subscribe(kafka, spec, reset)?;
+        if let Guarantee::ExactlyOnce { transactional_id } = &spec.guarantee {
+            let consumer = Arc::downgrade(&subscriber.consumer()?);
+            let (kafka, id, tracker) = (
+                kafka.clone(),
+                transactional_id.clone(),
+                subscriber.tracker.clone(),
+            );
+            let transactions = tokio::task::spawn_blocking(move || {
+                Transactions::start(&kafka, &id, consumer, tracker)
+            })
+            .await
+            .map_err(|e| {
+                BrokerError::unavailable("starting the member's transactions stopped")
+                    .with_source(e)
+            })??;
+            subscriber.transactions = Some(Arc::new(transactions));
+        }
+        Ok(subscriber)
     }
 
     /// Joins `spec.group` on the cluster `config` names (`spec` already checked); partitions
@@ -448,10 +503,22 @@ impl KafkaSubscriber {
         let mut config = kafka.client_config();
         config
             .set("group.id", &spec.group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", reset);
+        match spec.guarantee {
+            Guarantee::AtLeastOnce => {
+                config
+                    .set("enable.auto.commit", "true")
+                    .set("auto.commit.interval.ms", "1000");
+            }
+            // Offsets commit in the member's transactions, and only committed data is read
+            // (librdkafka's default, said here because the guarantee rests on it).
+            Guarantee::ExactlyOnce { .. } => {
+                config
+                    .set("enable.auto.commit", "false")
+                    .set("isolation.level", "read_committed");
+            }
+        }
         // librdkafka reports each partition's lag in its statistics, which it only gathers
         // when asked to (a small JSON document per interval).
         if config.get("statistics.interval.ms").is_none() {
@@ -483,6 +550,7 @@ impl KafkaSubscriber {
             joined: joined_receiver,
             lag: lag_receiver,
             outage,
+            transactions: None,
         })
     }
 }

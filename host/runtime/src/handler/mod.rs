@@ -192,6 +192,7 @@ pub(crate) async fn start(
             .unwrap_or_else(|| component.name.to_string()),
         topics: config.subscribe.clone(),
         start: config.start,
+        guarantee: Default::default(),
     };
     // Dead-letter topics exist before the first failure, so a dead letter is never refused
     // for want of its topic (and on Pub/Sub is kept until someone reads it).
