@@ -3,8 +3,8 @@
 //! - each incoming message carries `switchyard-delivery-attempt`: 1, then 2 and 3 as the host
 //!   retries it, on the embedded Kafka broker and on Google's Pub/Sub emulator alike;
 //! - after a host stops with a message unsettled, the next host's first attempt goes on from
-//!   Pub/Sub's own delivery count when the subscription has a dead-letter policy (Pub/Sub
-//!   counts), and starts again at 1 on Kafka, which does not count;
+//!   Pub/Sub's own delivery count (2 or more) when the subscription has a dead-letter policy
+//!   (Pub/Sub counts), and starts again at 1 on Kafka, which does not count;
 //! - `batch_max_wait_ms` lets a batch wait to fill: messages published one after another,
 //!   each alone in the topic when it arrives, share calls.
 
@@ -139,7 +139,14 @@ async fn pubsub_with_a_dead_letter_policy_the_attempts_go_on_across_hosts() {
     let mut config = support::pubsub_config().await;
     config.dead_letter_topic = Some(support::unique("policy-dlq"));
     let broker: Arc<dyn Broker> = Arc::new(PubSub::connect(config).await.unwrap());
-    assert_eq!(the_next_host_s_first_attempt(broker).await, "2");
+    // At least the second: Pub/Sub counts every delivery, and one may go to the stopping
+    // host's stream after it gave the message back and before the stream closed (Google
+    // documents the count as best-effort; measured once: "3").
+    let attempt: u32 = the_next_host_s_first_attempt(broker).await.parse().unwrap();
+    assert!(
+        attempt >= 2,
+        "Pub/Sub's count went on across hosts: {attempt}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,14 +101,37 @@ pub trait Settle: Send + Sync {
     /// ([`Guarantee::ExactlyOnce`]) offers it; the receipt resolves once the transaction
     /// committed, or with why it will not (an error of kind [`ErrorKind::Closed`]: the
     /// message goes to another member, which handles it again).
+    /// When it refuses at once (an at-least-once subscription, an output the broker cannot
+    /// take), it gives itself back with why, so the message can still be retried or
+    /// dead-lettered.
     fn ack_with(
         self: Box<Self>,
-        _outputs: Vec<OutgoingMessage>,
-    ) -> Result<DeliveryReceipt, BrokerError> {
-        Err(BrokerError::rejected(
-            "this subscription is at-least-once: publish what the message produced, then \
-             acknowledge it (exactly-once subscriptions acknowledge with their outputs)",
-        ))
+        outputs: Vec<OutgoingMessage>,
+    ) -> Result<DeliveryReceipt, (BrokerError, Box<dyn Settle>)>;
+}
+
+/// Why [`Settle::ack_with`] refuses on an at-least-once subscription.
+pub(crate) fn at_least_once_refusal() -> BrokerError {
+    BrokerError::rejected(
+        "this subscription is at-least-once: publish what the message produced, then \
+         acknowledge it (exactly-once subscriptions acknowledge with their outputs)",
+    )
+}
+
+/// [`Delivery::ack_with`] refused at once: why, and the delivery, still unsettled.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct AckRefused {
+    /// Why.
+    #[source]
+    pub error: BrokerError,
+    /// The message, to retry or dead-letter (boxed: a `Result` stays small).
+    pub delivery: Box<Delivery>,
+}
+
+impl From<AckRefused> for BrokerError {
+    fn from(refused: AckRefused) -> Self {
+        refused.error
     }
 }
 
@@ -141,8 +164,14 @@ impl Delivery {
 
     /// Acknowledges the message with the messages its handling produced, in one transaction
     /// (exactly-once subscriptions only, see [`Settle::ack_with`]).
-    pub fn ack_with(self, outputs: Vec<OutgoingMessage>) -> Result<DeliveryReceipt, BrokerError> {
-        self.settle.ack_with(outputs)
+    pub fn ack_with(self, outputs: Vec<OutgoingMessage>) -> Result<DeliveryReceipt, AckRefused> {
+        let message = self.message;
+        self.settle
+            .ack_with(outputs)
+            .map_err(|(error, settle)| AckRefused {
+                error,
+                delivery: Box::new(Delivery { message, settle }),
+            })
     }
 
     /// Separates the message from how to settle it.

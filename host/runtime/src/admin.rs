@@ -113,17 +113,23 @@ pub enum AdminError {
     },
 }
 
-/// Where `switchyard run MANIFEST` listens unless told otherwise (see the module docs).
-pub fn default_socket(manifest: &Path) -> Result<PathBuf, AdminError> {
-    let manifest = absolute_manifest(manifest)?;
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+/// switchyard's per-user directory for what lives as long as a process (sockets, locks):
+/// `$XDG_RUNTIME_DIR/switchyard`, else `/tmp/switchyard-UID`.
+pub(crate) fn user_runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) => PathBuf::from(dir).join("switchyard"),
         None => {
             // SAFETY: geteuid has no preconditions and cannot fail.
             let user = unsafe { libc::geteuid() };
             std::env::temp_dir().join(format!("switchyard-{user}"))
         }
-    };
+    }
+}
+
+/// Where `switchyard run MANIFEST` listens unless told otherwise (see the module docs).
+pub fn default_socket(manifest: &Path) -> Result<PathBuf, AdminError> {
+    let manifest = absolute_manifest(manifest)?;
+    let dir = user_runtime_dir();
     // Unix socket paths are short (108 bytes on Linux): the name keeps 32 characters of the
     // manifest's file name, for people listing the directory, and the hash tells them apart.
     let stem: String = manifest

@@ -50,8 +50,9 @@ use crate::{
 /// librdkafka 2.12's `rdkafka_mock_handlers.c`).
 const EMBEDDED_HAS_NO_TRANSACTIONS: &str = "the embedded broker (librdkafka's mock cluster) \
     cannot run exactly-once: it accepts transactions but never stores the offsets committed \
-    in them, so a restarted member would handle everything again. Use a Kafka cluster \
-    (kafka://HOST:PORT) for exactly-once, or `delivery = \"at-least-once\"`";
+    in them, so a restarted member would handle everything again. Use a Kafka cluster that \
+    keeps transactions (Apache Kafka, Redpanda, Tansu; not `switchyard broker`, the same mock) \
+    for exactly-once, or `delivery = \"at-least-once\"`";
 
 /// A Kafka cluster (or the embedded broker).
 pub struct Kafka {

@@ -153,11 +153,16 @@ impl Subscriber for KafkaSubscriber {
                 Err(e) => {
                     let error = kafka_error("receiving", &e);
                     match error.kind() {
-                        ErrorKind::PermissionDenied | ErrorKind::NotFound | ErrorKind::Rejected => {
+                        ErrorKind::PermissionDenied | ErrorKind::Rejected => {
                             return Err(error);
                         }
                         // Passes by itself (a broker restart, a rebalance): librdkafka
-                        // reconnects on its own.
+                        // reconnects on its own. A subscribed topic missing from the broker's
+                        // metadata passes too: librdkafka says so at each metadata refresh and
+                        // reads the topic once it exists, as Kafka's own consumer waits for
+                        // it; it is a topic created after subscribing, or one whose creation
+                        // has not reached the broker that answered yet (measured on Tansu,
+                        // moments after CreateTopics succeeded).
                         _ => self.outage.error(&error),
                     }
                     continue;
@@ -310,14 +315,14 @@ impl Settle for KafkaSettle {
     fn ack_with(
         self: Box<Self>,
         outputs: Vec<OutgoingMessage>,
-    ) -> Result<DeliveryReceipt, BrokerError> {
+    ) -> Result<DeliveryReceipt, (BrokerError, Box<dyn Settle>)> {
         let Some(transactions) = &self.transactions else {
-            return Err(BrokerError::rejected(
-                "this Kafka subscription is at-least-once: publish what the message produced, \
-                 then acknowledge it",
-            ));
+            return Err((crate::at_least_once_refusal(), self));
         };
-        let committed = transactions.commit(self.in_flight.clone(), outputs)?;
+        let committed = match transactions.commit(self.in_flight.clone(), outputs) {
+            Ok(committed) => committed,
+            Err(error) => return Err((error, self)),
+        };
         Ok(DeliveryReceipt::new(Box::pin(async move {
             committed.await.map_err(|_| BrokerError::closed())?
         })))
@@ -326,7 +331,10 @@ impl Settle for KafkaSettle {
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
         if self.transactions.is_some() {
             // Its offset commits in the next transaction; nothing waits for that.
-            return self.ack_with(Vec::new()).map(drop);
+            return self
+                .ack_with(Vec::new())
+                .map(drop)
+                .map_err(|(error, _)| error);
         }
         let Some(position) = self.tracker.complete(&self.in_flight) else {
             return Ok(());

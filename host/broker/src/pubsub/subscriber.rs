@@ -18,8 +18,8 @@ use super::resources::Resources;
 use super::{EMPTY_MARKER, PubSub};
 use crate::outage::OutageLog;
 use crate::{
-    BrokerError, Delivery, ErrorKind, Settle, StartPosition, Subscriber, SubscriptionSpec,
-    conversions,
+    BrokerError, Delivery, DeliveryReceipt, ErrorKind, OutgoingMessage, Settle, StartPosition,
+    Subscriber, SubscriptionSpec, conversions,
 };
 
 /// What a pump needs to (re)open one streaming pull.
@@ -256,6 +256,15 @@ impl Settle for PubSubSettle {
     fn nack(self: Box<Self>) -> Result<(), BrokerError> {
         self.handler.nack();
         Ok(())
+    }
+
+    /// Pub/Sub has no transaction that takes a publish and an acknowledgement together, so
+    /// every Pub/Sub subscription is at-least-once.
+    fn ack_with(
+        self: Box<Self>,
+        _outputs: Vec<OutgoingMessage>,
+    ) -> Result<DeliveryReceipt, (BrokerError, Box<dyn Settle>)> {
+        Err((crate::at_least_once_refusal(), self))
     }
 }
 

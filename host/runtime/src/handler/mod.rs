@@ -30,12 +30,21 @@
 //! is one set of broker acknowledgements, so the batch's successes are settled together once
 //! all of them are stored (or retried together if the broker refused one).
 //!
+//! An exactly-once handler (`delivery = "exactly-once"`, Kafka) sends nothing during a call:
+//! the messaging interface holds what the call sent, and a success commits it with the
+//! message's offset in one Kafka transaction (see `switchyard_broker::kafka`'s transactions),
+//! so a host that dies between the two leaves neither. A failed attempt's outputs are dropped;
+//! a dead letter is the output of its original's transaction. A transaction that will not
+//! commit (the partition moved, the member was fenced) leaves the message to whoever holds it
+//! now, which handles it again, so it is not retried here. Its calls carry one message each.
+//!
 //! Stopping stops the intake, lets the workers finish what they hold and every handled message
 //! settle, and commits before the member leaves its group; a message waiting for a retry is
 //! left unsettled for redelivery.
 
 mod settle;
 mod stats;
+mod transactional_id;
 mod worker;
 
 use std::sync::Arc;
@@ -45,11 +54,12 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::{LoadedComponent, Runtime, RuntimeError};
+use crate::manifest::DeliveryGuarantee;
 use settle::DEAD_LETTER_PARTITIONS;
 use settle::Settling;
 pub use stats::{HandlerCounts, HandlerStats};
 use switchyard_broker::{
-    Delivery, ErrorKind, PartitionLag, Subscriber, SubscriptionSpec, TopicSpec,
+    Delivery, ErrorKind, Guarantee, PartitionLag, Subscriber, SubscriptionSpec, TopicSpec,
 };
 use worker::{MAX_UNSETTLED, Worker, batch_bound};
 
@@ -72,6 +82,8 @@ pub struct HandlerGroup {
     stop: watch::Sender<bool>,
     dispatcher: JoinHandle<()>,
     workers: Vec<(JoinHandle<()>, mpsc::Sender<Control>)>,
+    /// An exactly-once member's transactional id, held until the member has left.
+    transactional_id: Option<transactional_id::TransactionalId>,
 }
 
 impl HandlerGroup {
@@ -169,6 +181,7 @@ impl HandlerGroup {
             record(worker.await);
         }
         self.subscriber.close().await?;
+        drop(self.transactional_id);
         match panics.first() {
             Some(first) => Err(RuntimeError::HostPanicked {
                 component: self.name.to_string(),
@@ -185,14 +198,24 @@ pub(crate) async fn start(
     component: &LoadedComponent,
 ) -> Result<HandlerGroup, RuntimeError> {
     let config = &component.config;
+    let group = config
+        .group
+        .clone()
+        .unwrap_or_else(|| component.name.to_string());
+    let transactional_id = match config.delivery {
+        DeliveryGuarantee::AtLeastOnce => None,
+        DeliveryGuarantee::ExactlyOnce => Some(transactional_id::take(&group)?),
+    };
     let spec = SubscriptionSpec {
-        group: config
-            .group
-            .clone()
-            .unwrap_or_else(|| component.name.to_string()),
+        group,
         topics: config.subscribe.clone(),
         start: config.start,
-        guarantee: Default::default(),
+        guarantee: match &transactional_id {
+            None => Guarantee::AtLeastOnce,
+            Some(held) => Guarantee::ExactlyOnce {
+                transactional_id: held.id.clone(),
+            },
+        },
     };
     // Dead-letter topics exist before the first failure, so a dead letter is never refused
     // for want of its topic (and on Pub/Sub is kept until someone reads it).
@@ -268,6 +291,7 @@ pub(crate) async fn start(
         stop,
         dispatcher,
         workers,
+        transactional_id,
     })
 }
 

@@ -2,6 +2,8 @@
 //! what the call sent, retry a failure after a backoff up to the retry policy's attempts, and
 //! after the last one write the dead letter and acknowledge the original only once it is
 //! stored. Off the worker, in tasks of their own, so the worker moves on to the next message.
+//! Exactly-once handlers commit instead: the outputs with the acknowledgement, in one
+//! transaction.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +12,11 @@ use tokio::sync::{mpsc, watch};
 
 use super::HandlerStats;
 use crate::bindings::wasi::messaging::types::Error as WitError;
+use crate::interfaces::messaging::CallOutputs;
+use crate::manifest::DeliveryGuarantee;
 use crate::metrics::FailureKind;
 use switchyard_broker::dead_letter::{self, Reason};
-use switchyard_broker::{Delivery, DeliveryReceipt, Publisher};
+use switchyard_broker::{AckRefused, BrokerError, Delivery, OutgoingMessage, Publisher};
 
 /// Why one attempt at a message failed.
 #[derive(Clone)]
@@ -158,13 +162,18 @@ impl Settling {
 
     /// Settles what one call handled: each message that succeeded once every message the call
     /// sent is stored; the others (and all of them, if the broker refused one) go to
-    /// [`Settling::failed`].
+    /// [`Settling::failed`]. An exactly-once call's outputs were held: they commit with its
+    /// message instead.
     pub(super) async fn settle(
         &self,
         jobs: Vec<Job>,
-        receipts: Vec<DeliveryReceipt>,
+        outputs: CallOutputs,
         outcomes: Vec<Result<(), Failure>>,
     ) {
+        let receipts = match outputs {
+            CallOutputs::Sent(receipts) => receipts,
+            CallOutputs::Held(held) => return self.commit(jobs, held, outcomes).await,
+        };
         let mut refused = None;
         if outcomes.iter().any(Result::is_ok) {
             for receipt in receipts {
@@ -183,6 +192,59 @@ impl Settling {
             }
         }
         futures::future::join_all(failures).await;
+    }
+
+    /// Exactly-once: commits a successful message's acknowledgement with what its call sent,
+    /// in one transaction; a failed one's outputs are dropped (nothing of a failed call is
+    /// ever seen) and it is retried. Exactly-once calls carry one message (see
+    /// [`super::worker::batch_bound`]); were there more, the outputs would go with the first
+    /// that succeeded.
+    async fn commit(
+        &self,
+        jobs: Vec<Job>,
+        mut outputs: Vec<OutgoingMessage>,
+        outcomes: Vec<Result<(), Failure>>,
+    ) {
+        let mut failures = Vec::new();
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            if let Err(failure) = outcome {
+                failures.push(self.failed(job, failure));
+                continue;
+            }
+            let Job {
+                delivery,
+                attempt,
+                retry,
+            } = job;
+            let position = delivery.message.position.clone();
+            let topic = delivery.message.topic.clone();
+            match delivery.ack_with(std::mem::take(&mut outputs)) {
+                Ok(receipt) => match receipt.wait().await {
+                    Ok(()) => self.stats.count_handled(&topic),
+                    Err(e) => self.committed_elsewhere(&position, &e),
+                },
+                Err(AckRefused { error, delivery }) => {
+                    let job = Job {
+                        delivery: *delivery,
+                        attempt,
+                        retry,
+                    };
+                    failures.push(self.failed(job, Failure::Publish(error.to_string())));
+                }
+            }
+        }
+        futures::future::join_all(failures).await;
+    }
+
+    /// A transaction that will not commit a message's outputs (its partition moved, or another
+    /// host took this one's transactional id): whoever holds the message now handles it again,
+    /// so it is not retried here.
+    fn committed_elsewhere(&self, position: &str, error: &BrokerError) {
+        tracing::info!(
+            "{}: {position} was not committed here ({error}); the member that holds its \
+             partition now handles it again",
+            self.name
+        );
     }
 
     fn succeeded(&self, job: Job) {
@@ -251,54 +313,87 @@ impl Settling {
     /// redelivery.
     async fn dead_letter(&self, job: Job, failure: Failure, topic: &str, position: &str) {
         let name = &self.name;
+        let Job {
+            mut delivery,
+            attempt,
+            ..
+        } = job;
+        let source_topic = delivery.message.topic.clone();
         let error = failure.to_string();
         let letter = dead_letter::dead_letter(
-            &job.delivery.message,
+            &delivery.message,
             topic,
             &Reason {
                 error: &error,
                 component: name,
                 version: &self.version,
                 group: &self.group,
-                attempts: job.attempt,
+                attempts: attempt,
             },
         );
+        let exactly_once = self.config.delivery == DeliveryGuarantee::ExactlyOnce;
         let mut backoff = Duration::from_millis(self.policy.backoff_ms.max(10));
         loop {
-            let written = match self.publisher.publish(letter.clone()).await {
-                Ok(receipt) => receipt.wait().await,
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(
-                        "{name}: cannot write the dead letter of {position} to {topic:?}: {e}. \
-                         The message stays unsettled; trying again in {backoff:?}"
-                    );
-                    let mut stopped = self.stopped.clone();
-                    tokio::select! {
-                        _ = stopped.wait_for(|s| *s) => {
-                            tracing::info!(
-                                "{name}: stopping; {position} is left unsettled for redelivery"
-                            );
-                            return;
+            let refused = if exactly_once {
+                // The dead letter commits with the original's acknowledgement.
+                match delivery.ack_with(vec![letter.clone()]) {
+                    Ok(receipt) => {
+                        match receipt.wait().await {
+                            Ok(()) => {
+                                self.stats.count_gave_up(&source_topic, true);
+                                self.gave_up_to(topic, position, attempt, &failure);
+                            }
+                            Err(e) => self.committed_elsewhere(position, &e),
                         }
-                        _ = tokio::time::sleep(backoff) => {}
+                        return;
                     }
-                    backoff = backoff.saturating_mul(2).min(MAX_DEAD_LETTER_BACKOFF);
+                    Err(AckRefused {
+                        error,
+                        delivery: back,
+                    }) => {
+                        delivery = *back;
+                        error
+                    }
                 }
+            } else {
+                let written = match self.publisher.publish(letter.clone()).await {
+                    Ok(receipt) => receipt.wait().await,
+                    Err(e) => Err(e),
+                };
+                match written {
+                    Ok(()) => {
+                        self.stats.count_gave_up(&source_topic, true);
+                        self.gave_up_to(topic, position, attempt, &failure);
+                        if let Err(e) = delivery.ack() {
+                            tracing::warn!("{name}: could not settle {position}: {e}");
+                        }
+                        return;
+                    }
+                    Err(e) => e,
+                }
+            };
+            tracing::error!(
+                "{name}: cannot write the dead letter of {position} to {topic:?}: {refused}. \
+                 The message stays unsettled; trying again in {backoff:?}"
+            );
+            let mut stopped = self.stopped.clone();
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => {
+                    tracing::info!("{name}: stopping; {position} is left unsettled for redelivery");
+                    return;
+                }
+                _ = tokio::time::sleep(backoff) => {}
             }
+            backoff = backoff.saturating_mul(2).min(MAX_DEAD_LETTER_BACKOFF);
         }
-        self.stats.count_gave_up(&job.delivery.message.topic, true);
+    }
+
+    fn gave_up_to(&self, topic: &str, position: &str, attempts: u32, failure: &Failure) {
         tracing::error!(
-            "{name}: message {position} failed {} attempt(s), the last with: {failure}. It is \
-             in the dead-letter topic {topic:?} (`switchyard consume -t {topic}` shows it, \
+            "{}: message {position} failed {attempts} attempt(s), the last with: {failure}. It \
+             is in the dead-letter topic {topic:?} (`switchyard consume -t {topic}` shows it, \
              `switchyard replay -t {topic}` sends it back)",
-            job.attempt
+            self.name
         );
-        if let Err(e) = job.delivery.ack() {
-            tracing::warn!("{name}: could not settle {position}: {e}");
-        }
     }
 }

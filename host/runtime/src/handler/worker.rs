@@ -17,12 +17,17 @@ use crate::LoadedComponent;
 use crate::bindings::exports::switchyard::host::batch::Guest as BatchExport;
 use crate::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
 use crate::instance::{InstanceState, Shared, new_store, within_deadline};
-use crate::interfaces::messaging::ReceiptSink;
-use switchyard_broker::{Delivery, DeliveryReceipt, Publisher};
+use crate::interfaces::messaging::{CallOutputs, ReceiptSink};
+use crate::manifest::DeliveryGuarantee;
+use switchyard_broker::{Delivery, Publisher};
 
-/// The most messages a worker hands `component` in one call.
+/// The most messages a worker hands `component` in one call. An exactly-once handler gets one:
+/// what a call sends commits with the message it handled, and a batch's outputs cannot be told
+/// apart by message.
 pub(super) fn batch_bound(component: &LoadedComponent) -> usize {
-    if component.takes_batches() {
+    if component.config.delivery == DeliveryGuarantee::ExactlyOnce {
+        1
+    } else if component.takes_batches() {
         component.config.batch.max(1)
     } else {
         1
@@ -121,7 +126,7 @@ impl Worker {
             };
             let settling = self.settling.clone();
             let span = settling.process_span(&jobs);
-            let (receipts, outcomes) = match self.call(&jobs).instrument(span.clone()).await {
+            let (outputs, outcomes) = match self.call(&jobs).instrument(span.clone()).await {
                 Ok(done) => done,
                 // A batch that failed as a whole (a trap) says nothing about which message
                 // caused it: each goes again alone, without counting an attempt, so only the
@@ -138,14 +143,14 @@ impl Worker {
                     }
                     continue;
                 }
-                Err(failure) => (Vec::new(), vec![Err(failure)]),
+                Err(failure) => (CallOutputs::Sent(Vec::new()), vec![Err(failure)]),
             };
             // The broker's acknowledgements are awaited off the worker, which moves on to the
             // next message; offsets are committed in order regardless.
             tasks.spawn(
                 async move {
                     let _permit = permit;
-                    settling.settle(jobs, receipts, outcomes).await;
+                    settling.settle(jobs, outputs, outcomes).await;
                 }
                 .instrument(span),
             );
@@ -180,10 +185,14 @@ impl Worker {
                 tables: &self.tables,
                 results: self.results.as_ref(),
             };
+            let sink = match self.component.config.delivery {
+                DeliveryGuarantee::AtLeastOnce => ReceiptSink::Collect(Vec::new()),
+                DeliveryGuarantee::ExactlyOnce => ReceiptSink::Hold(Vec::new()),
+            };
             let mut store = new_store(
                 &shared,
                 &self.component,
-                ReceiptSink::Collect(Vec::new()),
+                sink,
                 self.settling.stats.metrics.clone(),
             )
             .map_err(|e| Failure::Trap(e.to_string()))?;
@@ -223,12 +232,12 @@ impl Worker {
     }
 
     /// Hands `jobs` to the instance in one call (`handle` for one, `handle-batch` for more) and
-    /// returns the receipts of the messages it sent and one outcome per job; `Err` when the
-    /// call as a whole failed (the instance trapped or could not be made).
+    /// returns what it sent and one outcome per job; `Err` when the call as a whole failed
+    /// (the instance trapped or could not be made).
     async fn call(
         &mut self,
         jobs: &[Job],
-    ) -> Result<(Vec<DeliveryReceipt>, Vec<Result<(), Failure>>), Failure> {
+    ) -> Result<(CallOutputs, Vec<Result<(), Failure>>), Failure> {
         let max_call_ms = self.component.config.limits.max_call_ms;
         let name = self.component.name.clone();
         let stats = self.settling.stats.clone();
@@ -269,7 +278,7 @@ impl Worker {
         let state = live.store.data_mut();
         state.deadline = None;
         state.messaging.end_call();
-        let receipts = state.messaging.take_receipts();
+        let outputs = state.messaging.take_outputs();
         match result {
             Err(trap) => {
                 self.settling.stats.count_trap();
@@ -282,7 +291,7 @@ impl Worker {
                 outcomes.len(),
                 jobs.len()
             ))),
-            Ok(outcomes) => Ok((receipts, outcomes)),
+            Ok(outcomes) => Ok((outputs, outcomes)),
         }
     }
 

@@ -91,6 +91,17 @@ pub enum ReceiptSink {
     Collect(Vec<DeliveryReceipt>),
     /// Passed to a task that awaits and counts them (commands).
     Forward(mpsc::UnboundedSender<DeliveryReceipt>),
+    /// Not published: held until the runtime takes them after a `handle` call, to commit them
+    /// with the message it handled (exactly-once handlers). A call that fails sends nothing.
+    Hold(Vec<OutgoingMessage>),
+}
+
+/// What a handler call sent, as its [`ReceiptSink`] kept it.
+pub enum CallOutputs {
+    /// Published; the broker's receipts.
+    Sent(Vec<DeliveryReceipt>),
+    /// Held, unpublished.
+    Held(Vec<OutgoingMessage>),
 }
 
 /// What one instance may hold and send (from the manifest's `limits`).
@@ -220,11 +231,12 @@ impl MessagingCtx {
         self.held_bytes = self.held_bytes.saturating_sub(size);
     }
 
-    /// Takes the receipts collected since the last call.
-    pub fn take_receipts(&mut self) -> Vec<DeliveryReceipt> {
+    /// Takes what was sent since the last call.
+    pub fn take_outputs(&mut self) -> CallOutputs {
         match &mut self.receipts {
-            ReceiptSink::Collect(receipts) => std::mem::take(receipts),
-            ReceiptSink::Forward(_) => Vec::new(),
+            ReceiptSink::Collect(receipts) => CallOutputs::Sent(std::mem::take(receipts)),
+            ReceiptSink::Forward(_) => CallOutputs::Sent(Vec::new()),
+            ReceiptSink::Hold(held) => CallOutputs::Held(std::mem::take(held)),
         }
     }
 }
@@ -479,6 +491,11 @@ impl producer::Host for MessagingView<'_> {
             headers,
             content_type: message.content_type,
         };
+        if let ReceiptSink::Hold(held) = &mut self.ctx.receipts {
+            held.push(outgoing);
+            sent.inc();
+            return Ok(Ok(()));
+        }
         let receipt = match self.ctx.publisher.publish(outgoing).await {
             Ok(receipt) => receipt,
             Err(e) => return Ok(Err(wit_error(e))),
@@ -486,6 +503,13 @@ impl producer::Host for MessagingView<'_> {
         sent.inc();
         match &mut self.ctx.receipts {
             ReceiptSink::Collect(receipts) => receipts.push(receipt),
+            // Held messages returned before publishing; were one published, its receipt
+            // would be awaited here.
+            ReceiptSink::Hold(_) => {
+                if let Err(e) = receipt.wait().await {
+                    return Ok(Err(wit_error(e)));
+                }
+            }
             ReceiptSink::Forward(sender) => {
                 if let Err(unsent) = sender.send(receipt) {
                     // The counting task is gone (shutdown): wait here instead.

@@ -66,6 +66,26 @@ pub struct ComponentConfig {
     /// Absent: its `wasi:nn` calls get the `security` error.
     #[serde(default)]
     pub nn: Option<crate::nn::NnEngine>,
+    /// What the handler promises about each message: `"at-least-once"` (the default) or
+    /// `"exactly-once"` (Kafka brokers that keep transactions; see [`DeliveryGuarantee`]).
+    #[serde(default)]
+    pub delivery: DeliveryGuarantee,
+}
+
+/// What a handler promises about each message it handles (the manifest's `delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryGuarantee {
+    /// A message is acknowledged once what its call sent is stored: none is lost, but a host
+    /// that dies in between sends it again after the redelivery.
+    #[default]
+    AtLeastOnce,
+    /// What a call sent and the acknowledgement of its message commit in one Kafka
+    /// transaction: readers that read committed data (librdkafka's and Kafka's default) see
+    /// each message's outputs once, however often a host dies. Kafka only: Pub/Sub has no
+    /// such transaction, and librdkafka's mock cluster (the embedded broker) does not keep
+    /// the offsets a transaction commits, so both refuse it when the handler starts.
+    ExactlyOnce,
 }
 
 fn default_workers() -> usize {
@@ -104,6 +124,7 @@ impl ComponentConfig {
             retry: RetryPolicy::default(),
             dead_letter: DeadLetter::default(),
             nn: None,
+            delivery: DeliveryGuarantee::default(),
         }
     }
 
@@ -115,8 +136,8 @@ impl ComponentConfig {
     /// Whether a running handler with this entry can take `new`'s build between messages,
     /// keeping its subscription and workers: only what an instance is made from differs (the
     /// `.wasm`, `args`, `preopens`, `publish`, `limits`, `nn`, `retry`, `dead_letter`). A new
-    /// subscription (`subscribe`, `group`, `start`) or pool (`workers`, `batch`) needs the
-    /// handler stopped and started again.
+    /// subscription (`subscribe`, `group`, `start`, `delivery`) or pool (`workers`, `batch`)
+    /// needs the handler stopped and started again.
     pub fn can_replace_in_place(&self, new: &ComponentConfig) -> bool {
         self.is_handler()
             && self.subscribe == new.subscribe
@@ -124,6 +145,7 @@ impl ComponentConfig {
             && self.start == new.start
             && self.workers == new.workers
             && self.batch == new.batch
+            && self.delivery == new.delivery
     }
 
     /// The dead-letter topic of messages from `topic`, if dead letters are on.

@@ -36,8 +36,8 @@ use serde::Deserialize;
 
 use crate::results::ResultsConfig;
 pub use component::{
-    ComponentConfig, DEAD_LETTER_SUFFIX, DeadLetter, Limits, MAX_BATCH, MAX_BATCH_WAIT_MS, Preopen,
-    RetryPolicy,
+    ComponentConfig, DEAD_LETTER_SUFFIX, DeadLetter, DeliveryGuarantee, Limits, MAX_BATCH,
+    MAX_BATCH_WAIT_MS, Preopen, RetryPolicy,
 };
 pub use env::{ExpandError, expand_env};
 use switchyard_broker::{BrokerConfig, check_topic_name};
@@ -260,6 +260,14 @@ impl Manifest {
                     ),
                 ));
             }
+            if component.delivery == DeliveryGuarantee::ExactlyOnce && !component.is_handler() {
+                return Err(invalid(
+                    name,
+                    "`delivery = \"exactly-once\"` is for handlers (it commits what a call sent \
+                     with the message it handled); a command has no message: remove it"
+                        .into(),
+                ));
+            }
             if component.retry.max_attempts == 0 {
                 return Err(invalid(
                     name,
@@ -460,12 +468,25 @@ mod tests {
             ),
             ("limits = { max_memory_mb = 0 }", "max_memory_mb"),
             ("retry = { max_attempts = 0 }", "max_attempts"),
+            ("delivery = \"exactly-once\"", "for handlers"),
+            ("delivery = \"exactly_once\"", "at-least-once"),
         ] {
             let text = format!("{MINIMAL}{snippet}\n");
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(expected), "{snippet}: {err}");
         }
         assert!(parse("").unwrap_err().to_string().contains("no components"));
+    }
+
+    #[test]
+    fn a_handler_may_ask_for_exactly_once() {
+        let m = parse(&format!("{MINIMAL}subscribe = [\"in\"]\n")).unwrap();
+        assert_eq!(m.components["c"].delivery, DeliveryGuarantee::AtLeastOnce);
+        let m = parse(&format!(
+            "{MINIMAL}subscribe = [\"in\"]\ndelivery = \"exactly-once\"\n"
+        ))
+        .unwrap();
+        assert_eq!(m.components["c"].delivery, DeliveryGuarantee::ExactlyOnce);
     }
 
     #[test]
