@@ -144,6 +144,7 @@ async fn check_pipeline(
             topics: vec![PREDICTIONS_TOPIC.into()],
             start: StartPosition::Earliest,
             guarantee: Default::default(),
+            isolation: Default::default(),
         })
         .await
         .unwrap();

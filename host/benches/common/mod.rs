@@ -52,6 +52,7 @@ pub async fn run_once(
             topics: vec![topic.clone()],
             start: StartPosition::Earliest,
             guarantee: Default::default(),
+            isolation: Default::default(),
         })
         .await?;
     let publisher = case.broker.publisher().await?;

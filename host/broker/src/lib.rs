@@ -271,6 +271,33 @@ pub struct SubscriptionSpec {
     pub start: StartPosition,
     /// What acknowledging a message promises.
     pub guarantee: Guarantee,
+    /// Whether the member reads what transactions aborted or have not committed yet.
+    pub isolation: Isolation,
+}
+
+/// Which records of Kafka transactions a member reads (Kafka's `isolation.level`). Pub/Sub
+/// has no transactions: there every message is committed data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Only what committed transactions wrote, and what was written outside transactions
+    /// (Kafka's and librdkafka's default). Needed to see an exactly-once handler's outputs
+    /// once. (The embedded broker and Tansu 0.6.0 ignore it and show aborted records too.)
+    #[default]
+    ReadCommitted,
+    /// Everything, including what transactions aborted or have not committed yet, as soon as
+    /// it is written.
+    ReadUncommitted,
+}
+
+impl Isolation {
+    /// Kafka's name for it (`read_committed`, `read_uncommitted`).
+    pub fn kafka_name(self) -> &'static str {
+        match self {
+            Self::ReadCommitted => "read_committed",
+            Self::ReadUncommitted => "read_uncommitted",
+        }
+    }
 }
 
 /// What a subscription's acknowledgements promise.
@@ -297,6 +324,15 @@ impl SubscriptionSpec {
         if self.topics.is_empty() {
             return Err(BrokerError::config(format!(
                 "subscription {:?} names no topics",
+                self.group
+            )));
+        }
+        if matches!(self.guarantee, Guarantee::ExactlyOnce { .. })
+            && self.isolation == Isolation::ReadUncommitted
+        {
+            return Err(BrokerError::config(format!(
+                "subscription {:?} is exactly-once but reads uncommitted data: it would handle \
+                 what aborted transactions wrote; read committed data",
                 self.group
             )));
         }
@@ -411,4 +447,30 @@ pub trait Broker: Send + Sync {
 
     /// Joins a group and starts receiving.
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exactly_once_subscription_reads_committed_data_only() {
+        let mut spec = SubscriptionSpec {
+            group: "g".into(),
+            topics: vec!["t".into()],
+            start: StartPosition::Earliest,
+            guarantee: Guarantee::ExactlyOnce {
+                transactional_id: "id".into(),
+            },
+            isolation: Isolation::ReadCommitted,
+        };
+        assert!(spec.check().is_ok());
+        spec.isolation = Isolation::ReadUncommitted;
+        let refused = spec.check().unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Config);
+        assert!(refused.to_string().contains("uncommitted"), "{refused}");
+        spec.guarantee = Guarantee::AtLeastOnce;
+        assert!(spec.check().is_ok());
+        assert_eq!(Isolation::default().kafka_name(), "read_committed");
+    }
 }

@@ -125,6 +125,7 @@ impl Backend {
                 topics: vec![topic.into()],
                 start: StartPosition::Earliest,
                 guarantee: Default::default(),
+                isolation: Default::default(),
             })
             .await
             .unwrap()
@@ -412,6 +413,7 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
             topics: vec![topic.clone()],
             start: StartPosition::Latest,
             guarantee: Default::default(),
+            isolation: Default::default(),
         })
         .await
         .unwrap();
@@ -466,6 +468,7 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
             topics: vec![later.clone()],
             start: StartPosition::Latest,
             guarantee: Default::default(),
+            isolation: Default::default(),
         })
         .await
         .unwrap();
@@ -742,6 +745,7 @@ async fn pubsub_a_missing_subscription_is_reported_when_resources_are_not_create
             topics: vec!["requests".into()],
             start: StartPosition::Earliest,
             guarantee: Default::default(),
+            isolation: Default::default(),
         })
         .await
         .err()

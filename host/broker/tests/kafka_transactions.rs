@@ -8,8 +8,9 @@
 //!   refused (the receipt says the message goes elsewhere), its offset does not move, and the
 //!   member that fenced it handles that message again and commits it;
 //! - the brokers that cannot run exactly-once refuse it, saying why: the embedded broker
-//!   (librdkafka's mock cluster never stores transactional offsets) and Pub/Sub (no
-//!   transactions).
+//!   (librdkafka's mock cluster never stores transactional offsets), the same mock reached as
+//!   a cluster (`switchyard broker`: found out by asking it to keep a transaction's offset),
+//!   and Pub/Sub (no transactions).
 //!
 //! Readers of Tansu 0.6.0 (and of the embedded broker) see the records of aborted transactions
 //! even with `read_committed`; the fenced member's outputs are counted and printed, not
@@ -37,6 +38,7 @@ fn exactly_once(group: &str, topic: &str, transactional_id: &str) -> Subscriptio
         guarantee: Guarantee::ExactlyOnce {
             transactional_id: transactional_id.into(),
         },
+        isolation: Default::default(),
     }
 }
 
@@ -215,18 +217,43 @@ async fn a_member_whose_transactional_id_was_taken_is_fenced_and_its_message_han
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_embedded_broker_refuses_exactly_once_saying_why() {
-    let (_cluster, broker) = support::embedded().await;
+/// Subscribing exactly-once to an existing topic on `broker`: the refusal.
+async fn refusal(broker: &dyn Broker) -> switchyard_broker::BrokerError {
+    let topic = support::unique("in");
+    support::create_topics(broker, &[&topic]).await;
     let error = broker
-        .subscribe(&exactly_once("g", "in", "t"))
+        .subscribe(&exactly_once(&support::unique("g"), &topic, "t"))
         .await
         .err()
         .expect("refused");
-    assert_eq!(error.kind(), ErrorKind::Config);
-    let text = error.to_string();
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+    error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_refuses_exactly_once_saying_why() {
+    let (_cluster, broker) = support::embedded().await;
+    let text = refusal(broker.as_ref()).await.to_string();
     assert!(
         text.contains("never stores the offsets committed in them"),
+        "{text}"
+    );
+}
+
+/// `switchyard broker` is the same mock cluster, reached as any Kafka cluster is: the client
+/// cannot tell it by its address, so it asks the cluster whether it keeps a committed
+/// transaction's offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_embedded_broker_is_found_out_and_refused() {
+    let cluster =
+        switchyard_broker::kafka::EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+    let config = switchyard_broker::kafka::KafkaConfig::for_embedded(cluster.bootstrap_servers());
+    let broker = Kafka::connect(config).await.unwrap();
+    let text = refusal(&broker).await.to_string();
+    assert!(
+        text.contains("does not keep the offsets committed in transactions"),
         "{text}"
     );
 }
@@ -234,11 +261,6 @@ async fn the_embedded_broker_refuses_exactly_once_saying_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_refuses_exactly_once_saying_why() {
     let broker = support::pubsub().await;
-    let error = broker
-        .subscribe(&exactly_once("g", "in", "t"))
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(error.kind(), ErrorKind::Config);
-    assert!(error.to_string().contains("no transactions"), "{error}");
+    let text = refusal(broker.as_ref()).await.to_string();
+    assert!(text.contains("no transactions"), "{text}");
 }

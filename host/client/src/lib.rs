@@ -62,7 +62,7 @@ use switchyard_broker::{
 };
 pub use switchyard_broker::{
     BrokerConfig, BrokerError, BrokerUrlError, DeliveryReceipt, ErrorKind, IncomingMessage,
-    OutgoingMessage, StartPosition,
+    Isolation, OutgoingMessage, StartPosition,
 };
 
 mod serializer;
@@ -175,6 +175,11 @@ pub struct ClientConfig {
     /// for the application. Off by default: call [`Received::ack`] when done.
     #[serde(default)]
     pub auto_ack: bool,
+    /// Which records of Kafka transactions consumers read (`isolation_level`):
+    /// `read_committed` (the default: what aborted transactions wrote is never seen) or
+    /// `read_uncommitted`. Pub/Sub has no transactions and ignores it.
+    #[serde(default)]
+    pub isolation_level: Isolation,
 }
 
 fn broker_from_url_or_table<'de, D: serde::Deserializer<'de>>(
@@ -202,6 +207,7 @@ impl ClientConfig {
             serializer: ValueSerializer::Json,
             start: StartPosition::Earliest,
             auto_ack: false,
+            isolation_level: Isolation::default(),
         })
     }
 }
@@ -276,6 +282,7 @@ impl Client {
                 topics: vec![topic],
                 start: self.config.start,
                 guarantee: Default::default(),
+                isolation: self.config.isolation_level,
             })
             .await?;
         Ok(Consumer {
@@ -577,6 +584,11 @@ mod tests {
         assert_eq!(config.serializer, ValueSerializer::Text);
         assert_eq!(config.start, StartPosition::Latest);
         assert!(config.auto_ack);
+        assert_eq!(config.isolation_level, Isolation::ReadCommitted);
+        let uncommitted: ClientConfig =
+            toml::from_str("broker = \"embedded\"\nisolation_level = \"read_uncommitted\"\n")
+                .unwrap();
+        assert_eq!(uncommitted.isolation_level, Isolation::ReadUncommitted);
         let table: ClientConfig =
             toml::from_str("[broker.pubsub]\nproject = \"my-project\"\n").unwrap();
         assert!(matches!(table.broker, BrokerConfig::Pubsub(_)));

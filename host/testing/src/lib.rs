@@ -98,6 +98,7 @@ pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Su
             topics: vec![topic.into()],
             start: StartPosition::Earliest,
             guarantee: Default::default(),
+            isolation: Default::default(),
         })
         .await
         .expect("subscribing")

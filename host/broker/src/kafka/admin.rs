@@ -40,6 +40,9 @@ struct ClusterTopics {
     is_mock: bool,
 }
 
+/// How librdkafka's mock cluster's id begins.
+pub(super) const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
+
 impl Kafka {
     fn admin_client(&self) -> Result<Arc<AdminClient<DefaultClientContext>>, BrokerError> {
         Ok(Arc::new(
@@ -75,7 +78,7 @@ impl Kafka {
             let is_mock = admin
                 .inner()
                 .fetch_cluster_id(timeout)
-                .is_some_and(|id| id.starts_with("mockCluster"));
+                .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX));
             Ok::<_, KafkaError>(ClusterTopics { topics, is_mock })
         })
         .await

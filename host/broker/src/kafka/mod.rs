@@ -60,6 +60,8 @@ pub struct Kafka {
     // Declared before `embedded` so the producer is gone before the embedded broker stops.
     producer: tokio::sync::OnceCell<Arc<KafkaPublisher>>,
     embedded: Option<Arc<EmbeddedKafka>>,
+    /// Whether the cluster keeps transactional offsets, once asked.
+    keeps_transactions: tokio::sync::OnceCell<bool>,
 }
 
 impl std::fmt::Debug for Kafka {
@@ -79,6 +81,7 @@ impl Kafka {
             config,
             embedded: None,
             producer: tokio::sync::OnceCell::new(),
+            keeps_transactions: tokio::sync::OnceCell::new(),
         };
         kafka.check_reachable().await?;
         Ok(kafka)
@@ -91,12 +94,65 @@ impl Kafka {
             config,
             embedded: Some(broker),
             producer: tokio::sync::OnceCell::new(),
+            keeps_transactions: tokio::sync::OnceCell::new(),
         }
     }
 
     /// The settings in use.
     pub fn config(&self) -> &KafkaConfig {
         &self.config
+    }
+
+    /// Refuses exactly-once on a cluster that does not keep the offsets its transactions
+    /// commit (see [`transactions::keeps_transactional_offsets`]); asked once per client.
+    async fn check_keeps_transactions(&self, spec: &SubscriptionSpec) -> Result<(), BrokerError> {
+        let kept = self
+            .keeps_transactions
+            .get_or_try_init(|| async {
+                let config = self.config.clone();
+                let topics = spec.topics.clone();
+                tokio::task::spawn_blocking(move || {
+                    for topic in &topics {
+                        if let Some(kept) =
+                            transactions::keeps_transactional_offsets(&config, topic)?
+                        {
+                            return Ok(Some(kept));
+                        }
+                    }
+                    Ok(None)
+                })
+                .await
+                .map_err(|e| {
+                    BrokerError::unavailable("asking the cluster about transactions stopped")
+                        .with_source(e)
+                })?
+                // None (no subscribed topic exists yet): ask again next time.
+                .and_then(|kept: Option<bool>| {
+                    kept.ok_or_else(|| {
+                        BrokerError::new(
+                            ErrorKind::NotFound,
+                            format!(
+                                "exactly-once needs its topics to exist first ({:?} do not): \
+                                 create them, or let the host create them (create_topics)",
+                                spec.topics
+                            ),
+                        )
+                    })
+                })
+            })
+            .await?;
+        if *kept {
+            Ok(())
+        } else {
+            Err(BrokerError::config(format!(
+                "the Kafka cluster at {} does not keep the offsets committed in transactions \
+                 (asked: a committed transaction's offset was not stored), so exactly-once \
+                 cannot hold there; librdkafka's mock cluster, which `switchyard broker` is, \
+                 behaves so. Use a cluster that keeps transactions (Apache Kafka, Redpanda, \
+                 Tansu), or `delivery = \"at-least-once\"`",
+                self.config.bootstrap_servers
+            )))
+        }
     }
 
     async fn check_reachable(&self) -> Result<(), BrokerError> {
@@ -177,8 +233,11 @@ impl Broker for Kafka {
     }
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
-        if self.embedded.is_some() && matches!(spec.guarantee, Guarantee::ExactlyOnce { .. }) {
-            return Err(BrokerError::config(EMBEDDED_HAS_NO_TRANSACTIONS));
+        if matches!(spec.guarantee, Guarantee::ExactlyOnce { .. }) {
+            if self.embedded.is_some() {
+                return Err(BrokerError::config(EMBEDDED_HAS_NO_TRANSACTIONS));
+            }
+            self.check_keeps_transactions(spec).await?;
         }
         Ok(Arc::new(
             KafkaSubscriber::subscribe_at_start(&self.config, spec).await?,

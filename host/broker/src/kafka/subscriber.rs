@@ -512,19 +512,18 @@ impl KafkaSubscriber {
         config
             .set("group.id", &spec.group)
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", reset);
+            .set("auto.offset.reset", reset)
+            .set("isolation.level", spec.isolation.kafka_name());
         match spec.guarantee {
             Guarantee::AtLeastOnce => {
                 config
                     .set("enable.auto.commit", "true")
                     .set("auto.commit.interval.ms", "1000");
             }
-            // Offsets commit in the member's transactions, and only committed data is read
-            // (librdkafka's default, said here because the guarantee rests on it).
+            // Offsets commit in the member's transactions (and only committed data is read:
+            // `check` refuses anything else).
             Guarantee::ExactlyOnce { .. } => {
-                config
-                    .set("enable.auto.commit", "false")
-                    .set("isolation.level", "read_committed");
+                config.set("enable.auto.commit", "false");
             }
         }
         // librdkafka reports each partition's lag in its statistics, which it only gathers

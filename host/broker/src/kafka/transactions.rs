@@ -151,7 +151,8 @@ impl Transactions {
     ) -> Result<oneshot::Receiver<Result<(), BrokerError>>, BrokerError> {
         for output in &outputs {
             check_topic_name(&output.topic)?;
-            let size = output.payload.len() + output.key.as_ref().map_or(0, Vec::len);
+            let headers: usize = output.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let size = output.payload.len() + output.key.as_ref().map_or(0, Vec::len) + headers;
             if size > self.max_message_bytes {
                 return Err(BrokerError::rejected(format!(
                     "a message of {size} bytes for topic {:?} is larger than the producer \
@@ -465,6 +466,102 @@ impl Committer {
             }
         }
     }
+}
+
+/// Whether the cluster keeps the offsets a transaction commits, which exactly-once rests on:
+/// librdkafka's mock cluster (the embedded broker, and `switchyard broker` reached through
+/// kafka://) accepts transactions and stores nothing, so a restarted member would handle
+/// everything again. Asked of the cluster itself: a throwaway producer commits offset 0 of
+/// `topic`'s partition 0 for a throwaway group in a transaction, and the group's committed
+/// offset is read back; the group is deleted afterwards (the mock is known by its cluster id
+/// without asking). `None` when `topic` does not exist (nothing to commit an offset of).
+/// Blocks for a few round trips.
+pub(super) fn keeps_transactional_offsets(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Result<Option<bool>, BrokerError> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let timeout = Duration::from_millis(kafka.connect_timeout_ms).max(CALL_TIMEOUT);
+    let name = format!(
+        "switchyard.probe.{}.{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let probing =
+        |e: &KafkaError| kafka_error("asking the cluster whether it keeps transactions", e);
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", &name)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(config_error)?;
+    // The mock says what it is in its cluster id: no need to ask it anything else (and it
+    // creates topics only on first use, so there may be none to commit an offset of yet).
+    if consumer
+        .client()
+        .fetch_cluster_id(timeout)
+        .is_some_and(|id| id.starts_with(super::admin::MOCK_CLUSTER_ID_PREFIX))
+    {
+        return Ok(Some(false));
+    }
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| probing(&e))?;
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Ok(None);
+    }
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = kafka
+        .client_config()
+        .set("transactional.id", &name)
+        .create()
+        .map_err(config_error)?;
+    let mut offsets = TopicPartitionList::new();
+    offsets
+        .add_partition_offset(topic, 0, Offset::Offset(0))
+        .map_err(|e| probing(&e))?;
+    let group = consumer
+        .group_metadata()
+        .ok_or_else(|| BrokerError::unavailable("the probe consumer has no group metadata"))?;
+    producer
+        .init_transactions(timeout)
+        .map_err(|e| probing(&e))?;
+    producer.begin_transaction().map_err(|e| probing(&e))?;
+    producer
+        .send_offsets_to_transaction(&offsets, &group, timeout)
+        .map_err(|e| probing(&e))?;
+    producer
+        .commit_transaction(timeout)
+        .map_err(|e| probing(&e))?;
+    let committed = consumer
+        .committed_offsets(offsets, timeout)
+        .map_err(|e| probing(&e))?;
+    let kept = committed
+        .elements()
+        .iter()
+        .any(|element| element.offset() == Offset::Offset(0));
+    drop(consumer);
+    // The throwaway group is litter in the user's cluster; a failure to delete it is not
+    // worth failing the subscription for.
+    if let Ok(admin) = kafka
+        .client_config()
+        .create::<AdminClient<DefaultClientContext>>()
+    {
+        let groups = [name.as_str()];
+        let options = AdminOptions::new().operation_timeout(Some(timeout));
+        if let Err(e) = futures::executor::block_on(admin.delete_groups(&groups, &options)) {
+            tracing::debug!("deleting the probe group {name:?}: {e}");
+        }
+    }
+    Ok(Some(kept))
 }
 
 /// The same error again, for each receipt it answers.

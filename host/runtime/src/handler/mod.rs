@@ -216,6 +216,7 @@ pub(crate) async fn start(
                 transactional_id: held.id.clone(),
             },
         },
+        isolation: Default::default(),
     };
     // Dead-letter topics exist before the first failure, so a dead letter is never refused
     // for want of its topic (and on Pub/Sub is kept until someone reads it).
