@@ -472,6 +472,10 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
         })
         .await
         .unwrap();
+    // Long enough for the member to have looked for the topic and found it missing: it must
+    // look again (a race without this wait, and a failure on Tansu, until members refreshed
+    // their metadata every 5 s instead of librdkafka's 5 minutes).
+    tokio::time::sleep(Duration::from_secs(4)).await;
     backend
         .broker
         .ensure_topics(&[TopicSpec {

@@ -39,6 +39,10 @@ pub(super) struct GroupContext {
 /// the broker's properties set one).
 const LAG_REPORT_INTERVAL_MS: &str = "5000";
 
+/// How often a member refreshes its metadata, finding topics created since it subscribed (and
+/// new partitions): one small request per interval.
+const METADATA_REFRESH_MS: &str = "5000";
+
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.errors.error(error, reason);
@@ -530,6 +534,13 @@ impl KafkaSubscriber {
         // when asked to (a small JSON document per interval).
         if config.get("statistics.interval.ms").is_none() {
             config.set("statistics.interval.ms", LAG_REPORT_INTERVAL_MS);
+        }
+        // librdkafka looks for a subscribed topic that is missing only when it refreshes its
+        // metadata, every 5 minutes by default: a member that subscribed before its topic was
+        // created waited that long for it (measured on Tansu: nothing within 60 s). Kafka's
+        // own consumer asks again for a missing topic at once.
+        if config.get("topic.metadata.refresh.interval.ms").is_none() {
+            config.set("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS);
         }
         let (joined, joined_receiver) = watch::channel(false);
         let (lag, lag_receiver) = watch::channel(Vec::new());
