@@ -6,6 +6,9 @@
 //!   where an at-least-once handler's failed attempts each publish theirs (handler_delivery.rs
 //!   shows "1", "2", "3" for the same message);
 //! - a dead letter commits with its original's acknowledgement;
+//! - a batch commits as a whole: calls share messages, and when one of a call's messages fails
+//!   the call commits nothing and its other messages go again alone, so every output is seen
+//!   once;
 //! - the outputs commit with the group's offsets: the next host of the group starts after the
 //!   messages handled, and receives only what came since;
 //! - the brokers that cannot keep the promise refuse to start the handler, saying why: the
@@ -126,6 +129,87 @@ async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_
         ["3", &format!("echo {output}")]
     );
     reader.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_as_a_whole_and_its_outputs_are_seen_once() {
+    let Some(second) = support::second_kafka("exactly_once_batches") else {
+        return;
+    };
+    let broker: Arc<dyn Broker> = Arc::new(Kafka::connect(second.kafka_config()).await.unwrap());
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
+    let retry = RetryPolicy {
+        max_attempts: 1,
+        backoff_ms: 10,
+    };
+    let config = ComponentConfig {
+        batch: 8,
+        batch_max_wait_ms: 1_000,
+        ..exactly_once(&input, &output, &support::unique("g"), retry)
+    };
+    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
+        .await
+        .unwrap();
+    let loaded = runtime.load("exactly-once-batches", &config).unwrap();
+    assert!(loaded.takes_batches());
+    let running = runtime.start_handler(&loaded).await.unwrap();
+    running.joined().await.unwrap();
+
+    // Sent at once, so they share calls: "batch" answers with its call's size, "error" fails
+    // (and, one attempt allowed, becomes a dead letter), the echoes answer with themselves.
+    for payload in ["batch", "batch", "batch"] {
+        send(broker.as_ref(), &input, &format!("{payload} {output}")).await;
+    }
+    let stats = Arc::clone(running.stats());
+    tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 3))
+        .await
+        .expect("the batch settled")
+        .unwrap();
+    for payload in [
+        "echo {output} a",
+        "echo {output} b",
+        "error",
+        "echo {output} c",
+    ] {
+        send(
+            broker.as_ref(),
+            &input,
+            &payload.replace("{output}", &output),
+        )
+        .await;
+    }
+    tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 7))
+        .await
+        .expect("the second batch settled")
+        .unwrap();
+    running.stop().await.unwrap();
+    assert_eq!(stats.snapshot().handled, 6);
+
+    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
+    let mut seen = read_all(reader.as_ref()).await;
+    reader.close().await.unwrap();
+    let sizes: Vec<usize> = seen
+        .iter()
+        .filter_map(|payload| payload.parse().ok())
+        .collect();
+    // Each message answers with its call's size: a call of n gives n answers "n".
+    assert_eq!(sizes.len(), 3, "one answer per message: {seen:?}");
+    for size in &sizes {
+        let answers = sizes.iter().filter(|other| *other == size).count();
+        assert_eq!(answers % size, 0, "whole calls only: {sizes:?}");
+    }
+    assert!(
+        sizes.iter().any(|&size| size > 1),
+        "calls shared: {sizes:?}"
+    );
+    seen.retain(|payload| payload.parse::<usize>().is_err());
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["a", "b", "c"].map(|name| format!("echo {output} {name}")),
+        "each echo once, although its first call failed with \"error\" and committed nothing"
+    );
 }
 
 /// Starting an exactly-once handler on `broker` fails; the error says why.

@@ -96,18 +96,25 @@ pub trait Settle: Send + Sync {
     /// Tells the broker the message was not handled: it is delivered again soon.
     fn nack(self: Box<Self>) -> Result<(), BrokerError>;
 
-    /// Acknowledges the message together with the messages its handling produced, in one
-    /// transaction: both take effect, or neither does. Only an exactly-once subscription
+    /// Acknowledges the message, and those `together` settle (handled in the same call, from
+    /// the same subscription), with the messages their handling produced, in one transaction:
+    /// all of it takes effect, or none does. Only an exactly-once subscription
     /// ([`Guarantee::ExactlyOnce`]) offers it; the receipt resolves once the transaction
     /// committed, or with why it will not (an error of kind [`ErrorKind::Closed`]: the
-    /// message goes to another member, which handles it again).
+    /// messages go to another member, which handles them again).
+    ///
     /// When it refuses at once (an at-least-once subscription, an output the broker cannot
-    /// take), it gives itself back with why, so the message can still be retried or
-    /// dead-lettered.
+    /// take), it gives every settle back, itself first, with why, so the messages can still be
+    /// retried or dead-lettered.
+    #[allow(clippy::type_complexity)]
     fn ack_with(
         self: Box<Self>,
+        together: Vec<Box<dyn Settle>>,
         outputs: Vec<OutgoingMessage>,
-    ) -> Result<DeliveryReceipt, (BrokerError, Box<dyn Settle>)>;
+    ) -> Result<DeliveryReceipt, (BrokerError, Vec<Box<dyn Settle>>)>;
+
+    /// Itself, for a backend to recognise its own settles among those acknowledged together.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// Why [`Settle::ack_with`] refuses on an at-least-once subscription.
@@ -118,15 +125,16 @@ pub(crate) fn at_least_once_refusal() -> BrokerError {
     )
 }
 
-/// [`Delivery::ack_with`] refused at once: why, and the delivery, still unsettled.
+/// [`Delivery::ack_with`] or [`Delivery::ack_together`] refused at once: why, and the
+/// deliveries, still unsettled.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct AckRefused {
     /// Why.
     #[source]
     pub error: BrokerError,
-    /// The message, to retry or dead-letter (boxed: a `Result` stays small).
-    pub delivery: Box<Delivery>,
+    /// The messages, in the order given, to retry or dead-letter.
+    pub deliveries: Vec<Delivery>,
 }
 
 impl From<AckRefused> for BrokerError {
@@ -165,12 +173,36 @@ impl Delivery {
     /// Acknowledges the message with the messages its handling produced, in one transaction
     /// (exactly-once subscriptions only, see [`Settle::ack_with`]).
     pub fn ack_with(self, outputs: Vec<OutgoingMessage>) -> Result<DeliveryReceipt, AckRefused> {
-        let message = self.message;
-        self.settle
-            .ack_with(outputs)
-            .map_err(|(error, settle)| AckRefused {
+        Self::ack_together(vec![self], outputs)
+    }
+
+    /// Acknowledges `deliveries`, handled together (one handler call) and received from one
+    /// exactly-once subscription, with the messages their handling produced, in one
+    /// transaction (see [`Settle::ack_with`]).
+    pub fn ack_together(
+        deliveries: Vec<Delivery>,
+        outputs: Vec<OutgoingMessage>,
+    ) -> Result<DeliveryReceipt, AckRefused> {
+        let (messages, mut settles): (Vec<IncomingMessage>, Vec<Box<dyn Settle>>) = deliveries
+            .into_iter()
+            .map(|delivery| (delivery.message, delivery.settle))
+            .unzip();
+        if settles.is_empty() {
+            return Err(AckRefused {
+                error: BrokerError::rejected("nothing to acknowledge"),
+                deliveries: Vec::new(),
+            });
+        }
+        let first = settles.remove(0);
+        first
+            .ack_with(settles, outputs)
+            .map_err(|(error, settles)| AckRefused {
                 error,
-                delivery: Box::new(Delivery { message, settle }),
+                deliveries: messages
+                    .into_iter()
+                    .zip(settles)
+                    .map(|(message, settle)| Delivery { message, settle })
+                    .collect(),
             })
     }
 

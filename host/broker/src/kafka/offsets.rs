@@ -16,6 +16,8 @@ use std::sync::Mutex;
 #[derive(Debug, Default)]
 struct PartitionState {
     generation: u64,
+    /// The first offset handed out in this hold of the partition: where the group stood.
+    start: i64,
     in_flight: BTreeSet<i64>,
     highest_delivered: Option<i64>,
     committable: Option<i64>,
@@ -49,6 +51,13 @@ pub struct InFlight {
     generation: u64,
 }
 
+impl InFlight {
+    /// Which hold of its partition it was delivered in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 impl OffsetTracker {
     /// Records that a message was handed out.
     pub fn delivered(&self, topic: &str, partition: i32, offset: i64) -> InFlight {
@@ -57,6 +66,7 @@ impl OffsetTracker {
             .entry((topic.to_string(), partition))
             .or_insert_with(|| PartitionState {
                 generation: self.new_generation(),
+                start: offset,
                 // Resuming at the first offset handed out is where the group already stands.
                 committable: Some(offset),
                 ..PartitionState::default()
@@ -94,6 +104,16 @@ impl OffsetTracker {
         partitions
             .get(&(message.topic.clone(), message.partition))
             .is_some_and(|state| state.generation == message.generation)
+    }
+
+    /// Where the group stood in `message`'s partition when this member's hold of it began (if
+    /// it still holds it).
+    pub fn hold_start(&self, message: &InFlight) -> Option<i64> {
+        let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        partitions
+            .get(&(message.topic.clone(), message.partition))
+            .filter(|state| state.generation == message.generation)
+            .map(|state| state.start)
     }
 
     /// Forgets partitions this member no longer owns (a rebalance revoked them).

@@ -318,25 +318,54 @@ struct KafkaSettle {
 impl Settle for KafkaSettle {
     fn ack_with(
         self: Box<Self>,
+        together: Vec<Box<dyn Settle>>,
         outputs: Vec<OutgoingMessage>,
-    ) -> Result<DeliveryReceipt, (BrokerError, Box<dyn Settle>)> {
-        let Some(transactions) = &self.transactions else {
-            return Err((crate::at_least_once_refusal(), self));
+    ) -> Result<DeliveryReceipt, (BrokerError, Vec<Box<dyn Settle>>)> {
+        let refuse = |error: BrokerError, this: Box<Self>, together: Vec<Box<dyn Settle>>| {
+            let mut all: Vec<Box<dyn Settle>> = vec![this];
+            all.extend(together);
+            Err((error, all))
         };
-        let committed = match transactions.commit(self.in_flight.clone(), outputs) {
-            Ok(committed) => committed,
-            Err(error) => return Err((error, self)),
+        let Some(transactions) = self.transactions.clone() else {
+            return refuse(crate::at_least_once_refusal(), self, together);
         };
-        Ok(DeliveryReceipt::new(Box::pin(async move {
-            committed.await.map_err(|_| BrokerError::closed())?
-        })))
+        let mut messages = vec![self.in_flight.clone()];
+        for other in &together {
+            match other.as_any().downcast_ref::<KafkaSettle>() {
+                Some(other)
+                    if other
+                        .transactions
+                        .as_ref()
+                        .is_some_and(|t| Arc::ptr_eq(t, &transactions)) =>
+                {
+                    messages.push(other.in_flight.clone());
+                }
+                _ => {
+                    let error = BrokerError::rejected(
+                        "messages acknowledged together must come from one exactly-once \
+                         subscription",
+                    );
+                    return refuse(error, self, together);
+                }
+            }
+        }
+        match transactions.commit(messages, outputs) {
+            Ok(committed) => Ok(DeliveryReceipt::new(Box::pin(async move {
+                committed.await.map_err(|_| BrokerError::closed())?
+            }))),
+            Err(error) => refuse(error, self, together),
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
         if self.transactions.is_some() {
             // Its offset commits in the next transaction; nothing waits for that.
             return self
-                .ack_with(Vec::new())
+                .ack_with(Vec::new(), Vec::new())
                 .map(drop)
                 .map_err(|(error, _)| error);
         }

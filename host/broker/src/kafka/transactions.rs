@@ -26,11 +26,12 @@
 //! fenced (another member took its transactional id) ends the subscription: everything not
 //! committed goes to whoever holds the partitions now.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -52,16 +53,24 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// One acknowledged message waiting for its transaction.
-struct Entry {
-    in_flight: InFlight,
+/// Messages handled together (one handler call), acknowledged with what the call sent: they
+/// commit in one transaction, all of them or none.
+struct Unit {
+    messages: Vec<InFlight>,
     outputs: Vec<OutgoingMessage>,
     committed: oneshot::Sender<Result<(), BrokerError>>,
 }
 
+/// A partition, as the committer keys it.
+type Partition = (String, i32);
+
+fn partition_of(message: &InFlight) -> Partition {
+    (message.topic.clone(), message.partition)
+}
+
 /// What the thread is asked to do.
 enum Request {
-    Commit(Entry),
+    Commit(Unit),
     /// Commit what is ready, then end (the member is leaving).
     Finish,
 }
@@ -117,8 +126,9 @@ impl Transactions {
             consumer,
             tracker: tracker.clone(),
             outage,
-            waiting: BTreeMap::new(),
+            waiting: Vec::new(),
             positions: HashMap::new(),
+            committed: HashMap::new(),
         };
         let (ending, ended) = mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -142,11 +152,11 @@ impl Transactions {
         self.fenced.get().map(String::as_str)
     }
 
-    /// Hands `in_flight`, handled, to the next transaction with `outputs`; the receiver
-    /// resolves once that transaction committed (or why it will not).
+    /// Hands `messages`, handled together, to the next transaction with `outputs`; the
+    /// receiver resolves once that transaction committed (or why it will not).
     pub(super) fn commit(
         &self,
-        in_flight: InFlight,
+        messages: Vec<InFlight>,
         outputs: Vec<OutgoingMessage>,
     ) -> Result<oneshot::Receiver<Result<(), BrokerError>>, BrokerError> {
         for output in &outputs {
@@ -169,8 +179,8 @@ impl Transactions {
             .clone()
             .ok_or_else(BrokerError::closed)?;
         sender
-            .send(Request::Commit(Entry {
-                in_flight,
+            .send(Request::Commit(Unit {
+                messages,
                 outputs,
                 committed,
             }))
@@ -209,10 +219,13 @@ struct Committer {
     consumer: Weak<GroupConsumer>,
     tracker: Arc<OffsetTracker>,
     outage: Arc<OutageLog>,
-    /// Acknowledged messages by partition and offset, until a transaction takes them.
-    waiting: BTreeMap<(String, i32), BTreeMap<i64, Entry>>,
-    /// Each partition's committable position (the tracker's), as it moves.
-    positions: HashMap<(String, i32), i64>,
+    /// Acknowledged units, until a transaction takes them.
+    waiting: Vec<Unit>,
+    /// Each partition's position past its acknowledged messages (the tracker's), as it moves,
+    /// and in which hold of the partition (a position from an earlier hold means nothing).
+    positions: HashMap<Partition, (u64, i64)>,
+    /// What this member last committed of each partition, and in which hold of it.
+    committed: HashMap<Partition, (u64, i64)>,
 }
 
 /// Why a transaction did not commit.
@@ -250,7 +263,7 @@ impl Committer {
                 }
             }
             self.drop_revoked();
-            let ready = self.take_ready();
+            let (ready, limits) = self.take_ready();
             if ready.is_empty() {
                 if finishing {
                     self.give_back_all("the member left before all earlier messages were handled");
@@ -258,12 +271,13 @@ impl Committer {
                 }
                 continue;
             }
-            match self.transaction(&ready) {
-                Ok(()) => {
+            match self.transaction(&ready, &limits) {
+                Ok(committed) => {
                     self.outage.received();
                     backoff = RETRY_BACKOFF_MIN;
-                    for entry in ready {
-                        let _ = entry.committed.send(Ok(()));
+                    self.committed.extend(committed);
+                    for unit in ready {
+                        let _ = unit.committed.send(Ok(()));
                     }
                 }
                 Err(Refused::Again(error)) => {
@@ -286,16 +300,16 @@ impl Committer {
                         "{error:#}; this member stops committing, and what it handled since its \
                          last commit is handled again by whoever holds its partitions now"
                     );
-                    for entry in ready {
-                        let _ = entry.committed.send(Err(again(&error)));
+                    for unit in ready {
+                        let _ = unit.committed.send(Err(again(&error)));
                     }
                     self.give_back_all("the transactional producer was fenced");
                     self.tracker.revoke_all();
                     // Drain what still comes, refusing it, until the member closes.
                     while let Ok(request) = requests.recv() {
                         match request {
-                            Request::Commit(entry) => {
-                                let _ = entry.committed.send(Err(again(&error)));
+                            Request::Commit(unit) => {
+                                let _ = unit.committed.send(Err(again(&error)));
                             }
                             Request::Finish => break,
                         }
@@ -308,125 +322,174 @@ impl Committer {
 
     /// Files a request; returns whether the member is finishing.
     fn take(&mut self, request: Request) -> bool {
-        match request {
-            Request::Finish => true,
-            Request::Commit(entry) => {
-                let key = (entry.in_flight.topic.clone(), entry.in_flight.partition);
-                if !self.tracker.owns(&entry.in_flight) {
-                    give_back(entry, "its partition moved to another member");
-                    return false;
-                }
-                if let Some(position) = self.tracker.complete(&entry.in_flight) {
-                    self.positions.insert(key.clone(), position);
-                }
-                self.waiting
-                    .entry(key)
-                    .or_default()
-                    .insert(entry.in_flight.offset, entry);
-                false
+        let unit = match request {
+            Request::Finish => return true,
+            Request::Commit(unit) => unit,
+        };
+        let owned = unit
+            .messages
+            .iter()
+            .filter(|message| self.tracker.owns(message))
+            .count();
+        if owned < unit.messages.len() {
+            self.give_back_revoked(unit, owned);
+            return false;
+        }
+        for message in &unit.messages {
+            if let Some(position) = self.tracker.complete(message) {
+                self.positions
+                    .insert(partition_of(message), (message.generation(), position));
             }
         }
+        self.waiting.push(unit);
+        false
+    }
+
+    /// Gives back a unit some of whose partitions moved to another member (`owned` of its
+    /// messages are still this member's). Its new owners handle the moved messages again; the
+    /// others were acknowledged here, so the partition's offset could pass them without their
+    /// outputs: their partitions are read again from where this member last committed them.
+    fn give_back_revoked(&mut self, unit: Unit, owned: usize) {
+        if owned > 0 {
+            let still_here: Vec<InFlight> = unit
+                .messages
+                .iter()
+                .filter(|message| self.tracker.owns(message))
+                .cloned()
+                .collect();
+            for message in &still_here {
+                self.rewind(message);
+            }
+        }
+        give_back(unit, "some of its partitions moved to another member");
+    }
+
+    /// Reads `message`'s partition again from this member's last commit of it (or from where
+    /// its hold began), as a new hold: what was delivered since goes back.
+    fn rewind(&mut self, message: &InFlight) {
+        let partition = partition_of(message);
+        let last_commit = self
+            .committed
+            .get(&partition)
+            .filter(|(generation, _)| *generation == message.generation())
+            .map(|(_, offset)| *offset);
+        let Some(start) = last_commit.or_else(|| self.tracker.hold_start(message)) else {
+            return;
+        };
+        self.tracker.revoke(&message.topic, message.partition);
+        self.positions.remove(&partition);
+        self.committed.remove(&partition);
+        if let Some(consumer) = self.consumer.upgrade()
+            && let Err(e) = consumer.seek(
+                &message.topic,
+                message.partition,
+                Offset::Offset(start),
+                Duration::from_secs(5),
+            )
+        {
+            tracing::warn!(
+                "cannot read {}/{} again from {start}: {e}; its next owner will",
+                message.topic,
+                message.partition
+            );
+        }
+    }
+
+    /// Each partition's limit: its position, lowered to the first message of any unit that is
+    /// not ready (so no commit passes a message whose outputs it does not hold). A unit is
+    /// ready when every one of its messages is below its partition's limit; lowering a limit
+    /// may make another unit not ready, hence the loop (it ends: limits only go down).
+    fn limits(&self) -> HashMap<Partition, (u64, i64)> {
+        limits(&self.positions, &self.waiting)
     }
 
     fn has_ready(&self) -> bool {
-        self.waiting.iter().any(|(key, entries)| {
-            let position = self.positions.get(key).copied().unwrap_or(i64::MIN);
-            entries
-                .keys()
-                .next()
-                .is_some_and(|&offset| offset < position)
-        })
+        let limits = self.limits();
+        self.waiting.iter().any(|unit| is_ready(unit, &limits))
     }
 
-    /// Leaves out the messages of partitions this member no longer holds.
+    /// Gives back the units with a message of a partition this member no longer holds.
     fn drop_revoked(&mut self) {
-        let tracker = &self.tracker;
-        let mut revoked = Vec::new();
-        self.waiting.retain(|_, entries| {
-            let owned = entries
-                .values()
-                .next()
-                .is_none_or(|entry| tracker.owns(&entry.in_flight));
-            if !owned {
-                revoked.extend(std::mem::take(entries).into_values());
+        while let Some(index) = self.waiting.iter().position(|unit| {
+            unit.messages
+                .iter()
+                .any(|message| !self.tracker.owns(message))
+        }) {
+            let unit = self.waiting.swap_remove(index);
+            let owned = unit
+                .messages
+                .iter()
+                .filter(|message| self.tracker.owns(message))
+                .count();
+            for message in &unit.messages {
+                if !self.tracker.owns(message) {
+                    self.positions.remove(&partition_of(message));
+                }
             }
-            owned
-        });
-        for entry in revoked {
-            self.positions
-                .remove(&(entry.in_flight.topic.clone(), entry.in_flight.partition));
-            give_back(entry, "its partition moved to another member");
+            self.give_back_revoked(unit, owned);
         }
     }
 
-    /// Takes every message below its partition's committable position.
-    fn take_ready(&mut self) -> Vec<Entry> {
-        let mut ready = Vec::new();
-        for (key, entries) in &mut self.waiting {
-            let Some(&position) = self.positions.get(key) else {
-                continue;
-            };
-            let later = entries.split_off(&position);
-            ready.extend(std::mem::replace(entries, later).into_values());
-        }
-        self.waiting.retain(|_, entries| !entries.is_empty());
-        ready
+    /// Takes the ready units, with the limits their transaction commits.
+    fn take_ready(&mut self) -> (Vec<Unit>, HashMap<Partition, (u64, i64)>) {
+        let limits = self.limits();
+        let (ready, waiting) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|unit| is_ready(unit, &limits));
+        self.waiting = waiting;
+        (ready, limits)
     }
 
-    /// Puts a refused transaction's messages back, to go in the next one.
-    fn put_back(&mut self, entries: Vec<Entry>) {
-        for entry in entries {
-            let key = (entry.in_flight.topic.clone(), entry.in_flight.partition);
-            self.waiting
-                .entry(key)
-                .or_default()
-                .insert(entry.in_flight.offset, entry);
-        }
+    /// Puts a refused transaction's units back, to go in the next one.
+    fn put_back(&mut self, units: Vec<Unit>) {
+        self.waiting.extend(units);
     }
 
     fn give_back_all(&mut self, why: &str) {
-        for entries in std::mem::take(&mut self.waiting).into_values() {
-            for entry in entries.into_values() {
-                give_back(entry, why);
-            }
+        for unit in std::mem::take(&mut self.waiting) {
+            give_back(unit, why);
         }
         self.positions.clear();
     }
 
-    /// One transaction: `ready`'s outputs, and the positions past them.
-    fn transaction(&self, ready: &[Entry]) -> Result<(), Refused> {
-        let mut offsets = TopicPartitionList::new();
-        let mut positions: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-        for entry in ready {
-            let key = (entry.in_flight.topic.as_str(), entry.in_flight.partition);
-            let position = self
-                .positions
-                .get(&(entry.in_flight.topic.clone(), entry.in_flight.partition))
+    /// One transaction: `ready`'s outputs, and the offsets of their partitions at `limits`.
+    /// Returns what it committed of each partition.
+    fn transaction(
+        &self,
+        ready: &[Unit],
+        limits: &HashMap<Partition, (u64, i64)>,
+    ) -> Result<HashMap<Partition, (u64, i64)>, Refused> {
+        let mut committed = HashMap::new();
+        for message in ready.iter().flat_map(|unit| &unit.messages) {
+            let partition = partition_of(message);
+            // Ready means the limit is of the message's hold and above it.
+            let limit = limits
+                .get(&partition)
                 .copied()
-                .unwrap_or(entry.in_flight.offset + 1);
-            positions.insert(key, position);
+                .unwrap_or((message.generation(), message.offset + 1));
+            committed.insert(partition, limit);
         }
-        for ((topic, partition), position) in &positions {
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), (_, limit)) in &committed {
             offsets
-                .add_partition_offset(topic, *partition, Offset::Offset(*position))
+                .add_partition_offset(topic, *partition, Offset::Offset(*limit))
                 .map_err(|e| Refused::Again(kafka_error("recording the offsets", &e)))?;
         }
         let consumer = self
             .consumer
             .upgrade()
             .ok_or_else(|| Refused::Fatal(BrokerError::closed()))?;
-        let group =
-            rdkafka::consumer::Consumer::group_metadata(consumer.as_ref()).ok_or_else(|| {
-                Refused::Again(BrokerError::unavailable(
-                    "the consumer has no group metadata yet (it is joining its group)",
-                ))
-            })?;
+        let group = Consumer::group_metadata(consumer.as_ref()).ok_or_else(|| {
+            Refused::Again(BrokerError::unavailable(
+                "the consumer has no group metadata yet (it is joining its group)",
+            ))
+        })?;
         drop(consumer);
         self.producer
             .begin_transaction()
             .map_err(|e| refused("beginning a transaction", &e))?;
-        for entry in ready {
-            for output in &entry.outputs {
+        for unit in ready {
+            for output in &unit.outputs {
                 self.produce(output)?;
             }
         }
@@ -436,7 +499,7 @@ impl Committer {
         let mut tries = 0;
         loop {
             match self.producer.commit_transaction(CALL_TIMEOUT) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(committed),
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && tries < 3 => tries += 1,
                 Err(e) => return Err(refused("committing the transaction", &e)),
             }
@@ -482,7 +545,7 @@ pub(super) fn keeps_transactional_offsets(
 ) -> Result<Option<bool>, BrokerError> {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::BaseConsumer;
 
     let timeout = Duration::from_millis(kafka.connect_timeout_ms).max(CALL_TIMEOUT);
     let name = format!(
@@ -569,14 +632,55 @@ fn again(error: &BrokerError) -> BrokerError {
     BrokerError::new(error.kind(), error.to_string())
 }
 
-/// Tells an entry's owner that its message will be handled again elsewhere.
-fn give_back(entry: Entry, why: &str) {
-    let _ = entry.committed.send(Err(BrokerError::new(
+/// See [`Committer::limits`].
+fn limits(
+    positions: &HashMap<Partition, (u64, i64)>,
+    waiting: &[Unit],
+) -> HashMap<Partition, (u64, i64)> {
+    let mut limits = positions.clone();
+    loop {
+        let mut lowered = false;
+        for unit in waiting {
+            if is_ready(unit, &limits) {
+                continue;
+            }
+            for message in &unit.messages {
+                if let Some((generation, limit)) = limits.get_mut(&partition_of(message))
+                    && *generation == message.generation()
+                    && message.offset < *limit
+                {
+                    *limit = message.offset;
+                    lowered = true;
+                }
+            }
+        }
+        if !lowered {
+            return limits;
+        }
+    }
+}
+
+/// Whether every message of `unit` is below its partition's limit.
+fn is_ready(unit: &Unit, limits: &HashMap<Partition, (u64, i64)>) -> bool {
+    unit.messages.iter().all(|message| {
+        limits
+            .get(&partition_of(message))
+            .is_some_and(|&(generation, limit)| {
+                generation == message.generation() && message.offset < limit
+            })
+    })
+}
+
+/// Tells a unit's owner that its messages will be handled again elsewhere.
+fn give_back(unit: Unit, why: &str) {
+    let positions: Vec<String> = unit
+        .messages
+        .iter()
+        .map(|message| format!("{}@{}", message.partition, message.offset))
+        .collect();
+    let _ = unit.committed.send(Err(BrokerError::new(
         ErrorKind::Closed,
-        format!(
-            "{}@{} was not committed: {why}",
-            entry.in_flight.partition, entry.in_flight.offset
-        ),
+        format!("{} was not committed: {why}", positions.join(", ")),
     )));
 }
 
@@ -604,5 +708,72 @@ fn refused(what: &str, error: &KafkaError) -> Refused {
         ))
     } else {
         Refused::Again(broker_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(messages: Vec<InFlight>) -> Unit {
+        Unit {
+            messages,
+            outputs: Vec::new(),
+            committed: oneshot::channel().0,
+        }
+    }
+
+    fn ready(positions: &HashMap<Partition, (u64, i64)>, waiting: &[Unit]) -> Vec<usize> {
+        let limits = limits(positions, waiting);
+        (0..waiting.len())
+            .filter(|&i| is_ready(&waiting[i], &limits))
+            .collect()
+    }
+
+    #[test]
+    fn a_unit_waits_for_all_its_partitions_and_holds_back_what_follows_it() {
+        let tracker = OffsetTracker::default();
+        let p0_10 = tracker.delivered("t", 0, 10);
+        let p0_11 = tracker.delivered("t", 0, 11);
+        let p1_4 = tracker.delivered("t", 1, 4);
+        let p1_5 = tracker.delivered("t", 1, 5);
+        let mut positions = HashMap::new();
+        let complete = |message: &InFlight, positions: &mut HashMap<_, _>| {
+            if let Some(position) = tracker.complete(message) {
+                positions.insert(partition_of(message), (message.generation(), position));
+            }
+        };
+        // A batch of 10 (partition 0) and 5 (partition 1), and a call with 11 alone.
+        let waiting = [
+            unit(vec![p0_10.clone(), p1_5.clone()]),
+            unit(vec![p0_11.clone()]),
+        ];
+        for message in [&p0_10, &p1_5, &p0_11] {
+            complete(message, &mut positions);
+        }
+        // Partition 1's 4 is still being handled: the batch may not commit, and 11 may not
+        // either, since committing partition 0 past 11 would pass the batch's 10.
+        assert_eq!(ready(&positions, &waiting), Vec::<usize>::new());
+        let found = limits(&positions, &waiting);
+        assert_eq!(found[&("t".to_string(), 0)].1, 10);
+        complete(&p1_4, &mut positions);
+        assert_eq!(ready(&positions, &waiting), [0, 1]);
+        let found = limits(&positions, &waiting);
+        assert_eq!(found[&("t".to_string(), 0)].1, 12);
+        assert_eq!(found[&("t".to_string(), 1)].1, 6);
+    }
+
+    #[test]
+    fn a_position_from_an_earlier_hold_readies_nothing() {
+        let tracker = OffsetTracker::default();
+        let old = tracker.delivered("t", 0, 100);
+        let mut positions = HashMap::new();
+        positions.insert(partition_of(&old), (old.generation(), 101));
+        tracker.revoke("t", 0);
+        // Assigned again, from 90: 95 is acknowledged while 90 is still being handled.
+        let _held = tracker.delivered("t", 0, 90);
+        let acked = tracker.delivered("t", 0, 95);
+        assert_eq!(tracker.complete(&acked), None);
+        assert_eq!(ready(&positions, &[unit(vec![acked])]), Vec::<usize>::new());
     }
 }

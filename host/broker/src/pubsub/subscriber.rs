@@ -262,9 +262,16 @@ impl Settle for PubSubSettle {
     /// every Pub/Sub subscription is at-least-once.
     fn ack_with(
         self: Box<Self>,
+        together: Vec<Box<dyn Settle>>,
         _outputs: Vec<OutgoingMessage>,
-    ) -> Result<DeliveryReceipt, (BrokerError, Box<dyn Settle>)> {
-        Err((crate::at_least_once_refusal(), self))
+    ) -> Result<DeliveryReceipt, (BrokerError, Vec<Box<dyn Settle>>)> {
+        let mut all: Vec<Box<dyn Settle>> = vec![self];
+        all.extend(together);
+        Err((crate::at_least_once_refusal(), all))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

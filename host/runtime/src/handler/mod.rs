@@ -36,7 +36,8 @@
 //! so a host that dies between the two leaves neither. A failed attempt's outputs are dropped;
 //! a dead letter is the output of its original's transaction. A transaction that will not
 //! commit (the partition moved, the member was fenced) leaves the message to whoever holds it
-//! now, which handles it again, so it is not retried here. Its calls carry one message each.
+//! now, which handles it again, so it is not retried here. A batch commits as a whole: a call
+//! with a failure commits nothing, and its other messages go again alone, uncharged.
 //!
 //! Stopping stops the intake, lets the workers finish what they hold and every handled message
 //! settle, and commits before the member leaves its group; a message waiting for a retry is

@@ -194,38 +194,61 @@ impl Settling {
         futures::future::join_all(failures).await;
     }
 
-    /// Exactly-once: commits a successful message's acknowledgement with what its call sent,
-    /// in one transaction; a failed one's outputs are dropped (nothing of a failed call is
-    /// ever seen) and it is retried. Exactly-once calls carry one message (see
-    /// [`super::worker::batch_bound`]); were there more, the outputs would go with the first
-    /// that succeeded.
+    /// Exactly-once: commits the call's messages with what it sent, in one transaction. A call
+    /// with a failure commits nothing: its outputs are dropped (nothing of a failed attempt is
+    /// ever seen; a batch's outputs cannot be told apart by message), the failed messages are
+    /// retried, and the others go again alone without being charged an attempt.
     async fn commit(
         &self,
         jobs: Vec<Job>,
-        mut outputs: Vec<OutgoingMessage>,
+        outputs: Vec<OutgoingMessage>,
         outcomes: Vec<Result<(), Failure>>,
     ) {
         let mut failures = Vec::new();
-        for (job, outcome) in jobs.into_iter().zip(outcomes) {
-            if let Err(failure) = outcome {
-                failures.push(self.failed(job, failure));
-                continue;
+        if outcomes.iter().any(Result::is_err) {
+            let call = jobs.len();
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                match outcome {
+                    Err(failure) => failures.push(self.failed(job, failure)),
+                    Ok(()) => {
+                        tracing::debug!(
+                            "{}: {} goes again alone (a batch of {call} with a failure commits \
+                             nothing)",
+                            self.name,
+                            job.delivery.message.position
+                        );
+                        let _ = self.retries.send(Job { retry: true, ..job });
+                    }
+                }
             }
-            let Job {
-                delivery,
-                attempt,
-                retry,
-            } = job;
-            let position = delivery.message.position.clone();
-            let topic = delivery.message.topic.clone();
-            match delivery.ack_with(std::mem::take(&mut outputs)) {
-                Ok(receipt) => match receipt.wait().await {
-                    Ok(()) => self.stats.count_handled(&topic),
-                    Err(e) => self.committed_elsewhere(&position, &e),
-                },
-                Err(AckRefused { error, delivery }) => {
+            futures::future::join_all(failures).await;
+            return;
+        }
+        let attempts: Vec<(u32, bool)> = jobs.iter().map(|job| (job.attempt, job.retry)).collect();
+        let described: Vec<(String, String)> = jobs
+            .iter()
+            .map(|job| {
+                let message = &job.delivery.message;
+                (message.topic.clone(), message.position.clone())
+            })
+            .collect();
+        let deliveries = jobs.into_iter().map(|job| job.delivery).collect();
+        match Delivery::ack_together(deliveries, outputs) {
+            Ok(receipt) => match receipt.wait().await {
+                Ok(()) => {
+                    for (topic, _) in &described {
+                        self.stats.count_handled(topic);
+                    }
+                }
+                Err(e) => {
+                    let positions: Vec<&str> = described.iter().map(|(_, p)| p.as_str()).collect();
+                    self.committed_elsewhere(&positions.join(", "), &e);
+                }
+            },
+            Err(AckRefused { error, deliveries }) => {
+                for (delivery, (attempt, retry)) in deliveries.into_iter().zip(attempts) {
                     let job = Job {
-                        delivery: *delivery,
+                        delivery,
                         attempt,
                         retry,
                     };
@@ -349,11 +372,16 @@ impl Settling {
                     }
                     Err(AckRefused {
                         error,
-                        delivery: back,
-                    }) => {
-                        delivery = *back;
-                        error
-                    }
+                        mut deliveries,
+                    }) => match deliveries.pop() {
+                        Some(back) => {
+                            delivery = back;
+                            error
+                        }
+                        // Given one, it gives one back; were it not so, the message would be
+                        // left unsettled, for redelivery.
+                        None => return,
+                    },
                 }
             } else {
                 let written = match self.publisher.publish(letter.clone()).await {

@@ -21,13 +21,9 @@ use crate::interfaces::messaging::{CallOutputs, ReceiptSink};
 use crate::manifest::DeliveryGuarantee;
 use switchyard_broker::{Delivery, Publisher};
 
-/// The most messages a worker hands `component` in one call. An exactly-once handler gets one:
-/// what a call sends commits with the message it handled, and a batch's outputs cannot be told
-/// apart by message.
+/// The most messages a worker hands `component` in one call.
 pub(super) fn batch_bound(component: &LoadedComponent) -> usize {
-    if component.config.delivery == DeliveryGuarantee::ExactlyOnce {
-        1
-    } else if component.takes_batches() {
+    if component.takes_batches() {
         component.config.batch.max(1)
     } else {
         1
