@@ -5,6 +5,9 @@
 //! request, once, and counts only its own predictions: its consumer is a new group that starts
 //! where the predictions topic ends when the run starts, so its progress never passes the
 //! number of images (it read the first run's predictions too, and said "2,000/1,000", before).
+//! The classifier runs the strongest delivery the broker offers, and the summary says which:
+//! at-least-once on `switchyard broker` (librdkafka's mock cluster keeps no transactional
+//! offsets), exactly-once on the second broker (it keeps them).
 
 mod support;
 
@@ -23,9 +26,10 @@ fn final_progress(stderr: &[String]) -> &str {
         .unwrap_or_else(|| panic!("no final progress line in {stderr:#?}"))
 }
 
-/// Two demo runs against `broker`; the second one's progress is checked unless the broker
-/// has a defect that makes a new group read some of the first run's predictions.
-async fn run_the_demo_twice(broker: StandaloneBroker, test: &str) {
+/// Two demo runs against `broker`, whose classifiers run with `delivery`; the second one's
+/// progress is checked unless the broker has a defect that makes a new group read some of
+/// the first run's predictions.
+async fn run_the_demo_twice(broker: StandaloneBroker, test: &str, delivery: &str) {
     let components = support::components();
     for run in 1..=2 {
         let demo = Host::start(
@@ -51,6 +55,8 @@ async fn run_the_demo_twice(broker: StandaloneBroker, test: &str) {
         assert_eq!(summary["images"], IMAGES, "demo {run}: {summary}");
         assert_eq!(summary["predictions"], IMAGES, "demo {run}: {summary}");
         assert_eq!(summary["duplicates"], 0, "demo {run}: {summary}");
+        let ran = summary["delivery"].as_str().unwrap_or_default();
+        assert!(ran.starts_with(delivery), "demo {run}: {summary}");
         let progress = final_progress(&stderr);
         let counted_only_its_own =
             progress.starts_with(&format!("predictions: {IMAGES}/{IMAGES} in"));
@@ -72,7 +78,7 @@ async fn run_the_demo_twice(broker: StandaloneBroker, test: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_twice_on_a_standalone_embedded_broker_and_counts_only_its_own_run() {
     let test = "the_demo_runs_twice_on_a_standalone_embedded_broker_and_counts_only_its_own_run";
-    run_the_demo_twice(hosts::kafka().await, test).await;
+    run_the_demo_twice(hosts::kafka().await, test, "at-least-once").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,5 +87,5 @@ async fn the_demo_runs_twice_on_the_second_kafka_broker_and_counts_only_its_own_
     let Some(broker) = hosts::second_kafka(test).await else {
         return;
     };
-    run_the_demo_twice(broker, test).await;
+    run_the_demo_twice(broker, test, "exactly-once").await;
 }

@@ -13,17 +13,28 @@
 //!   messages handled, and receives only what came since;
 //! - the brokers that cannot keep the promise refuse to start the handler, saying why: the
 //!   embedded broker (librdkafka's mock cluster stores no transactional offsets) and Pub/Sub
-//!   (no transaction takes a publish and an acknowledgement together).
+//!   (no transaction takes a publish and an acknowledgement together);
+//! - with real processes: the real classifier's host (`switchyard run`), answering 10,000
+//!   paced requests, killed with SIGKILL twice mid-run and restarted each time, answers every
+//!   request, and exactly-once leaves no duplicate prediction, where the same run at-least-once
+//!   (beside it, on the same broker) leaves the dead hosts' uncommitted work twice. Tansu shows
+//!   the records of aborted transactions to `read_committed` readers, so the copies a killed
+//!   host wrote in its last, open transaction (aborted when its successor took its
+//!   transactional id) are told apart by their `switchyard-transaction` header and counted
+//!   apart: a duplicate is a second copy from a transaction that committed.
 
 mod support;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use support::hosts::{Host, Pipeline, Predictions, StandaloneBroker};
 
 use switchyard_broker::kafka::Kafka;
-use switchyard_broker::{Broker, ErrorKind, OutgoingMessage, Subscriber};
+use switchyard_broker::{Broker, ErrorKind, OutgoingMessage};
 use switchyard_runtime::manifest::{ComponentConfig, DeliveryGuarantee, RetryPolicy};
-use switchyard_runtime::{Runtime, RuntimeError, RuntimeOptions};
+use switchyard_runtime::{HandlerGroup, LoadedComponent, Runtime, RuntimeError, RuntimeOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -49,37 +60,72 @@ async fn send(broker: &dyn Broker, topic: &str, payload: &str) {
 
 /// Everything a reader of `topic` (reading committed data, librdkafka's default) receives
 /// until `topic` has been quiet for a few seconds.
-async fn read_all(reader: &dyn Subscriber) -> Vec<String> {
-    let mut seen = Vec::new();
-    while let Ok(delivery) = tokio::time::timeout(Duration::from_secs(8), reader.next()).await {
-        let delivery = delivery.unwrap();
-        seen.push(String::from_utf8_lossy(&delivery.message.payload).into_owned());
-        delivery.ack().unwrap();
-    }
-    seen
+async fn read_all(broker: &dyn Broker, topic: &str) -> Vec<String> {
+    support::read_all(broker, topic, Duration::from_secs(8)).await
+}
+
+/// An exactly-once handler of a new group running on the second Kafka broker, between an
+/// input and an output topic of its own, joined to its group.
+struct Started {
+    _second: support::SecondKafka,
+    broker: Arc<dyn Broker>,
+    input: String,
+    output: String,
+    runtime: Runtime,
+    loaded: LoadedComponent,
+    running: HandlerGroup,
+}
+
+/// Starts the handler `configure(input, output)` describes; `None` without a second broker.
+async fn start_on_second_kafka(
+    test: &str,
+    configure: impl FnOnce(&str, &str) -> ComponentConfig,
+) -> Option<Started> {
+    let second = support::second_kafka(test)?;
+    let broker: Arc<dyn Broker> = Arc::new(Kafka::connect(second.kafka_config()).await.unwrap());
+    let (input, output) = (support::unique("in"), support::unique("out"));
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
+    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
+        .await
+        .unwrap();
+    let loaded = runtime
+        .load("exactly-once", &configure(&input, &output))
+        .unwrap();
+    let running = runtime.start_handler(&loaded).await.unwrap();
+    running.joined().await.unwrap();
+    Some(Started {
+        _second: second,
+        broker,
+        input,
+        output,
+        runtime,
+        loaded,
+        running,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_it() {
-    let Some(second) = support::second_kafka("exactly_once_handlers") else {
-        return;
-    };
-    let broker: Arc<dyn Broker> = Arc::new(Kafka::connect(second.kafka_config()).await.unwrap());
-    let (input, output) = (support::unique("in"), support::unique("out"));
-    let dead_letters = format!("{input}.dlq");
-    support::create_topics(broker.as_ref(), &[&input, &output]).await;
-    let group = support::unique("g");
     let retry = RetryPolicy {
         max_attempts: 3,
         backoff_ms: 10,
     };
-    let config = exactly_once(&input, &output, &group, retry);
-    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
-        .await
-        .unwrap();
-    let loaded = runtime.load("exactly-once", &config).unwrap();
-    let running = runtime.start_handler(&loaded).await.unwrap();
-    running.joined().await.unwrap();
+    let Some(Started {
+        _second,
+        broker,
+        input,
+        output,
+        runtime,
+        loaded,
+        running,
+    }) = start_on_second_kafka("exactly_once_handlers", |input, output| {
+        exactly_once(input, output, &support::unique("g"), retry)
+    })
+    .await
+    else {
+        return;
+    };
+    let dead_letters = format!("{input}.dlq");
 
     // Sends its attempt number each time, and fails until the third.
     send(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
@@ -93,17 +139,16 @@ async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_
     assert_eq!(stats.snapshot().handled, 1);
     running.stop().await.unwrap();
 
-    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     assert_eq!(
-        read_all(reader.as_ref()).await,
+        read_all(broker.as_ref(), &output).await,
         ["3"],
         "the failed attempts' outputs were dropped"
     );
-    reader.close().await.unwrap();
-    let dead = support::member(broker.as_ref(), &support::unique("dead"), &dead_letters).await;
-    let letters = read_all(dead.as_ref()).await;
-    assert_eq!(letters, ["error"], "the dead letter committed");
-    dead.close().await.unwrap();
+    assert_eq!(
+        read_all(broker.as_ref(), &dead_letters).await,
+        ["error"],
+        "the dead letter committed"
+    );
 
     // The next host of the group: the two messages are behind the committed offsets, so it
     // handles only what is sent now.
@@ -114,8 +159,11 @@ async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_
         .await
         .expect("the new message settled")
         .unwrap();
-    // Anything redelivered would settle too: give it the time to.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Anything redelivered would settle too: a second settlement within a few seconds fails.
+    let mut settled = stats.settled();
+    let redelivered =
+        tokio::time::timeout(Duration::from_secs(3), settled.wait_for(|n| *n >= 2)).await;
+    assert!(redelivered.is_err(), "a handled message came again");
     next.stop().await.unwrap();
     let counts = stats.snapshot();
     assert_eq!(
@@ -123,38 +171,36 @@ async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_
         (1, 0),
         "only the new message"
     );
-    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
     assert_eq!(
-        read_all(reader.as_ref()).await,
+        read_all(broker.as_ref(), &output).await,
         ["3", &format!("echo {output}")]
     );
-    reader.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_commits_as_a_whole_and_its_outputs_are_seen_once() {
-    let Some(second) = support::second_kafka("exactly_once_batches") else {
-        return;
-    };
-    let broker: Arc<dyn Broker> = Arc::new(Kafka::connect(second.kafka_config()).await.unwrap());
-    let (input, output) = (support::unique("in"), support::unique("out"));
-    support::create_topics(broker.as_ref(), &[&input, &output]).await;
     let retry = RetryPolicy {
         max_attempts: 1,
         backoff_ms: 10,
     };
-    let config = ComponentConfig {
+    let Some(Started {
+        _second,
+        broker,
+        input,
+        output,
+        loaded,
+        running,
+        ..
+    }) = start_on_second_kafka("exactly_once_batches", |input, output| ComponentConfig {
         batch: 8,
         batch_max_wait_ms: 1_000,
-        ..exactly_once(&input, &output, &support::unique("g"), retry)
+        ..exactly_once(input, output, &support::unique("g"), retry)
+    })
+    .await
+    else {
+        return;
     };
-    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
-        .await
-        .unwrap();
-    let loaded = runtime.load("exactly-once-batches", &config).unwrap();
     assert!(loaded.takes_batches());
-    let running = runtime.start_handler(&loaded).await.unwrap();
-    running.joined().await.unwrap();
 
     // Sent at once, so they share calls: "batch" answers with its call's size, "error" fails
     // (and, one attempt allowed, becomes a dead letter), the echoes answer with themselves.
@@ -186,9 +232,7 @@ async fn a_batch_commits_as_a_whole_and_its_outputs_are_seen_once() {
     running.stop().await.unwrap();
     assert_eq!(stats.snapshot().handled, 6);
 
-    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
-    let mut seen = read_all(reader.as_ref()).await;
-    reader.close().await.unwrap();
+    let mut seen = read_all(broker.as_ref(), &output).await;
     let sizes: Vec<usize> = seen
         .iter()
         .filter_map(|payload| payload.parse().ok())
@@ -248,4 +292,226 @@ async fn the_embedded_broker_and_pubsub_refuse_exactly_once_handlers() {
     };
     assert_eq!(broker_error.kind(), ErrorKind::Config, "{error:#}");
     assert!(error.to_string().contains("transaction"), "{error:#}");
+}
+
+/// Requests of a crash run, how fast the producer sends them, and after how many answered
+/// requests each of the two kills lands.
+const CRASH_REQUESTS: u64 = 10_000;
+const CRASH_RATE: u64 = 500;
+const KILLS_AFTER: [usize; 2] = [2_500, 6_000];
+/// How long a killed host stays dead, as before its supervisor restarts it.
+const DOWNTIME: Duration = Duration::from_secs(1);
+
+/// What a crash run left on the predictions topic.
+#[derive(Debug)]
+struct CrashOutcome {
+    /// Copies of a request's prediction beyond its first, from transactions that committed
+    /// (at-least-once: all copies beyond the first).
+    duplicates: usize,
+    /// Copies written in transactions that were aborted (exactly-once only), which a reader
+    /// that honours transaction markers never sees.
+    aborted_copies: usize,
+    /// From each restarted host's start to the first prediction after it.
+    resumed_after: Vec<Duration>,
+}
+
+/// The transactions that were aborted. Candidates: the last transaction of every producer
+/// session but the last (a killed host's open transaction, aborted when its successor took
+/// its transactional id, or committed just before the kill), and every one a host said it
+/// aborted. Tansu shows a transaction's records before it ends, so what a candidate wrote
+/// does not say whether it committed; what came after does: its requests were all handled
+/// again if it was aborted (their offsets did not commit), and none was if it committed. A
+/// candidate with any request handled again counts as aborted; were only some handled again,
+/// the others would be left with no committed answer, which the caller fails on.
+fn aborted_transactions(predictions: &Predictions, logs: &[String]) -> HashSet<String> {
+    // Each transaction's requests, and the last N of each TRANSACTIONAL_ID/SESSION.
+    let mut requests_of: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut last_of_session: HashMap<(&str, u128), u64> = HashMap::new();
+    for (request, answers) in predictions.answers() {
+        for tag in answers
+            .iter()
+            .filter_map(|answer| answer.transaction.as_deref())
+        {
+            requests_of.entry(tag).or_default().push(request);
+            let mut parts = tag.rsplitn(3, '/');
+            let number: u64 = parts.next().and_then(|n| n.parse().ok()).expect(tag);
+            let session: u128 = parts.next().and_then(|s| s.parse().ok()).expect(tag);
+            let id = parts.next().expect(tag);
+            let last = last_of_session.entry((id, session)).or_default();
+            *last = (*last).max(number);
+        }
+    }
+    let latest = last_of_session.keys().map(|(_, session)| *session).max();
+    let mut candidates: HashSet<String> = last_of_session
+        .into_iter()
+        .filter(|((_, session), _)| Some(*session) != latest)
+        .map(|((id, session), number)| format!("{id}/{session}/{number}"))
+        .collect();
+    candidates.extend(logs.iter().filter_map(|line| {
+        let (_, rest) = line.split_once("aborted transaction ")?;
+        rest.split_whitespace().next().map(str::to_string)
+    }));
+    let handled_again = |tag: &str, request: &str| {
+        predictions.answers()[request].iter().any(|answer| {
+            answer
+                .transaction
+                .as_deref()
+                .is_some_and(|other| other != tag)
+        })
+    };
+    candidates
+        .into_iter()
+        .filter(|tag| {
+            requests_of
+                .get(tag.as_str())
+                .is_some_and(|requests| requests.iter().any(|r| handled_again(tag, r)))
+        })
+        .collect()
+}
+
+/// The classifier's host with `delivery`, killed with SIGKILL after each of [`KILLS_AFTER`]
+/// answered requests, down for [`DOWNTIME`] and started again, while the producer sends
+/// [`CRASH_REQUESTS`]; then every request is counted.
+async fn kill_the_classifier_twice(broker: &StandaloneBroker, delivery: &str) -> CrashOutcome {
+    let pipeline = Pipeline::new(broker.client.as_ref(), 4).await;
+    let mut predictions = pipeline.predictions(broker.client.as_ref()).await;
+    let manifest = pipeline.classifier_delivering(2, delivery);
+    let name = format!("classifier ({delivery})");
+    let mut host = Host::spawn(&name, &manifest, &broker.url).running().await;
+    let producer = Host::spawn(
+        "producer",
+        &pipeline.producer(CRASH_REQUESTS, CRASH_RATE),
+        &broker.url,
+    );
+    let mut logs = Vec::new();
+    let mut resumed_after = Vec::new();
+    let mut restarted: Option<Instant> = None;
+    for (kill, after) in KILLS_AFTER.into_iter().enumerate() {
+        let (_, first) = predictions.until(after).await;
+        if let Some(restarted) = restarted {
+            resumed_after.push(
+                first
+                    .expect("a prediction")
+                    .saturating_duration_since(restarted),
+            );
+        }
+        logs.extend(host.kill_with_log().await);
+        eprintln!(
+            "{delivery}: killed the classifier after {} answered requests",
+            predictions.distinct()
+        );
+        tokio::time::sleep(DOWNTIME).await;
+        predictions.drain();
+        restarted = Some(Instant::now());
+        host = Host::spawn(
+            &format!("{name}, restart {}", kill + 1),
+            &manifest,
+            &broker.url,
+        )
+        .running()
+        .await;
+    }
+    let (_, first) = predictions.until(CRASH_REQUESTS as usize).await;
+    if let Some(restarted) = restarted {
+        resumed_after.push(
+            first
+                .expect("a prediction")
+                .saturating_duration_since(restarted),
+        );
+    }
+    producer.exit().await;
+    predictions.until_quiet(Duration::from_secs(5)).await;
+    host.send_signal(libc::SIGTERM);
+    let (status, stdout, log) = host.finish_with_log().await;
+    assert!(status.success(), "{name}: {status}: {stdout}");
+    logs.extend(log);
+    assert!(
+        predictions.answers_exactly(CRASH_REQUESTS),
+        "{delivery}: every request answered, and nothing else"
+    );
+
+    let aborted = match delivery {
+        "exactly-once" => aborted_transactions(&predictions, &logs),
+        _ => HashSet::new(),
+    };
+    let (mut duplicates, mut aborted_copies) = (0, 0);
+    for (request, answers) in predictions.answers() {
+        let committed = answers
+            .iter()
+            .filter(|answer| {
+                let from_aborted = answer
+                    .transaction
+                    .as_ref()
+                    .is_some_and(|tag| aborted.contains(tag));
+                aborted_copies += usize::from(from_aborted);
+                !from_aborted
+            })
+            .count();
+        assert!(
+            committed >= 1,
+            "{delivery}: {request} has no committed answer: {answers:?}"
+        );
+        duplicates += committed - 1;
+    }
+    if delivery == "exactly-once" {
+        assert!(
+            predictions
+                .answers()
+                .values()
+                .flatten()
+                .all(|answer| answer.transaction.is_some()),
+            "every prediction names its transaction"
+        );
+    }
+    CrashOutcome {
+        duplicates,
+        aborted_copies,
+        resumed_after,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifier_killed_twice_mid_run_answers_every_request_once_exactly_once() {
+    let test = "a_classifier_killed_twice_mid_run_answers_every_request_once_exactly_once";
+    let Some(second) = support::hosts::second_kafka(test).await else {
+        return;
+    };
+    // At-least-once on the embedded broker over TCP (the mock `switchyard broker` runs, which
+    // cannot run exactly-once) and on the second broker, then exactly-once on the second.
+    let embedded = support::hosts::kafka().await;
+    let at_least_once_embedded = kill_the_classifier_twice(&embedded, "at-least-once").await;
+    let at_least_once = kill_the_classifier_twice(&second, "at-least-once").await;
+    let exactly_once = kill_the_classifier_twice(&second, "exactly-once").await;
+    eprintln!(
+        "{CRASH_REQUESTS} requests at {CRASH_RATE}/s, the classifier killed twice:\n  \
+         embedded broker, at-least-once: {at_least_once_embedded:?}\n  \
+         {url}, at-least-once: {at_least_once:?}\n  \
+         {url}, exactly-once:  {exactly_once:?}",
+        url = second.url
+    );
+    for (run, outcome) in [
+        ("embedded, at-least-once", &at_least_once_embedded),
+        ("second, at-least-once", &at_least_once),
+        ("second, exactly-once", &exactly_once),
+    ] {
+        eprintln!(
+            "{run}: the restarted hosts' first predictions came {:?} after they started",
+            outcome.resumed_after
+        );
+    }
+    assert_eq!(
+        exactly_once.duplicates, 0,
+        "exactly-once: a prediction committed twice: {exactly_once:?}"
+    );
+    // At-least-once: what each dead host handled since its last offset commit (every second),
+    // and had fetched, comes again: at most about two seconds of requests per kill. On Tansu
+    // 0.6.0 it is far more (measured 4,391 and 4,869): the commits of the host started while
+    // the dead one was still in the group did not hold; reported, not asserted.
+    assert!(
+        at_least_once_embedded.duplicates <= KILLS_AFTER.len() * 2 * CRASH_RATE as usize,
+        "{at_least_once_embedded:?}"
+    );
+    for outcome in [&at_least_once_embedded, &at_least_once] {
+        assert_eq!(outcome.aborted_copies, 0, "{outcome:?}");
+    }
 }

@@ -30,7 +30,10 @@
 //! 7. Brokers: the first pipeline case on each broker the suite runs against, alternating round
 //!    by round: the embedded broker in the demo's process, a standalone `switchyard broker`, the
 //!    second Kafka-protocol broker (Tansu 0.6.0, `.ci/install-tansu`; a row saying so when it
-//!    is missing) and Google's Pub/Sub emulator. `just bench 3 brokers` runs this section alone.
+//!    is missing) and Google's Pub/Sub emulator. On the second Kafka broker, the one here that
+//!    keeps transactions, the classifier runs at-least-once and exactly-once (a transaction
+//!    per call), each at full speed and paced at 2,000 requests/s: the cost of exactly-once in
+//!    throughput and in p50/p99. `just bench 3 brokers` runs this section alone.
 //!
 //! It prints one Markdown table and writes the same rows as JSON to
 //! `<target dir>/bench/pipeline.json`.
@@ -353,27 +356,56 @@ fn broker_rows(
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     eprintln!("the first case on every broker…");
-    let brokers = [
-        "embedded broker, in the demo's process",
-        "standalone `switchyard broker`",
-        "second Kafka-protocol broker (Tansu 0.6.0, or KAFKA_BOOTSTRAP's)",
-        "Pub/Sub emulator",
+    let with = |extra: &[&str]| {
+        let mut args = first_case.1.clone();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        args
+    };
+    let paced = PACED_RATE.to_string();
+    let second_kafka_cases = [
+        ("at-least-once", vec!["--delivery", "at-least-once"]),
+        ("exactly-once", vec!["--delivery", "exactly-once"]),
+        (
+            "at-least-once, paced",
+            vec!["--delivery", "at-least-once", "--rate", &paced],
+        ),
+        (
+            "exactly-once, paced",
+            vec!["--delivery", "exactly-once", "--rate", &paced],
+        ),
     ];
+    type Case<'a> = (String, Box<dyn Fn() -> anyhow::Result<Option<Demo>> + 'a>);
+    let mut brokers: Vec<Case> = vec![
+        (
+            "embedded broker, in the demo's process".into(),
+            Box::new(|| run_demo(paths, &first_case.1, None).map(Some)),
+        ),
+        (
+            "standalone `switchyard broker`".into(),
+            Box::new(|| on_standalone_broker(paths, &first_case.1).map(Some)),
+        ),
+    ];
+    for (delivery, extra) in &second_kafka_cases {
+        let args = with(extra);
+        brokers.push((
+            format!(
+                "second Kafka-protocol broker (Tansu 0.6.0, or KAFKA_BOOTSTRAP's), {}",
+                delivery.replace("paced", &format!("paced at {PACED_RATE}/s"))
+            ),
+            Box::new(move || on_second_kafka(paths, &args)),
+        ));
+    }
+    brokers.push((
+        "Pub/Sub emulator".into(),
+        Box::new(|| on_pubsub_emulator(paths, &first_case.1).map(Some)),
+    ));
     let mut runs: Vec<Vec<Demo>> = brokers.iter().map(|_| Vec::new()).collect();
     let mut no_second_kafka = false;
     for round in 0..rounds {
-        for (index, name) in brokers.iter().enumerate() {
-            let demo = match index {
-                0 => run_demo(paths, &first_case.1, None)?,
-                1 => on_standalone_broker(paths, &first_case.1)?,
-                2 => match on_second_kafka(paths, &first_case.1)? {
-                    Some(demo) => demo,
-                    None => {
-                        no_second_kafka = true;
-                        continue;
-                    }
-                },
-                _ => on_pubsub_emulator(paths, &first_case.1)?,
+        for (index, (name, run)) in brokers.iter().enumerate() {
+            let Some(demo) = run()? else {
+                no_second_kafka = true;
+                continue;
             };
             eprintln!(
                 "  round {} {name:<44} {:>6.0} images/s  p50 {:>7.1} ms  first prediction {:>5.1} s",
@@ -385,7 +417,7 @@ fn broker_rows(
             runs[index].push(demo);
         }
     }
-    for (name, demos) in brokers.iter().zip(&runs) {
+    for ((name, _), demos) in brokers.iter().zip(&runs) {
         if demos.is_empty() && no_second_kafka {
             rows.push(skipped(
                 &format!("brokers: {name}"),

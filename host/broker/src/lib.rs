@@ -46,6 +46,14 @@ pub use error::{BrokerError, ErrorKind};
 /// Header carrying a message's content type on backends without a native field for it.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
 
+/// Header naming the Kafka transaction that wrote a message sent with
+/// [`Delivery::ack_with`] on an exactly-once subscription: `TRANSACTIONAL_ID/SESSION/N`, the
+/// producer's transactional id, when its producer started (Unix ms) and the transaction's
+/// number in that producer. An audit can tell which commit wrote what, and a reader of a
+/// broker that shows aborted records to `read_committed` readers (Tansu 0.6.0, librdkafka's
+/// mock) can tell a killed producer's last, aborted transaction from a committed one.
+pub const TRANSACTION_HEADER: &str = "switchyard-transaction";
+
 /// A message to publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutgoingMessage {
@@ -479,6 +487,18 @@ pub trait Broker: Send + Sync {
 
     /// Joins a group and starts receiving.
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError>;
+
+    /// Whether a [`Guarantee::ExactlyOnce`] subscription to `topics` would be accepted: `Ok`,
+    /// or the error (of kind [`ErrorKind::Config`] when this broker cannot run exactly-once at
+    /// all) that `subscribe` would give. Lets a caller choose the strongest delivery a broker
+    /// offers before it subscribes; `subscribe` asks the same.
+    async fn offers_exactly_once(&self, topics: &[String]) -> Result<(), BrokerError> {
+        let _ = topics;
+        Err(BrokerError::config(format!(
+            "{} has no transactions, so exactly-once cannot hold there: use at-least-once",
+            self.describe()
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -472,10 +472,31 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
         })
         .await
         .unwrap();
-    // Long enough for the member to have looked for the topic and found it missing: it must
-    // look again (a race without this wait, and a failure on Tansu, until members refreshed
-    // their metadata every 5 s instead of librdkafka's 5 minutes).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    if backend.kafka {
+        // The topic is created only once the member has looked for it and reported it
+        // missing, so it must look again: a race without this wait, and a failure on Tansu
+        // until members refreshed their metadata every 5 s instead of librdkafka's 5 minutes.
+        // librdkafka reports the miss to a receiving member (after
+        // `topic.metadata.propagation.max.ms`), so the member receives until its log says so.
+        let mut log = support::capture_logs();
+        let reported_missing = log.wait_for(|log| {
+            log.lines()
+                .any(|line| line.contains(&later) && line.contains("retrying"))
+        });
+        tokio::select! {
+            reported = tokio::time::timeout(Duration::from_secs(90), reported_missing) => {
+                reported
+                    .unwrap_or_else(|_| {
+                        panic!("{}: the member never reported {later} missing", backend.name)
+                    })
+                    .unwrap();
+            }
+            delivery = member.next() => match delivery {
+                Ok(_) => panic!("{}: a message from {later}, which does not exist", backend.name),
+                Err(e) => panic!("{}: receiving from a missing topic failed: {e:#}", backend.name),
+            },
+        }
+    }
     backend
         .broker
         .ensure_topics(&[TopicSpec {

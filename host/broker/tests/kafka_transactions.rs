@@ -29,6 +29,8 @@ use switchyard_broker::{
 };
 
 const WAIT: Duration = Duration::from_secs(60);
+/// How long a topic stays quiet before a reader takes it to hold nothing more.
+const QUIET: Duration = Duration::from_secs(8);
 
 fn exactly_once(group: &str, topic: &str, transactional_id: &str) -> SubscriptionSpec {
     SubscriptionSpec {
@@ -68,16 +70,9 @@ async fn handle(delivery: Delivery, output: &str) -> Result<(), switchyard_broke
     delivery.ack_with(vec![reply])?.wait().await
 }
 
-/// Everything on `topic` until it has been quiet for a few seconds.
+/// Everything on `topic`, sorted, until it has been quiet for a few seconds.
 async fn read_all(broker: &dyn Broker, topic: &str) -> Vec<String> {
-    let reader = support::member(broker, &support::unique("reader"), topic).await;
-    let mut seen = Vec::new();
-    while let Ok(delivery) = tokio::time::timeout(Duration::from_secs(8), reader.next()).await {
-        let delivery = delivery.unwrap();
-        seen.push(payload(&delivery));
-        delivery.ack().unwrap();
-    }
-    reader.close().await.unwrap();
+    let mut seen = support::read_all(broker, topic, QUIET).await;
     seen.sort();
     seen
 }

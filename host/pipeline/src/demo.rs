@@ -18,11 +18,13 @@ use serde::Serialize;
 
 use crate::build::{BuildError, ComponentBuild};
 use switchyard_broker::window::PublishWindow;
-use switchyard_broker::{BrokerConfig, StartPosition};
+use switchyard_broker::{Broker, BrokerConfig, ErrorKind, StartPosition};
 use switchyard_runtime::app::App;
 
 use crate::report::RunReport;
-use switchyard_runtime::manifest::{ComponentConfig, Limits, Manifest, Preopen, TopicConfig};
+use switchyard_runtime::manifest::{
+    ComponentConfig, DeliveryGuarantee, Limits, Manifest, Preopen, TopicConfig,
+};
 use switchyard_runtime::nn::{NnEngine, onnxruntime};
 use switchyard_runtime::progress::Progress;
 use switchyard_runtime::results::{Results, ResultsConfig};
@@ -141,6 +143,9 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Where to serve Prometheus metrics while it runs, if anywhere.
     pub metrics: Option<switchyard_runtime::manifest::MetricsConfig>,
+    /// The classifier's delivery; `None`: exactly-once where the broker offers it (a Kafka
+    /// cluster that keeps transactions), else at-least-once.
+    pub delivery: Option<DeliveryGuarantee>,
 }
 
 /// What a demo run gives: its summary, and the report of its predictions (read once from the
@@ -190,6 +195,8 @@ pub struct DemoReport {
     /// What computed the predictions: `wasi-nn (tract)` on the host, or `wasm (tract)` inside
     /// the classifier (both, with counts, if they were mixed).
     pub inference: String,
+    /// The classifier's delivery (`exactly-once`, `at-least-once`) and why it was chosen.
+    pub delivery: String,
 }
 
 /// The demo's summary for a terminal: what its last line says as JSON, one field a line.
@@ -216,6 +223,7 @@ impl std::fmt::Display for DemoReport {
             ms(self.p99_ms)
         )?;
         writeln!(f, "  inference          {}", self.inference)?;
+        writeln!(f, "  delivery           {}", self.delivery)?;
         if self.inference.contains("tract, native") && onnxruntime::library_path().is_none() {
             writeln!(
                 f,
@@ -239,8 +247,9 @@ impl std::fmt::Display for DemoReport {
     }
 }
 
-/// The manifest of the pipeline: the same one `components/pipeline.toml` spells out.
-pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
+/// The manifest of the pipeline: the same one `components/pipeline.toml` spells out, with the
+/// classifier's `delivery`.
+pub fn manifest(options: &DemoOptions, run_id: &str, delivery: DeliveryGuarantee) -> Manifest {
     let component =
         |name: &str| ComponentConfig::new(options.components.join(format!("{name}.wasm")));
     let models = Preopen {
@@ -291,6 +300,7 @@ pub fn manifest(options: &DemoOptions, run_id: &str) -> Manifest {
         .map(String::from)
         .to_vec(),
         preopens: vec![models],
+        delivery,
         ..component("classifier")
     };
     let mut consumer_args = vec!["--run-id".to_string(), run_id.to_string()];
@@ -476,17 +486,60 @@ fn requests_sent(
     Ok(sent)
 }
 
+/// The classifier's delivery: the one asked for, else exactly-once where `broker` offers it
+/// for the requests topic (a Kafka cluster that keeps transactions), else at-least-once; with
+/// a word on why, for the summary.
+async fn choose_delivery(
+    broker: &dyn Broker,
+    asked: Option<DeliveryGuarantee>,
+) -> Result<(DeliveryGuarantee, String), DemoError> {
+    if let Some(asked) = asked {
+        return Ok((asked, format!("{} (as asked)", asked.name())));
+    }
+    match broker.offers_exactly_once(&[REQUESTS_TOPIC.into()]).await {
+        Ok(()) => Ok((
+            DeliveryGuarantee::ExactlyOnce,
+            "exactly-once (predictions and offsets commit in Kafka transactions)".into(),
+        )),
+        Err(e) if e.kind() == ErrorKind::Config => {
+            tracing::info!("the classifier runs at-least-once: {e}");
+            Ok((
+                DeliveryGuarantee::AtLeastOnce,
+                "at-least-once (this broker has no exactly-once; the store keeps one row \
+                 per request)"
+                    .into(),
+            ))
+        }
+        Err(e) => Err(RuntimeError::from(e).into()),
+    }
+}
+
 /// Runs the pipeline once and reports.
 pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
     let run_id = new_run_id();
-    let manifest = manifest(options, &run_id);
     let started_ms = unix_ms();
     // The demo's components write its table, whatever else the host keeps.
     let runtime = RuntimeOptions {
         tables: crate::predictions::tables(),
         ..options.runtime.clone()
     };
-    let app = App::start(&manifest, runtime).await?;
+    let connected = options.broker.connect().await.map_err(RuntimeError::from)?;
+    // The broker says whether it can run exactly-once on the requests topic once it exists
+    // (the topics are the same whatever the delivery).
+    let topics = switchyard_runtime::app::topics(&manifest(
+        options,
+        &run_id,
+        DeliveryGuarantee::AtLeastOnce,
+    ));
+    connected
+        .broker
+        .ensure_topics(&topics)
+        .await
+        .map_err(RuntimeError::from)?;
+    let (delivery, delivery_said) =
+        choose_delivery(connected.broker.as_ref(), options.delivery).await?;
+    let manifest = manifest(options, &run_id, delivery);
+    let app = App::start_on(connected, &manifest, runtime).await?;
     let broker = app.runtime.broker().describe();
     let Some(results) = app.runtime.results().cloned() else {
         app.stop().await?;
@@ -648,6 +701,7 @@ pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
             ),
             None => describe_engines(&summary.engines, options.inference),
         },
+        delivery: delivery_said,
     };
     Ok(Demo { report, run })
 }

@@ -116,18 +116,41 @@ pub struct Running {
     pub version: String,
 }
 
+/// Refuses a component that cannot run, before anything is compiled or connected.
+fn check_components(manifest: &Manifest, options: &RuntimeOptions) -> Result<(), RuntimeError> {
+    for (name, config) in &manifest.components {
+        crate::check_before_compiling(name, config, &options.tables)?;
+    }
+    Ok(())
+}
+
 impl App {
     /// Connects, creates topics, loads every component and starts the handlers. Commands are
     /// loaded (so a broken one fails now) but run by [`App::run_commands`].
-    pub async fn start(
+    pub async fn start(manifest: &Manifest, options: RuntimeOptions) -> Result<Self, RuntimeError> {
+        // A component that cannot run is refused before the broker is reached.
+        check_components(manifest, &options)?;
+        let broker = manifest.broker.connect().await?;
+        Self::start_connected(broker, manifest, options).await
+    }
+
+    /// [`App::start`] on a broker already connected to what `manifest.broker` names: for a
+    /// caller that asks the broker something before it decides the manifest (the demo asks
+    /// whether it can run exactly-once).
+    pub async fn start_on(
+        broker: ConnectedBroker,
+        manifest: &Manifest,
+        options: RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        check_components(manifest, &options)?;
+        Self::start_connected(broker, manifest, options).await
+    }
+
+    async fn start_connected(
+        broker: ConnectedBroker,
         manifest: &Manifest,
         mut options: RuntimeOptions,
     ) -> Result<Self, RuntimeError> {
-        // A component that cannot run is refused before the broker is reached.
-        for (name, config) in &manifest.components {
-            crate::check_before_compiling(name, config, &options.tables)?;
-        }
-        let broker = manifest.broker.connect().await?;
         broker.broker.ensure_topics(&topics(manifest)).await?;
         let needed = pool_size(manifest);
         options.pool = PoolSize {

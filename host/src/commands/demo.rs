@@ -12,7 +12,7 @@ use switchyard_broker::pubsub::PubSubEmulator;
 use switchyard_pipeline::demo::{self, DemoOptions};
 use switchyard_pipeline::report::default_reports_dir;
 use switchyard_runtime::RuntimeOptions;
-use switchyard_runtime::manifest::MetricsConfig;
+use switchyard_runtime::manifest::{DeliveryGuarantee, MetricsConfig};
 use switchyard_runtime::nn::NnEngine;
 use switchyard_runtime::results::ResultsConfig;
 
@@ -60,6 +60,32 @@ pub struct DemoArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics while it runs (127.0.0.1:9464, say).
     #[arg(long, env = "SWITCHYARD_METRICS", value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// The classifier's delivery: `auto` is exactly-once where the broker keeps Kafka
+    /// transactions (a Kafka cluster; not the embedded broker, `switchyard broker` or
+    /// Pub/Sub), else at-least-once; the summary says which ran.
+    #[arg(long, value_enum, default_value_t = Delivery::Auto)]
+    pub delivery: Delivery,
+}
+
+/// The demo classifier's delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    /// Exactly-once where the broker offers it, else at-least-once.
+    Auto,
+    /// Each request answered at least once; the results store keeps one row per request.
+    AtLeastOnce,
+    /// Predictions and the requests' offsets commit in Kafka transactions.
+    ExactlyOnce,
+}
+
+impl Delivery {
+    fn guarantee(self) -> Option<DeliveryGuarantee> {
+        match self {
+            Delivery::Auto => None,
+            Delivery::AtLeastOnce => Some(DeliveryGuarantee::AtLeastOnce),
+            Delivery::ExactlyOnce => Some(DeliveryGuarantee::ExactlyOnce),
+        }
+    }
 }
 
 /// Where the demo's classifier runs its model.
@@ -99,6 +125,7 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
         inference,
         results,
         metrics,
+        delivery,
     } = args;
     let results = match results {
         Some(url) => ResultsConfig::from_url(&url)?,
@@ -146,6 +173,7 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
         results,
         progress: true,
         metrics: metrics.map(|listen| MetricsConfig { listen }),
+        delivery: delivery.guarantee(),
     };
     let demo::Demo { mut report, run } = demo::run(&demo).await?;
     eprint!("\n{report}");

@@ -104,6 +104,21 @@ pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Su
         .expect("subscribing")
 }
 
+/// The payloads (as text, in arrival order) a new group's member reads from `topic`, from its
+/// start, until `topic` has been quiet for `quiet`. Each is acknowledged; the member is closed.
+/// Reads what the default isolation shows (committed data on Kafka).
+pub async fn read_all(broker: &dyn Broker, topic: &str, quiet: Duration) -> Vec<String> {
+    let reader = member(broker, &unique("reader"), topic).await;
+    let mut seen = Vec::new();
+    while let Ok(delivery) = tokio::time::timeout(quiet, reader.next()).await {
+        let delivery = delivery.expect("receiving");
+        seen.push(String::from_utf8_lossy(&delivery.message.payload).into_owned());
+        delivery.ack().expect("acknowledging");
+    }
+    reader.close().await.expect("closing the reader");
+    seen
+}
+
 /// Waits until `condition` holds, failing the test after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -149,10 +164,15 @@ pub fn hold_port(port: u16) -> tokio::net::TcpSocket {
     socket
 }
 
-/// Everything switchyard logs from now on (as `RUST_LOG` says; by default switchyard's and
-/// rdkafka's lines at `info`), as text a test can wait on; also echoed to standard error.
-/// Once per test binary.
+/// Everything switchyard logs from the first call on (as `RUST_LOG` says; by default
+/// switchyard's and rdkafka's lines at `info`), as text a test can wait on; also echoed to
+/// standard error. Every call of a test binary shares the one log.
 pub fn capture_logs() -> tokio::sync::watch::Receiver<String> {
+    static LOG: OnceLock<tokio::sync::watch::Receiver<String>> = OnceLock::new();
+    LOG.get_or_init(start_capturing_logs).clone()
+}
+
+fn start_capturing_logs() -> tokio::sync::watch::Receiver<String> {
     #[derive(Clone)]
     struct Log(Arc<tokio::sync::watch::Sender<String>>);
     impl std::io::Write for Log {

@@ -14,6 +14,7 @@ use switchyard_broker::BrokerConfig;
 use switchyard_broker::kafka::EmbeddedKafka;
 use switchyard_broker::kafka::{Kafka, KafkaConfig};
 use switchyard_broker::{Broker, TopicSpec};
+use switchyard_runtime::results::{Results, ResultsConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -220,6 +221,18 @@ impl Host {
         self.child.kill().await.unwrap();
     }
 
+    /// [`Host::kill`], then the lines it wrote to standard error that [`Host::wait_for`] has
+    /// not taken.
+    pub async fn kill_with_log(mut self) -> Vec<String> {
+        self.child.kill().await.unwrap();
+        let mut log = Vec::new();
+        // The reader of standard error ends, and drops its sender, at the end of the stream.
+        while let Some(line) = self.lines.recv().await {
+            log.push(line);
+        }
+        log
+    }
+
     /// SIGTERM; checks the exit status (0) and returns standard output.
     pub async fn stop(self) -> String {
         self.signal(libc::SIGTERM).await
@@ -331,7 +344,21 @@ impl Pipeline {
     /// [`Pipeline::classifier`] with the classifier's `.wasm` at `wasm`.
     pub fn classifier_with(&self, workers: usize, wasm: &Path) -> PathBuf {
         let path = self.dir.path().join(format!("classifier-{workers}.toml"));
-        let manifest = format!(
+        std::fs::write(&path, self.classifier_entry(workers, wasm)).unwrap();
+        path
+    }
+
+    /// [`Pipeline::classifier`] with the manifest's `delivery` (`at-least-once`,
+    /// `exactly-once`).
+    pub fn classifier_delivering(&self, workers: usize, delivery: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("classifier-{delivery}.toml"));
+        let entry = self.classifier_entry(workers, &super::component("classifier"));
+        std::fs::write(&path, format!("{entry}delivery = {delivery:?}\n")).unwrap();
+        path
+    }
+
+    fn classifier_entry(&self, workers: usize, wasm: &Path) -> String {
+        format!(
             "[components.classifier]\n\
              wasm = {wasm:?}\n\
              subscribe = [{requests:?}]\n\
@@ -347,16 +374,96 @@ impl Pipeline {
             predictions = self.predictions,
             group = format!("{}-classifier", self.requests),
             models = super::models(),
-        );
-        std::fs::write(&path, manifest).unwrap();
-        path
+        )
     }
 
     /// A manifest for the producer sending `count` test images at `rate` per second, with
     /// request ids `run-0`, `run-1`, ….
     pub fn producer(&self, count: u64, rate: u64) -> PathBuf {
         let path = self.dir.path().join("producer.toml");
-        let manifest = format!(
+        std::fs::write(&path, self.producer_entry(count, rate)).unwrap();
+        path
+    }
+
+    /// A manifest for the consumer, storing each prediction of run `run` once in this
+    /// pipeline's results store ([`Pipeline::results`]).
+    pub fn consumer(&self) -> PathBuf {
+        let path = self.dir.path().join("consumer.toml");
+        std::fs::write(&path, self.consumer_entry() + &self.results_section()).unwrap();
+        path
+    }
+
+    /// A manifest for the classifier (two workers) and the consumer in one host.
+    pub fn handlers(&self) -> PathBuf {
+        let path = self.dir.path().join("handlers.toml");
+        let wasm = super::component("classifier");
+        let manifest = self.classifier_entry(2, &wasm) + &self.consumer_entry();
+        std::fs::write(&path, manifest + &self.results_section()).unwrap();
+        path
+    }
+
+    /// A manifest for all three components in one host, as the demo runs them: the producer
+    /// sends `count` requests at `rate` per second once the handlers have joined.
+    pub fn all_three(&self, count: u64, rate: u64) -> PathBuf {
+        let path = self.dir.path().join("all-three.toml");
+        let wasm = super::component("classifier");
+        let manifest = self.producer_entry(count, rate)
+            + &self.classifier_entry(2, &wasm)
+            + &self.consumer_entry();
+        std::fs::write(&path, manifest + &self.results_section()).unwrap();
+        path
+    }
+
+    /// Where this pipeline's consumer stores its predictions: a SQLite file of its own.
+    pub fn results(&self) -> ResultsConfig {
+        ResultsConfig::Sqlite {
+            path: self.dir.path().join("results.sqlite3"),
+        }
+    }
+
+    /// The request ids of run `run` in [`Pipeline::results`] (none before the consumer
+    /// created the store).
+    pub async fn stored(&self) -> Vec<String> {
+        let ResultsConfig::Sqlite { path } = self.results() else {
+            unreachable!("a SQLite store");
+        };
+        if !path.exists() {
+            return Vec::new();
+        }
+        let results = Results::open(&self.results(), &switchyard_pipeline::predictions::tables())
+            .await
+            .expect("opening the pipeline's results store");
+        switchyard_pipeline::predictions::read(&results, "run")
+            .await
+            .expect("reading the pipeline's results store")
+            .into_iter()
+            .map(|record| record.prediction.request_id)
+            .collect()
+    }
+
+    fn results_section(&self) -> String {
+        let ResultsConfig::Sqlite { path } = self.results() else {
+            unreachable!("a SQLite store");
+        };
+        format!("[results.sqlite]\npath = {path:?}\n")
+    }
+
+    fn consumer_entry(&self) -> String {
+        format!(
+            "[components.consumer]\n\
+             wasm = {wasm:?}\n\
+             subscribe = [{predictions:?}]\n\
+             group = {group:?}\n\
+             args = [\"--quiet\", \"--run-id\", \"run\"]\n\
+             results = [\"predictions\"]\n",
+            wasm = super::component("consumer"),
+            predictions = self.predictions,
+            group = format!("{}-consumer", self.predictions),
+        )
+    }
+
+    fn producer_entry(&self, count: u64, rate: u64) -> String {
+        format!(
             "[components.producer]\n\
              wasm = {wasm:?}\n\
              publish = [{requests:?}]\n\
@@ -369,9 +476,7 @@ impl Pipeline {
             wasm = super::component("producer"),
             requests = self.requests,
             models = super::models(),
-        );
-        std::fs::write(&path, manifest).unwrap();
-        path
+        )
     }
 
     /// Reads the predictions topic in a group of its own (subscribed before this returns, so
@@ -391,10 +496,18 @@ impl Pipeline {
                     .as_str()
                     .expect("a prediction names its request")
                     .to_string();
-                let sent_by = super::sent_by(&delivery.message);
+                let answer = Answer {
+                    sent_by: super::sent_by(&delivery.message),
+                    transaction: delivery
+                        .message
+                        .headers
+                        .iter()
+                        .find(|(name, _)| name == switchyard_broker::TRANSACTION_HEADER)
+                        .map(|(_, tag)| tag.clone()),
+                };
                 delivery.ack().unwrap();
                 read.send_modify(|read| *read += 1);
-                if sender.send((request, arrived, sent_by)).is_err() {
+                if sender.send((request, arrived, answer)).is_err() {
                     break;
                 }
             }
@@ -403,19 +516,29 @@ impl Pipeline {
         Predictions {
             arrivals,
             read: read_count,
-            builds: HashMap::new(),
+            answers: HashMap::new(),
         }
     }
 }
 
+/// One prediction of a request.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The build that made it (`switchyard-sent-by`).
+    pub sent_by: String,
+    /// The Kafka transaction that wrote it (`switchyard-transaction`), when an exactly-once
+    /// handler sent it.
+    pub transaction: Option<String>,
+}
+
 /// The predictions read so far, counted by request id.
 pub struct Predictions {
-    arrivals: mpsc::UnboundedReceiver<(String, Instant, String)>,
+    arrivals: mpsc::UnboundedReceiver<(String, Instant, Answer)>,
     /// Predictions read from the topic so far, duplicates included, counted as they arrive
     /// (before [`Predictions::until`] takes them).
     read: tokio::sync::watch::Receiver<usize>,
-    /// The builds (`switchyard-sent-by`) that answered each request, one per prediction.
-    builds: HashMap<String, Vec<String>>,
+    /// The predictions of each request.
+    answers: HashMap<String, Vec<Answer>>,
 }
 
 impl Predictions {
@@ -430,81 +553,91 @@ impl Predictions {
     pub async fn until(&mut self, distinct: usize) -> (Instant, Option<Instant>) {
         let mut first = None;
         let mut last = Instant::now();
-        while self.builds.len() < distinct {
-            let (request, arrived, sent_by) = tokio::time::timeout(WAIT, self.arrivals.recv())
+        while self.answers.len() < distinct {
+            let (request, arrived, answer) = tokio::time::timeout(WAIT, self.arrivals.recv())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
                         "{} of {distinct} requests answered after {WAIT:?} more",
-                        self.builds.len()
+                        self.answers.len()
                     )
                 })
                 .unwrap();
             first.get_or_insert(arrived);
             last = arrived;
-            self.record(request, sent_by);
+            self.record(request, answer);
         }
         (last, first)
     }
 
     /// Reads what has arrived, without waiting.
     pub fn drain(&mut self) {
-        while let Ok((request, _, sent_by)) = self.arrivals.try_recv() {
-            self.record(request, sent_by);
+        while let Ok((request, _, answer)) = self.arrivals.try_recv() {
+            self.record(request, answer);
         }
     }
 
     /// Reads until nothing arrives for `quiet`: duplicates that come late (a redelivery storm
     /// would show here).
     pub async fn until_quiet(&mut self, quiet: Duration) {
-        while let Ok(Some((request, _, sent_by))) =
+        while let Ok(Some((request, _, answer))) =
             tokio::time::timeout(quiet, self.arrivals.recv()).await
         {
-            self.record(request, sent_by);
+            self.record(request, answer);
         }
     }
 
-    fn record(&mut self, request: String, sent_by: String) {
-        self.builds.entry(request).or_default().push(sent_by);
+    fn record(&mut self, request: String, answer: Answer) {
+        self.answers.entry(request).or_default().push(answer);
     }
 
     /// The builds that answered `request`, as their `switchyard-sent-by` header names them.
-    pub fn builds_of(&self, request: &str) -> &[String] {
-        self.builds.get(request).map_or(&[], Vec::as_slice)
+    pub fn builds_of(&self, request: &str) -> Vec<String> {
+        self.answers
+            .get(request)
+            .into_iter()
+            .flatten()
+            .map(|answer| answer.sent_by.clone())
+            .collect()
     }
 
     /// How many predictions each build made.
     pub fn per_build(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
-        for build in self.builds.values().flatten() {
-            *counts.entry(build.clone()).or_default() += 1;
+        for answer in self.answers.values().flatten() {
+            *counts.entry(answer.sent_by.clone()).or_default() += 1;
         }
         counts
     }
 
+    /// Every prediction read, by request id.
+    pub fn answers(&self) -> &HashMap<String, Vec<Answer>> {
+        &self.answers
+    }
+
     /// Requests with at least one prediction.
     pub fn distinct(&self) -> usize {
-        self.builds.len()
+        self.answers.len()
     }
 
     /// Predictions read, duplicates included.
     pub fn total(&self) -> usize {
-        self.builds.values().map(Vec::len).sum()
+        self.answers.values().map(Vec::len).sum()
     }
 
     /// Predictions beyond the first of their request.
     pub fn duplicates(&self) -> usize {
-        self.total() - self.builds.len()
+        self.total() - self.answers.len()
     }
 
     /// Whether every request `run-0` … `run-{count-1}` has a prediction (and no other does).
     pub fn answers_exactly(&self, count: u64) -> bool {
-        self.builds.len() as u64 == count
-            && (0..count).all(|index| self.builds.contains_key(&format!("run-{index}")))
+        self.answers.len() as u64 == count
+            && (0..count).all(|index| self.answers.contains_key(&format!("run-{index}")))
     }
 
     /// How many times the most repeated request was answered.
     pub fn most_repeated(&self) -> usize {
-        self.builds.values().map(Vec::len).max().unwrap_or(0)
+        self.answers.values().map(Vec::len).max().unwrap_or(0)
     }
 }

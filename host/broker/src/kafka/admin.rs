@@ -41,7 +41,19 @@ struct ClusterTopics {
 }
 
 /// How librdkafka's mock cluster's id begins.
-pub(super) const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
+const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
+
+/// Whether `client` is connected to librdkafka's mock cluster (the embedded broker, perhaps
+/// another process's, as `switchyard broker` runs it), which says what it is in its cluster
+/// id. Blocks the thread for up to `timeout`.
+pub(super) fn is_mock_cluster<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    timeout: Duration,
+) -> bool {
+    client
+        .fetch_cluster_id(timeout)
+        .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX))
+}
 
 impl Kafka {
     fn admin_client(&self) -> Result<Arc<AdminClient<DefaultClientContext>>, BrokerError> {
@@ -75,10 +87,7 @@ impl Kafka {
                 })
                 .collect();
             topics.sort_by(|a, b| a.name.cmp(&b.name));
-            let is_mock = admin
-                .inner()
-                .fetch_cluster_id(timeout)
-                .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX));
+            let is_mock = is_mock_cluster(admin.inner(), timeout);
             Ok::<_, KafkaError>(ClusterTopics { topics, is_mock })
         })
         .await

@@ -105,14 +105,14 @@ impl Kafka {
 
     /// Refuses exactly-once on a cluster that does not keep the offsets its transactions
     /// commit (see [`transactions::keeps_transactional_offsets`]); asked once per client.
-    async fn check_keeps_transactions(&self, spec: &SubscriptionSpec) -> Result<(), BrokerError> {
+    async fn check_keeps_transactions(&self, topics: &[String]) -> Result<(), BrokerError> {
         let kept = self
             .keeps_transactions
             .get_or_try_init(|| async {
                 let config = self.config.clone();
-                let topics = spec.topics.clone();
+                let owned = topics.to_vec();
                 tokio::task::spawn_blocking(move || {
-                    for topic in &topics {
+                    for topic in &owned {
                         if let Some(kept) =
                             transactions::keeps_transactional_offsets(&config, topic)?
                         {
@@ -134,7 +134,7 @@ impl Kafka {
                             format!(
                                 "exactly-once needs its topics to exist first ({:?} do not): \
                                  create them, or let the host create them (create_topics)",
-                                spec.topics
+                                topics
                             ),
                         )
                     })
@@ -234,13 +234,17 @@ impl Broker for Kafka {
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
         if matches!(spec.guarantee, Guarantee::ExactlyOnce { .. }) {
-            if self.embedded.is_some() {
-                return Err(BrokerError::config(EMBEDDED_HAS_NO_TRANSACTIONS));
-            }
-            self.check_keeps_transactions(spec).await?;
+            self.offers_exactly_once(&spec.topics).await?;
         }
         Ok(Arc::new(
             KafkaSubscriber::subscribe_at_start(&self.config, spec).await?,
         ))
+    }
+
+    async fn offers_exactly_once(&self, topics: &[String]) -> Result<(), BrokerError> {
+        if self.embedded.is_some() {
+            return Err(BrokerError::config(EMBEDDED_HAS_NO_TRANSACTIONS));
+        }
+        self.check_keeps_transactions(topics).await
     }
 }

@@ -43,7 +43,9 @@ use super::offsets::{InFlight, OffsetTracker};
 use super::publisher::record_headers;
 use super::subscriber::GroupConsumer;
 use crate::outage::OutageLog;
-use crate::{BrokerError, ErrorKind, OutgoingMessage, check_topic_name, conversions};
+use crate::{
+    BrokerError, ErrorKind, OutgoingMessage, TRANSACTION_HEADER, check_topic_name, conversions,
+};
 
 /// How long one transactional call (init, offsets, commit, abort) may wait for the broker.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -120,7 +122,12 @@ impl Transactions {
         })?;
         let (requests, received) = mpsc::channel();
         let fenced = Arc::new(std::sync::OnceLock::new());
+        let session = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
         let committer = Committer {
+            tag_prefix: format!("{transactional_id}/{session}/"),
+            begun: 0,
             fenced: fenced.clone(),
             producer,
             consumer,
@@ -214,6 +221,10 @@ impl Transactions {
 
 /// The transaction thread's state.
 struct Committer {
+    /// `TRANSACTIONAL_ID/SESSION/`: what each transaction's [`TRANSACTION_HEADER`] starts with.
+    tag_prefix: String,
+    /// Transactions begun so far.
+    begun: u64,
     fenced: Arc<std::sync::OnceLock<String>>,
     producer: ThreadedProducer<ClientErrors>,
     consumer: Weak<GroupConsumer>,
@@ -271,7 +282,9 @@ impl Committer {
                 }
                 continue;
             }
-            match self.transaction(&ready, &limits) {
+            self.begun += 1;
+            let tag = format!("{}{}", self.tag_prefix, self.begun);
+            match self.transaction(&ready, &limits, &tag) {
                 Ok(committed) => {
                     self.outage.received();
                     backoff = RETRY_BACKOFF_MIN;
@@ -282,6 +295,9 @@ impl Committer {
                 }
                 Err(Refused::Again(error)) => {
                     self.outage.error(&error);
+                    // Said of each one (at most one per backoff): on a broker that shows
+                    // aborted records, a reader can tell what this one wrote by its tag.
+                    tracing::info!("aborted transaction {tag} ({error}); trying again");
                     if let Err(abort) = self.producer.abort_transaction(CALL_TIMEOUT) {
                         tracing::debug!("aborting the refused transaction: {abort}");
                     }
@@ -297,8 +313,9 @@ impl Committer {
                 Err(Refused::Fatal(error)) => {
                     let _ = self.fenced.set(error.to_string());
                     tracing::error!(
-                        "{error:#}; this member stops committing, and what it handled since its \
-                         last commit is handled again by whoever holds its partitions now"
+                        "{error:#}: aborted transaction {tag} and stopped committing; what \
+                         this member handled since its last commit is handled again by whoever \
+                         holds its partitions now"
                     );
                     for unit in ready {
                         let _ = unit.committed.send(Err(again(&error)));
@@ -458,6 +475,7 @@ impl Committer {
         &self,
         ready: &[Unit],
         limits: &HashMap<Partition, (u64, i64)>,
+        tag: &str,
     ) -> Result<HashMap<Partition, (u64, i64)>, Refused> {
         let mut committed = HashMap::new();
         for message in ready.iter().flat_map(|unit| &unit.messages) {
@@ -490,7 +508,7 @@ impl Committer {
             .map_err(|e| refused("beginning a transaction", &e))?;
         for unit in ready {
             for output in &unit.outputs {
-                self.produce(output)?;
+                self.produce(output, tag)?;
             }
         }
         self.producer
@@ -506,10 +524,14 @@ impl Committer {
         }
     }
 
-    fn produce(&self, message: &OutgoingMessage) -> Result<(), Refused> {
+    fn produce(&self, message: &OutgoingMessage, tag: &str) -> Result<(), Refused> {
+        let headers = record_headers(message).insert(rdkafka::message::Header {
+            key: TRANSACTION_HEADER,
+            value: Some(tag),
+        });
         let mut record = BaseRecord::to(&message.topic)
             .payload(&message.payload)
-            .headers(record_headers(message));
+            .headers(headers);
         if let Some(key) = conversions::outgoing_key(message) {
             record = record.key(key);
         }
@@ -565,11 +587,7 @@ pub(super) fn keeps_transactional_offsets(
         .map_err(config_error)?;
     // The mock says what it is in its cluster id: no need to ask it anything else (and it
     // creates topics only on first use, so there may be none to commit an offset of yet).
-    if consumer
-        .client()
-        .fetch_cluster_id(timeout)
-        .is_some_and(|id| id.starts_with(super::admin::MOCK_CLUSTER_ID_PREFIX))
-    {
+    if super::admin::is_mock_cluster(consumer.client(), timeout) {
         return Ok(Some(false));
     }
     let metadata = consumer

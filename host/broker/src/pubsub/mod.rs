@@ -262,15 +262,19 @@ impl Broker for PubSub {
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
         if let crate::Guarantee::ExactlyOnce { .. } = spec.guarantee {
-            // Pub/Sub has no transactions: its own "exactly-once delivery" stops a message
-            // that was acknowledged from coming again, but cannot make what a handler
-            // published and its acknowledgement one step.
-            return Err(BrokerError::config(
-                "Pub/Sub cannot settle a message together with what its handling published \
-                 (it has no transactions), so exactly-once is Kafka's only: use at-least-once \
-                 on Pub/Sub, with an idempotent sink",
-            ));
+            self.offers_exactly_once(&spec.topics).await?;
         }
         Ok(Arc::new(PubSubSubscriber::subscribe(self, spec).await?))
+    }
+
+    async fn offers_exactly_once(&self, _topics: &[String]) -> Result<(), BrokerError> {
+        // Pub/Sub has no transactions: its own "exactly-once delivery" stops a message that
+        // was acknowledged from coming again, but cannot make what a handler published and
+        // its acknowledgement one step.
+        Err(BrokerError::config(
+            "Pub/Sub cannot settle a message together with what its handling published \
+             (it has no transactions), so exactly-once is Kafka's only: use at-least-once \
+             on Pub/Sub, with an idempotent sink",
+        ))
     }
 }

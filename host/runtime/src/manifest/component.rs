@@ -88,6 +88,16 @@ pub enum DeliveryGuarantee {
     ExactlyOnce,
 }
 
+impl DeliveryGuarantee {
+    /// Its name in a manifest: `at-least-once`, `exactly-once`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AtLeastOnce => "at-least-once",
+            Self::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
 fn default_workers() -> usize {
     1
 }
