@@ -503,10 +503,12 @@ async fn a_classifier_killed_twice_mid_run_answers_every_request_once_exactly_on
         exactly_once.duplicates, 0,
         "exactly-once: a prediction committed twice: {exactly_once:?}"
     );
-    // At-least-once: what each dead host handled since its last offset commit (every second),
-    // and had fetched, comes again: at most about two seconds of requests per kill. On Tansu
-    // 0.6.0 it is far more (measured 4,391 and 4,869): the commits of the host started while
-    // the dead one was still in the group did not hold; reported, not asserted.
+    // At-least-once: what each dead host handled since its last offset commit (every second)
+    // comes again. On the embedded broker, where a restarted host resumes within 3 s, that is
+    // under two seconds of requests per kill. On Tansu a join takes 11.5 s, so the second kill
+    // lands about 2 s after the first restarted host joined, while it works through the 3,500
+    // requests that queued meanwhile, most of them handled and not yet committed (measured
+    // 4,332 to 5,050 duplicates): reported, not asserted.
     assert!(
         at_least_once_embedded.duplicates <= KILLS_AFTER.len() * 2 * CRASH_RATE as usize,
         "{at_least_once_embedded:?}"
