@@ -30,8 +30,6 @@ const REQUESTS: u64 = 3_000;
 const RATE: u64 = 300;
 /// Distinct predictions seen before the kill.
 const KILL_AFTER: usize = 600;
-/// How long the classifier stays dead.
-const DOWNTIME: Duration = Duration::from_secs(1);
 
 /// What a run measured.
 #[derive(Debug)]
@@ -45,7 +43,7 @@ struct Outcome {
 }
 
 /// Classifier up, producer sending, classifier killed after [`KILL_AFTER`] predictions, down
-/// for [`DOWNTIME`], started again; then every request is counted.
+/// for [`hosts::DOWNTIME`], started again; then every request is counted.
 async fn kill_the_classifier_mid_run(broker: StandaloneBroker) -> Outcome {
     let pipeline = Pipeline::new(broker.client.as_ref(), 4).await;
     let mut predictions = pipeline.predictions(broker.client.as_ref()).await;
@@ -63,7 +61,7 @@ async fn kill_the_classifier_mid_run(broker: StandaloneBroker) -> Outcome {
         predictions.distinct()
     );
     // The host stays dead a set time, as after a crash before its supervisor restarts it.
-    tokio::time::sleep(DOWNTIME).await;
+    tokio::time::sleep(hosts::DOWNTIME).await;
     // What the dead host sent before it died may still have been on its way.
     predictions.drain();
 
@@ -164,7 +162,7 @@ struct RoleOutcome {
 }
 
 /// The pipeline with its consumer storing into a store of its own; `role`'s process killed
-/// with SIGKILL after [`KILL_AFTER`] answered requests, down for [`DOWNTIME`] and started
+/// with SIGKILL after [`KILL_AFTER`] answered requests, down for [`hosts::DOWNTIME`] and started
 /// again; then every request is counted on the topic and in the store.
 async fn kill_mid_run(broker: StandaloneBroker, role: Role) -> RoleOutcome {
     let pipeline = Pipeline::new(broker.client.as_ref(), 4).await;
@@ -209,7 +207,7 @@ async fn kill_mid_run(broker: StandaloneBroker, role: Role) -> RoleOutcome {
     eprintln!(
         "{role:?}: killed after {answered_at_kill} answered requests, {stored_at_kill} stored"
     );
-    tokio::time::sleep(DOWNTIME).await;
+    tokio::time::sleep(hosts::DOWNTIME).await;
     predictions.drain();
     let victim = start_victim(&format!("{victim_name} (restarted)")).await;
 

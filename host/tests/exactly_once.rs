@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::hosts::{Host, Pipeline, Predictions, StandaloneBroker};
+use support::hosts::{self, Host, Pipeline, Predictions, StandaloneBroker};
 
 use switchyard_broker::kafka::Kafka;
 use switchyard_broker::{Broker, ErrorKind, OutgoingMessage};
@@ -299,8 +299,6 @@ async fn the_embedded_broker_and_pubsub_refuse_exactly_once_handlers() {
 const CRASH_REQUESTS: u64 = 10_000;
 const CRASH_RATE: u64 = 500;
 const KILLS_AFTER: [usize; 2] = [2_500, 6_000];
-/// How long a killed host stays dead, as before its supervisor restarts it.
-const DOWNTIME: Duration = Duration::from_secs(1);
 
 /// What a crash run left on the predictions topic.
 #[derive(Debug)]
@@ -370,7 +368,7 @@ fn aborted_transactions(predictions: &Predictions, logs: &[String]) -> HashSet<S
 }
 
 /// The classifier's host with `delivery`, killed with SIGKILL after each of [`KILLS_AFTER`]
-/// answered requests, down for [`DOWNTIME`] and started again, while the producer sends
+/// answered requests, down for [`hosts::DOWNTIME`] and started again, while the producer sends
 /// [`CRASH_REQUESTS`]; then every request is counted.
 async fn kill_the_classifier_twice(broker: &StandaloneBroker, delivery: &str) -> CrashOutcome {
     let pipeline = Pipeline::new(broker.client.as_ref(), 4).await;
@@ -400,7 +398,7 @@ async fn kill_the_classifier_twice(broker: &StandaloneBroker, delivery: &str) ->
             "{delivery}: killed the classifier after {} answered requests",
             predictions.distinct()
         );
-        tokio::time::sleep(DOWNTIME).await;
+        tokio::time::sleep(hosts::DOWNTIME).await;
         predictions.drain();
         restarted = Some(Instant::now());
         host = Host::spawn(

@@ -22,6 +22,10 @@ use tokio::sync::mpsc;
 /// How long any one step may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(120);
 
+/// How long a host killed by a crash test stays dead before it is started again: part of the
+/// scenario (a supervisor's restart delay), not a wait for anything.
+pub const DOWNTIME: Duration = Duration::from_secs(1);
+
 /// A standalone broker: the test's client for it, and the URL `switchyard run --broker` takes.
 pub struct StandaloneBroker {
     /// The test's own client.
