@@ -6,7 +6,8 @@
 //! dropping; a burst of keyless messages is spread over the partitions so that the embedded
 //! broker's 5 MiB per partition loses none of it; a member says when it has joined its group;
 //! an unreachable broker fails within the bounded wait with an error that says what to do; a
-//! publisher behind a window sends only as far ahead as its consumer has caught up.
+//! publisher behind a window sends only as far ahead as its consumer has caught up; an offset
+//! commit the broker refuses is logged, and so is the one that succeeds after it.
 
 use switchyard_testing as support;
 
@@ -390,4 +391,67 @@ async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() 
         delivery.ack().unwrap();
     }
     subscriber.close().await.unwrap();
+}
+
+/// librdkafka commits offsets in the background and, when the broker refuses, tries again at
+/// the next interval without a word: a member whose commits keep failing would go on handling
+/// messages that a restart hands out again. The refusal is logged, and so is the commit that
+/// succeeds after it; the offsets committed then hold for the group's next member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_offset_commit_is_logged_and_so_is_the_commit_after_it() {
+    use rdkafka::types::RDKafkaErrorCode;
+    use switchyard_broker::kafka::embedded::ApiKey;
+
+    let mut log = support::capture_logs();
+    let (cluster, broker) = support::embedded().await;
+    let (topic, group) = (support::unique("commits"), support::unique("g"));
+    support::create_topics(broker.as_ref(), &[&topic]).await;
+    support::publish(broker.as_ref(), keyed(&topic, "k", b"first")).await;
+    let member = support::member(broker.as_ref(), &group, &topic).await;
+    let first = tokio::time::timeout(Duration::from_secs(30), member.next())
+        .await
+        .expect("the first message")
+        .unwrap();
+    cluster.fail_requests(
+        ApiKey::OffsetCommit,
+        &[RDKafkaErrorCode::GroupAuthorizationFailed; 2],
+    );
+    first.ack().unwrap();
+
+    let subject = format!("group {group:?} committing offsets");
+    let both_logged = async {
+        for (what, said) in [
+            (
+                "the refusal",
+                "refused to commit the offsets of 1 partition(s)",
+            ),
+            ("the commit after it", "working again"),
+        ] {
+            let logged = log.wait_for(|log| {
+                log.lines()
+                    .any(|line| line.contains(&subject) && line.contains(said))
+            });
+            tokio::time::timeout(Duration::from_secs(30), logged)
+                .await
+                .unwrap_or_else(|_| panic!("{what} was not logged ({said:?})"))
+                .unwrap();
+        }
+    };
+    // librdkafka reports a commit's outcome to a member that is receiving (polling), as a
+    // member of a running handler always is.
+    tokio::select! {
+        () = both_logged => {}
+        delivery = member.next() => panic!("nothing more was published: {:?}", delivery.map(|d| d.message)),
+    }
+    member.close().await.unwrap();
+
+    support::publish(broker.as_ref(), keyed(&topic, "k", b"second")).await;
+    let next_member = support::member(broker.as_ref(), &group, &topic).await;
+    let next = tokio::time::timeout(Duration::from_secs(30), next_member.next())
+        .await
+        .expect("the second message")
+        .unwrap();
+    assert_eq!(next.message.payload, b"second", "the first was committed");
+    next.ack().unwrap();
+    next_member.close().await.unwrap();
 }

@@ -33,6 +33,9 @@ pub(super) struct GroupContext {
     /// The lag of the partitions this member holds, from librdkafka's last statistics.
     lag: watch::Sender<Vec<PartitionLag>>,
     errors: ClientErrors,
+    /// Failed offset commits, apart from the other errors: a member that receives well while
+    /// its commits fail is still failing.
+    commits: OutageLog,
 }
 
 /// How often librdkafka reports a group member's lag (its `statistics.interval.ms`, unless
@@ -91,6 +94,31 @@ impl ConsumerContext for GroupContext {
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+        }
+    }
+
+    /// librdkafka commits the stored offsets every second in the background and tries again
+    /// at the next interval when the broker refuses; a refusal that goes on (a group the
+    /// credentials may not write, a coordinator that keeps moving) would pass unseen while
+    /// ever more handled messages wait to be handled again after the next restart. So it is
+    /// logged, at once and then at a readable rate, and so is the first commit that succeeds.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => self.commits.received(),
+            // Nothing new to commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => self.commits.error(&kafka_error(
+                &format!(
+                    "the broker refused to commit the offsets of {} partition(s); what was \
+                     handled since the last commit is handled again if this member stops",
+                    offsets.count()
+                ),
+                &e,
+            )),
         }
     }
 
@@ -584,6 +612,7 @@ impl KafkaSubscriber {
             errors: ClientErrors {
                 outage: outage.clone(),
             },
+            commits: OutageLog::new(format!("group {:?} committing offsets", spec.group)),
         };
         let consumer: StreamConsumer<GroupContext> =
             config.create_with_context(context).map_err(config_error)?;
