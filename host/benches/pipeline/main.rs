@@ -64,7 +64,7 @@ use demo::{
     Demo, Paths, args, careful_python, on_pubsub_emulator, on_second_kafka, on_standalone_broker,
     run_demo,
 };
-use table::{Row, fmt, median_of, print_table, ratio, skipped, thousands};
+use table::{Figure, Row, demos_row, fmt, median_of, print_table, ratio, skipped, thousands};
 
 /// The classifier's default `batch`, the bound the batched rows use.
 const BATCH: usize = 32;
@@ -260,19 +260,12 @@ fn run_cases(
         }
     }
     for ((name, _), demos) in cases.iter().zip(&runs) {
-        let throughput = median_of(demos.iter().map(|d| d.images_per_s));
-        rows.push(
-            Row::new("pipeline", name.clone(), throughput, "images/s").detail(format!(
-                "p50 {} ms, p99 {} ms, peak RSS {} MiB, accuracy {}",
-                fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
-                fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
-                fmt(median_of(demos.iter().map(|d| d.peak_rss_mb)), 0),
-                fmt(
-                    median_of(demos.iter().map(|d| d.accuracy.map(|a| a * 100.0))),
-                    2
-                ),
-            )),
-        );
+        rows.push(demos_row(
+            "pipeline",
+            name.clone(),
+            demos,
+            &[Figure::PeakRss, Figure::Accuracy],
+        ));
     }
     Ok(runs)
 }
@@ -325,23 +318,12 @@ fn against_python(
                     ours,
                 ),
             ] {
-                rows.push(
-                    Row::new(
-                        "against Python",
-                        name,
-                        median_of(demos.iter().map(|d| d.images_per_s)),
-                        "images/s",
-                    )
-                    .detail(format!(
-                        "p50 {} ms, p99 {} ms, accuracy {}",
-                        fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
-                        fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
-                        fmt(
-                            median_of(demos.iter().map(|d| d.accuracy.map(|a| a * 100.0))),
-                            2
-                        ),
-                    )),
-                );
+                rows.push(demos_row(
+                    "against Python",
+                    name,
+                    &demos,
+                    &[Figure::Accuracy],
+                ));
             }
         }
     }
@@ -425,20 +407,12 @@ fn broker_rows(
             ));
             continue;
         }
-        rows.push(
-            Row::new(
-                "brokers",
-                format!("{}, {name}", first_case.0),
-                median_of(demos.iter().map(|d| d.images_per_s)),
-                "images/s",
-            )
-            .detail(format!(
-                "p50 {} ms, p99 {} ms, first prediction {} s",
-                fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
-                fmt(median_of(demos.iter().map(|d| d.p99_ms)), 1),
-                fmt(median_of(demos.iter().map(|d| d.first_prediction_s)), 1),
-            )),
-        );
+        rows.push(demos_row(
+            "brokers",
+            format!("{}, {name}", first_case.0),
+            demos,
+            &[Figure::FirstPrediction],
+        ));
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! The table the bench prints: its rows, and the arithmetic its figures share (medians,
 //! ratios, thousands).
 
+use std::borrow::Borrow;
+
 use serde::Serialize;
 
 use crate::common;
+use crate::demo::Demo;
 
 /// One line of the table.
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +44,44 @@ impl Row {
 
 pub fn skipped(case: &str, why: &str) -> Row {
     Row::new("skipped", case.to_string(), None, "").detail(why.to_string())
+}
+
+/// A figure of a run that a row reports beside its throughput, as the median of the runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Figure {
+    PeakRss,
+    Accuracy,
+    FirstPrediction,
+}
+
+/// A row of the runs' medians: images/s, then p50 and p99 and each of `figures`.
+pub fn demos_row<D: Borrow<Demo>>(
+    section: &'static str,
+    case: String,
+    demos: &[D],
+    figures: &[Figure],
+) -> Row {
+    let median =
+        |figure: fn(&Demo) -> Option<f64>| median_of(demos.iter().map(|d| figure(d.borrow())));
+    let mut detail = format!(
+        "p50 {} ms, p99 {} ms",
+        fmt(median(|d| d.p50_ms), 1),
+        fmt(median(|d| d.p99_ms), 1)
+    );
+    for figure in figures {
+        detail.push_str(&match figure {
+            Figure::PeakRss => format!(", peak RSS {} MiB", fmt(median(|d| d.peak_rss_mb), 0)),
+            Figure::Accuracy => format!(
+                ", accuracy {}",
+                fmt(median(|d| d.accuracy.map(|a| a * 100.0)), 2)
+            ),
+            Figure::FirstPrediction => format!(
+                ", first prediction {} s",
+                fmt(median(|d| d.first_prediction_s), 1)
+            ),
+        });
+    }
+    Row::new(section, case, median(|d| d.images_per_s), "images/s").detail(detail)
 }
 
 pub fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {

@@ -119,11 +119,21 @@ impl Backend {
     }
 
     async fn member(&self, group: &str, topic: &str) -> Arc<dyn Subscriber> {
+        self.member_at(group, topic, StartPosition::Earliest).await
+    }
+
+    /// A member of `group` that, if the group is new, starts reading `topic` at `start`.
+    async fn member_at(
+        &self,
+        group: &str,
+        topic: &str,
+        start: StartPosition,
+    ) -> Arc<dyn Subscriber> {
         self.broker
             .subscribe(&SubscriptionSpec {
                 group: group.into(),
                 topics: vec![topic.into()],
-                start: StartPosition::Earliest,
+                start,
                 guarantee: Default::default(),
                 isolation: Default::default(),
             })
@@ -407,16 +417,8 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
         .collect();
     backend.publish_all(before).await;
     let member = backend
-        .broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("g"),
-            topics: vec![topic.clone()],
-            start: StartPosition::Latest,
-            guarantee: Default::default(),
-            isolation: Default::default(),
-        })
-        .await
-        .unwrap();
+        .member_at(&support::unique("g"), &topic, StartPosition::Latest)
+        .await;
     // Published at once, before the member has joined its group: a new group's start is the
     // moment `subscribe` returned (Kafka: the end of each partition then, committed for the
     // group; Pub/Sub: the subscription's creation), not whenever the join completes.
@@ -462,16 +464,8 @@ async fn a_group_starting_at_latest_gets_what_follows_its_subscription(backend: 
     // first messages, and skipped them).
     let later = support::unique("latest-later");
     let member = backend
-        .broker
-        .subscribe(&SubscriptionSpec {
-            group: support::unique("g"),
-            topics: vec![later.clone()],
-            start: StartPosition::Latest,
-            guarantee: Default::default(),
-            isolation: Default::default(),
-        })
-        .await
-        .unwrap();
+        .member_at(&support::unique("g"), &later, StartPosition::Latest)
+        .await;
     if backend.kafka {
         // The topic is created only once the member has looked for it and reported it
         // missing, so it must look again: a race without this wait, and a failure on Tansu

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::{BrokerError, ErrorKind};
+use crate::BrokerError;
 
 mod stream_fix;
 
@@ -49,21 +49,25 @@ impl PubSubEmulator {
         };
         tracing::debug!("starting the Pub/Sub emulator: {launch:?}");
         if let Some(port) = port {
-            return Self::start_at(&launch, port);
+            return Self::start_at(&launch, port).map_err(|(error, _)| error);
         }
         let mut attempts = 0;
         loop {
             attempts += 1;
             match Self::start_at(&launch, free_port()?) {
-                Err(e) if e.kind() == ErrorKind::Unavailable && attempts < 3 => {
+                Err((e, StartFailure::ExitedAtStart)) if attempts < 3 => {
                     tracing::debug!("the Pub/Sub emulator did not start ({e}); another port");
                 }
-                started => return started,
+                started => return started.map_err(|(error, _)| error),
             }
         }
     }
 
-    fn start_at(launch: &stream_fix::Launch, port: u16) -> Result<Self, BrokerError> {
+    fn start_at(
+        launch: &stream_fix::Launch,
+        port: u16,
+    ) -> Result<Self, (BrokerError, StartFailure)> {
+        let other = |error: BrokerError| (error, StartFailure::Other);
         let launch = launch.clone();
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let (spawned, pid) = mpsc::channel();
@@ -92,13 +96,13 @@ impl PubSubEmulator {
                     }
                 }
             })
-            .map_err(|e| BrokerError::unavailable("cannot start a thread").with_source(e))?;
+            .map_err(|e| other(BrokerError::unavailable("cannot start a thread").with_source(e)))?;
         let pid = pid
             .recv()
             .map_err(|e| {
-                BrokerError::unavailable("the emulator's launcher stopped").with_source(e)
+                other(BrokerError::unavailable("the emulator's launcher stopped").with_source(e))
             })?
-            .map_err(BrokerError::unavailable)?;
+            .map_err(|e| other(BrokerError::unavailable(e)))?;
         let emulator = Self {
             pid,
             exited: Mutex::new(exited),
@@ -123,7 +127,7 @@ impl PubSubEmulator {
         self.address.to_string()
     }
 
-    fn wait_until_ready(&self) -> Result<(), BrokerError> {
+    fn wait_until_ready(&self) -> Result<(), (BrokerError, StartFailure)> {
         let started = Instant::now();
         while started.elapsed() < START_TIMEOUT {
             let exited = self
@@ -132,22 +136,34 @@ impl PubSubEmulator {
                 .unwrap_or_else(|p| p.into_inner())
                 .try_recv();
             if let Ok(status) = exited {
-                return Err(BrokerError::unavailable(format!(
+                let error = BrokerError::unavailable(format!(
                     "the Pub/Sub emulator exited at start ({status}); is port {} free and Java \
                      installed?",
                     self.address.port()
-                )));
+                ));
+                return Err((error, StartFailure::ExitedAtStart));
             }
             if TcpStream::connect_timeout(&self.address, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(BrokerError::timeout(format!(
+        let error = BrokerError::timeout(format!(
             "the Pub/Sub emulator did not listen on {} within {START_TIMEOUT:?}",
             self.address
-        )))
+        ));
+        Err((error, StartFailure::Other))
     }
+}
+
+/// Why an emulator did not start, for [`PubSubEmulator::start`] to decide whether another
+/// port may help.
+#[derive(Debug, Clone, Copy)]
+enum StartFailure {
+    /// It exited at once: most likely its port was taken between being found free and bound.
+    ExitedAtStart,
+    /// Anything else (no Java, no thread, too slow): another port would fail the same way.
+    Other,
 }
 
 impl Drop for PubSubEmulator {
