@@ -11,9 +11,11 @@
 //!   once;
 //! - the outputs commit with the group's offsets: the next host of the group starts after the
 //!   messages handled, and receives only what came since;
-//! - the brokers that cannot keep the promise refuse to start the handler, saying why: the
-//!   embedded broker (librdkafka's mock cluster stores no transactional offsets) and Pub/Sub
-//!   (no transaction takes a publish and an acknowledgement together);
+//! - the broker that cannot keep the promise refuses to start the handler, saying why: the
+//!   embedded broker (librdkafka's mock cluster stores no transactional offsets);
+//! - on Pub/Sub (the emulator), with its exactly-once delivery: only the attempt that
+//!   succeeded has outputs, the dead letter is stored, and a message whose acknowledgement
+//!   was confirmed never comes again, not even to the subscription's next host;
 //! - with real processes: the real classifier's host (`switchyard run`), answering 10,000
 //!   paced requests, killed with SIGKILL twice mid-run and restarted each time, answers every
 //!   request, and exactly-once leaves no duplicate prediction, where the same run at-least-once
@@ -21,7 +23,10 @@
 //!   the records of aborted transactions to `read_committed` readers, so the copies a killed
 //!   host wrote in its last, open transaction (aborted when its successor took its
 //!   transactional id) are told apart by their `switchyard-transaction` header and counted
-//!   apart: a duplicate is a second copy from a transaction that committed.
+//!   apart: a duplicate is a second copy from a transaction that committed;
+//! - the same two kills on Pub/Sub, at-least-once and with its exactly-once delivery: every
+//!   request answered, the duplicates of each reported side by side, exactly-once's at most
+//!   what the killed hosts held.
 
 mod support;
 
@@ -32,7 +37,7 @@ use std::time::{Duration, Instant};
 use support::hosts::{self, Host, Pipeline, Predictions, StandaloneBroker};
 
 use switchyard_broker::kafka::Kafka;
-use switchyard_broker::{Broker, ErrorKind, OutgoingMessage};
+use switchyard_broker::{Broker, ErrorKind, OutgoingMessage, Subscriber};
 use switchyard_runtime::manifest::{ComponentConfig, DeliveryGuarantee, RetryPolicy};
 use switchyard_runtime::{HandlerGroup, LoadedComponent, Runtime, RuntimeError, RuntimeOptions};
 
@@ -277,7 +282,7 @@ async fn refused(broker: Arc<dyn Broker>) -> RuntimeError {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_embedded_broker_and_pubsub_refuse_exactly_once_handlers() {
+async fn the_embedded_broker_refuses_exactly_once_handlers() {
     let (_cluster, embedded) = support::embedded().await;
     let error = refused(embedded).await;
     let RuntimeError::Broker(broker_error) = &error else {
@@ -285,13 +290,81 @@ async fn the_embedded_broker_and_pubsub_refuse_exactly_once_handlers() {
     };
     assert_eq!(broker_error.kind(), ErrorKind::Config, "{error:#}");
     assert!(error.to_string().contains("transaction"), "{error:#}");
+}
 
-    let error = refused(support::pubsub().await).await;
-    let RuntimeError::Broker(broker_error) = &error else {
-        panic!("a broker error: {error:#}");
+/// What `reader` (subscribed before anything was sent) receives until nothing comes for a few
+/// seconds, sorted.
+async fn drain(reader: &dyn Subscriber) -> Vec<String> {
+    let mut seen = support::drain(reader, Duration::from_secs(5)).await;
+    seen.sort();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_pubsub_only_the_attempt_that_succeeded_is_seen_and_a_handled_message_never_comes_again()
+{
+    let broker = support::pubsub().await;
+    let (input, output, group) = (
+        support::unique("in"),
+        support::unique("out"),
+        support::unique("g"),
+    );
+    let dead_letters = format!("{input}.dlq");
+    support::create_topics(broker.as_ref(), &[&input, &output]).await;
+    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
+    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
+        .await
+        .unwrap();
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        backoff_ms: 10,
     };
-    assert_eq!(broker_error.kind(), ErrorKind::Config, "{error:#}");
-    assert!(error.to_string().contains("transaction"), "{error:#}");
+    let loaded = runtime
+        .load(
+            "exactly-once",
+            &exactly_once(&input, &output, &group, retry),
+        )
+        .unwrap();
+    let running = runtime.start_handler(&loaded).await.unwrap();
+    running.joined().await.unwrap();
+    // The handler created the dead-letter topic with a subscription of its name, which keeps
+    // its dead letters until read.
+    let dead_letter_reader = support::member(broker.as_ref(), &dead_letters, &dead_letters).await;
+
+    send(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
+    send(broker.as_ref(), &input, "error").await;
+    let stats = Arc::clone(running.stats());
+    tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 2))
+        .await
+        .expect("both messages settled")
+        .unwrap();
+    assert_eq!(stats.snapshot().handled, 1);
+    assert_eq!(
+        drain(reader.as_ref()).await,
+        ["3"],
+        "the failed attempts' outputs were dropped"
+    );
+    assert_eq!(drain(dead_letter_reader.as_ref()).await, ["error"]);
+    running.stop().await.unwrap();
+
+    // The next host of the subscription: the confirmed messages never come again (past the
+    // ack deadline, when the emulator delivers acknowledged messages again to an
+    // at-least-once subscription whose member left), only what is sent now.
+    let next = runtime.start_handler(&loaded).await.unwrap();
+    send(broker.as_ref(), &input, &format!("echo {output}")).await;
+    let stats = Arc::clone(next.stats());
+    tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 1))
+        .await
+        .expect("the new message settled")
+        .unwrap();
+    let mut settled = stats.settled();
+    let redelivered =
+        tokio::time::timeout(Duration::from_secs(15), settled.wait_for(|n| *n >= 2)).await;
+    assert!(redelivered.is_err(), "a confirmed message came again");
+    next.stop().await.unwrap();
+    assert_eq!(drain(reader.as_ref()).await, [format!("echo {output}")]);
+    reader.close().await.unwrap();
+    dead_letter_reader.close().await.unwrap();
 }
 
 /// Requests of a crash run, how fast the producer sends them, and after how many answered
@@ -428,9 +501,12 @@ async fn kill_the_classifier_twice(broker: &StandaloneBroker, delivery: &str) ->
         "{delivery}: every request answered, and nothing else"
     );
 
-    let aborted = match delivery {
-        "exactly-once" => aborted_transactions(&predictions, &logs),
-        _ => HashSet::new(),
+    // Kafka's exactly-once writes in transactions, each output tagged with its own; Pub/Sub's
+    // has none.
+    let transactional = delivery == "exactly-once" && broker.url.starts_with("kafka");
+    let aborted = match transactional {
+        true => aborted_transactions(&predictions, &logs),
+        false => HashSet::new(),
     };
     let (mut duplicates, mut aborted_copies) = (0, 0);
     for (request, answers) in predictions.answers() {
@@ -451,7 +527,7 @@ async fn kill_the_classifier_twice(broker: &StandaloneBroker, delivery: &str) ->
         );
         duplicates += committed - 1;
     }
-    if delivery == "exactly-once" {
+    if transactional {
         assert!(
             predictions
                 .answers()
@@ -514,4 +590,32 @@ async fn a_classifier_killed_twice_mid_run_answers_every_request_once_exactly_on
     for outcome in [&at_least_once_embedded, &at_least_once] {
         assert_eq!(outcome.aborted_copies, 0, "{outcome:?}");
     }
+}
+
+/// Pub/Sub's exactly-once delivery, with the same two kills: every request is answered, and
+/// the duplicates are counted beside at-least-once's on the same emulator. Not asserted to be
+/// none: Pub/Sub has no transactions, so what a killed host published and had not yet
+/// confirmed is handled and sent again (the README's "Exactly-once delivery on Pub/Sub").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_pubsub_a_classifier_killed_twice_mid_run_answers_every_request() {
+    let pubsub = support::hosts::pubsub().await;
+    let at_least_once = kill_the_classifier_twice(&pubsub, "at-least-once").await;
+    let exactly_once = kill_the_classifier_twice(&pubsub, "exactly-once").await;
+    eprintln!(
+        "{CRASH_REQUESTS} requests at {CRASH_RATE}/s on the Pub/Sub emulator, the classifier \
+         killed twice:\n  at-least-once: {at_least_once:?}\n  exactly-once:  {exactly_once:?}"
+    );
+    for outcome in [&at_least_once, &exactly_once] {
+        assert_eq!(outcome.aborted_copies, 0, "{outcome:?}");
+    }
+    // A message confirmed never comes again, so what a killed host leaves twice is at most
+    // what it held (its streams' outstanding messages). At-least-once is bounded by nothing
+    // of the kind on the emulator, which delivers acknowledged messages again once a member
+    // has died (measured 3,524 here against exactly-once's 28): reported, not asserted.
+    let config = switchyard_broker::pubsub::PubSubConfig::new("p");
+    let held = config.streams * usize::try_from(config.max_outstanding_messages).unwrap();
+    assert!(
+        exactly_once.duplicates <= KILLS_AFTER.len() * held,
+        "exactly-once: more duplicates than two killed hosts held: {exactly_once:?}"
+    );
 }

@@ -106,10 +106,11 @@ pub trait Settle: Send + Sync {
 
     /// Acknowledges the message, and those `together` settle (handled in the same call, from
     /// the same subscription), with the messages their handling produced, in one transaction:
-    /// all of it takes effect, or none does. Only an exactly-once subscription
-    /// ([`Guarantee::ExactlyOnce`]) offers it; the receipt resolves once the transaction
-    /// committed, or with why it will not (an error of kind [`ErrorKind::Closed`]: the
-    /// messages go to another member, which handles them again).
+    /// all of it takes effect, or none does (Pub/Sub, which has no transactions, publishes
+    /// the outputs and then confirms the acknowledgements, see [`Guarantee::ExactlyOnce`]).
+    /// Only an exactly-once subscription offers it; the receipt resolves once the transaction
+    /// committed, or with why it will not (typically of kind [`ErrorKind::Closed`]: the
+    /// messages are delivered again, here or to another member, and handled again).
     ///
     /// When it refuses at once (an at-least-once subscription, an output the broker cannot
     /// take), it gives every settle back, itself first, with why, so the messages can still be
@@ -347,13 +348,16 @@ pub enum Guarantee {
     /// handles it again, and its outputs are published again.
     #[default]
     AtLeastOnce,
-    /// Kafka only: a message is settled together with its outputs, in one Kafka transaction
-    /// ([`Delivery::ack_with`]), so readers that read committed data see each message's
-    /// outputs once. The transactional id names this member's producer: a member started
-    /// with the id of one that died fences it (its open transaction is aborted at once), so
-    /// it should stay the same across restarts of one host and differ between hosts.
+    /// A message is settled together with its outputs ([`Delivery::ack_with`]). On Kafka, in
+    /// one transaction, so readers that read committed data see each message's outputs once.
+    /// The transactional id names this member's producer: a member started with the id of one
+    /// that died fences it (its open transaction is aborted at once), so it should stay the
+    /// same across restarts of one host and differ between hosts. On Pub/Sub, with its
+    /// exactly-once delivery: the outputs are stored first, then the message's
+    /// acknowledgement is confirmed, after which it is never delivered again; a failure
+    /// between the two sends the outputs again (see [`pubsub`](crate::pubsub)).
     ExactlyOnce {
-        /// The producer's `transactional.id`.
+        /// The Kafka producer's `transactional.id` (Pub/Sub has none and ignores it).
         transactional_id: String,
     },
 }

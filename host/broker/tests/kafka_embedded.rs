@@ -60,10 +60,7 @@ async fn messages_round_trip_with_keys_headers_and_content_type() {
 
     let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     for i in 0..20u8 {
-        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
-            .await
-            .expect("a delivery within 30 s")
-            .unwrap();
+        let delivery = support::receive(subscriber.as_ref(), "a delivery").await;
         let m = &delivery.message;
         assert_eq!(m.topic, topic);
         assert_eq!(
@@ -114,10 +111,7 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
 
     // Member B of the same group gets the second message again, not the first.
     let b = support::member(broker.as_ref(), &group, &topic).await;
-    let again = tokio::time::timeout(Duration::from_secs(30), b.next())
-        .await
-        .expect("redelivery within 30 s")
-        .unwrap();
+    let again = support::receive(b.as_ref(), "redelivery").await;
     assert_eq!(
         again.message.payload, b"2",
         "the unsettled message comes back first"
@@ -128,10 +122,7 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
     // And after B acknowledged it, a third member gets nothing old.
     support::publish(broker.as_ref(), keyed(&topic, "third", b"3")).await;
     let c = support::member(broker.as_ref(), &group, &topic).await;
-    let next = tokio::time::timeout(Duration::from_secs(30), c.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let next = support::receive(c.as_ref(), "the third message").await;
     assert_eq!(next.message.payload, b"3");
     next.ack().unwrap();
     c.close().await.unwrap();
@@ -185,10 +176,7 @@ async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
         .unwrap();
     support::publish(&broker, keyed(&topic, "k", b"through the relay")).await;
     let subscriber = support::member(&broker, &support::unique("g"), &topic).await;
-    let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
-        .await
-        .expect("a delivery within 30 s")
-        .unwrap();
+    let delivery = support::receive(subscriber.as_ref(), "a delivery").await;
     assert_eq!(delivery.message.payload, b"through the relay");
     delivery.ack().unwrap();
     subscriber.close().await.unwrap();
@@ -234,10 +222,7 @@ async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
     }
     let subscriber = support::member(&broker, &support::unique("g"), &topic).await;
     for i in 0..300u32 {
-        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
-            .await
-            .expect("every message arrives")
-            .unwrap();
+        let delivery = support::receive(subscriber.as_ref(), "one of the 300 messages").await;
         assert_eq!(
             delivery.message.payload,
             i.to_be_bytes(),
@@ -383,10 +368,7 @@ async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() 
 
     let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     for i in 0..4u8 {
-        let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
-            .await
-            .expect("a delivery within 30 s")
-            .unwrap();
+        let delivery = support::receive(subscriber.as_ref(), "a delivery").await;
         assert_eq!(delivery.message.payload, vec![i]);
         delivery.ack().unwrap();
     }
@@ -408,10 +390,7 @@ async fn a_refused_offset_commit_is_logged_and_so_is_the_commit_after_it() {
     support::create_topics(broker.as_ref(), &[&topic]).await;
     support::publish(broker.as_ref(), keyed(&topic, "k", b"first")).await;
     let member = support::member(broker.as_ref(), &group, &topic).await;
-    let first = tokio::time::timeout(Duration::from_secs(30), member.next())
-        .await
-        .expect("the first message")
-        .unwrap();
+    let first = support::receive(member.as_ref(), "the first message").await;
     cluster.fail_requests(
         ApiKey::OffsetCommit,
         &[RDKafkaErrorCode::GroupAuthorizationFailed; 2],
@@ -447,10 +426,7 @@ async fn a_refused_offset_commit_is_logged_and_so_is_the_commit_after_it() {
 
     support::publish(broker.as_ref(), keyed(&topic, "k", b"second")).await;
     let next_member = support::member(broker.as_ref(), &group, &topic).await;
-    let next = tokio::time::timeout(Duration::from_secs(30), next_member.next())
-        .await
-        .expect("the second message")
-        .unwrap();
+    let next = support::receive(next_member.as_ref(), "the second message").await;
     assert_eq!(next.message.payload, b"second", "the first was committed");
     next.ack().unwrap();
     next_member.close().await.unwrap();

@@ -8,9 +8,9 @@
 //!   refused (the receipt says the message goes elsewhere), its offset does not move, and the
 //!   member that fenced it handles that message again and commits it;
 //! - the brokers that cannot run exactly-once refuse it, saying why: the embedded broker
-//!   (librdkafka's mock cluster never stores transactional offsets), the same mock reached as
-//!   a cluster (`switchyard broker`: found out by asking it to keep a transaction's offset),
-//!   and Pub/Sub (no transactions).
+//!   (librdkafka's mock cluster never stores transactional offsets) and the same mock reached
+//!   as a cluster (`switchyard broker`: found out by asking it to keep a transaction's
+//!   offset). Pub/Sub's exactly-once delivery is proven in `pubsub_exactly_once.rs`.
 //!
 //! Readers of Tansu 0.6.0 (and of the embedded broker) see the records of aborted transactions
 //! even with `read_committed`; the fenced member's outputs are counted and printed, not
@@ -251,11 +251,4 @@ async fn a_standalone_embedded_broker_is_found_out_and_refused() {
         text.contains("does not keep the offsets committed in transactions"),
         "{text}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pubsub_refuses_exactly_once_saying_why() {
-    let broker = support::pubsub().await;
-    let text = refusal(broker.as_ref()).await.to_string();
-    assert!(text.contains("no transactions"), "{text}");
 }

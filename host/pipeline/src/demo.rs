@@ -487,14 +487,24 @@ fn requests_sent(
 }
 
 /// The classifier's delivery: the one asked for, else exactly-once where `broker` offers it
-/// for the requests topic (a Kafka cluster that keeps transactions), else at-least-once; with
-/// a word on why, for the summary.
+/// for the requests topic as a transaction (a Kafka cluster that keeps them), else
+/// at-least-once; with a word on why, for the summary. Pub/Sub's exactly-once delivery is not
+/// chosen by itself: it still sends a prediction again when a host dies mid-call, which the
+/// store absorbs either way, and each confirmed acknowledgement waits for a round trip.
 async fn choose_delivery(
     broker: &dyn Broker,
     asked: Option<DeliveryGuarantee>,
 ) -> Result<(DeliveryGuarantee, String), DemoError> {
     if let Some(asked) = asked {
         return Ok((asked, format!("{} (as asked)", asked.name())));
+    }
+    if broker.messaging_system() == switchyard_broker::system::GCP_PUBSUB {
+        return Ok((
+            DeliveryGuarantee::AtLeastOnce,
+            "at-least-once (Pub/Sub has no transactions; `--delivery exactly-once` runs its \
+             exactly-once delivery; the store keeps one row per request)"
+                .into(),
+        ));
     }
     match broker.offers_exactly_once(&[REQUESTS_TOPIC.into()]).await {
         Ok(()) => Ok((

@@ -74,7 +74,8 @@ pub enum Delivery {
     Auto,
     /// Each request answered at least once; the results store keeps one row per request.
     AtLeastOnce,
-    /// Predictions and the requests' offsets commit in Kafka transactions.
+    /// Predictions and the requests' offsets commit in Kafka transactions; on Pub/Sub,
+    /// its exactly-once delivery (a confirmed request never comes again).
     ExactlyOnce,
 }
 

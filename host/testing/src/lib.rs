@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use switchyard_broker::kafka::{EmbeddedKafka, Kafka};
 use switchyard_broker::pubsub::{PubSub, PubSubConfig, PubSubEmulator};
 use switchyard_broker::{
-    Broker, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
+    Broker, Delivery, OutgoingMessage, StartPosition, Subscriber, SubscriptionSpec, TopicSpec,
 };
 
 /// An embedded broker and the Kafka backend on it.
@@ -104,18 +104,38 @@ pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Su
         .expect("subscribing")
 }
 
+/// How long [`receive`] waits for a delivery.
+pub const RECEIVE_WITHIN: Duration = Duration::from_secs(30);
+
+/// The next delivery of `member`, failing the test, naming `what` it waited for, when none
+/// comes within [`RECEIVE_WITHIN`] or receiving fails.
+pub async fn receive(member: &dyn Subscriber, what: &str) -> Delivery {
+    tokio::time::timeout(RECEIVE_WITHIN, member.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {RECEIVE_WITHIN:?}"))
+        .unwrap_or_else(|e| panic!("receiving {what}: {e}"))
+}
+
 /// The payloads (as text, in arrival order) a new group's member reads from `topic`, from its
 /// start, until `topic` has been quiet for `quiet`. Each is acknowledged; the member is closed.
 /// Reads what the default isolation shows (committed data on Kafka).
 pub async fn read_all(broker: &dyn Broker, topic: &str, quiet: Duration) -> Vec<String> {
     let reader = member(broker, &unique("reader"), topic).await;
+    let seen = drain(reader.as_ref(), quiet).await;
+    reader.close().await.expect("closing the reader");
+    seen
+}
+
+/// The payloads (as text, in arrival order) `reader` receives until nothing comes for `quiet`;
+/// each is acknowledged. On Pub/Sub a reader must subscribe before the messages it is to see
+/// are published (a subscription holds only what came after it).
+pub async fn drain(reader: &dyn Subscriber, quiet: Duration) -> Vec<String> {
     let mut seen = Vec::new();
     while let Ok(delivery) = tokio::time::timeout(quiet, reader.next()).await {
         let delivery = delivery.expect("receiving");
         seen.push(String::from_utf8_lossy(&delivery.message.payload).into_owned());
         delivery.ack().expect("acknowledging");
     }
-    reader.close().await.expect("closing the reader");
     seen
 }
 

@@ -1,11 +1,23 @@
 //! The Google Cloud Pub/Sub backend, on `google-cloud-pubsub` (Google's official SDK).
 //!
-//! Delivery semantics: **at-least-once**. A message is acked only when the runtime (or the
-//! user of [`Subscriber`]) settles it; until then the SDK extends its lease automatically. A
-//! message that is never acked, or is nacked, is delivered again, to this subscriber or
-//! another one of the same subscription. The emulator, like Pub/Sub without exactly-once
-//! enabled, may deliver a message more than once even after an ack; a member acknowledges
-//! again, without passing it on, a message it acknowledged recently ([`AckedIds`]).
+//! Delivery semantics: **at-least-once** by default. A message is acked only when the runtime
+//! (or the user of [`Subscriber`]) settles it; until then the SDK extends its lease
+//! automatically. A message that is never acked, or is nacked, is delivered again, to this
+//! subscriber or another one of the same subscription. The emulator, like Pub/Sub without
+//! exactly-once enabled, may deliver a message more than once even after an ack; a member
+//! acknowledges again, without passing it on, a message it acknowledged recently (`AckedIds`).
+//!
+//! [`Guarantee::ExactlyOnce`](crate::Guarantee::ExactlyOnce) subscribes with Pub/Sub's
+//! **exactly-once delivery** (the subscription is created with it; one that exists without it
+//! is refused, with the command that turns it on). [`crate::Delivery::ack_with`] then
+//! publishes the outputs, waits until Pub/Sub stored every one, and only then acknowledges
+//! with a *confirmed* ack: once confirmed, Pub/Sub never delivers the message again (the
+//! emulator honours it: an ack whose lease expired, or a second ack, is refused with
+//! `EXACTLY_ONCE_ACKID_FAILURE`, where an at-least-once subscription accepts both silently).
+//! Pub/Sub has no transaction that takes a publish and an ack together, so this is weaker
+//! than Kafka's: a host that dies, or an ack that is refused, between the outputs and the
+//! confirmation leaves the message to be handled again and its outputs sent again. What it
+//! removes is every other duplicate: a message handled and confirmed is never handled again.
 //!
 //! Kafka's consumer group maps to a subscription: members of one group are clients of one
 //! subscription and share its messages. A subscription belongs to one topic, so a group
@@ -15,7 +27,8 @@
 //! Publishing hands each message to the SDK's batching publisher and returns at once; at most
 //! `max_outstanding_publishes` messages wait for the server at a time, further `publish` calls
 //! wait for room (backpressure) and never drop. Keys become ordering keys; a subscription that
-//! switchyard creates has message ordering enabled, so messages of one key arrive in order.
+//! switchyard creates has message ordering enabled, so messages of one key arrive in order
+//! (except an exactly-once one: see `Resources::ensure_subscription` for why).
 //!
 //! The SDK ignores `PUBSUB_EMULATOR_HOST`; this backend honours it (endpoint plus anonymous
 //! credentials), as it honours an explicit `endpoint`. Everything else uses Application
@@ -198,7 +211,7 @@ impl Broker for PubSub {
         for topic in topics {
             self.resources.ensure_topic(&topic.name).await?;
             self.resources
-                .ensure_subscription(&topic.name, &topic.name)
+                .ensure_subscription(&topic.name, &topic.name, false)
                 .await?;
         }
         Ok(())
@@ -261,20 +274,12 @@ impl Broker for PubSub {
     }
 
     async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<Arc<dyn Subscriber>, BrokerError> {
-        if let crate::Guarantee::ExactlyOnce { .. } = spec.guarantee {
-            self.offers_exactly_once(&spec.topics).await?;
-        }
         Ok(Arc::new(PubSubSubscriber::subscribe(self, spec).await?))
     }
 
+    /// Every Pub/Sub subscription can have exactly-once delivery (see the module's docs for
+    /// what it promises: a confirmed acknowledgement, not a transaction).
     async fn offers_exactly_once(&self, _topics: &[String]) -> Result<(), BrokerError> {
-        // Pub/Sub has no transactions: its own "exactly-once delivery" stops a message that
-        // was acknowledged from coming again, but cannot make what a handler published and
-        // its acknowledgement one step.
-        Err(BrokerError::config(
-            "Pub/Sub cannot settle a message together with what its handling published \
-             (it has no transactions), so exactly-once is Kafka's only: use at-least-once \
-             on Pub/Sub, with an idempotent sink",
-        ))
+        Ok(())
     }
 }

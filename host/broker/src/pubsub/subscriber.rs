@@ -18,8 +18,8 @@ use super::resources::Resources;
 use super::{EMPTY_MARKER, PubSub};
 use crate::outage::OutageLog;
 use crate::{
-    BrokerError, Delivery, DeliveryReceipt, ErrorKind, OutgoingMessage, Settle, StartPosition,
-    Subscriber, SubscriptionSpec, conversions,
+    Broker, BrokerError, Delivery, DeliveryReceipt, ErrorKind, Guarantee, OutgoingMessage,
+    Publisher, Settle, StartPosition, Subscriber, SubscriptionSpec, conversions,
 };
 
 /// What a pump needs to (re)open one streaming pull.
@@ -35,6 +35,9 @@ struct StreamSettings {
     /// With `create_resources`: how to create the subscription (named here) again when it
     /// is gone.
     recreate: Option<(Arc<Resources>, String)>,
+    /// An exactly-once subscription's publisher, for the outputs acknowledged with a message
+    /// ([`Settle::ack_with`]); `None` on an at-least-once one.
+    outputs: Option<Arc<dyn Publisher>>,
 }
 
 /// How many acknowledged messages a member remembers (about 120 bytes each, 12 MB in all).
@@ -163,7 +166,8 @@ async fn pump(
                     } else if error.kind() == ErrorKind::NotFound
                         && let Some((resources, subscription)) = &settings.recreate
                     {
-                        recreate(resources, subscription, &settings.topic).await;
+                        let exactly_once = settings.outputs.is_some();
+                        recreate(resources, subscription, &settings.topic, exactly_once).await;
                     } else if sender.send(Err(error)).await.is_err() {
                         return;
                     }
@@ -182,9 +186,13 @@ async fn pump(
 
 /// Creates a subscription that is gone (and its topic) again. What was published while it
 /// did not exist is not in it: Pub/Sub keeps a topic's messages only for its subscriptions.
-async fn recreate(resources: &Resources, subscription: &str, topic: &str) {
+async fn recreate(resources: &Resources, subscription: &str, topic: &str, exactly_once: bool) {
     let created = match resources.ensure_topic(topic).await {
-        Ok(_) => resources.ensure_subscription(subscription, topic).await,
+        Ok(_) => {
+            resources
+                .ensure_subscription(subscription, topic, exactly_once)
+                .await
+        }
         Err(e) => Err(e),
     };
     match created {
@@ -233,41 +241,149 @@ fn delivery(settings: &StreamSettings, message: Message, handler: Handler) -> De
     Delivery::new(
         incoming,
         Box::new(PubSubSettle {
-            handler,
+            handler: Mutex::new(Some(handler)),
             id,
             acked: settings.acked.clone(),
+            outputs: settings.outputs.clone(),
         }),
     )
 }
 
 struct PubSubSettle {
+    /// Taken by whichever settles it: [`Settle::ack_with`] takes those of the messages
+    /// acknowledged with it through the `&dyn Settle` it can see. Dropped unsettled, the SDK
+    /// nacks it.
+    handler: Mutex<Option<Handler>>,
+    id: String,
+    acked: Arc<AckedIds>,
+    outputs: Option<Arc<dyn Publisher>>,
+}
+
+impl PubSubSettle {
+    fn take_handler(&self) -> Option<Handler> {
+        self.handler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// A message's handler taken out of its settle, with what remembers that it was acknowledged.
+struct Taken {
     handler: Handler,
     id: String,
     acked: Arc<AckedIds>,
 }
 
+impl Taken {
+    /// Acknowledges with a confirmation where the subscription has exactly-once delivery: an
+    /// `Ok` means Pub/Sub will never deliver the message again.
+    async fn confirmed_ack(self) -> Result<(), BrokerError> {
+        match self.handler {
+            Handler::ExactlyOnce(handler) => handler.confirmed_ack().await.map_err(|e| {
+                BrokerError::new(
+                    ErrorKind::Closed,
+                    format!(
+                        "Pub/Sub did not confirm the acknowledgement of message {} (so it is \
+                         delivered again, and handled again)",
+                        self.id
+                    ),
+                )
+                .with_source(e)
+            })?,
+            // The subscription lost exactly-once delivery after this member joined (someone
+            // changed it): the SDK keeps each message's delivery type as it was received.
+            handler => handler.ack(),
+        }
+        self.acked.insert(self.id);
+        Ok(())
+    }
+}
+
+/// Publishes `outputs` and waits until Pub/Sub stored every one.
+async fn publish_all(
+    publisher: &dyn Publisher,
+    outputs: Vec<OutgoingMessage>,
+) -> Result<(), BrokerError> {
+    let mut receipts = Vec::with_capacity(outputs.len());
+    for output in outputs {
+        receipts.push(publisher.publish(output).await?);
+    }
+    for receipt in receipts {
+        receipt.wait().await?;
+    }
+    Ok(())
+}
+
 impl Settle for PubSubSettle {
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.handler.ack();
-        self.acked.insert(self.id);
+        if let Some(handler) = self.take_handler() {
+            handler.ack();
+            self.acked.insert(self.id);
+        }
         Ok(())
     }
 
     fn nack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.handler.nack();
+        if let Some(handler) = self.take_handler() {
+            handler.nack();
+        }
         Ok(())
     }
 
-    /// Pub/Sub has no transaction that takes a publish and an acknowledgement together, so
-    /// every Pub/Sub subscription is at-least-once.
+    /// Pub/Sub has no transaction that takes a publish and an acknowledgement together: on
+    /// an exactly-once subscription the outputs are published first, and the messages are
+    /// acknowledged with a confirmation once every output is stored (see the module's docs).
     fn ack_with(
         self: Box<Self>,
         together: Vec<Box<dyn Settle>>,
-        _outputs: Vec<OutgoingMessage>,
+        outputs: Vec<OutgoingMessage>,
     ) -> Result<DeliveryReceipt, (BrokerError, Vec<Box<dyn Settle>>)> {
+        let publisher = self.outputs.clone();
         let mut all: Vec<Box<dyn Settle>> = vec![self];
         all.extend(together);
-        Err((crate::at_least_once_refusal(), all))
+        let Some(publisher) = publisher else {
+            return Err((crate::at_least_once_refusal(), all));
+        };
+        let ours: Option<Vec<&PubSubSettle>> = all
+            .iter()
+            .map(|settle| settle.as_any().downcast_ref::<PubSubSettle>())
+            .collect();
+        let Some(ours) = ours else {
+            return Err((
+                BrokerError::rejected(
+                    "messages acknowledged together must come from one Pub/Sub subscription",
+                ),
+                all,
+            ));
+        };
+        let taken: Vec<Taken> = ours
+            .into_iter()
+            .filter_map(|settle| {
+                Some(Taken {
+                    handler: settle.take_handler()?,
+                    id: settle.id.clone(),
+                    acked: settle.acked.clone(),
+                })
+            })
+            .collect();
+        Ok(DeliveryReceipt::new(Box::pin(async move {
+            if let Err(e) = publish_all(publisher.as_ref(), outputs).await {
+                // Given back at once: whoever gets them again handles them again, and sends
+                // again what was stored of their outputs.
+                for message in taken {
+                    message.handler.nack();
+                }
+                return Err(BrokerError::new(
+                    e.kind(),
+                    "an output of the messages was not stored, so they were not acknowledged \
+                     (they are delivered again, and handled again)",
+                )
+                .with_source(e));
+            }
+            let confirmed = futures::future::join_all(taken.into_iter().map(Taken::confirmed_ack));
+            confirmed.await.into_iter().collect()
+        })))
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -368,6 +484,12 @@ impl PubSubSubscriber {
             "subscription {:?} receiving from {:?}",
             spec.group, spec.topics
         )));
+        let exactly_once = matches!(spec.guarantee, Guarantee::ExactlyOnce { .. });
+        let outputs = if exactly_once {
+            Some(pubsub.publisher().await?)
+        } else {
+            None
+        };
         for topic in &spec.topics {
             let subscription =
                 pubsub
@@ -377,7 +499,7 @@ impl PubSubSubscriber {
                 pubsub.resources.ensure_topic(topic).await?;
                 pubsub
                     .resources
-                    .ensure_subscription(&subscription, topic)
+                    .ensure_subscription(&subscription, topic, exactly_once)
                     .await?;
                 if spec.start == StartPosition::Latest {
                     tracing::debug!(
@@ -386,7 +508,10 @@ impl PubSubSubscriber {
                     );
                 }
             } else {
-                pubsub.resources.check_subscription(&subscription).await?;
+                pubsub
+                    .resources
+                    .check_subscription(&subscription, exactly_once)
+                    .await?;
             }
             for _ in 0..pubsub.resources.config.streams.max(1) {
                 streams.push(StreamSettings {
@@ -401,6 +526,7 @@ impl PubSubSubscriber {
                         .config()
                         .create_resources
                         .then(|| (pubsub.resources.clone(), subscription.clone())),
+                    outputs: outputs.clone(),
                 });
             }
         }

@@ -30,10 +30,13 @@
 //! is one set of broker acknowledgements, so the batch's successes are settled together once
 //! all of them are stored (or retried together if the broker refused one).
 //!
-//! An exactly-once handler (`delivery = "exactly-once"`, Kafka) sends nothing during a call:
-//! the messaging interface holds what the call sent, and a success commits it with the
-//! message's offset in one Kafka transaction (see `switchyard_broker::kafka`'s transactions),
-//! so a host that dies between the two leaves neither. A failed attempt's outputs are dropped;
+//! An exactly-once handler (`delivery = "exactly-once"`) sends nothing during a call: the
+//! messaging interface holds what the call sent, and a success commits it with the message's
+//! offset in one Kafka transaction (see `switchyard_broker::kafka`'s transactions), so a host
+//! that dies between the two leaves neither. On Pub/Sub, which has no transactions, a success
+//! stores what the call sent and then confirms the message's acknowledgement (Pub/Sub's
+//! exactly-once delivery): a confirmed message never comes again, but a host that dies between
+//! the two sends the outputs again when the message is handled again. A failed attempt's outputs are dropped;
 //! a dead letter is the output of its original's transaction. A transaction that will not
 //! commit (the partition moved, the member was fenced) leaves the message to whoever holds it
 //! now, which handles it again, so it is not retried here. A batch commits as a whole: a call
@@ -203,20 +206,26 @@ pub(crate) async fn start(
         .group
         .clone()
         .unwrap_or_else(|| component.name.to_string());
-    let transactional_id = match config.delivery {
-        DeliveryGuarantee::AtLeastOnce => None,
-        DeliveryGuarantee::ExactlyOnce => Some(transactional_id::take(&group)?),
+    // Only Kafka's transactions need a producer id; Pub/Sub's exactly-once delivery has none.
+    let kafka = runtime.broker.messaging_system() == switchyard_broker::system::KAFKA;
+    let exactly_once = config.delivery == DeliveryGuarantee::ExactlyOnce;
+    let transactional_id = match exactly_once && kafka {
+        true => Some(transactional_id::take(&group)?),
+        false => None,
+    };
+    let guarantee = match (exactly_once, &transactional_id) {
+        (false, _) => Guarantee::AtLeastOnce,
+        (true, held) => Guarantee::ExactlyOnce {
+            transactional_id: held
+                .as_ref()
+                .map_or_else(|| group.clone(), |held| held.id.clone()),
+        },
     };
     let spec = SubscriptionSpec {
         group,
         topics: config.subscribe.clone(),
         start: config.start,
-        guarantee: match &transactional_id {
-            None => Guarantee::AtLeastOnce,
-            Some(held) => Guarantee::ExactlyOnce {
-                transactional_id: held.id.clone(),
-            },
-        },
+        guarantee,
         isolation: Default::default(),
     };
     // Dead-letter topics exist before the first failure, so a dead letter is never refused

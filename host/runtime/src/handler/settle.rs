@@ -259,13 +259,14 @@ impl Settling {
         futures::future::join_all(failures).await;
     }
 
-    /// A transaction that will not commit a message's outputs (its partition moved, or another
-    /// host took this one's transactional id): whoever holds the message now handles it again,
-    /// so it is not retried here.
+    /// A message whose outputs and acknowledgement will not commit (on Kafka its partition
+    /// moved, or another host took this one's transactional id; on Pub/Sub the ack was not
+    /// confirmed): the broker delivers it again, to whichever member holds it now, which
+    /// handles it again, so it is not retried here.
     fn committed_elsewhere(&self, position: &str, error: &BrokerError) {
         tracing::info!(
-            "{}: {position} was not committed here ({error}); the member that holds its \
-             partition now handles it again",
+            "{}: {position} was not committed here ({error}); it is delivered again, to the \
+             member that holds it now, and handled again",
             self.name
         );
     }

@@ -67,7 +67,8 @@ pub struct ComponentConfig {
     #[serde(default)]
     pub nn: Option<crate::nn::NnEngine>,
     /// What the handler promises about each message: `"at-least-once"` (the default) or
-    /// `"exactly-once"` (Kafka brokers that keep transactions; see [`DeliveryGuarantee`]).
+    /// `"exactly-once"` (Kafka brokers that keep transactions, and Pub/Sub with its
+    /// exactly-once delivery; see [`DeliveryGuarantee`]).
     #[serde(default)]
     pub delivery: DeliveryGuarantee,
 }
@@ -80,11 +81,17 @@ pub enum DeliveryGuarantee {
     /// that dies in between sends it again after the redelivery.
     #[default]
     AtLeastOnce,
-    /// What a call sent and the acknowledgement of its message commit in one Kafka
+    /// On Kafka, what a call sent and the acknowledgement of its message commit in one
     /// transaction: readers that read committed data (librdkafka's and Kafka's default) see
-    /// each message's outputs once, however often a host dies. Kafka only: Pub/Sub has no
-    /// such transaction, and librdkafka's mock cluster (the embedded broker) does not keep
-    /// the offsets a transaction commits, so both refuse it when the handler starts.
+    /// each message's outputs once, however often a host dies. librdkafka's mock cluster (the
+    /// embedded broker) does not keep the offsets a transaction commits, so it refuses it
+    /// when the handler starts.
+    ///
+    /// On Pub/Sub, which has no such transaction, the subscription has Pub/Sub's exactly-once
+    /// delivery: what a call sent is stored, then the message's acknowledgement is confirmed,
+    /// and a confirmed message is never delivered again. A host that dies between the two
+    /// handles the message again and sends its outputs again (as at-least-once does), so
+    /// readers still need an idempotent sink there.
     ExactlyOnce,
 }
 
