@@ -5,7 +5,8 @@
 //! prediction held. A consumer without the grant stores nothing and still handles its
 //! messages; a manifest granting a table the host does not keep is refused (before anything is
 //! compiled) with the tables it keeps; a row that does not fit its table writes nothing of its call; a database written by
-//! a newer switchyard, and a PostgreSQL that is not there, are refused with the fix.
+//! a newer switchyard, and a PostgreSQL that is not there, are refused with the fix; a table an
+//! older switchyard made gets the nullable columns added since, on both databases.
 
 mod support;
 
@@ -21,7 +22,9 @@ use switchyard_runtime::RuntimeOptions;
 use switchyard_runtime::SENT_BY_HEADER;
 use switchyard_runtime::app::App;
 use switchyard_runtime::manifest::{ComponentConfig, Manifest, TopicConfig};
-use switchyard_runtime::results::{Results, ResultsConfig, ResultsError};
+use switchyard_runtime::results::{
+    Column, ColumnType, Results, ResultsConfig, ResultsError, TableSchema, Tables, Value,
+};
 
 /// The local PostgreSQL the tests write into.
 fn postgres_url() -> String {
@@ -322,6 +325,108 @@ async fn a_database_of_a_newer_switchyard_is_refused() {
         error.contains("schema version 99") && error.contains("upgrade switchyard"),
         "{error}"
     );
+}
+
+/// A store whose `predictions` table an older switchyard made, without the per-hop columns
+/// (`handled_at_ms`, `predicted_at_ms`), opens with them added: its old rows read NULL there,
+/// new rows fill them. A column a newer program declares NOT NULL cannot be added to rows that
+/// have none, so that store is refused, naming the column. The table has a name of its own, so
+/// runs against the shared PostgreSQL never meet an earlier run's.
+async fn an_older_table_gets_the_newer_nullable_columns(store: ResultsConfig) {
+    let name: &'static str = Box::leak(
+        support::unique("predictions_v1")
+            .replace('-', "_")
+            .into_boxed_str(),
+    );
+    let schema = |columns: Vec<Column>| -> &'static TableSchema {
+        Box::leak(Box::new(TableSchema {
+            name,
+            columns: Box::leak(columns.into_boxed_slice()),
+            key_columns: PREDICTIONS.key_columns,
+        }))
+    };
+    let current = schema(PREDICTIONS.columns.to_vec());
+    let added = ["handled_at_ms", "predicted_at_ms"];
+    let older = schema(
+        current
+            .columns
+            .iter()
+            .filter(|column| !added.contains(&column.name))
+            .copied()
+            .collect(),
+    );
+    let mut row = PredictionRecord::row(&prediction("older-1", 1, 1, 1.0), None, 2.0);
+    row.retain(|(column, _)| !added.contains(&column.as_str()));
+    let results = Results::open(&store, &Tables::new([older])).await.unwrap();
+    assert_eq!(results.insert(older, vec![row]).await.unwrap(), 1);
+    drop(results);
+
+    let results = Results::open(&store, &Tables::new([current]))
+        .await
+        .unwrap();
+    let newer = Prediction {
+        handled_at_ms: Some(1.5),
+        predicted_at_ms: Some(1.75),
+        ..prediction("older-2", 1, 1, 1.0)
+    };
+    let row = PredictionRecord::row(&newer, None, 2.0);
+    assert_eq!(results.insert(current, vec![row]).await.unwrap(), 1);
+    let rows = results.select(current, "older").await.unwrap();
+    let column = |name: &str| current.columns.iter().position(|c| c.name == name).unwrap();
+    let hops: Vec<_> = rows
+        .iter()
+        .map(|row| {
+            (
+                row[column("handled_at_ms")].clone(),
+                row[column("predicted_at_ms")].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            (Value::Null, Value::Null),
+            (Value::Real(1.5), Value::Real(1.75))
+        ]
+    );
+    drop(results);
+
+    let mut stricter = current.columns.to_vec();
+    stricter.push(Column::new("required_later", ColumnType::Integer, false));
+    let Err(error) = Results::open(&store, &Tables::new([schema(stricter)])).await else {
+        panic!("a NOT NULL column cannot be added to old rows");
+    };
+    assert!(
+        matches!(
+            &error,
+            ResultsError::MissingColumn {
+                column: "required_later",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("use another database"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn an_older_sqlite_table_gets_the_newer_nullable_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    an_older_table_gets_the_newer_nullable_columns(ResultsConfig::Sqlite {
+        path: dir.path().join("older.sqlite3"),
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_older_postgres_table_gets_the_newer_nullable_columns() {
+    an_older_table_gets_the_newer_nullable_columns(ResultsConfig::Postgres {
+        url: postgres_url(),
+    })
+    .await;
 }
 
 #[tokio::test]

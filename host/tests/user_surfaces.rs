@@ -164,7 +164,7 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
         "{accuracy_text} not in {html}"
     );
     assert!(
-        html.contains(run) && html.matches("<svg").count() == 3,
+        html.contains(run) && html.matches("<svg").count() == 4,
         "{html}"
     );
 
@@ -188,6 +188,8 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
         format!("accuracy      {accuracy_text}"),
         "confusion matrix (rows: label, columns: predicted)".to_string(),
         "latency       p50 ".to_string(),
+        "where the time went".to_string(),
+        "sent → classifier".to_string(),
     ] {
         assert!(stdout.contains(&expected), "{expected:?} not in:\n{stdout}");
     }
@@ -196,6 +198,7 @@ async fn the_demo_ends_with_a_json_summary_and_exit_code_0() {
         "confusion.svg",
         "latency.svg",
         "throughput.svg",
+        "hops.svg",
     ] {
         assert!(
             out.path().join(file).is_file(),

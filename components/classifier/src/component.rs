@@ -19,8 +19,9 @@
 //! `--model PATH` (default `/models/lenet.onnx`, a file in a directory the manifest preopens),
 //! `--predictions-topic TOPIC` (default `predictions`).
 //!
-//! The model is loaded on the first message and kept for the life of the instance: the host
-//! keeps instances warm, so one load serves thousands of requests.
+//! The model is loaded in `warm-up`, which the host calls on every new instance before its
+//! first message, and kept for the life of the instance: the host keeps instances warm, so one
+//! load serves thousands of requests, and the first request does not wait for it.
 
 use std::cell::OnceCell;
 use std::time::Instant;
@@ -39,7 +40,7 @@ wit_bindgen::generate!({
     generate_all,
 });
 
-use exports::switchyard::host::batch;
+use exports::switchyard::host::{batch, warm_up};
 use exports::wasi::messaging::incoming_handler::Guest;
 use wasi::messaging::producer;
 use wasi::messaging::types::{Client, Error, Message};
@@ -188,6 +189,8 @@ struct Request<'a> {
     request_id: String,
     image: &'a [u8; IMAGE_BYTES],
     decode_us: u64,
+    /// When this instance was handed it (Unix ms).
+    handled_at_ms: f64,
 }
 
 impl Request<'_> {
@@ -232,6 +235,7 @@ impl Classifier {
 
     /// Checks one request and decodes its image (borrowed from `data`, the message's payload).
     fn request<'a>(&self, message: &Message, data: &'a [u8]) -> Result<Request<'a>, Error> {
+        let handled_at_ms = wire::unix_ms();
         let started = Instant::now();
         let metadata = message.metadata().unwrap_or_default();
         let request_id = header(&metadata, REQUEST_ID)
@@ -247,6 +251,7 @@ impl Classifier {
             .map_err(|e| Error::Other(format!("request {request_id}: {e}")))?;
         Ok(Request {
             decode_us: micros(started.elapsed()),
+            handled_at_ms,
             metadata,
             request_id,
             image,
@@ -287,6 +292,8 @@ impl Classifier {
         let sent_at = request.header(SENT_AT).and_then(wire::parse_sent_at);
         let prediction = Prediction {
             engine: self.engine.name().to_string(),
+            handled_at_ms: Some(request.handled_at_ms),
+            predicted_at_ms: Some(wire::unix_ms()),
             ..Prediction::from_logits(
                 request.request_id.clone(),
                 logits,
@@ -378,6 +385,16 @@ impl batch::Guest for Component {
     }
 }
 
+impl warm_up::Guest for Component {
+    /// Loads the model and runs it once on a blank image, so the first request finds the
+    /// engine's session and plan ready.
+    fn warm_up() -> Result<(), Error> {
+        let blank = [0u8; IMAGE_BYTES];
+        with_classifier(|c| c.engine.logits(&[&blank]).map(drop))?
+            .map_err(|e| Error::Other(format!("classifier: the model does not run: {e}")))
+    }
+}
+
 export!(Component);
 
 /// The component as the host drives it, on the committed model (`switchyard test` runs these
@@ -402,6 +419,13 @@ mod tests {
             .header(REQUEST_ID, request_id)
             .header(LABEL, "9")
             .header(SENT_AT, "1700000000000.000")
+    }
+
+    #[test]
+    fn warm_up_loads_the_model_before_the_first_request() {
+        let warmed = <Component as warm_up::Guest>::warm_up();
+        assert!(warmed.is_ok(), "{warmed:?}");
+        assert!(CLASSIFIER.with(|cell| cell.get().is_some()));
     }
 
     #[test]

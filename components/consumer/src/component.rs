@@ -10,7 +10,6 @@
 //! only predictions for requests of that producer run (a shared topic may hold older runs).
 
 use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use pipeline_core::tally::Tally;
 
@@ -23,7 +22,7 @@ wit_bindgen::generate!({
 use exports::switchyard::host::{batch, report};
 use exports::wasi::messaging::incoming_handler::Guest;
 use pipeline_core::row::{Cell, PREDICTIONS_TABLE, prediction_row};
-use pipeline_core::wire::Prediction;
+use pipeline_core::wire::{Prediction, unix_ms};
 use switchyard::host::results::{self, Table, Value};
 use wasi::messaging::types::{Error, Message};
 
@@ -57,13 +56,6 @@ fn settings() -> Result<crate::Settings, String> {
         });
     }
     crate::Settings::from_args(std::env::args().skip(1))
-}
-
-fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
 }
 
 struct Component;

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 
 use pipeline_core::idx::IdxArray;
 #[cfg(target_arch = "wasm32")]
-use pipeline_core::wire::{GRAY8_CONTENT_TYPE, SENT_AT, format_sent_at};
+use pipeline_core::wire::{GRAY8_CONTENT_TYPE, SENT_AT, format_sent_at, unix_ms};
 use pipeline_core::wire::{LABEL, REQUEST_ID};
 use pipeline_core::{IMAGE_BYTES, IMAGE_SIDE};
 
@@ -100,15 +100,6 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Settings, String
 struct Request<'a> {
     pixels: &'a [u8],
     headers: Vec<(&'static str, String)>,
-}
-
-#[cfg(target_arch = "wasm32")]
-fn unix_ms() -> f64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
 }
 
 fn read_file(path: &str, what: &str) -> Result<Vec<u8>, String> {

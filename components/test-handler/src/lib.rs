@@ -22,6 +22,7 @@
 //! | `batch TOPIC` | sends to TOPIC how many messages came in the same call |
 //! | `attempt TOPIC N` | sends its `switchyard-delivery-attempt` metadata to TOPIC; `error` before attempt N |
 //! | `probe TOPIC` | tries what the sandbox should refuse and sends to TOPIC what happened (below) |
+//! | `warmed TOPIC` | sends to TOPIC `WARM-UPS HANDLED`: this instance's warm-ups, and the messages it handled before this one |
 //!
 //! `probe` reports one `name=outcome` line each (`ok` or `denied: …`) for: reading
 //! `/etc/passwd` (outside every preopen), reading `/data/probe.txt` and writing
@@ -29,7 +30,9 @@
 //! environment variables.
 //!
 //! It exports `switchyard:host/batch` too, handling a batch's messages one after the other, so
-//! one `trap` fails the whole call.
+//! one `trap` fails the whole call, and `switchyard:host/warm-up`, which does what its
+//! argument `--warm-up MODE` says: `ok` (the default), `sleep MS`, `error`, `trap`, or
+//! `send TOPIC` (tries to send, and fails with what the host said).
 //! It is not part of the pipeline and not meant for production.
 
 #[cfg(target_arch = "wasm32")]
@@ -37,18 +40,27 @@ mod component {
     use std::cell::Cell;
 
     wit_bindgen::generate!({
-        world: "switchyard:host/batch-handler",
+        inline: "
+            package switchyard:test-handler;
+
+            world test-handler {
+                include switchyard:host/batch-handler@0.1.0;
+                export switchyard:host/warm-up@0.1.0;
+            }
+        ",
         path: "../../wit",
+        world: "switchyard:test-handler/test-handler",
         generate_all,
     });
 
-    use exports::switchyard::host::batch;
+    use exports::switchyard::host::{batch, warm_up};
     use exports::wasi::messaging::incoming_handler::Guest;
     use wasi::messaging::producer;
     use wasi::messaging::types::{Client, Error, Message};
 
     thread_local! {
         static HANDLED: Cell<u64> = const { Cell::new(0) };
+        static WARM_UPS: Cell<u64> = const { Cell::new(0) };
     }
 
     fn send(topic: &str, body: &[u8]) -> Result<(), Error> {
@@ -57,6 +69,32 @@ mod component {
     }
 
     struct Component;
+
+    impl warm_up::Guest for Component {
+        fn warm_up() -> Result<(), Error> {
+            WARM_UPS.with(|w| w.set(w.get() + 1));
+            let mut args = std::env::args()
+                .skip_while(|arg| arg != "--warm-up")
+                .skip(1);
+            let mode = args.next().unwrap_or_else(|| "ok".into());
+            let mut words = mode.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("ok"), _) => Ok(()),
+                (Some("sleep"), Some(ms)) => {
+                    let ms: u64 = ms.parse().map_err(|_| Error::Other("sleep MS".into()))?;
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    Ok(())
+                }
+                (Some("error"), _) => Err(Error::Other("asked to fail its warm-up".into())),
+                (Some("trap"), _) => panic!("asked to trap in its warm-up"),
+                (Some("send"), Some(topic)) => {
+                    send(topic, b"from warm-up")?;
+                    Err(Error::Other("the send during warm-up went out".into()))
+                }
+                _ => Err(Error::Other(format!("no warm-up mode {mode:?}"))),
+            }
+        }
+    }
 
     impl batch::Guest for Component {
         fn handle_batch(messages: Vec<Message>) -> Vec<Result<(), Error>> {
@@ -162,6 +200,10 @@ mod component {
             (Some("echo"), Some(topic)) => send(topic, payload.as_bytes()),
             (Some("batch"), Some(topic)) => send(topic, size.to_string().as_bytes()),
             (Some("probe"), Some(topic)) => send(topic, probe().as_bytes()),
+            (Some("warmed"), Some(topic)) => {
+                let warm_ups = WARM_UPS.with(Cell::get);
+                send(topic, format!("{warm_ups} {}", handled - 1).as_bytes())
+            }
             (Some("attempt"), Some(topic)) => {
                 let succeed_at: u32 = words
                     .next()

@@ -7,10 +7,11 @@
 //!    predictions).
 //! 2. Inference ceiling, µs per image on one thread, at batch 1 and at the classifier's batch:
 //!    tract natively and in Wasm (the classifier's `ceiling` example, built both ways, the Wasm
-//!    one run by `switchyard exec`), the host's `wasi:nn` engines (tract, and ONNX Runtime when
-//!    installed), and ONNX Runtime from Python as a reference when `python3 -c "import
-//!    onnxruntime"` works (`pip install onnxruntime`; `SWITCHYARD_PYTHON` names another
-//!    interpreter, such as a venv's); otherwise that row says it was skipped.
+//!    one run by `switchyard exec`), the host's `wasi:nn` engines (tract, and ONNX Runtime,
+//!    which the bench installs once with pip when it is missing, as the demo does), and ONNX
+//!    Runtime from Python as a reference when `python3 -c "import onnxruntime"` works (`pip
+//!    install onnxruntime`; `SWITCHYARD_PYTHON` names another interpreter, such as a venv's);
+//!    otherwise that row says it was skipped.
 //! 3. The pipeline: `switchyard demo` as a child process per run, 10,000 images on the
 //!    embedded broker: each engine at full speed, batches against none, one classifier worker
 //!    against two, and paced at 2,000 requests/s. Images/s, p50, p99 and the process's peak RSS.
@@ -55,6 +56,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use switchyard_pipeline::demo as source;
 use switchyard_runtime::nn::NnEngine;
+use switchyard_runtime::nn::onnxruntime::{self, IfMissing};
 
 use ceilings::{
     broker_ceiling, ceiling_host, ceiling_native, ceiling_python, ceiling_rows, ceiling_wasm,
@@ -109,7 +111,16 @@ fn main() -> anyhow::Result<()> {
         components: source::build_components().context("building the components")?,
         models: source::models_dir(),
     };
-    let onnxruntime = NnEngine::Onnxruntime.check_available().is_ok();
+    // The fastest engine there is, as the demo gets it: installed once when pip is there.
+    let onnxruntime = match onnxruntime::provide(IfMissing::Install, |dir| {
+        eprintln!("installing ONNX Runtime into {}…", dir.display())
+    }) {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("tract only: {why}");
+            false
+        }
+    };
     let mut rows = Vec::new();
     let engine = if onnxruntime { "onnxruntime" } else { "tract" };
     let cases = pipeline_cases(engine, onnxruntime);

@@ -10,10 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pipeline_core::row::PREDICTIONS_TABLE;
-use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM};
+use pipeline_core::wire::{ENGINE_WASI_NN, ENGINE_WASM, unix_ms};
 use serde::Serialize;
 
 use crate::build::{BuildError, ComponentBuild};
@@ -25,7 +25,7 @@ use crate::report::RunReport;
 use switchyard_runtime::manifest::{
     ComponentConfig, DeliveryGuarantee, Limits, Manifest, Preopen, TopicConfig,
 };
-use switchyard_runtime::nn::{NnEngine, onnxruntime};
+use switchyard_runtime::nn::NnEngine;
 use switchyard_runtime::progress::Progress;
 use switchyard_runtime::results::{Results, ResultsConfig};
 use switchyard_runtime::{CommandOutcome, RuntimeError, RuntimeOptions};
@@ -195,6 +195,10 @@ pub struct DemoReport {
     /// What computed the predictions: `wasi-nn (tract)` on the host, or `wasm (tract)` inside
     /// the classifier (both, with counts, if they were mixed).
     pub inference: String,
+    /// Why the host ran tract where the fastest engine was asked for (ONNX Runtime not
+    /// installed, and why it could not be), with the way to get it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_note: Option<String>,
     /// The classifier's delivery (`exactly-once`, `at-least-once`) and why it was chosen.
     pub delivery: String,
 }
@@ -223,13 +227,10 @@ impl std::fmt::Display for DemoReport {
             ms(self.p99_ms)
         )?;
         writeln!(f, "  inference          {}", self.inference)?;
-        writeln!(f, "  delivery           {}", self.delivery)?;
-        if self.inference.contains("tract, native") && onnxruntime::library_path().is_none() {
-            writeln!(
-                f,
-                "                     (ONNX Runtime is faster: `switchyard install-onnxruntime`)"
-            )?;
+        if let Some(note) = &self.inference_note {
+            writeln!(f, "                     ({note})")?;
         }
+        writeln!(f, "  delivery           {}", self.delivery)?;
         if let Some(first) = self.first_prediction_s {
             writeln!(f, "  first prediction   {first:.2} s after start")?;
         }
@@ -349,13 +350,6 @@ fn new_run_id() -> String {
         std::process::id() & 0xf_ffff,
         run & 0xff
     )
-}
-
-fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
 }
 
 /// This process's peak resident set so far, from `/proc/self/status` (Linux only).
@@ -711,6 +705,7 @@ pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
             ),
             None => describe_engines(&summary.engines, options.inference),
         },
+        inference_note: None,
         delivery: delivery_said,
     };
     Ok(Demo { report, run })

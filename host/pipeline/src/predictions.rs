@@ -37,6 +37,10 @@ pub const PREDICTIONS: TableSchema = TableSchema {
         Column::new("inference_us", ColumnType::Integer, true),
         Column::new("sent_at_ms", ColumnType::Real, true),
         Column::new("received_at_ms", ColumnType::Real, false),
+        // When the classifier was handed the request, and when it sent the prediction: with
+        // the two above, the four hops of a request (added in schema 2; older rows hold NULL).
+        Column::new("handled_at_ms", ColumnType::Real, true),
+        Column::new("predicted_at_ms", ColumnType::Real, true),
     ],
     key_columns: 2,
 };
@@ -157,6 +161,8 @@ impl PredictionRecord {
                 scores,
                 label: count("label").map(|l| l as usize),
                 sent_at_ms: get("sent_at_ms").as_f64(),
+                handled_at_ms: get("handled_at_ms").as_f64(),
+                predicted_at_ms: get("predicted_at_ms").as_f64(),
                 model: text("model")?,
                 timings: Timings {
                     decode_us: count("decode_us").unwrap_or(0),
@@ -183,18 +189,22 @@ mod tests {
 
     #[test]
     fn a_prediction_round_trips_through_its_row_and_bad_rows_are_refused() {
-        let prediction = Prediction::from_logits(
-            "run7-12".into(),
-            &[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-            Some(1),
-            Some(10.5),
-            "lenet5-x".into(),
-            Timings {
-                decode_us: 3,
-                inference_us: 40,
-                batch: 4,
-            },
-        );
+        let prediction = Prediction {
+            handled_at_ms: Some(11.0),
+            predicted_at_ms: Some(11.25),
+            ..Prediction::from_logits(
+                "run7-12".into(),
+                &[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                Some(1),
+                Some(10.5),
+                "lenet5-x".into(),
+                Timings {
+                    decode_us: 3,
+                    inference_us: 40,
+                    batch: 4,
+                },
+            )
+        };
         let values = PREDICTIONS
             .row(PredictionRecord::row(
                 &prediction,

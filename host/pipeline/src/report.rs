@@ -87,6 +87,60 @@ pub struct RunReport {
     pub arrivals_s: Vec<f64>,
     /// The models and component builds that made the predictions, with their counts.
     pub made_by: Vec<(String, u64)>,
+    /// Where each request's time went, for the predictions that carry every hop's time, in
+    /// the order they were sent.
+    pub hops: Vec<Hops>,
+}
+
+/// One request's way through the pipeline, in ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hops {
+    /// When it was sent, in seconds from the first request sent.
+    pub sent_s: f64,
+    /// From sent to the classifier being handed it: the first broker hop and any wait for a
+    /// free classifier instance.
+    pub to_classifier_ms: f64,
+    /// In the classifier: decoding, the model run (shared with its batch) and the send.
+    pub in_classifier_ms: f64,
+    /// From the prediction sent to the consumer storing it: the second broker hop.
+    pub to_consumer_ms: f64,
+}
+
+impl Hops {
+    /// The hops' names, as the report prints them, in order.
+    pub const NAMES: [&str; 3] = [
+        "sent → classifier",
+        "in the classifier",
+        "classifier → stored",
+    ];
+
+    fn of(record: &PredictionRecord, start_ms: f64) -> Option<Self> {
+        let prediction = &record.prediction;
+        let (sent, handled, predicted) = (
+            prediction.sent_at_ms?,
+            prediction.handled_at_ms?,
+            prediction.predicted_at_ms?,
+        );
+        Some(Self {
+            sent_s: (sent - start_ms) / 1000.0,
+            to_classifier_ms: handled - sent,
+            in_classifier_ms: predicted - handled,
+            to_consumer_ms: record.received_at_ms - predicted,
+        })
+    }
+
+    /// The three hops, in the order of [`Hops::NAMES`].
+    pub fn values(&self) -> [f64; 3] {
+        [
+            self.to_classifier_ms,
+            self.in_classifier_ms,
+            self.to_consumer_ms,
+        ]
+    }
+
+    fn total_ms(&self) -> f64 {
+        self.values().iter().sum()
+    }
 }
 
 impl RunReport {
@@ -150,6 +204,8 @@ impl RunReport {
             .collect();
         arrivals_s.sort_by(f64::total_cmp);
         latencies_ms.sort_by(f64::total_cmp);
+        let mut hops: Vec<Hops> = records.iter().filter_map(|r| Hops::of(r, start)).collect();
+        hops.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
         Self {
             run_id,
             store,
@@ -158,7 +214,33 @@ impl RunReport {
             latencies_ms,
             arrivals_s,
             made_by: made_by.into_iter().collect(),
+            hops,
         }
+    }
+
+    /// Each hop's p50, p99 and maximum, and its mean over the slowest 1 % of requests (by
+    /// their whole way), in ms; `None` without per-hop times (older rows).
+    pub fn hop_table(&self) -> Option<[[f64; 4]; 3]> {
+        if self.hops.is_empty() {
+            return None;
+        }
+        let mut slowest = self.hops.clone();
+        slowest.sort_by(|a, b| b.total_ms().total_cmp(&a.total_ms()));
+        slowest.truncate(self.hops.len().div_ceil(100));
+        let mut table = [[0.0; 4]; 3];
+        for (hop, row) in table.iter_mut().enumerate() {
+            let mut values: Vec<f64> = self.hops.iter().map(|h| h.values()[hop]).collect();
+            values.sort_by(f64::total_cmp);
+            let at = |quantile: f64| {
+                let rank =
+                    ((quantile * values.len() as f64).ceil() as usize).clamp(1, values.len());
+                values[rank - 1]
+            };
+            let mean_of_slowest =
+                slowest.iter().map(|h| h.values()[hop]).sum::<f64>() / slowest.len() as f64;
+            *row = [at(0.5), at(0.99), at(1.0), mean_of_slowest];
+        }
+        Some(table)
     }
 
     /// Predictions per second from the first request sent to the last prediction.
@@ -204,6 +286,18 @@ impl RunReport {
         for (by, count) in &self.made_by {
             let _ = writeln!(out, "  made by       {by} ({count})");
         }
+        if let Some(table) = self.hop_table() {
+            let _ = writeln!(
+                out,
+                "\nwhere the time went, ms    p50      p99      max   slowest 1 % (mean)"
+            );
+            for (name, [p50, p99, max, slowest]) in Hops::NAMES.iter().zip(table) {
+                let _ = writeln!(
+                    out,
+                    "  {name:<22}{p50:>7.1}  {p99:>7.1}  {max:>7.1}  {slowest:>7.1}"
+                );
+            }
+        }
         let _ = writeln!(out, "\nper class (accuracy over its labelled predictions)");
         for (class, name) in CLASS_NAMES.iter().enumerate() {
             let labelled: u64 = self.confusion[class].iter().sum();
@@ -244,16 +338,22 @@ impl RunReport {
         let confusion = self.confusion_svg()?;
         let latency = self.latency_svg()?;
         let throughput = self.throughput_svg()?;
+        let hops = self.hops_svg()?;
         write(dir.join("confusion.svg"), &confusion)?;
         write(dir.join("latency.svg"), &latency)?;
         write(dir.join("throughput.svg"), &throughput)?;
-        write(
-            dir.join("report.html"),
-            &self.html(&confusion, &latency, &throughput),
-        )
+        if let Some(hops) = &hops {
+            write(dir.join("hops.svg"), hops)?;
+        }
+        let plots = [confusion, latency, throughput]
+            .into_iter()
+            .chain(hops)
+            .collect::<Vec<_>>()
+            .join("\n");
+        write(dir.join("report.html"), &self.html(&plots))
     }
 
-    fn html(&self, confusion: &str, latency: &str, throughput: &str) -> String {
+    fn html(&self, plots: &str) -> String {
         let text = escape(&self.to_text());
         format!(
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -261,7 +361,7 @@ impl RunReport {
              max-width:1000px;margin:2em auto}} pre{{background:#f6f6f6;padding:1em}} \
              .plots{{display:flex;flex-wrap:wrap;gap:1em}}</style></head><body>\n\
              <h1>switchyard run {run}</h1>\n<pre>{text}</pre>\n<div class=\"plots\">\n\
-             {confusion}\n{latency}\n{throughput}\n</div>\n</body></html>\n",
+             {plots}\n</div>\n</body></html>\n",
             run = escape(&self.run_id),
         )
     }
@@ -379,6 +479,67 @@ impl RunReport {
         Ok(svg)
     }
 
+    /// The longest wait at each hop among the requests sent in each slice of the run: a
+    /// slow start, a stall or a hop that dominates shows where it happened. `None` without
+    /// per-hop times.
+    pub fn hops_svg(&self) -> Result<Option<String>, ReportError> {
+        let plot = "per-hop plot";
+        let Some(last) = self.hops.last() else {
+            return Ok(None);
+        };
+        let end = last.sent_s.max(1e-3);
+        let width = end / BINS as f64;
+        let mut longest = [[0f64; BINS]; 3];
+        for hop in &self.hops {
+            let bin = ((hop.sent_s.max(0.0) / width) as usize).min(BINS - 1);
+            for (series, value) in longest.iter_mut().zip(hop.values()) {
+                series[bin] = series[bin].max(value);
+            }
+        }
+        let highest = longest.iter().flatten().copied().fold(1.0, f64::max);
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (640, 400)).into_drawing_area();
+            root.fill(&WHITE).map_err(|e| plot_error(plot, e))?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("Longest wait per hop, by send time", ("sans-serif", 20))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..end, 0f64..highest * 1.1)
+                .map_err(|e| plot_error(plot, e))?;
+            chart
+                .configure_mesh()
+                .x_desc("seconds from the first request (sent)")
+                .y_label_formatter(&|ms| format!("{ms:.0}"))
+                .y_desc("ms")
+                .draw()
+                .map_err(|e| plot_error(plot, e))?;
+            for ((name, series), color) in Hops::NAMES.iter().zip(&longest).zip([BLUE, RED, GREEN])
+            {
+                let points = series
+                    .iter()
+                    .enumerate()
+                    .map(|(bin, &ms)| ((bin as f64 + 0.5) * width, ms));
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                    .map_err(|e| plot_error(plot, e))?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| plot_error(plot, e))?;
+            root.present().map_err(|e| plot_error(plot, e))?;
+        }
+        Ok(Some(svg))
+    }
+
     /// Predictions stored per second over the run.
     pub fn throughput_svg(&self) -> Result<String, ReportError> {
         let plot = "throughput plot";
@@ -480,23 +641,29 @@ mod tests {
     use super::*;
     use pipeline_core::wire::{Prediction, Timings};
 
+    /// A prediction sent at 1000 ms whose way took `latency` ms: a quarter to reach the
+    /// classifier, a quarter in it, half to be stored.
     fn record(id: usize, class: usize, label: usize, latency: f64) -> PredictionRecord {
         let mut logits = [0.0f32; 10];
         logits[class] = 5.0;
         PredictionRecord {
             run_id: "r".into(),
-            prediction: Prediction::from_logits(
-                format!("r-{id}"),
-                &logits,
-                Some(label),
-                Some(1000.0),
-                "lenet5-x".into(),
-                Timings {
-                    decode_us: 1,
-                    inference_us: 1,
-                    batch: 1,
-                },
-            ),
+            prediction: Prediction {
+                handled_at_ms: Some(1000.0 + latency / 4.0),
+                predicted_at_ms: Some(1000.0 + latency / 2.0),
+                ..Prediction::from_logits(
+                    format!("r-{id}"),
+                    &logits,
+                    Some(label),
+                    Some(1000.0),
+                    "lenet5-x".into(),
+                    Timings {
+                        decode_us: 1,
+                        inference_us: 1,
+                        batch: 1,
+                    },
+                )
+            },
             component: Some("classifier@sha256:ab".into()),
             received_at_ms: 1000.0 + latency,
         }
@@ -530,7 +697,13 @@ mod tests {
         let page = report.write(dir.path()).unwrap();
         let html = std::fs::read_to_string(page).unwrap();
         assert!(html.contains("90.00 %") && html.contains("<svg"), "{html}");
-        for plot in ["confusion.svg", "latency.svg", "throughput.svg"] {
+        // Latencies 0..=99 ms: the hop into the classifier takes a quarter of each, so its
+        // p99 is 98 / 4 and the slowest request's (99 ms) quarter is its mean over the slowest 1 %.
+        let hops = report.hop_table().expect("per-hop times");
+        assert_eq!(hops[0], [49.0 / 4.0, 98.0 / 4.0, 99.0 / 4.0, 99.0 / 4.0]);
+        assert_eq!(hops[2], [49.0 / 2.0, 98.0 / 2.0, 99.0 / 2.0, 99.0 / 2.0]);
+        assert!(text.contains("where the time went"), "{text}");
+        for plot in ["confusion.svg", "latency.svg", "throughput.svg", "hops.svg"] {
             let svg = std::fs::read_to_string(dir.path().join(plot)).unwrap();
             assert!(svg.starts_with("<svg"), "{plot}: {svg}");
         }

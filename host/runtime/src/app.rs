@@ -197,8 +197,8 @@ impl App {
                 commands.push(component);
             }
         }
-        // Commands run after every handler has joined its group, so their first messages are
-        // handled at once instead of waiting for the joins.
+        // Commands run after every handler has joined its group and warmed up its instances,
+        // so their first messages are handled at once instead of waiting for either.
         wait_for_joins(handlers.iter()).await?;
         Ok(Self {
             broker,

@@ -57,6 +57,7 @@ use crate::metrics::Metrics;
 use crate::nn::NnHost;
 use crate::results::{Results, Tables};
 use bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
+use bindings::exports::switchyard::host::warm_up::GuestIndices as WarmUpIndices;
 use bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
 use instance::{InstanceState, Shared, new_store, within_deadline};
@@ -303,6 +304,8 @@ pub struct LoadedComponent {
     handle: Option<IncomingHandlerIndices>,
     /// Where its `switchyard:host/batch` export is, when it has one.
     batch: Option<BatchIndices>,
+    /// Where its `switchyard:host/warm-up` export is, when it has one.
+    warm_up: Option<WarmUpIndices>,
     /// Which build of it this is (`sha256:` and 12 hex digits of the `.wasm`).
     version: Arc<str>,
     /// Whether it was compiled now or loaded from the cache.
@@ -504,18 +507,22 @@ impl Runtime {
                 }
             ),
         };
-        let (handle, batch) = if config.is_handler() {
+        let (handle, batch, warm_up) = if config.is_handler() {
             let handle = IncomingHandlerIndices::new(&pre).map_err(|_| {
                 role_error(
                     "switchyard:host/handler",
                     "wasi:messaging/incoming-handler@0.2.0-draft",
                 )
             })?;
-            (Some(handle), BatchIndices::new(&pre).ok())
+            (
+                Some(handle),
+                BatchIndices::new(&pre).ok(),
+                WarmUpIndices::new(&pre).ok(),
+            )
         } else {
             wasmtime_wasi::p2::bindings::CommandPre::new(pre.clone())
                 .map_err(|_| role_error("switchyard:host/producer", "wasi:cli/run@0.2.x"))?;
-            (None, None)
+            (None, None, None)
         };
         let report = report_export(&component);
         Ok(LoadedComponent {
@@ -525,6 +532,7 @@ impl Runtime {
             report,
             handle,
             batch,
+            warm_up,
             version: version.into(),
             cache,
             load_time: started.elapsed(),

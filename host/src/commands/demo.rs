@@ -14,6 +14,7 @@ use switchyard_pipeline::report::default_reports_dir;
 use switchyard_runtime::RuntimeOptions;
 use switchyard_runtime::manifest::{DeliveryGuarantee, MetricsConfig};
 use switchyard_runtime::nn::NnEngine;
+use switchyard_runtime::nn::onnxruntime::{self, IfMissing};
 use switchyard_runtime::results::ResultsConfig;
 
 #[derive(Debug, clap::Args)]
@@ -65,7 +66,19 @@ pub struct DemoArgs {
     /// Pub/Sub), else at-least-once; the summary says which ran.
     #[arg(long, value_enum, default_value_t = Delivery::Auto)]
     pub delivery: Delivery,
+    /// Do not install ONNX Runtime when it is missing. By default `--inference host` (and
+    /// `onnxruntime`) installs it once, with pip, into ~/.cache/switchyard when python3 has pip;
+    /// with this flag, or SWITCHYARD_NO_INSTALL_ONNXRUNTIME=1, the host runs tract instead.
+    #[arg(
+        long,
+        env = NO_INSTALL_ENV,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    pub no_install_onnxruntime: bool,
 }
+
+/// The variable that turns off the demo's install of ONNX Runtime.
+const NO_INSTALL_ENV: &str = "SWITCHYARD_NO_INSTALL_ONNXRUNTIME";
 
 /// The demo classifier's delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,6 +140,7 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
         results,
         metrics,
         delivery,
+        no_install_onnxruntime,
     } = args;
     let results = match results {
         Some(url) => ResultsConfig::from_url(&url)?,
@@ -141,6 +155,34 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
                  --components DIR",
             )?
         }
+    };
+    let inference_note = match inference {
+        Inference::Host | Inference::Onnxruntime => {
+            let if_missing = if no_install_onnxruntime {
+                IfMissing::Leave {
+                    how: format!("--no-install-onnxruntime or {NO_INSTALL_ENV}"),
+                }
+            } else {
+                IfMissing::Install
+            };
+            let provided = tokio::task::spawn_blocking(move || {
+                onnxruntime::provide(if_missing, |dir| {
+                    eprintln!(
+                        "installing ONNX Runtime {} into {}, once (pip download, a 28 MB wheel; \
+                         --no-install-onnxruntime skips it)…",
+                        onnxruntime::VERSION,
+                        dir.display()
+                    )
+                })
+            })
+            .await?;
+            match provided {
+                Ok(_) => None,
+                Err(why) if inference == Inference::Host => Some(why.to_string()),
+                Err(why) => return Err(anyhow::Error::new(why).context("--inference onnxruntime")),
+            }
+        }
+        Inference::Tract | Inference::Wasm => None,
     };
     let mut broker = BrokerConfig::from_url(&broker)?;
     // The demo needs no Google account: without an endpoint it starts the emulator.
@@ -177,6 +219,7 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
         delivery: delivery.guarantee(),
     };
     let demo::Demo { mut report, run } = demo::run(&demo).await?;
+    report.inference_note = inference_note;
     eprint!("\n{report}");
     // The run's report beside the others, from the predictions the demo read; a run whose
     // report cannot be written still ran, so that is a warning with the command that retries.

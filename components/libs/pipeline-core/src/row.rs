@@ -67,6 +67,14 @@ pub fn prediction_row(
             prediction.sent_at_ms.map_or(Cell::Null, Cell::Real),
         ),
         ("received_at_ms", Cell::Real(received_at_ms)),
+        (
+            "handled_at_ms",
+            prediction.handled_at_ms.map_or(Cell::Null, Cell::Real),
+        ),
+        (
+            "predicted_at_ms",
+            prediction.predicted_at_ms.map_or(Cell::Null, Cell::Real),
+        ),
     ]
 }
 

@@ -109,6 +109,13 @@ pub struct Prediction {
     /// When the request was sent (Unix milliseconds), copied from the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at_ms: Option<f64>,
+    /// When the classifier was handed the request (Unix milliseconds): the call with it began.
+    /// With `sent_at_ms` and `predicted_at_ms` it says where a slow request waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_at_ms: Option<f64>,
+    /// When the classifier sent the prediction (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_at_ms: Option<f64>,
     /// Model name and the first bytes of its SHA-256, e.g. `lenet5-3f2a91c0`.
     pub model: String,
     /// Where the classifier spent its time.
@@ -143,11 +150,21 @@ impl Prediction {
             scores,
             label,
             sent_at_ms,
+            handled_at_ms: None,
+            predicted_at_ms: None,
             model,
             timings,
             engine: String::new(),
         }
     }
+}
+
+/// The wall clock in Unix milliseconds (fractional), as every timestamp of the pipeline is
+/// written; 0 on a clock set before 1970.
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64() * 1000.0)
 }
 
 /// Index of the largest value (the first one on ties); 0 for an empty slice.

@@ -88,6 +88,8 @@ pub struct HandlerGroup {
     workers: Vec<(JoinHandle<()>, mpsc::Sender<Control>)>,
     /// An exactly-once member's transactional id, held until the member has left.
     transactional_id: Option<transactional_id::TransactionalId>,
+    /// How many workers have made (and warmed up) their first instance.
+    warmed: watch::Receiver<usize>,
 }
 
 impl HandlerGroup {
@@ -102,9 +104,19 @@ impl HandlerGroup {
     }
 
     /// Waits until its subscription is receiving (see
-    /// [`Subscriber::joined`](switchyard_broker::Subscriber::joined)).
+    /// [`Subscriber::joined`](switchyard_broker::Subscriber::joined)) and every worker has its
+    /// first instance made and warmed up (`switchyard:host/warm-up`), so a message sent now
+    /// waits for neither.
     pub async fn joined(&self) -> Result<(), RuntimeError> {
-        Ok(self.subscriber.joined().await?)
+        self.subscriber.joined().await?;
+        let workers = self.workers.len();
+        // An error means every worker has ended (the group is stopping): nothing to wait for.
+        let _ = self
+            .warmed
+            .clone()
+            .wait_for(|warmed| *warmed >= workers)
+            .await;
+        Ok(())
     }
 
     /// Asks every worker's instance for its `switchyard:host/report`; components without the
@@ -265,6 +277,8 @@ pub(crate) async fn start(
         system: runtime.broker.messaging_system(),
     };
     let unsettled = Arc::new(Semaphore::new(MAX_UNSETTLED));
+    let (warmed_sender, warmed) = watch::channel(0);
+    let warmed_sender = Arc::new(warmed_sender);
     let mut workers = Vec::with_capacity(config.workers);
     for index in 0..config.workers {
         let (control, controls) = mpsc::channel(1);
@@ -279,6 +293,7 @@ pub(crate) async fn start(
             settling: settling.clone(),
             unsettled: unsettled.clone(),
             live: None,
+            warmed: warmed_sender.clone(),
         };
         let run = worker.run(receiver.clone(), retry_receiver.clone(), controls);
         workers.push((tokio::spawn(run), control));
@@ -303,6 +318,7 @@ pub(crate) async fn start(
         dispatcher,
         workers,
         transactional_id,
+        warmed,
     })
 }
 

@@ -53,7 +53,7 @@ pub(super) fn outcome(result: Result<(), WitError>) -> Result<(), Failure> {
     result.map_err(|error| Failure::Handler(describe(&error)))
 }
 
-fn describe(error: &WitError) -> String {
+pub(super) fn describe(error: &WitError) -> String {
     match error {
         WitError::Timeout => "timeout".into(),
         WitError::Connection(m) => format!("connection: {m}"),

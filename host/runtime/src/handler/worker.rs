@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Mutex, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use wasmtime::Store;
 use wasmtime::component::Instance;
 
 use super::Control;
-use super::settle::{Failure, Job, Settling, outcome};
+use super::settle::{Failure, Job, Settling, describe, outcome};
 use crate::LoadedComponent;
 use crate::bindings::exports::switchyard::host::batch::Guest as BatchExport;
 use crate::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
@@ -38,6 +38,10 @@ pub(super) struct Live {
     batch: Option<BatchExport>,
 }
 
+/// The longest an instance's `switchyard:host/warm-up` may take (reading and planning a model
+/// inside Wasm takes a second or two; a minute means it is stuck).
+const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
+
 /// Messages handled but not yet settled (waiting for the broker's acknowledgements, or for a
 /// retry's backoff) per handler; past it the workers wait, so a stalled broker cannot make
 /// the host hold unbounded work.
@@ -54,6 +58,9 @@ pub(super) struct Worker {
     pub(super) settling: Settling,
     pub(super) unsettled: Arc<Semaphore>,
     pub(super) live: Option<Live>,
+    /// Counts the workers whose first instance is made and warmed up (or failed to be): the
+    /// group is ready once every worker has counted itself.
+    pub(super) warmed: Arc<watch::Sender<usize>>,
 }
 
 impl Worker {
@@ -66,6 +73,10 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let mut controlled = true;
         let mut bound = batch_bound(&self.component);
+        // The first instance is made, and warmed up, before the group counts as started, so
+        // no request waits for it.
+        self.warm_up().await;
+        self.warmed.send_modify(|warmed| *warmed += 1);
         loop {
             while tasks.try_join_next().is_some() {}
             let job = tokio::select! {
@@ -77,6 +88,7 @@ impl Worker {
                         }
                         Some(Control::Replace(component, done)) => {
                             self.replace(component);
+                            self.warm_up().await;
                             bound = batch_bound(&self.component);
                             let _ = done.send(());
                         }
@@ -172,6 +184,18 @@ impl Worker {
         self.live = None;
     }
 
+    /// Makes a warm instance now rather than at the next message; one that cannot be made is
+    /// logged here and tried again at the next message, which then fails with the reason.
+    async fn warm_up(&mut self) {
+        if let Err(failure) = self.live().await {
+            tracing::warn!(
+                "{} worker {}: no instance yet ({failure}); trying again at the first message",
+                self.component.name,
+                self.index
+            );
+        }
+    }
+
     async fn live(&mut self) -> Result<&mut Live, Failure> {
         if self.live.is_none() {
             let shared = Shared {
@@ -210,6 +234,32 @@ impl Worker {
                 Some(indices) => Some(indices.load(&mut store, &instance).map_err(exports_error)?),
                 None => None,
             };
+            if let Some(indices) = &self.component.warm_up {
+                let warm_up = indices.load(&mut store, &instance).map_err(exports_error)?;
+                let started = Instant::now();
+                let deadline = started + WARM_UP_LIMIT;
+                store.data_mut().deadline = Some(deadline);
+                store.data_mut().messaging.set_warming_up(true);
+                let call = warm_up.call_warm_up(&mut store);
+                let result = within_deadline(&self.component.name, Some(deadline), call).await;
+                store.data_mut().deadline = None;
+                store.data_mut().messaging.set_warming_up(false);
+                match result {
+                    Ok(Ok(())) => tracing::debug!(
+                        "{} worker {}: warmed up in {:?}",
+                        self.component.name,
+                        self.index,
+                        started.elapsed()
+                    ),
+                    Ok(Err(error)) => {
+                        return Err(Failure::Handler(format!("warm-up: {}", describe(&error))));
+                    }
+                    Err(trap) => {
+                        self.settling.stats.count_trap();
+                        return Err(Failure::Trap(format!("its warm-up trapped: {trap:#}")));
+                    }
+                }
+            }
             tracing::debug!(
                 "{} worker {}: new instance",
                 self.component.name,

@@ -147,6 +147,9 @@ pub struct MessagingCtx {
     /// Sends left in the handler call in progress; `None` outside handler calls (a command's
     /// `run` is one call that may send all it produces).
     sends_left: Option<u64>,
+    /// Whether the instance is in `switchyard:host/warm-up`, where it may not send: a send
+    /// there would belong to no delivered message, so nothing would settle or retry it.
+    warming_up: bool,
     /// Where its sends are counted.
     metrics: ComponentMetrics,
 }
@@ -174,6 +177,7 @@ impl MessagingCtx {
             limits,
             held_bytes: 0,
             sends_left: None,
+            warming_up: false,
         }
     }
 
@@ -200,6 +204,11 @@ impl MessagingCtx {
     /// Ends the handler call in progress.
     pub fn end_call(&mut self) {
         self.sends_left = None;
+    }
+
+    /// Starts or ends the instance's warm-up, during which a send is refused.
+    pub fn set_warming_up(&mut self, warming_up: bool) {
+        self.warming_up = warming_up;
     }
 
     /// Accounts for a message that went from `before` to `after` bytes at the guest's
@@ -463,6 +472,13 @@ impl producer::Host for MessagingView<'_> {
         self.table.get(&client)?;
         let message = self.table.delete(message)?;
         self.ctx.released(message.size());
+        if self.ctx.warming_up {
+            return Ok(Err(Error::Other(format!(
+                "component {:?} sent a message to {topic:?} during warm-up, which belongs to no \
+                 delivered message, so nothing would settle or retry it: send from handle",
+                self.ctx.component
+            ))));
+        }
         if let Some(left) = &mut self.ctx.sends_left {
             if *left == 0 {
                 return Ok(Err(Error::Other(format!(

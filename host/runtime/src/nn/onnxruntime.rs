@@ -11,7 +11,7 @@
 //! Nothing is loaded from a directory others can write to: the library is native code.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -195,6 +195,108 @@ pub fn install() -> Result<PathBuf, InstallError> {
     std::fs::rename(&library, &target)
         .map_err(io(format!("moving the library to {}", target.display())))?;
     Ok(target)
+}
+
+/// What [`provide`] found or did: ONNX Runtime is ready to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provided {
+    /// It was there already (installed before, or named by [`LIBRARY_ENV`]).
+    Present(PathBuf),
+    /// It was missing and has just been installed here.
+    Installed(PathBuf),
+}
+
+/// Why [`provide`] leaves the host without ONNX Runtime (so `auto` runs tract), each with the
+/// way to get it.
+#[derive(Debug, thiserror::Error)]
+pub enum NotProvided {
+    /// Installing was turned off by the caller.
+    #[error(
+        "ONNX Runtime is not installed and installing it was turned off ({how}); \
+         `switchyard install-onnxruntime` installs it"
+    )]
+    OptedOut {
+        /// The flag or variable that turned it off.
+        how: String,
+    },
+    /// No Python with pip to download the wheel with.
+    #[error(
+        "ONNX Runtime is not installed, and no python3 with pip is on PATH to fetch it \
+         ({detail}); install pip (`python3 -m ensurepip --user`, or Debian's python3-pip) and \
+         run again, or set {LIBRARY_ENV} to a libonnxruntime.so"
+    )]
+    NoPip {
+        /// What `python3 -m pip --version` said, or why it could not run.
+        detail: String,
+    },
+    /// pip was there but the install failed (no network, no space, an index without it).
+    #[error(
+        "ONNX Runtime could not be installed ({error}); `switchyard install-onnxruntime` tries \
+         again"
+    )]
+    Install {
+        /// What failed (in the message, so not also a `source`).
+        error: InstallError,
+    },
+    /// A library is there but does not load.
+    #[error("{0}")]
+    Unavailable(Unavailable),
+}
+
+/// What [`provide`] does when ONNX Runtime is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMissing {
+    /// Install it, when pip is there.
+    Install,
+    /// Leave it missing: the user turned installing off.
+    Leave {
+        /// The flag or variable that turned it off, for the message.
+        how: String,
+    },
+}
+
+/// Makes ONNX Runtime ready to load when it can be had: when it is missing, a `python3` with
+/// pip is on `PATH` and `if_missing` says install, it installs it ([`install`]) after calling
+/// `announce` with the directory it goes into (a wheel of some 28 MB, downloaded once per
+/// machine).
+/// Why this and not a build-time download: `ort`'s build script cannot reach its binaries here,
+/// and a clone must build without it; pip honours the user's index and proxy settings.
+pub fn provide(
+    if_missing: IfMissing,
+    announce: impl FnOnce(&Path),
+) -> Result<Provided, NotProvided> {
+    if let Some(path) = library_path() {
+        available().map_err(NotProvided::Unavailable)?;
+        return Ok(Provided::Present(path));
+    }
+    let dir = install_dir().ok_or(NotProvided::Install {
+        error: InstallError::NoCacheDir,
+    })?;
+    if let IfMissing::Leave { how } = if_missing {
+        return Err(NotProvided::OptedOut { how });
+    }
+    pip_ready().map_err(|detail| NotProvided::NoPip { detail })?;
+    announce(&dir);
+    let path = install().map_err(|error| NotProvided::Install { error })?;
+    available().map_err(NotProvided::Unavailable)?;
+    Ok(Provided::Installed(path))
+}
+
+/// Whether `python3 -m pip` runs; the error is what it said, or why it could not start.
+fn pip_ready() -> Result<(), String> {
+    let output = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&output.stderr);
+    Err(format!(
+        "`python3 -m pip --version`: {}",
+        said.lines().last().unwrap_or("no output").trim()
+    ))
 }
 
 fn run(command: &mut Command, step: &str) -> Result<(), InstallError> {

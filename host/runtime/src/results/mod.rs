@@ -17,7 +17,11 @@
 //!
 //! `switchyard_schema(version)` holds the version of the store's own layout; the host migrates
 //! an older database forward when it opens it and refuses a newer one. Version 1 is the schema
-//! table alone; every declared table is created when missing, each time a store opens.
+//! table alone; every declared table is created when missing, each time a store opens, and
+//! a declared table that exists without some of its nullable columns (declared by a newer
+//! program, such as the demo's per-hop times) gets them added, its old rows holding NULL there.
+//! A missing column that may not be NULL cannot be filled for the old rows: the store refuses
+//! to open, naming it.
 
 pub mod postgres;
 pub mod sqlite;
@@ -117,6 +121,33 @@ fn migration_plan(
     Ok(statements)
 }
 
+/// The statements that give `table`, which exists with the columns `existing`, the columns
+/// its declaration has and it lacks; an error when one of those may not be NULL.
+fn added_columns(
+    store: &str,
+    dialect: Dialect,
+    table: &TableSchema,
+    existing: &[String],
+) -> Result<Vec<String>, ResultsError> {
+    table
+        .columns
+        .iter()
+        .filter(|column| {
+            !existing
+                .iter()
+                .any(|name| name.eq_ignore_ascii_case(column.name))
+        })
+        .map(|column| match column.nullable {
+            true => Ok(table.add_column_sql(dialect, column)),
+            false => Err(ResultsError::MissingColumn {
+                store: store.to_string(),
+                table: table.name,
+                column: column.name,
+            }),
+        })
+        .collect()
+}
+
 /// What goes wrong with results.
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
@@ -160,6 +191,19 @@ pub enum ResultsError {
         store: String,
         /// Its version.
         found: i64,
+    },
+    /// A table made by an older program lacks a column that may not be NULL.
+    #[error(
+        "{store}: table {table:?} has no column {column:?}, which this switchyard needs and \
+         cannot add to the rows it holds: use another database, or move the table aside"
+    )]
+    MissingColumn {
+        /// The store.
+        store: String,
+        /// The table.
+        table: &'static str,
+        /// The column.
+        column: &'static str,
     },
     /// A results URL or path that names no store.
     #[error("{0}")]

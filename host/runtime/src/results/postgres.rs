@@ -16,7 +16,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::{
     ColumnType, Dialect, Group, ROWS_PER_STATEMENT, ResultsBackend, ResultsError, SCHEMA_TABLE_SQL,
-    SCHEMA_VERSION_SQL, TableSchema, Tables, Value, migration_plan,
+    SCHEMA_VERSION_SQL, TableSchema, Tables, Value, added_columns, migration_plan,
 };
 
 /// The advisory lock under which hosts migrate the schema (an arbitrary constant, "swyd").
@@ -109,6 +109,25 @@ impl Postgres {
                 .batch_execute(&statement)
                 .await
                 .map_err(&error)?;
+        }
+        for table in tables.iter() {
+            let existing: Vec<String> = transaction
+                .query(
+                    "SELECT column_name::text FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = $1",
+                    &[&table.name],
+                )
+                .await
+                .map_err(&error)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            for statement in added_columns(&store.name, Dialect::Postgres, table, &existing)? {
+                transaction
+                    .batch_execute(&statement)
+                    .await
+                    .map_err(&error)?;
+            }
         }
         transaction.commit().await.map_err(&error)?;
         drop(client);

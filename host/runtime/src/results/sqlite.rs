@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior, params_from_iter};
 
 use super::{
     Dialect, Group, ROWS_PER_STATEMENT, ResultsBackend, ResultsError, SCHEMA_TABLE_SQL,
-    SCHEMA_VERSION_SQL, TableSchema, Tables, Value, migration_plan,
+    SCHEMA_VERSION_SQL, TableSchema, Tables, Value, added_columns, migration_plan,
 };
 
 /// How long a write waits for another process's lock before it fails.
@@ -140,6 +140,21 @@ fn migrate(name: &str, connection: &mut Connection, tables: &Tables) -> Result<(
         transaction
             .execute_batch(&statement)
             .map_err(error("migrating the schema"))?;
+    }
+    for table in tables.iter() {
+        let existing = transaction
+            .prepare("SELECT name FROM pragma_table_info(?1)")
+            .and_then(|mut columns| {
+                columns
+                    .query_map([table.name], |row| row.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(error("reading a table's columns"))?;
+        for statement in added_columns(name, Dialect::Sqlite, table, &existing)? {
+            transaction
+                .execute_batch(&statement)
+                .map_err(error("adding a column"))?;
+        }
     }
     transaction
         .commit()

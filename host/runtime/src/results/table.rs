@@ -149,6 +149,16 @@ impl TableSchema {
         )
     }
 
+    /// The statement that adds `column` to it.
+    pub(super) fn add_column_sql(&self, dialect: Dialect, column: &Column) -> String {
+        format!(
+            "ALTER TABLE {} ADD COLUMN {} {}",
+            self.name,
+            column.name,
+            dialect.type_name(column.ty)
+        )
+    }
+
     fn key(&self) -> Vec<&'static str> {
         self.columns[..self.key_columns]
             .iter()
