@@ -41,7 +41,30 @@ pub struct InstanceState {
     /// Where sends are recorded for `switchyard:host/test-support` (test mode only).
     pub test_support: Option<Arc<SentLog>>,
     /// When the current call must have returned, if it is limited.
-    pub deadline: Option<Instant>,
+    pub deadline: Option<Deadline>,
+}
+
+/// The limit of handler calls and command runs, as errors name it.
+pub(crate) const MAX_CALL_LIMIT: &str =
+    "its max_call_ms limit (limits.max_call_ms in the manifest)";
+
+/// When a guest call must have returned, and the limit that says so, which the error names.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// The moment.
+    pub at: Instant,
+    /// The limit, as the error says it: `its max_call_ms limit`, `the 60 s warm-up limit`.
+    pub limit: &'static str,
+}
+
+impl Deadline {
+    /// `after` from now, under `limit`.
+    pub fn after(after: Duration, limit: &'static str) -> Self {
+        Self {
+            at: Instant::now() + after,
+            limit,
+        }
+    }
 }
 
 impl InstanceState {
@@ -200,8 +223,9 @@ pub(crate) fn new_store(
     store.limiter(|state| &mut state.limits as &mut dyn ResourceLimiter);
     let name = component.name.clone();
     store.epoch_deadline_callback(move |context| match context.data().deadline {
-        Some(deadline) if Instant::now() >= deadline => Err(wasmtime::Error::msg(format!(
-            "component {name} exceeded its max_call_ms limit"
+        Some(deadline) if Instant::now() >= deadline.at => Err(wasmtime::Error::msg(format!(
+            "component {name} exceeded {}",
+            deadline.limit
         ))),
         // Yield to the async executor each tick so one busy guest cannot starve the
         // others and the broker's tasks.
@@ -222,17 +246,18 @@ const HOST_WAIT_GRACE: Duration = Duration::from_millis(250);
 /// as a trap does, and never the worker.
 pub(crate) async fn within_deadline<T>(
     component: &str,
-    deadline: Option<Instant>,
+    deadline: Option<Deadline>,
     call: impl std::future::Future<Output = wasmtime::Result<T>>,
 ) -> wasmtime::Result<T> {
     let Some(deadline) = deadline else {
         return call.await;
     };
-    let cut_off = tokio::time::Instant::from_std(deadline) + HOST_WAIT_GRACE;
+    let cut_off = tokio::time::Instant::from_std(deadline.at) + HOST_WAIT_GRACE;
     match tokio::time::timeout_at(cut_off, call).await {
         Ok(result) => result,
         Err(_) => Err(wasmtime::Error::msg(format!(
-            "component {component} exceeded its max_call_ms limit while waiting in a host call"
+            "component {component} exceeded {} while waiting in a host call",
+            deadline.limit
         ))),
     }
 }

@@ -60,7 +60,7 @@ use bindings::exports::switchyard::host::batch::GuestIndices as BatchIndices;
 use bindings::exports::switchyard::host::warm_up::GuestIndices as WarmUpIndices;
 use bindings::exports::wasi::messaging::incoming_handler::GuestIndices as IncomingHandlerIndices;
 use engine::{CacheOutcome, EpochTicker, PoolSize};
-use instance::{InstanceState, Shared, new_store, within_deadline};
+use instance::{Deadline, InstanceState, MAX_CALL_LIMIT, Shared, new_store, within_deadline};
 use interfaces::messaging::ReceiptSink;
 use interfaces::progress::ProgressCtx;
 use interfaces::test_support::{SentLog, UnitTestBroker};
@@ -590,8 +590,8 @@ impl Runtime {
             self.metrics.component(&component.name),
         )?;
         let max_call_ms = component.config.limits.max_call_ms;
-        let deadline =
-            (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(max_call_ms));
+        let deadline = (max_call_ms > 0)
+            .then(|| Deadline::after(Duration::from_millis(max_call_ms), MAX_CALL_LIMIT));
         let state = store.data_mut();
         state.deadline = deadline;
         state.progress = ProgressCtx::new(component.name.clone(), self.show_progress);

@@ -16,7 +16,9 @@ use super::settle::{Failure, Job, Settling, describe, outcome};
 use crate::LoadedComponent;
 use crate::bindings::exports::switchyard::host::batch::Guest as BatchExport;
 use crate::bindings::exports::wasi::messaging::incoming_handler::Guest as HandleExport;
-use crate::instance::{InstanceState, Shared, new_store, within_deadline};
+use crate::instance::{
+    Deadline, InstanceState, MAX_CALL_LIMIT, Shared, new_store, within_deadline,
+};
 use crate::interfaces::messaging::{CallOutputs, ReceiptSink};
 use crate::manifest::DeliveryGuarantee;
 use switchyard_broker::{Delivery, Publisher};
@@ -237,7 +239,7 @@ impl Worker {
             if let Some(indices) = &self.component.warm_up {
                 let warm_up = indices.load(&mut store, &instance).map_err(exports_error)?;
                 let started = Instant::now();
-                let deadline = started + WARM_UP_LIMIT;
+                let deadline = Deadline::after(WARM_UP_LIMIT, "the 60 s warm-up limit");
                 store.data_mut().deadline = Some(deadline);
                 store.data_mut().messaging.set_warming_up(true);
                 let call = warm_up.call_warm_up(&mut store);
@@ -291,7 +293,8 @@ impl Worker {
         let state = live.store.data_mut();
         // The limit is per message, so a batch gets the time its messages would get one by one.
         let budget = max_call_ms.saturating_mul(jobs.len() as u64);
-        state.deadline = (max_call_ms > 0).then(|| Instant::now() + Duration::from_millis(budget));
+        state.deadline = (max_call_ms > 0)
+            .then(|| Deadline::after(Duration::from_millis(budget), MAX_CALL_LIMIT));
         let mut messages = Vec::with_capacity(jobs.len());
         for job in jobs {
             let message = state
@@ -349,7 +352,7 @@ impl Worker {
             .instance
             .get_typed_func::<(), (String,)>(&mut live.store, &index)
             .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Deadline::after(Duration::from_secs(5), "the 5 s report limit");
         live.store.data_mut().deadline = Some(deadline);
         let call = function.call_async(&mut live.store, ());
         let result = within_deadline(&name, Some(deadline), call).await;
