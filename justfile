@@ -78,8 +78,9 @@ test:
     cargo test --release --workspace
 
 # The performance table (BENCHMARKS.md): broker and inference ceilings, the pipeline per
-# engine, batch and worker count, paced latency, cold and warm start (pass ROUNDS, e.g.
-# `just bench 5`). Also written as JSON to $CARGO_TARGET_DIR/bench/pipeline.json.
+# engine, batch and worker count, paced latency, cold and warm start, brokers, CPU per image
+# (pass ROUNDS, e.g. `just bench 5`, and a section to run it alone: `just bench 5 paced`,
+# `brokers` or `cpu`). Also written as JSON to $CARGO_TARGET_DIR/bench/pipeline.json.
 [doc("The performance table (BENCHMARKS.md); pass ROUNDS")]
 bench *ARGS:
     cargo bench -p switchyard --bench pipeline -- {{ARGS}}

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use support::hosts::{self, Host, Pipeline, Predictions, StandaloneBroker};
 
 use switchyard_broker::kafka::Kafka;
-use switchyard_broker::{Broker, ErrorKind, OutgoingMessage, Subscriber};
+use switchyard_broker::{Broker, ErrorKind, Subscriber};
 use switchyard_runtime::manifest::{ComponentConfig, DeliveryGuarantee, RetryPolicy};
 use switchyard_runtime::{HandlerGroup, LoadedComponent, Runtime, RuntimeError, RuntimeOptions};
 
@@ -52,15 +52,6 @@ fn exactly_once(input: &str, output: &str, group: &str, retry: RetryPolicy) -> C
         delivery: DeliveryGuarantee::ExactlyOnce,
         ..ComponentConfig::new(support::test_handler())
     }
-}
-
-async fn send(broker: &dyn Broker, topic: &str, payload: &str) {
-    let message = OutgoingMessage {
-        topic: topic.into(),
-        payload: payload.as_bytes().to_vec(),
-        ..OutgoingMessage::default()
-    };
-    support::publish(broker, message).await;
 }
 
 /// Everything a reader of `topic` (reading committed data, librdkafka's default) receives
@@ -133,9 +124,9 @@ async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_
     let dead_letters = format!("{input}.dlq");
 
     // Sends its attempt number each time, and fails until the third.
-    send(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
+    support::publish_text(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
     // Fails all three attempts: a dead letter.
-    send(broker.as_ref(), &input, "error").await;
+    support::publish_text(broker.as_ref(), &input, "error").await;
     let stats = Arc::clone(running.stats());
     tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 2))
         .await
@@ -157,7 +148,7 @@ async fn only_the_attempt_that_succeeded_is_seen_and_the_next_host_starts_after_
 
     // The next host of the group: the two messages are behind the committed offsets, so it
     // handles only what is sent now.
-    send(broker.as_ref(), &input, &format!("echo {output}")).await;
+    support::publish_text(broker.as_ref(), &input, &format!("echo {output}")).await;
     let next = runtime.start_handler(&loaded).await.unwrap();
     let stats = Arc::clone(next.stats());
     tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 1))
@@ -210,7 +201,7 @@ async fn a_batch_commits_as_a_whole_and_its_outputs_are_seen_once() {
     // Sent at once, so they share calls: "batch" answers with its call's size, "error" fails
     // (and, one attempt allowed, becomes a dead letter), the echoes answer with themselves.
     for payload in ["batch", "batch", "batch"] {
-        send(broker.as_ref(), &input, &format!("{payload} {output}")).await;
+        support::publish_text(broker.as_ref(), &input, &format!("{payload} {output}")).await;
     }
     let stats = Arc::clone(running.stats());
     tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 3))
@@ -223,7 +214,7 @@ async fn a_batch_commits_as_a_whole_and_its_outputs_are_seen_once() {
         "error",
         "echo {output} c",
     ] {
-        send(
+        support::publish_text(
             broker.as_ref(),
             &input,
             &payload.replace("{output}", &output),
@@ -331,8 +322,8 @@ async fn on_pubsub_only_the_attempt_that_succeeded_is_seen_and_a_handled_message
     // its dead letters until read.
     let dead_letter_reader = support::member(broker.as_ref(), &dead_letters, &dead_letters).await;
 
-    send(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
-    send(broker.as_ref(), &input, "error").await;
+    support::publish_text(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
+    support::publish_text(broker.as_ref(), &input, "error").await;
     let stats = Arc::clone(running.stats());
     tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 2))
         .await
@@ -351,7 +342,7 @@ async fn on_pubsub_only_the_attempt_that_succeeded_is_seen_and_a_handled_message
     // ack deadline, when the emulator delivers acknowledged messages again to an
     // at-least-once subscription whose member left), only what is sent now.
     let next = runtime.start_handler(&loaded).await.unwrap();
-    send(broker.as_ref(), &input, &format!("echo {output}")).await;
+    support::publish_text(broker.as_ref(), &input, &format!("echo {output}")).await;
     let stats = Arc::clone(next.stats());
     tokio::time::timeout(WAIT, stats.settled().wait_for(|n| *n >= 1))
         .await

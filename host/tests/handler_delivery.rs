@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_broker::pubsub::PubSub;
-use switchyard_broker::{Broker, OutgoingMessage, Subscriber};
+use switchyard_broker::{Broker, Subscriber};
+use switchyard_runtime::DELIVERY_ATTEMPT_METADATA;
 use switchyard_runtime::manifest::{ComponentConfig, RetryPolicy};
-use switchyard_runtime::{DELIVERY_ATTEMPT_METADATA, Runtime, RuntimeOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -31,15 +31,6 @@ fn handler(input: &str, output: &str, group: &str, retry: RetryPolicy) -> Compon
     }
 }
 
-async fn send(broker: &dyn Broker, topic: &str, payload: String) {
-    let message = OutgoingMessage {
-        topic: topic.into(),
-        payload: payload.into_bytes(),
-        ..OutgoingMessage::default()
-    };
-    support::publish(broker, message).await;
-}
-
 async fn next_payload(reader: &dyn Subscriber) -> String {
     let delivery = tokio::time::timeout(WAIT, reader.next())
         .await
@@ -50,20 +41,9 @@ async fn next_payload(reader: &dyn Subscriber) -> String {
     payload
 }
 
-/// An input and an output topic, a reader of the output, and a runtime on `broker`.
-async fn setup(broker: &Arc<dyn Broker>) -> (String, String, Arc<dyn Subscriber>, Runtime) {
-    let (input, output) = (support::unique("in"), support::unique("out"));
-    support::create_topics(broker.as_ref(), &[&input, &output]).await;
-    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
-    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
-        .await
-        .unwrap();
-    (input, output, reader, runtime)
-}
-
 /// The attempt goes 1, 2, 3 through the host's retries, and the third succeeds.
 async fn attempts_count_up_through_retries(backend: &str, broker: Arc<dyn Broker>) {
-    let (input, output, reader, runtime) = setup(&broker).await;
+    let (input, output, reader, runtime) = support::handler_setup(&broker).await;
     let retry = RetryPolicy {
         max_attempts: 5,
         backoff_ms: 10,
@@ -72,7 +52,7 @@ async fn attempts_count_up_through_retries(backend: &str, broker: Arc<dyn Broker
     let loaded = runtime.load("attempts", &config).unwrap();
     let running = runtime.start_handler(&loaded).await.unwrap();
     running.joined().await.unwrap();
-    send(broker.as_ref(), &input, format!("attempt {output} 3")).await;
+    support::publish_text(broker.as_ref(), &input, &format!("attempt {output} 3")).await;
     let mut seen = Vec::new();
     for _ in 0..3 {
         seen.push(next_payload(reader.as_ref()).await);
@@ -109,7 +89,7 @@ async fn pubsub_attempts_count_up_through_retries() {
 /// A host fails a message once and stops while it waits to retry it; the next host of the
 /// group gets it again and says which attempt it is.
 async fn the_next_host_s_first_attempt(broker: Arc<dyn Broker>) -> String {
-    let (input, output, reader, runtime) = setup(&broker).await;
+    let (input, output, reader, runtime) = support::handler_setup(&broker).await;
     // A long backoff: the first host is stopped while the retry waits.
     let retry = RetryPolicy {
         max_attempts: 10,
@@ -119,7 +99,7 @@ async fn the_next_host_s_first_attempt(broker: Arc<dyn Broker>) -> String {
     let loaded = runtime.load("attempts", &config).unwrap();
     let first = runtime.start_handler(&loaded).await.unwrap();
     first.joined().await.unwrap();
-    send(broker.as_ref(), &input, format!("attempt {output} 99")).await;
+    support::publish_text(broker.as_ref(), &input, &format!("attempt {output} 99")).await;
     assert_eq!(next_payload(reader.as_ref()).await, "1");
     first.stop().await.unwrap();
 
@@ -154,7 +134,7 @@ async fn pubsub_with_a_dead_letter_policy_the_attempts_go_on_across_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waits_to_fill_when_its_manifest_asks() {
     let (_cluster, broker) = support::embedded().await;
-    let (input, output, reader, runtime) = setup(&broker).await;
+    let (input, output, reader, runtime) = support::handler_setup(&broker).await;
     let config = ComponentConfig {
         batch: 8,
         batch_max_wait_ms: 1_000,
@@ -173,7 +153,7 @@ async fn a_batch_waits_to_fill_when_its_manifest_asks() {
     // that is free finds one message at a time.
     const MESSAGES: usize = 6;
     for _ in 0..MESSAGES {
-        send(broker.as_ref(), &input, format!("batch {output}")).await;
+        support::publish_text(broker.as_ref(), &input, &format!("batch {output}")).await;
     }
     let mut sizes = Vec::new();
     while sizes.iter().sum::<usize>() < MESSAGES {

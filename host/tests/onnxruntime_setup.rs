@@ -57,6 +57,22 @@ fn demo(cache: &Path, path: &std::ffi::OsStr, env: &[(&str, &str)]) -> DemoRun {
     DemoRun { stderr, report }
 }
 
+impl DemoRun {
+    /// Asserts that the run installed nothing and ran tract, and returns the note that says why.
+    fn tract_and_its_note(&self) -> &str {
+        assert!(!self.stderr.contains(INSTALLING), "{}", self.stderr);
+        assert!(
+            self.report["inference"]
+                .as_str()
+                .unwrap()
+                .starts_with("wasi-nn (tract, native)"),
+            "{}",
+            self.report
+        );
+        self.report["inference_note"].as_str().expect("a note")
+    }
+}
+
 fn installed_library(cache: &Path) -> std::path::PathBuf {
     cache
         .join("switchyard")
@@ -129,17 +145,8 @@ fn without_pip_the_demo_runs_tract_and_says_why() {
     // its components are built).
     let empty = tempfile::tempdir().unwrap();
     let run = demo(cache.path(), empty.path().as_os_str(), &[]);
-    assert!(!run.stderr.contains(INSTALLING), "{}", run.stderr);
+    let note = run.tract_and_its_note();
     assert!(!installed_library(cache.path()).exists());
-    assert!(
-        run.report["inference"]
-            .as_str()
-            .unwrap()
-            .starts_with("wasi-nn (tract, native)"),
-        "{}",
-        run.report
-    );
-    let note = run.report["inference_note"].as_str().expect("a note");
     for needle in ["no python3 with pip", "ensurepip", onnxruntime::LIBRARY_ENV] {
         assert!(note.contains(needle), "{needle:?} not in {note:?}");
     }
@@ -158,21 +165,12 @@ fn with_the_install_turned_off_the_demo_downloads_nothing_and_says_so() {
         &path(),
         &[("SWITCHYARD_NO_INSTALL_ONNXRUNTIME", "1")],
     );
-    assert!(!run.stderr.contains(INSTALLING), "{}", run.stderr);
+    let note = run.tract_and_its_note();
     assert!(
         !cache.path().join("pip").exists() && !installed_library(cache.path()).exists(),
         "pip ran: {:?}",
         std::fs::read_dir(cache.path()).unwrap().collect::<Vec<_>>()
     );
-    assert!(
-        run.report["inference"]
-            .as_str()
-            .unwrap()
-            .starts_with("wasi-nn (tract, native)"),
-        "{}",
-        run.report
-    );
-    let note = run.report["inference_note"].as_str().expect("a note");
     assert!(
         note.contains("turned off") && note.contains("switchyard install-onnxruntime"),
         "{note}"

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_broker::dead_letter as dlq;
-use switchyard_broker::{Broker, OutgoingMessage};
 use switchyard_runtime::manifest::{ComponentConfig, RetryPolicy};
-use switchyard_runtime::{Runtime, RuntimeOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -33,24 +31,10 @@ fn handler(input: &str, output: &str, warm_up: &str) -> ComponentConfig {
     }
 }
 
-async fn send(broker: &dyn Broker, topic: &str, payload: &str) {
-    let message = OutgoingMessage {
-        topic: topic.into(),
-        payload: payload.as_bytes().to_vec(),
-        ..OutgoingMessage::default()
-    };
-    support::publish(broker, message).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joined_means_every_worker_has_warmed_up_and_the_first_message_waits_for_none() {
     let (_cluster, broker) = support::embedded().await;
-    let (input, output) = (support::unique("in"), support::unique("out"));
-    support::create_topics(broker.as_ref(), &[&input, &output]).await;
-    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
-    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
-        .await
-        .unwrap();
+    let (input, output, reader, runtime) = support::handler_setup(&broker).await;
     const WARM_UP_MS: u64 = 1_500;
     let loaded = runtime
         .load(
@@ -68,7 +52,7 @@ async fn joined_means_every_worker_has_warmed_up_and_the_first_message_waits_for
         started.elapsed()
     );
 
-    send(broker.as_ref(), &input, &format!("warmed {output}")).await;
+    support::publish_text(broker.as_ref(), &input, &format!("warmed {output}")).await;
     let reply = support::receive(reader.as_ref(), "the warm-up count").await;
     assert_eq!(
         String::from_utf8_lossy(&reply.message.payload),
@@ -84,12 +68,7 @@ async fn joined_means_every_worker_has_warmed_up_and_the_first_message_waits_for
 /// `reason` and is dead-lettered.
 async fn a_failed_warm_up_fails_messages_with(mode: &str, reason: &str) {
     let (_cluster, broker) = support::embedded().await;
-    let (input, output) = (support::unique("in"), support::unique("out"));
-    support::create_topics(broker.as_ref(), &[&input, &output]).await;
-    let reader = support::member(broker.as_ref(), &support::unique("reader"), &output).await;
-    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
-        .await
-        .unwrap();
+    let (input, output, reader, runtime) = support::handler_setup(&broker).await;
     let loaded = runtime
         .load(
             "failing",
@@ -101,7 +80,7 @@ async fn a_failed_warm_up_fails_messages_with(mode: &str, reason: &str) {
         .await
         .unwrap_or_else(|_| panic!("{mode}: a failed warm-up does not stop the join"))
         .unwrap();
-    send(broker.as_ref(), &input, "ok").await;
+    support::publish_text(broker.as_ref(), &input, "ok").await;
 
     let dead_letters = format!("{input}.dlq");
     let letters = support::member(broker.as_ref(), &support::unique("dlq"), &dead_letters).await;

@@ -6,8 +6,9 @@
 //! trap, so the host counts it and moves on.
 //!
 //! It takes requests one at a time (`handle`) or in batches (`handle-batch`, when the host has
-//! several waiting): a batch's usable images go through the model in one run, and a request it
-//! cannot use fails alone, its neighbours still answered.
+//! several waiting): a batch's usable images go through the model together, in as few runs as
+//! sizes that are powers of two allow (`model::LARGEST_RUN` says why), and a request it cannot
+//! use fails alone, its neighbours still answered.
 //!
 //! Where the model runs is the manifest's choice: when the host grants `wasi:nn` (`nn` in the
 //! manifest entry), the classifier hands it the model's bytes once and its tensors per request,
@@ -134,7 +135,7 @@ impl Engine {
         }
     }
 
-    /// Ten logits per image, in order; one model run for all of them.
+    /// Ten logits per image, in order, from one model run (one per image inside Wasm).
     fn logits(&self, images: &[&[u8; IMAGE_BYTES]]) -> Result<Vec<[f32; CLASSES]>, String> {
         match self {
             // The in-Wasm plan is built for one image, which tract runs fastest here.
@@ -142,45 +143,65 @@ impl Engine {
                 .iter()
                 .map(|image| lenet.logits_one(image).map_err(|e| e.to_string()))
                 .collect(),
-            Engine::Host { context, .. } => {
-                let mut pixels = vec![0f32; IMAGE_BYTES * images.len()];
-                model::fill_input(&mut pixels, images);
-                let bytes: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
-                let side = pipeline_core::IMAGE_SIDE as u32;
-                let batch = u32::try_from(images.len())
-                    .map_err(|_| format!("a batch of {} images is too large", images.len()))?;
-                let input = Tensor::new(&[batch, 1, side, side], TensorType::Fp32, &bytes);
-                let outputs = context
-                    .compute(vec![(INPUT_NAME.to_string(), input)])
-                    .map_err(|e| {
-                        format!("wasi:nn compute failed ({:?}): {}", e.code(), e.data())
-                    })?;
-                let (_, logits) = outputs
-                    .into_iter()
-                    .find(|(name, _)| name == OUTPUT_NAME)
-                    .ok_or_else(|| format!("wasi:nn returned no {OUTPUT_NAME:?} output"))?;
-                let data = logits.data();
-                if logits.ty() != TensorType::Fp32 || data.len() != images.len() * CLASSES * 4 {
-                    return Err(format!(
-                        "wasi:nn returned {:?} {:?}, expected {} x {CLASSES} FP32 logits",
-                        logits.ty(),
-                        logits.dimensions(),
-                        images.len()
-                    ));
-                }
-                Ok(data
-                    .chunks_exact(CLASSES * 4)
-                    .map(|row| {
-                        let mut logits = [0f32; CLASSES];
-                        for (value, bytes) in logits.iter_mut().zip(row.chunks_exact(4)) {
-                            *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-                        }
-                        logits
-                    })
-                    .collect())
-            }
+            Engine::Host { context, .. } => host_logits(context, images),
         }
     }
+
+    /// Runs the model on every size a batch is split into, so the engine has prepared for
+    /// each (tract plans per shape) before the first request.
+    fn warm_up(&self) -> Result<(), String> {
+        let blank = [0u8; IMAGE_BYTES];
+        match self {
+            Engine::Host { .. } => {
+                for size in model::planned_run_sizes() {
+                    self.logits(&vec![&blank; size])?;
+                }
+            }
+            // The in-Wasm plan has one shape, built at load; one run touches its buffers.
+            Engine::Wasm(_) => drop(self.logits(&[&blank])?),
+        }
+        Ok(())
+    }
+}
+
+/// Ten logits per image from one `wasi:nn` compute over `images`.
+fn host_logits(
+    context: &GraphExecutionContext,
+    images: &[&[u8; IMAGE_BYTES]],
+) -> Result<Vec<[f32; CLASSES]>, String> {
+    let mut pixels = vec![0f32; IMAGE_BYTES * images.len()];
+    model::fill_input(&mut pixels, images);
+    let bytes: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let side = pipeline_core::IMAGE_SIDE as u32;
+    let batch = u32::try_from(images.len())
+        .map_err(|_| format!("a batch of {} images is too large", images.len()))?;
+    let input = Tensor::new(&[batch, 1, side, side], TensorType::Fp32, &bytes);
+    let outputs = context
+        .compute(vec![(INPUT_NAME.to_string(), input)])
+        .map_err(|e| format!("wasi:nn compute failed ({:?}): {}", e.code(), e.data()))?;
+    let (_, logits) = outputs
+        .into_iter()
+        .find(|(name, _)| name == OUTPUT_NAME)
+        .ok_or_else(|| format!("wasi:nn returned no {OUTPUT_NAME:?} output"))?;
+    let data = logits.data();
+    if logits.ty() != TensorType::Fp32 || data.len() != images.len() * CLASSES * 4 {
+        return Err(format!(
+            "wasi:nn returned {:?} {:?}, expected {} x {CLASSES} FP32 logits",
+            logits.ty(),
+            logits.dimensions(),
+            images.len()
+        ));
+    }
+    Ok(data
+        .chunks_exact(CLASSES * 4)
+        .map(|row| {
+            let mut logits = [0f32; CLASSES];
+            for (value, bytes) in logits.iter_mut().zip(row.chunks_exact(4)) {
+                *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            }
+            logits
+        })
+        .collect())
 }
 
 /// A request the classifier can answer: its image and the headers the prediction copies.
@@ -258,27 +279,36 @@ impl Classifier {
         })
     }
 
-    /// Runs the model once over `requests` and sends each its prediction. A failed model run
-    /// fails every request in it; a failed send fails its own.
+    /// Runs the model over `requests`, in runs of the sizes the warm-up prepared
+    /// (`model::run_sizes`), and sends each its prediction. A failed run fails every request
+    /// in it; a failed send fails its own.
     fn answer(&self, requests: &[Request]) -> Vec<Result<(), Error>> {
-        let started = Instant::now();
-        let images: Vec<_> = requests.iter().map(|r| r.image).collect();
-        let logits = match self.engine.logits(&images) {
-            Ok(logits) => logits,
-            Err(e) => {
-                return requests
-                    .iter()
-                    .map(|r| Err(Error::Other(format!("request {}: {e}", r.request_id))))
-                    .collect();
-            }
-        };
-        let batch = u32::try_from(requests.len()).unwrap_or(u32::MAX);
-        let share = micros(started.elapsed()) / u64::from(batch.max(1));
-        requests
-            .iter()
-            .zip(&logits)
-            .map(|(request, logits)| self.send_prediction(request, logits, share, batch))
-            .collect()
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut rest = requests;
+        for size in model::run_sizes(requests.len()) {
+            let (run, after) = rest.split_at(size);
+            rest = after;
+            let started = Instant::now();
+            let images: Vec<_> = run.iter().map(|r| r.image).collect();
+            let logits = match self.engine.logits(&images) {
+                Ok(logits) => logits,
+                Err(e) => {
+                    outcomes.extend(
+                        run.iter()
+                            .map(|r| Err(Error::Other(format!("request {}: {e}", r.request_id)))),
+                    );
+                    continue;
+                }
+            };
+            let batch = u32::try_from(size).unwrap_or(u32::MAX);
+            let share = micros(started.elapsed()) / u64::from(batch.max(1));
+            outcomes.extend(
+                run.iter()
+                    .zip(&logits)
+                    .map(|(request, logits)| self.send_prediction(request, logits, share, batch)),
+            );
+        }
+        outcomes
     }
 
     fn send_prediction(
@@ -319,7 +349,7 @@ impl Classifier {
         producer::send(&self.client, &self.predictions_topic, reply)
     }
 
-    /// One outcome per message: usable requests share one model run, the others fail alone.
+    /// One outcome per message: usable requests share model runs, the others fail alone.
     fn classify(&self, messages: &[Message]) -> Vec<Result<(), Error>> {
         let payloads: Vec<Vec<u8>> = messages.iter().map(Message::data).collect();
         let mut outcomes: Vec<Result<(), Error>> = Vec::with_capacity(messages.len());
@@ -386,11 +416,10 @@ impl batch::Guest for Component {
 }
 
 impl warm_up::Guest for Component {
-    /// Loads the model and runs it once on a blank image, so the first request finds the
-    /// engine's session and plan ready.
+    /// Loads the model and runs it on blank images in every size a batch is run in, so the
+    /// first request finds the engine's session and plans ready.
     fn warm_up() -> Result<(), Error> {
-        let blank = [0u8; IMAGE_BYTES];
-        with_classifier(|c| c.engine.logits(&[&blank]).map(drop))?
+        with_classifier(|c| c.engine.warm_up())?
             .map_err(|e| Error::Other(format!("classifier: the model does not run: {e}")))
     }
 }

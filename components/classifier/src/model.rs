@@ -34,6 +34,37 @@ pub const INPUT_NAME: &str = "image";
 /// The name of the graph's output.
 pub const OUTPUT_NAME: &str = "logits";
 
+/// The most images the classifier hands an engine in one model run.
+///
+/// An engine may prepare per input shape: the host's tract builds one optimized plan per batch
+/// size, 2 to 3.5 ms each (BENCHMARKS.md), so a batch of a size it had not met would wait for
+/// one. The classifier therefore runs a batch in pieces whose sizes are powers of two up to
+/// this ([`run_sizes`]): six shapes in all, each run once in warm-up ([`planned_run_sizes`]).
+/// Per image this costs next to nothing, as both engines take about as long per image at batch
+/// 1 as at batch 32.
+pub const LARGEST_RUN: usize = 32;
+const _: () = assert!(LARGEST_RUN.is_power_of_two());
+
+/// The sizes of the model runs for a batch of `images` images, in order: powers of two, largest
+/// first, none larger than [`LARGEST_RUN`]. `37` runs as `32, 4, 1`.
+pub fn run_sizes(images: usize) -> impl Iterator<Item = usize> {
+    let mut left = images;
+    std::iter::from_fn(move || {
+        let size = match left {
+            0 => return None,
+            left if left >= LARGEST_RUN => LARGEST_RUN,
+            left => 1 << left.ilog2(),
+        };
+        left -= size;
+        Some(size)
+    })
+}
+
+/// Every size [`run_sizes`] can yield, smallest first: what a warm-up runs once each.
+pub fn planned_run_sizes() -> impl Iterator<Item = usize> {
+    (0..=LARGEST_RUN.ilog2()).map(|power| 1 << power)
+}
+
 /// `lenet5-` and the first four bytes of the model file's SHA-256: names exactly which weights
 /// produced a prediction.
 pub fn version_of(onnx: &[u8]) -> String {
@@ -152,5 +183,25 @@ impl Lenet {
     pub fn logits_one(&self, image: &[u8; IMAGE_BYTES]) -> Result<[f32; CLASSES], ModelError> {
         let mut rows = self.logits(&[image])?;
         rows.pop().ok_or(ModelError::OutputShape(vec![0, CLASSES]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_runs_in_planned_sizes_largest_first() {
+        let planned: Vec<usize> = planned_run_sizes().collect();
+        assert_eq!(planned, [1, 2, 4, 8, 16, 32]);
+        assert_eq!(run_sizes(0).count(), 0);
+        assert_eq!(run_sizes(37).collect::<Vec<_>>(), [32, 4, 1]);
+        assert_eq!(run_sizes(100).collect::<Vec<_>>(), [32, 32, 32, 4]);
+        for images in 0..=3 * LARGEST_RUN {
+            let sizes: Vec<usize> = run_sizes(images).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), images, "{images}: {sizes:?}");
+            assert!(sizes.iter().all(|size| planned.contains(size)), "{sizes:?}");
+            assert!(sizes.windows(2).all(|pair| pair[0] >= pair[1]), "{sizes:?}");
+        }
     }
 }

@@ -16,6 +16,7 @@ pub struct Demo {
     pub images_per_s: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
     pub first_prediction_s: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     pub accuracy: Option<f64>,
@@ -79,13 +80,13 @@ pub fn run_demo(paths: &Paths, args: &[String], cache: Option<&Path>) -> anyhow:
 }
 
 /// A `switchyard broker` child on a free port, killed when dropped.
-struct StandaloneBroker {
+pub struct StandaloneBroker {
     child: Child,
     bootstrap: String,
 }
 
 impl StandaloneBroker {
-    fn start(paths: &Paths) -> anyhow::Result<Self> {
+    pub fn start(paths: &Paths) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -104,6 +105,18 @@ impl StandaloneBroker {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Self { child, bootstrap })
+    }
+
+    /// The `--broker` URL of it, with the client settings the README gives for it (the
+    /// embedded broker's: the mock answers an empty fetch only after `fetch.wait.max.ms`, 500
+    /// ms by default).
+    pub fn url(&self) -> String {
+        BrokerConfig::Kafka(KafkaConfig::for_embedded(&self.bootstrap)).to_url()
+    }
+
+    /// The CPU seconds (user and system) the broker process has used so far.
+    pub fn cpu_s(&self) -> anyhow::Result<f64> {
+        crate::cpu::process_cpu_s(self.child.id())
     }
 }
 
@@ -124,22 +137,31 @@ impl Drop for Killed {
     }
 }
 
-/// The demo's first case against a fresh standalone broker, with the client settings the
-/// README gives for it (the embedded broker's: the mock answers an empty fetch only after
-/// `fetch.wait.max.ms`, 500 ms by default).
+/// The demo's first case against a fresh standalone broker.
 pub fn on_standalone_broker(paths: &Paths, case_args: &[String]) -> anyhow::Result<Demo> {
     let broker = StandaloneBroker::start(paths)?;
+    on_broker(paths, &broker, case_args)
+}
+
+/// The demo's case against `broker`.
+pub fn on_broker(
+    paths: &Paths,
+    broker: &StandaloneBroker,
+    case_args: &[String],
+) -> anyhow::Result<Demo> {
     let mut args = case_args.to_vec();
-    args.extend([
-        "--broker".to_string(),
-        BrokerConfig::Kafka(KafkaConfig::for_embedded(&broker.bootstrap)).to_url(),
-    ]);
+    args.extend(["--broker".to_string(), broker.url()]);
     run_demo(paths, &args, None)
 }
 
-/// The careful Python rebuild over the 10,000 test images against a fresh standalone broker:
-/// its consumer and classifier first, the producer once both have joined their groups.
-pub fn careful_python(paths: &Paths) -> anyhow::Result<Demo> {
+/// The careful Python rebuild over `images` requests (cycling through the 10,000 test images)
+/// against `broker`, which it must have to itself: its consumer and classifier first, the
+/// producer once both have joined their groups.
+pub fn careful_python(
+    paths: &Paths,
+    broker: &StandaloneBroker,
+    images: usize,
+) -> anyhow::Result<Demo> {
     let python = std::env::var_os("SWITCHYARD_PYTHON").unwrap_or_else(|| "python3".into());
     let check = Command::new(&python)
         .args(["-c", "import confluent_kafka, onnxruntime, numpy"])
@@ -156,9 +178,9 @@ pub fn careful_python(paths: &Paths) -> anyhow::Result<Demo> {
     let script = paths
         .workspace
         .join("host/benches/python/careful_pipeline.py");
-    let broker = StandaloneBroker::start(paths)?;
     let run = format!("careful{}", std::process::id());
-    let images = 10_000.to_string();
+    let count = images;
+    let images = images.to_string();
     let role = |args: &[&std::ffi::OsStr]| {
         Command::new(&python)
             .arg(&script)
@@ -203,7 +225,7 @@ pub fn careful_python(paths: &Paths) -> anyhow::Result<Demo> {
     let report = consumer_lines
         .find_map(|line| serde_json::from_str::<Demo>(&line.ok()?).ok())
         .context("the careful Python consumer ended without its report")?;
-    if report.predictions != 10_000 {
+    if report.predictions != count as u64 {
         bail!(
             "the careful Python consumer counted {} predictions",
             report.predictions

@@ -120,7 +120,7 @@ pub fn print_table(rows: &[Row], rounds: usize) {
     for row in rows {
         let decimals = match row.unit {
             "x" => 2,
-            "s" | "µs/image" => 1,
+            "s" | "ms" | "µs/image" => 1,
             _ => 0,
         };
         let value = match row.value {

@@ -208,6 +208,7 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
         classifier_workers: workers,
         classifier_batch: usize::try_from(batch)?,
         inference: inference.engine(),
+        inference_note,
         components,
         models: models.unwrap_or_else(demo::models_dir),
         show_predictions,
@@ -219,7 +220,6 @@ pub async fn run(args: DemoArgs, options: RuntimeOptions) -> anyhow::Result<Exit
         delivery: delivery.guarantee(),
     };
     let demo::Demo { mut report, run } = demo::run(&demo).await?;
-    report.inference_note = inference_note;
     eprint!("\n{report}");
     // The run's report beside the others, from the predictions the demo read; a run whose
     // report cannot be written still ran, so that is a warning with the command that retries.

@@ -90,6 +90,16 @@ pub async fn publish(broker: &dyn Broker, message: OutgoingMessage) {
         .expect("the broker stores the message");
 }
 
+/// Publishes `payload` to `topic`, with no key and no headers, and waits until it is stored.
+pub async fn publish_text(broker: &dyn Broker, topic: &str, payload: &str) {
+    let message = OutgoingMessage {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec(),
+        ..OutgoingMessage::default()
+    };
+    publish(broker, message).await;
+}
+
 /// A member of `group` reading `topic` from its start.
 pub async fn member(broker: &dyn Broker, group: &str, topic: &str) -> Arc<dyn Subscriber> {
     broker

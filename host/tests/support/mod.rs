@@ -6,11 +6,13 @@
 pub mod hosts;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use switchyard_broker::{Broker, Subscriber};
 use switchyard_pipeline::build::ComponentBuild;
 use switchyard_runtime::manifest::{ComponentConfig, Preopen, RetryPolicy};
+use switchyard_runtime::{Runtime, RuntimeOptions};
 pub use switchyard_testing::*;
 
 /// The directory with producer.wasm, classifier.wasm and consumer.wasm, built once per test
@@ -164,4 +166,18 @@ pub fn cargo_component_ready() -> bool {
         String::from_utf8_lossy(&added.stderr)
     );
     true
+}
+
+/// What a handler test starts from: an input and an output topic of its own on `broker`, a
+/// reader of the output, and a runtime.
+pub async fn handler_setup(
+    broker: &Arc<dyn Broker>,
+) -> (String, String, Arc<dyn Subscriber>, Runtime) {
+    let (input, output) = (unique("in"), unique("out"));
+    create_topics(broker.as_ref(), &[&input, &output]).await;
+    let reader = member(broker.as_ref(), &unique("reader"), &output).await;
+    let runtime = Runtime::new(broker.clone(), RuntimeOptions::default())
+        .await
+        .unwrap();
+    (input, output, reader, runtime)
 }

@@ -130,6 +130,9 @@ pub struct Summary {
     pub p50_ms: Option<f64>,
     /// 99th percentile of that latency.
     pub p99_ms: Option<f64>,
+    /// 99.9th percentile of that latency: the tail a paced run is judged by.
+    #[serde(default)]
+    pub p999_ms: Option<f64>,
     /// Unix milliseconds of the earliest `sent-at` among the predictions' requests: when the
     /// producer sent its first request.
     #[serde(default)]
@@ -196,6 +199,7 @@ impl Tally {
                 .collect(),
             p50_ms: self.latency_ms(0.50),
             p99_ms: self.latency_ms(0.99),
+            p999_ms: self.latency_ms(0.999),
             first_sent_ms: self.first_sent_ms,
             first_received_ms: self.first_received_ms,
             last_received_ms: self.last_received_ms,
@@ -272,6 +276,7 @@ mod tests {
         };
         near(s.p50_ms, 50.0);
         near(s.p99_ms, 99.0);
+        near(s.p999_ms, 100.0);
         assert_eq!(Tally::default().summary().p50_ms, None);
     }
 

@@ -43,6 +43,8 @@ pub(super) struct Live {
 /// The longest an instance's `switchyard:host/warm-up` may take (reading and planning a model
 /// inside Wasm takes a second or two; a minute means it is stuck).
 const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
+/// [`WARM_UP_LIMIT`] as the error of a warm-up that overran it names it.
+const WARM_UP_LIMIT_NAME: &str = "the 60 s warm-up limit";
 
 /// Messages handled but not yet settled (waiting for the broker's acknowledgements, or for a
 /// retry's backoff) per handler; past it the workers wait, so a stalled broker cannot make
@@ -239,7 +241,7 @@ impl Worker {
             if let Some(indices) = &self.component.warm_up {
                 let warm_up = indices.load(&mut store, &instance).map_err(exports_error)?;
                 let started = Instant::now();
-                let deadline = Deadline::after(WARM_UP_LIMIT, "the 60 s warm-up limit");
+                let deadline = Deadline::after(WARM_UP_LIMIT, WARM_UP_LIMIT_NAME);
                 store.data_mut().deadline = Some(deadline);
                 store.data_mut().messaging.set_warming_up(true);
                 let call = warm_up.call_warm_up(&mut store);
