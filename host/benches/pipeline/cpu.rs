@@ -1,10 +1,21 @@
 //! CPU time, the figure a noisy machine moves least: a process's user and system seconds
 //! count its own work, not the time it waited for a core another process had.
 //!
-//! Linux only (the bench's machines): a running process's from `/proc/PID/stat`, finished
-//! children's from `getrusage(RUSAGE_CHILDREN)`.
+//! The bench's CPU section ([`cpu_rows`]) and what it reads. Linux only (the bench's
+//! machines): a running process's CPU from `/proc/PID/stat`, finished children's from
+//! `getrusage(RUSAGE_CHILDREN)`.
 
 use anyhow::{Context, bail};
+use switchyard_runtime::nn::NnEngine;
+
+use crate::BATCH;
+use crate::ceilings::{ceiling_host, test_images};
+use crate::demo::{Paths, StandaloneBroker, careful_python, on_broker};
+use crate::table::{Row, fmt, median_of, ratio, skipped, thousands};
+
+/// The CPU section's short and long runs: what the requests between them cost is what one
+/// request costs, start-up and draining cancelled out.
+const CPU_RUNS: (usize, usize) = (10_000, 30_000);
 
 /// The CPU seconds (user and system) of every child process this process has waited for so
 /// far: read it before and after a run, and the difference is what the run's children used.
@@ -51,4 +62,150 @@ pub fn process_cpu_s(pid: u32) -> anyhow::Result<f64> {
 pub fn per_request_us(short: (usize, f64), long: (usize, f64)) -> Option<f64> {
     let ((short_n, short_s), (long_n, long_s)) = (short, long);
     (long_n > short_n).then(|| (long_s - short_s) * 1e6 / (long_n - short_n) as f64)
+}
+
+/// CPU per request of switchyard's host and of the careful Python rebuild, each with a
+/// standalone broker of its own, beside the host's engine alone (see main.rs's point 9).
+pub fn cpu_rows(
+    paths: &Paths,
+    first_case: &(String, Vec<String>),
+    engine: NnEngine,
+    rounds: usize,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "CPU per request, {} and {} requests…",
+        CPU_RUNS.0, CPU_RUNS.1
+    );
+    let onnx = std::fs::read(paths.models.join("lenet.onnx"))?;
+    let engine_alone = ceiling_host(&onnx, &test_images(&paths.models)?, engine)?
+        .into_iter()
+        .find(|(batch, _)| *batch == BATCH)
+        .map(|(_, us)| us);
+    /// CPU seconds of (the pipeline's processes, its broker) for one run of `images`.
+    type Measure<'a> = Box<dyn Fn(usize) -> anyhow::Result<(f64, f64)> + 'a>;
+    let measured = |run: &dyn Fn(&StandaloneBroker, usize) -> anyhow::Result<()>,
+                    images: usize|
+     -> anyhow::Result<(f64, f64)> {
+        let broker = StandaloneBroker::start(paths)?;
+        let before = reaped_children_cpu_s();
+        run(&broker, images)?;
+        let pipeline = reaped_children_cpu_s() - before;
+        Ok((pipeline, broker.cpu_s()?))
+    };
+    let pipelines: [(String, Measure); 2] = [
+        (
+            format!("switchyard host, {}", first_case.0),
+            Box::new(|images| {
+                measured(
+                    &|broker, images| {
+                        let mut case_args = first_case.1.clone();
+                        case_args.extend(["--images".to_string(), images.to_string()]);
+                        on_broker(paths, broker, &case_args).map(drop)
+                    },
+                    images,
+                )
+            }),
+        ),
+        (
+            "careful Python rebuild (producer, classifier and consumer processes)".into(),
+            Box::new(|images| {
+                measured(
+                    &|broker, images| careful_python(paths, broker, images).map(drop),
+                    images,
+                )
+            }),
+        ),
+    ];
+    // Per pipeline, per round: (its processes, its broker) in µs per request.
+    let mut per_request: Vec<Vec<(Option<f64>, Option<f64>)>> =
+        pipelines.iter().map(|_| Vec::new()).collect();
+    let mut python_skipped = None;
+    for round in 0..rounds {
+        for (index, (name, measure)) in pipelines.iter().enumerate() {
+            if index == 1 && python_skipped.is_some() {
+                continue;
+            }
+            let both = measure(CPU_RUNS.0).and_then(|short| Ok((short, measure(CPU_RUNS.1)?)));
+            let (short, long) = match both {
+                Ok(both) => both,
+                Err(e) if index == 1 => {
+                    python_skipped = Some(format!("{e:#}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let process = per_request_us((CPU_RUNS.0, short.0), (CPU_RUNS.1, long.0));
+            let broker = per_request_us((CPU_RUNS.0, short.1), (CPU_RUNS.1, long.1));
+            eprintln!(
+                "  round {} {name:<40} {} µs/request, its broker {} µs/request",
+                round + 1,
+                fmt(process, 1),
+                fmt(broker, 1)
+            );
+            per_request[index].push((process, broker));
+        }
+    }
+    let medians = |index: usize| {
+        let runs: &[(Option<f64>, Option<f64>)] = &per_request[index];
+        (
+            median_of(runs.iter().map(|(process, _)| *process)),
+            median_of(runs.iter().map(|(_, broker)| *broker)),
+        )
+    };
+    let (ours, our_broker) = medians(0);
+    let difference = format!(
+        "CPU (user + system) per request, the {} - {} request difference, median of {rounds} \
+         round(s)",
+        thousands(CPU_RUNS.1 as u64),
+        thousands(CPU_RUNS.0 as u64)
+    );
+    rows.push(
+        Row::new(
+            "cpu",
+            format!(
+                "{}: the `switchyard demo` process, broker in its own",
+                pipelines[0].0
+            ),
+            ours,
+            "µs/image",
+        )
+        .detail(format!(
+            "{difference}; its standalone broker {} µs/image more",
+            fmt(our_broker, 1)
+        )),
+    );
+    rows.push(
+        Row::new(
+            "cpu",
+            format!(
+                "{} alone, batch {BATCH}, one thread (the host's engine)",
+                engine.name()
+            ),
+            engine_alone,
+            "µs/image",
+        )
+        .detail(format!(
+            "{} % of the host's CPU per image",
+            fmt(ratio(engine_alone, ours).map(|r| r * 100.0), 0)
+        )),
+    );
+    match python_skipped {
+        Some(why) => rows.push(skipped(
+            "cpu: careful Python rebuild",
+            &format!("skipped: {why}"),
+        )),
+        None => {
+            let (python, python_broker) = medians(1);
+            rows.push(
+                Row::new("cpu", pipelines[1].0.clone(), python, "µs/image").detail(format!(
+                    "{difference}; its standalone broker {} µs/image more; switchyard's host \
+                     uses {} x its CPU per image",
+                    fmt(python_broker, 1),
+                    fmt(ratio(ours, python), 2)
+                )),
+            );
+        }
+    }
+    Ok(())
 }

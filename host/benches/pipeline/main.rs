@@ -62,6 +62,7 @@ mod ceilings;
 mod common;
 mod cpu;
 mod demo;
+mod paced;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -76,25 +77,21 @@ use ceilings::{
     test_images,
 };
 use demo::{
-    Demo, Paths, StandaloneBroker, args, careful_python, on_broker, on_pubsub_emulator,
-    on_second_kafka, on_standalone_broker, run_demo,
+    Demo, Paths, StandaloneBroker, args, careful_python, on_pubsub_emulator, on_second_kafka,
+    on_standalone_broker, run_demo,
 };
 use table::{Figure, Row, demos_row, fmt, median_of, print_table, ratio, skipped, thousands};
 
 /// The classifier's default `batch`, the bound the batched rows use.
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 /// Images per inference-ceiling measurement.
 const CEILING_IMAGES: usize = 2048;
 /// A request on the wire: the 784-byte image plus its headers.
 const REQUEST_BYTES: usize = 900;
-const PACED_RATE: u32 = 2000;
-/// Paced runs per engine, at the least: a tail is judged run by run.
-const PACED_RUNS: usize = 5;
+/// The rate of the paced runs, requests per second.
+pub(crate) const PACED_RATE: u32 = 2000;
 /// The test set: the requests of a pipeline run.
-const TEST_IMAGES: usize = 10_000;
-/// The CPU section's short and long runs: what the requests between them cost is what one
-/// request costs, start-up and draining cancelled out.
-const CPU_RUNS: (usize, usize) = (10_000, 30_000);
+pub(crate) const TEST_IMAGES: usize = 10_000;
 /// Request counts of the scale rows.
 const SCALES: [u64; 3] = [100_000, 300_000, 1_000_000];
 /// Throughput at scale counts as level from this share of the 10,000-image median (the
@@ -157,8 +154,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(section) = section {
         match section.as_str() {
             "brokers" => broker_rows(&paths, &cases[0], rounds, &mut rows)?,
-            "paced" => paced_rows(&paths, paced_engines, rounds, &mut rows)?,
-            _ => cpu_rows(&paths, &cases[0], nn_engine, rounds, &mut rows)?,
+            "paced" => paced::paced_rows(&paths, paced_engines, rounds, &mut rows)?,
+            _ => cpu::cpu_rows(&paths, &cases[0], nn_engine, rounds, &mut rows)?,
         }
         print_table(&rows, rounds);
         return Ok(());
@@ -170,7 +167,7 @@ fn main() -> anyhow::Result<()> {
     let ceilings = inference_ceilings(&paths, &components_target, onnxruntime, &mut rows)?;
 
     let runs = run_cases(&paths, &cases, rounds, &mut rows)?;
-    paced_rows(&paths, paced_engines, rounds, &mut rows)?;
+    paced::paced_rows(&paths, paced_engines, rounds, &mut rows)?;
     let medians: Vec<Option<f64>> = runs
         .iter()
         .map(|demos| median_of(demos.iter().map(|d| d.images_per_s)))
@@ -185,7 +182,7 @@ fn main() -> anyhow::Result<()> {
     scale_rows(&paths, &cases[0], medians[0], first_rss, &mut rows)?;
     ratio_rows(&ceilings, &runs, &standalone, &mut rows);
     broker_rows(&paths, &cases[0], rounds, &mut rows)?;
-    cpu_rows(&paths, &cases[0], nn_engine, rounds, &mut rows)?;
+    cpu::cpu_rows(&paths, &cases[0], nn_engine, rounds, &mut rows)?;
 
     print_table(&rows, rounds);
     let out = paths.target.join("bench");
@@ -311,217 +308,6 @@ fn run_cases(
         ));
     }
     Ok(runs)
-}
-
-/// Paced runs of each engine, alternating, at least [`PACED_RUNS`] each: every run's p99 and
-/// p99.9, their spread and the worst.
-fn paced_rows(
-    paths: &Paths,
-    engines: &[&str],
-    rounds: usize,
-    rows: &mut Vec<Row>,
-) -> anyhow::Result<()> {
-    let runs_each = rounds.max(PACED_RUNS);
-    eprintln!("paced at {PACED_RATE}/s, {runs_each} runs of each engine…");
-    let mut runs: Vec<Vec<Demo>> = engines.iter().map(|_| Vec::new()).collect();
-    for run in 0..runs_each {
-        for (engine, into) in engines.iter().zip(runs.iter_mut()) {
-            let demo = run_demo(paths, &args(engine, BATCH, 2, Some(PACED_RATE)), None)?;
-            eprintln!(
-                "  run {} {engine:<12} p50 {:>5.1} ms  p99 {:>6.1} ms  p99.9 {:>6.1} ms",
-                run + 1,
-                demo.p50_ms.unwrap_or(0.0),
-                demo.p99_ms.unwrap_or(0.0),
-                demo.p999_ms.unwrap_or(0.0),
-            );
-            into.push(demo);
-        }
-    }
-    for (engine, demos) in engines.iter().zip(&runs) {
-        let each = |figure: fn(&Demo) -> Option<f64>| -> Vec<f64> {
-            demos.iter().filter_map(figure).collect()
-        };
-        let list = |values: &[f64]| {
-            values
-                .iter()
-                .map(|v| format!("{v:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let worst = |values: &[f64]| values.iter().copied().reduce(f64::max);
-        let best = |values: &[f64]| values.iter().copied().reduce(f64::min);
-        let (p99, p999) = (each(|d| d.p99_ms), each(|d| d.p999_ms));
-        let spread = worst(&p99).zip(best(&p99)).map(|(w, b)| w - b);
-        let within = p99.iter().filter(|&&p| p <= 20.0).count();
-        rows.push(
-            Row::new(
-                "paced",
-                format!(
-                    "{engine}, batch {BATCH}, 2 workers, paced at {PACED_RATE}/s: worst p99 of {} runs",
-                    demos.len()
-                ),
-                worst(&p99),
-                "ms",
-            )
-            .detail(format!(
-                "p99 per run {} (spread {} ms; {within} of {} at most 20 ms); p99.9 per run {} \
-                 (worst {} ms); p50 median {} ms",
-                list(&p99),
-                fmt(spread, 1),
-                p99.len(),
-                list(&p999),
-                fmt(worst(&p999), 1),
-                fmt(median_of(demos.iter().map(|d| d.p50_ms)), 1),
-            )),
-        );
-    }
-    Ok(())
-}
-
-/// CPU per request of switchyard's host and of the careful Python rebuild, each with a
-/// standalone broker of its own, beside the host's engine alone (see the file's point 9).
-fn cpu_rows(
-    paths: &Paths,
-    first_case: &(String, Vec<String>),
-    engine: NnEngine,
-    rounds: usize,
-    rows: &mut Vec<Row>,
-) -> anyhow::Result<()> {
-    eprintln!(
-        "CPU per request, {} and {} requests…",
-        CPU_RUNS.0, CPU_RUNS.1
-    );
-    let onnx = std::fs::read(paths.models.join("lenet.onnx"))?;
-    let engine_alone = ceiling_host(&onnx, &test_images(&paths.models)?, engine)?
-        .into_iter()
-        .find(|(batch, _)| *batch == BATCH)
-        .map(|(_, us)| us);
-    /// CPU seconds of (the pipeline's processes, its broker) for one run of `images`.
-    type Measure<'a> = Box<dyn Fn(usize) -> anyhow::Result<(f64, f64)> + 'a>;
-    let measured = |run: &dyn Fn(&StandaloneBroker, usize) -> anyhow::Result<()>,
-                    images: usize|
-     -> anyhow::Result<(f64, f64)> {
-        let broker = StandaloneBroker::start(paths)?;
-        let before = cpu::reaped_children_cpu_s();
-        run(&broker, images)?;
-        let pipeline = cpu::reaped_children_cpu_s() - before;
-        Ok((pipeline, broker.cpu_s()?))
-    };
-    let pipelines: [(String, Measure); 2] = [
-        (
-            format!("switchyard host, {}", first_case.0),
-            Box::new(|images| {
-                measured(
-                    &|broker, images| {
-                        let mut case_args = first_case.1.clone();
-                        case_args.extend(["--images".to_string(), images.to_string()]);
-                        on_broker(paths, broker, &case_args).map(drop)
-                    },
-                    images,
-                )
-            }),
-        ),
-        (
-            "careful Python rebuild (producer, classifier and consumer processes)".into(),
-            Box::new(|images| {
-                measured(
-                    &|broker, images| careful_python(paths, broker, images).map(drop),
-                    images,
-                )
-            }),
-        ),
-    ];
-    // Per pipeline, per round: (its processes, its broker) in µs per request.
-    let mut per_request: Vec<Vec<(Option<f64>, Option<f64>)>> =
-        pipelines.iter().map(|_| Vec::new()).collect();
-    let mut python_skipped = None;
-    for round in 0..rounds {
-        for (index, (name, measure)) in pipelines.iter().enumerate() {
-            if index == 1 && python_skipped.is_some() {
-                continue;
-            }
-            let both = measure(CPU_RUNS.0).and_then(|short| Ok((short, measure(CPU_RUNS.1)?)));
-            let (short, long) = match both {
-                Ok(both) => both,
-                Err(e) if index == 1 => {
-                    python_skipped = Some(format!("{e:#}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let process = cpu::per_request_us((CPU_RUNS.0, short.0), (CPU_RUNS.1, long.0));
-            let broker = cpu::per_request_us((CPU_RUNS.0, short.1), (CPU_RUNS.1, long.1));
-            eprintln!(
-                "  round {} {name:<40} {} µs/request, its broker {} µs/request",
-                round + 1,
-                fmt(process, 1),
-                fmt(broker, 1)
-            );
-            per_request[index].push((process, broker));
-        }
-    }
-    let medians = |index: usize| {
-        let runs: &[(Option<f64>, Option<f64>)] = &per_request[index];
-        (
-            median_of(runs.iter().map(|(process, _)| *process)),
-            median_of(runs.iter().map(|(_, broker)| *broker)),
-        )
-    };
-    let (ours, our_broker) = medians(0);
-    let difference = format!(
-        "CPU (user + system) per request, the {} - {} request difference, median of {rounds} \
-         round(s)",
-        thousands(CPU_RUNS.1 as u64),
-        thousands(CPU_RUNS.0 as u64)
-    );
-    rows.push(
-        Row::new(
-            "cpu",
-            format!(
-                "{}: the `switchyard demo` process, broker in its own",
-                pipelines[0].0
-            ),
-            ours,
-            "µs/image",
-        )
-        .detail(format!(
-            "{difference}; its standalone broker {} µs/image more",
-            fmt(our_broker, 1)
-        )),
-    );
-    rows.push(
-        Row::new(
-            "cpu",
-            format!(
-                "{} alone, batch {BATCH}, one thread (the host's engine)",
-                engine.name()
-            ),
-            engine_alone,
-            "µs/image",
-        )
-        .detail(format!(
-            "{} % of the host's CPU per image",
-            fmt(ratio(engine_alone, ours).map(|r| r * 100.0), 0)
-        )),
-    );
-    match python_skipped {
-        Some(why) => rows.push(skipped(
-            "cpu: careful Python rebuild",
-            &format!("skipped: {why}"),
-        )),
-        None => {
-            let (python, python_broker) = medians(1);
-            rows.push(
-                Row::new("cpu", pipelines[1].0.clone(), python, "µs/image").detail(format!(
-                    "{difference}; its standalone broker {} µs/image more; switchyard's host \
-                     uses {} x its CPU per image",
-                    fmt(python_broker, 1),
-                    fmt(ratio(ours, python), 2)
-                )),
-            );
-        }
-    }
-    Ok(())
 }
 
 /// The careful Python rebuild and switchyard's first case, each on a standalone broker of its
