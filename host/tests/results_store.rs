@@ -1,12 +1,13 @@
-//! Proves the results store: the real consumer component, run by the host on the embedded
-//! broker, writes one row per prediction through `switchyard:host/results` into SQLite and
-//! into the local PostgreSQL (127.0.0.1:5432, database `test`, or `SWITCHYARD_TEST_POSTGRES`),
-//! and a prediction delivered twice is still one row. Read back, every row holds what the
-//! prediction held. A consumer without the grant stores nothing and still handles its
-//! messages; a manifest granting a table the host does not keep is refused (before anything is
-//! compiled) with the tables it keeps; a row that does not fit its table writes nothing of its call; a database written by
-//! a newer switchyard, and a PostgreSQL that is not there, are refused with the fix; a table an
-//! older switchyard made gets the nullable columns added since, on both databases.
+//! Proves the results store: the real consumer component, run by the host on the embedded broker,
+//! writes one row per prediction through `switchyard:host/results` into SQLite and into the local
+//! PostgreSQL (127.0.0.1:5432, database `test`, or `SWITCHYARD_TEST_POSTGRES`), and a prediction
+//! delivered twice is still one row. Read back, whole or a page at a time (no row skipped or
+//! repeated at a page's edge), every row holds what the prediction held. A consumer without the
+//! grant stores nothing and still handles its messages; a manifest granting a table the host does
+//! not keep is refused (before anything is compiled) with the tables it keeps; a row that does not
+//! fit its table writes nothing of its call; a database written by a newer switchyard, and a
+//! PostgreSQL that is not there, are refused with the fix; a table an older switchyard made gets
+//! the nullable columns added since, on both databases.
 
 mod support;
 
@@ -146,6 +147,22 @@ async fn predictions_are_stored_once_each(store: ResultsConfig) {
         .await
         .expect("reading the run");
     assert_eq!(rows.len(), 20, "one row per request: {rows:#?}");
+    // In pages of 3, the same rows in the same order, each once: paging by key neither skips
+    // nor repeats a row at a page's edge.
+    let mut pages = switchyard_pipeline::predictions::pages(&results, &run).page_rows(3);
+    let mut paged = Vec::new();
+    let mut sizes = Vec::new();
+    while let Some(page) = pages.next().await.expect("reading a page") {
+        sizes.push(page.len());
+        paged.extend(page);
+    }
+    assert_eq!(sizes, [3, 3, 3, 3, 3, 3, 2]);
+    assert_eq!(paged, rows);
+    assert!(
+        rows.windows(2)
+            .all(|pair| pair[0].prediction.request_id < pair[1].prediction.request_id),
+        "in key order"
+    );
     assert_eq!(
         switchyard_pipeline::predictions::count(&results, &run)
             .await
@@ -371,7 +388,7 @@ async fn an_older_table_gets_the_newer_nullable_columns(store: ResultsConfig) {
     };
     let row = PredictionRecord::row(&newer, None, 2.0);
     assert_eq!(results.insert(current, vec![row]).await.unwrap(), 1);
-    let rows = results.select(current, "older").await.unwrap();
+    let rows = results.select(current, "older").all().await.unwrap();
     let column = |name: &str| current.columns.iter().position(|c| c.name == name).unwrap();
     let hops: Vec<_> = rows
         .iter()

@@ -417,17 +417,6 @@ async fn count_stored(results: &Results, run_id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The report of run `run_id`, from its predictions in the results store: read once, for the
-/// demo's summary and for its report page.
-async fn read_run(results: &Results, run_id: &str) -> Result<RunReport, DemoError> {
-    let records = crate::predictions::read(results, run_id).await?;
-    Ok(RunReport::new(
-        run_id.to_string(),
-        results.describe(),
-        &records,
-    ))
-}
-
 /// A handler's counts, to say which hop holds missing messages: the classifier's intake, its
 /// output, or the consumer's intake.
 fn hop_counts(app: &App, name: &str) -> String {
@@ -679,7 +668,8 @@ pub async fn run(options: &DemoOptions) -> Result<Demo, DemoError> {
         progress.finish();
     }
     app.stop().await?;
-    let run = read_run(&results, &run_id).await?;
+    // Read once, a page at a time, for the demo's summary and for its report page.
+    let run = RunReport::of_run(&results, &run_id).await?;
     let summary = &run.summary;
     let duplicates = results.counts().already_there;
     // From the first request sent, as a broker benchmark counts: the producer's start-up

@@ -9,7 +9,7 @@ use pipeline_core::row::Cell;
 use pipeline_core::wire::{Prediction, Timings};
 
 use switchyard_runtime::results::{
-    Column, ColumnType, Results, ResultsError, TableSchema, Tables, Value,
+    Column, ColumnType, Results, ResultsError, RowPages, TableSchema, Tables, Value,
 };
 
 /// One row per prediction, keyed by run and request.
@@ -75,18 +75,56 @@ pub async fn runs(results: &Results) -> Result<Vec<RunInfo>, ResultsError> {
         .collect())
 }
 
-/// The predictions of run `run_id`, in request order.
+/// The predictions of run `run_id`, in request order, in one `Vec`: for a run known to be
+/// small; [`pages`] reads any run in bounded memory.
 pub async fn read(results: &Results, run_id: &str) -> Result<Vec<PredictionRecord>, ResultsError> {
-    let rows = results.select(&PREDICTIONS, run_id).await?;
-    rows.into_iter()
-        .map(|row| {
-            PredictionRecord::from_row(row).map_err(|problem| ResultsError::Corrupt {
-                store: results.describe(),
-                table: PREDICTIONS.name,
-                problem,
+    let mut pages = pages(results, run_id);
+    let mut all = Vec::new();
+    while let Some(page) = pages.next().await? {
+        all.extend(page);
+    }
+    Ok(all)
+}
+
+/// The predictions of run `run_id`, in request order, a page at a time.
+pub fn pages<'a>(results: &'a Results, run_id: &str) -> RunPages<'a> {
+    RunPages {
+        rows: results.select(&PREDICTIONS, run_id),
+        store: results.describe(),
+    }
+}
+
+/// A run's predictions, read a page at a time ([`pages`]).
+pub struct RunPages<'a> {
+    rows: RowPages<'a>,
+    store: String,
+}
+
+impl RunPages<'_> {
+    /// Reads `rows` predictions per page.
+    pub fn page_rows(self, rows: usize) -> Self {
+        Self {
+            rows: self.rows.page_rows(rows),
+            ..self
+        }
+    }
+
+    /// The next page; `None` after the run's last prediction.
+    pub async fn next(&mut self) -> Result<Option<Vec<PredictionRecord>>, ResultsError> {
+        let Some(rows) = self.rows.next().await? else {
+            return Ok(None);
+        };
+        rows.into_iter()
+            .map(|row| {
+                PredictionRecord::from_row(row).map_err(|problem| ResultsError::Corrupt {
+                    store: self.store.clone(),
+                    table: PREDICTIONS.name,
+                    problem,
+                })
             })
-        })
-        .collect()
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
 }
 
 /// How many predictions run `run_id` has.

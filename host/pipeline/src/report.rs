@@ -92,6 +92,96 @@ pub struct RunReport {
     pub hops: Vec<Hops>,
 }
 
+/// What a report needs of each prediction, gathered one prediction at a time.
+#[derive(Default)]
+struct Gathered {
+    tally: Tally,
+    confusion: [[u64; 10]; 10],
+    latencies_ms: Vec<f64>,
+    received_ms: Vec<f64>,
+    /// (model, component build) and how many predictions they made; a handful of entries.
+    made_by: Vec<((String, Option<String>), u64)>,
+    /// Sent, handled, predicted and received (Unix ms), of each prediction that has them all.
+    hop_times: Vec<[f64; 4]>,
+}
+
+impl Gathered {
+    fn add(&mut self, record: &PredictionRecord) {
+        let prediction = &record.prediction;
+        self.tally.record(prediction, record.received_at_ms);
+        if let Some(label) = prediction.label.filter(|&l| l < 10)
+            && prediction.class < 10
+        {
+            self.confusion[label][prediction.class] += 1;
+        }
+        if let Some(sent) = prediction.sent_at_ms {
+            self.latencies_ms
+                .push((record.received_at_ms - sent).max(0.0));
+        }
+        self.received_ms.push(record.received_at_ms);
+        let component = record.component.as_deref();
+        match self
+            .made_by
+            .iter_mut()
+            .find(|((model, by), _)| *model == prediction.model && by.as_deref() == component)
+        {
+            Some((_, count)) => *count += 1,
+            None => self
+                .made_by
+                .push(((prediction.model.clone(), record.component.clone()), 1)),
+        }
+        if let (Some(sent), Some(handled), Some(predicted)) = (
+            prediction.sent_at_ms,
+            prediction.handled_at_ms,
+            prediction.predicted_at_ms,
+        ) {
+            self.hop_times
+                .push([sent, handled, predicted, record.received_at_ms]);
+        }
+    }
+
+    fn report(self, run_id: String, store: String) -> RunReport {
+        let summary = self.tally.summary();
+        let start = summary
+            .first_sent_ms
+            .or(summary.first_received_ms)
+            .unwrap_or(0.0);
+        let mut arrivals_s: Vec<f64> = self
+            .received_ms
+            .iter()
+            .map(|received| ((received - start) / 1000.0).max(0.0))
+            .collect();
+        arrivals_s.sort_by(f64::total_cmp);
+        let mut latencies_ms = self.latencies_ms;
+        latencies_ms.sort_by(f64::total_cmp);
+        let mut hops: Vec<Hops> = self
+            .hop_times
+            .iter()
+            .map(|&times| Hops::of(times, start))
+            .collect();
+        hops.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
+        let mut made_by: Vec<(String, u64)> = self
+            .made_by
+            .into_iter()
+            .map(|((model, component), count)| match component {
+                Some(component) => (format!("{model} by {component}"), count),
+                None => (model, count),
+            })
+            .collect();
+        made_by.sort();
+        RunReport {
+            run_id,
+            store,
+            summary,
+            confusion: self.confusion,
+            latencies_ms,
+            arrivals_s,
+            made_by,
+            hops,
+        }
+    }
+}
+
 /// One request's way through the pipeline, in ms.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hops {
@@ -114,19 +204,15 @@ impl Hops {
         "classifier → stored",
     ];
 
-    fn of(record: &PredictionRecord, start_ms: f64) -> Option<Self> {
-        let prediction = &record.prediction;
-        let (sent, handled, predicted) = (
-            prediction.sent_at_ms?,
-            prediction.handled_at_ms?,
-            prediction.predicted_at_ms?,
-        );
-        Some(Self {
+    /// The hops of a request sent, handled, predicted and received at `times` (Unix ms).
+    fn of(times: [f64; 4], start_ms: f64) -> Self {
+        let [sent, handled, predicted, received] = times;
+        Self {
             sent_s: (sent - start_ms) / 1000.0,
             to_classifier_ms: handled - sent,
             in_classifier_ms: predicted - handled,
-            to_consumer_ms: record.received_at_ms - predicted,
-        })
+            to_consumer_ms: received - predicted,
+        }
     }
 
     /// The three hops, in the order of [`Hops::NAMES`].
@@ -166,56 +252,25 @@ impl RunReport {
                 None => return Err(ReportError::NoRuns { store }),
             },
         };
-        let records = predictions::read(results, &run_id).await?;
-        Ok(Self::new(run_id, store, &records))
+        Ok(Self::of_run(results, &run_id).await?)
+    }
+
+    /// The report of run `run_id` in `results`, read a page at a time: what it keeps is ~50 B
+    /// a prediction, where the rows are ~600 B.
+    pub async fn of_run(results: &Results, run_id: &str) -> Result<Self, ResultsError> {
+        let mut gathered = Gathered::default();
+        let mut pages = predictions::pages(results, run_id);
+        while let Some(page) = pages.next().await? {
+            page.iter().for_each(|record| gathered.add(record));
+        }
+        Ok(gathered.report(run_id.to_string(), results.describe()))
     }
 
     /// The report of `records`, the predictions of run `run_id` in `store`.
     pub fn new(run_id: String, store: String, records: &[PredictionRecord]) -> Self {
-        let mut tally = Tally::default();
-        let mut confusion = [[0u64; 10]; 10];
-        let mut latencies_ms = Vec::with_capacity(records.len());
-        let mut made_by = std::collections::BTreeMap::<String, u64>::new();
-        for record in records {
-            let prediction = &record.prediction;
-            tally.record(prediction, record.received_at_ms);
-            if let Some(label) = prediction.label.filter(|&l| l < 10)
-                && prediction.class < 10
-            {
-                confusion[label][prediction.class] += 1;
-            }
-            if let Some(sent) = prediction.sent_at_ms {
-                latencies_ms.push((record.received_at_ms - sent).max(0.0));
-            }
-            let by = match &record.component {
-                Some(component) => format!("{} by {component}", prediction.model),
-                None => prediction.model.clone(),
-            };
-            *made_by.entry(by).or_default() += 1;
-        }
-        let summary = tally.summary();
-        let start = summary
-            .first_sent_ms
-            .or(summary.first_received_ms)
-            .unwrap_or(0.0);
-        let mut arrivals_s: Vec<f64> = records
-            .iter()
-            .map(|r| ((r.received_at_ms - start) / 1000.0).max(0.0))
-            .collect();
-        arrivals_s.sort_by(f64::total_cmp);
-        latencies_ms.sort_by(f64::total_cmp);
-        let mut hops: Vec<Hops> = records.iter().filter_map(|r| Hops::of(r, start)).collect();
-        hops.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
-        Self {
-            run_id,
-            store,
-            summary,
-            confusion,
-            latencies_ms,
-            arrivals_s,
-            made_by: made_by.into_iter().collect(),
-            hops,
-        }
+        let mut gathered = Gathered::default();
+        records.iter().for_each(|record| gathered.add(record));
+        gathered.report(run_id, store)
     }
 
     /// Each hop's p50, p99 and maximum, and its mean over the slowest 1 % of requests (by

@@ -281,11 +281,15 @@ pub trait ResultsBackend: Send + Sync {
         table: &'static TableSchema,
         rows: Vec<Vec<Value>>,
     ) -> Result<u64, ResultsError>;
-    /// Runs [`TableSchema::select_sql`]: the rows whose first key column is `key`.
+    /// Runs [`TableSchema::select_sql`]: at most `limit` of the rows whose first key column is
+    /// `key`, in key order; with `after` (the further key columns' values of the last row
+    /// read), only the rows after that one.
     async fn select(
         &self,
         table: &'static TableSchema,
         key: &str,
+        after: Option<Vec<Value>>,
+        limit: usize,
     ) -> Result<Vec<Vec<Value>>, ResultsError>;
     /// How many rows have `key` in their first key column.
     async fn count(&self, table: &'static TableSchema, key: &str) -> Result<u64, ResultsError>;
@@ -295,6 +299,57 @@ pub trait ResultsBackend: Send + Sync {
         table: &'static TableSchema,
         newest: &'static str,
     ) -> Result<Vec<Group>, ResultsError>;
+}
+
+/// The rows of a table that share the value of its first key column, in key order, a page at a
+/// time ([`Results::select`]).
+pub struct RowPages<'a> {
+    backend: &'a dyn ResultsBackend,
+    table: &'static TableSchema,
+    key: String,
+    /// The further key columns' values of the last row read.
+    after: Option<Vec<Value>>,
+    page_rows: usize,
+    done: bool,
+}
+
+impl RowPages<'_> {
+    /// Rows per page unless told otherwise: a few MB of the demo's predictions (~600 B a row).
+    pub const DEFAULT_PAGE_ROWS: usize = 4096;
+
+    /// Reads `rows` rows per page (at least one).
+    pub fn page_rows(mut self, rows: usize) -> Self {
+        self.page_rows = rows.max(1);
+        self
+    }
+
+    /// The next page; `None` after the last row.
+    pub async fn next(&mut self) -> Result<Option<Vec<Vec<Value>>>, ResultsError> {
+        if self.done {
+            return Ok(None);
+        }
+        let rows = self
+            .backend
+            .select(self.table, &self.key, self.after.take(), self.page_rows)
+            .await?;
+        let key_columns = self.table.key_columns;
+        // With the key in one column, a key has one row at most.
+        self.done = rows.len() < self.page_rows || key_columns < 2;
+        match rows.last() {
+            Some(last) => self.after = last.get(1..key_columns).map(<[Value]>::to_vec),
+            None => return Ok(None),
+        }
+        Ok(Some(rows))
+    }
+
+    /// Every remaining row, in one `Vec`: for a reader that knows the rows are few.
+    pub async fn all(mut self) -> Result<Vec<Vec<Value>>, ResultsError> {
+        let mut all = Vec::new();
+        while let Some(page) = self.next().await? {
+            all.extend(page);
+        }
+        Ok(all)
+    }
 }
 
 /// The rows of a table that share the value of its first key column (a run's predictions).
@@ -469,13 +524,17 @@ impl Results {
         &self.tables
     }
 
-    /// The rows of `table` whose first key column is `key`, in key order.
-    pub async fn select(
-        &self,
-        table: &'static TableSchema,
-        key: &str,
-    ) -> Result<Vec<Vec<Value>>, ResultsError> {
-        self.backend.select(table, key).await
+    /// The rows of `table` whose first key column is `key`, in key order, read a page at a
+    /// time: a reader of a run of a million predictions holds one page, not the run.
+    pub fn select(&self, table: &'static TableSchema, key: &str) -> RowPages<'_> {
+        RowPages {
+            backend: self.backend.as_ref(),
+            table,
+            key: key.to_string(),
+            after: None,
+            page_rows: RowPages::DEFAULT_PAGE_ROWS,
+            done: false,
+        }
     }
 
     /// How many rows of `table` have `key` in their first key column.
@@ -595,6 +654,18 @@ mod tests {
         assert!(
             insert.ends_with("ON CONFLICT (run_id, sensor) DO NOTHING"),
             "{insert}"
+        );
+        let page = READINGS.select_sql(Dialect::Postgres, true);
+        assert!(
+            page.ends_with(
+                "WHERE run_id = $1 AND (sensor) > ($2) ORDER BY run_id, sensor LIMIT $3"
+            ),
+            "{page}"
+        );
+        let first = READINGS.select_sql(Dialect::Sqlite, false);
+        assert!(
+            first.ends_with("WHERE run_id = ?1 ORDER BY run_id, sensor LIMIT ?2"),
+            "{first}"
         );
         let groups = READINGS.groups_sql("value");
         assert!(groups.contains("GROUP BY run_id"), "{groups}");

@@ -186,6 +186,14 @@ fn to_sql(ty: ColumnType, value: Value) -> Param {
     }
 }
 
+/// `params` as the driver takes them.
+fn borrowed(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
 fn from_sql(ty: ColumnType, row: &tokio_postgres::Row, index: usize) -> Result<Value, String> {
     let value = match ty {
         ColumnType::Integer => row
@@ -232,12 +240,11 @@ impl ResultsBackend for Postgres {
                         .map(|(column, value)| to_sql(column.ty, value))
                 })
                 .collect();
-            let params: Vec<&(dyn ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-                .collect();
             let sql = table.insert_sql(Dialect::Postgres, chunk.len());
-            new += transaction.execute(&sql, &params).await.map_err(&error)?;
+            new += transaction
+                .execute(&sql, &borrowed(&params))
+                .await
+                .map_err(&error)?;
         }
         transaction.commit().await.map_err(&error)?;
         Ok(new)
@@ -247,10 +254,23 @@ impl ResultsBackend for Postgres {
         &self,
         table: &'static TableSchema,
         key: &str,
+        after: Option<Vec<Value>>,
+        limit: usize,
     ) -> Result<Vec<Vec<Value>>, ResultsError> {
+        let sql = table.select_sql(Dialect::Postgres, after.is_some());
+        let params: Vec<Param> = std::iter::once(Box::new(key.to_string()) as Param)
+            .chain(
+                after
+                    .into_iter()
+                    .flatten()
+                    .zip(&table.columns[1..])
+                    .map(|(value, column)| to_sql(column.ty, value)),
+            )
+            .chain([Box::new(i64::try_from(limit).unwrap_or(i64::MAX)) as Param])
+            .collect();
         let client = self.client().await?;
         let rows = client
-            .query(&table.select_sql(Dialect::Postgres), &[&key])
+            .query(&sql, &borrowed(&params))
             .await
             .map_err(self.error("reading rows"))?;
         rows.iter()

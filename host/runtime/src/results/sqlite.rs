@@ -216,18 +216,22 @@ impl ResultsBackend for Sqlite {
         &self,
         table: &'static TableSchema,
         key: &str,
+        after: Option<Vec<Value>>,
+        limit: usize,
     ) -> Result<Vec<Vec<Value>>, ResultsError> {
         let connection = self.connection.clone();
         let error = self.error("reading rows");
-        let key = key.to_string();
+        let sql = table.select_sql(Dialect::Sqlite, after.is_some());
+        let params: Vec<SqlValue> = std::iter::once(SqlValue::Text(key.to_string()))
+            .chain(after.into_iter().flatten().map(to_sql))
+            .chain([SqlValue::Integer(i64::try_from(limit).unwrap_or(i64::MAX))])
+            .collect();
         run_blocking(move || {
             let connection = lock(&connection);
-            let mut statement = connection
-                .prepare_cached(&table.select_sql(Dialect::Sqlite))
-                .map_err(&error)?;
+            let mut statement = connection.prepare_cached(&sql).map_err(&error)?;
             let width = table.columns.len();
             let rows = statement
-                .query_map([key], |row| {
+                .query_map(params_from_iter(params), |row| {
                     (0..width)
                         .map(|i| row.get_ref(i).map(from_sql))
                         .collect::<Result<Vec<_>, _>>()

@@ -215,15 +215,30 @@ impl TableSchema {
         )
     }
 
-    /// Every row whose first key column is `key` (for `predictions`: one run), in key order.
-    pub fn select_sql(&self, dialect: Dialect) -> String {
+    /// A page of the rows whose first key column is `key` (for `predictions`: one run), in key
+    /// order: at most `LIMIT` of them, and with `after`, only those whose other key columns come
+    /// after the given values. Paging by key rather than by `OFFSET` keeps each page's cost
+    /// independent of how far into the run it starts. Its parameters: the key, then (with
+    /// `after`) one value per further key column, then the limit.
+    pub fn select_sql(&self, dialect: Dialect, after: bool) -> String {
+        let rest = &self.key()[1..];
+        let after = if after && !rest.is_empty() {
+            let values: Vec<String> = (0..rest.len())
+                .map(|i| dialect.placeholder(i + 2))
+                .collect();
+            format!(" AND ({}) > ({})", rest.join(", "), values.join(", "))
+        } else {
+            String::new()
+        };
+        let limit = 2 + if after.is_empty() { 0 } else { rest.len() };
         format!(
-            "SELECT {} FROM {} WHERE {} = {} ORDER BY {}",
+            "SELECT {} FROM {} WHERE {} = {}{after} ORDER BY {} LIMIT {}",
             self.column_list(),
             self.name,
             self.columns[0].name,
             dialect.placeholder(1),
-            self.key().join(", ")
+            self.key().join(", "),
+            dialect.placeholder(limit)
         )
     }
 
