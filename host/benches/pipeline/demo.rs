@@ -24,6 +24,31 @@ pub struct Demo {
     pub images: u64,
 }
 
+/// One case of a section: its name, and a run of it (`None`: it cannot run on this machine,
+/// such as a broker that is not installed).
+pub type Case<'a> = (String, Box<dyn Fn() -> anyhow::Result<Option<Demo>> + 'a>);
+
+/// Runs every case once a round for `rounds` rounds, case after case within a round, so the
+/// machine's slow spells fall on every case alike and their ratios can be read side by side;
+/// prints a line per run (`line` says what of it). Returns each case's runs, in case order.
+pub fn alternate(
+    rounds: usize,
+    cases: &[Case],
+    line: impl Fn(&Demo) -> String,
+) -> anyhow::Result<Vec<Vec<Demo>>> {
+    let width = cases.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let mut runs: Vec<Vec<Demo>> = cases.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for ((name, run), into) in cases.iter().zip(runs.iter_mut()) {
+            if let Some(demo) = run()? {
+                eprintln!("  round {} {name:<width$}  {}", round + 1, line(&demo));
+                into.push(demo);
+            }
+        }
+    }
+    Ok(runs)
+}
+
 pub struct Paths {
     pub switchyard: PathBuf,
     pub workspace: PathBuf,

@@ -77,8 +77,8 @@ use ceilings::{
     test_images,
 };
 use demo::{
-    Demo, Paths, StandaloneBroker, args, careful_python, on_pubsub_emulator, on_second_kafka,
-    on_standalone_broker, run_demo,
+    Case, Demo, Paths, StandaloneBroker, alternate, args, careful_python, on_pubsub_emulator,
+    on_second_kafka, on_standalone_broker, run_demo,
 };
 use table::{Figure, Row, demos_row, fmt, median_of, print_table, ratio, skipped, thousands};
 
@@ -284,21 +284,24 @@ fn run_cases(
     rounds: usize,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<Vec<Vec<Demo>>> {
-    let mut runs: Vec<Vec<Demo>> = cases.iter().map(|_| Vec::new()).collect();
-    for round in 0..rounds {
-        for ((name, case_args), into) in cases.iter().zip(runs.iter_mut()) {
-            let demo = run_demo(paths, case_args, None)?;
-            eprintln!(
-                "  round {} {name:<36} {:>6.0} images/s  p50 {:>7.1} ms  p99 {:>7.1} ms  {:>4.0} MiB",
-                round + 1,
-                demo.images_per_s.unwrap_or(0.0),
-                demo.p50_ms.unwrap_or(0.0),
-                demo.p99_ms.unwrap_or(0.0),
-                demo.peak_rss_mb.unwrap_or(0.0)
-            );
-            into.push(demo);
-        }
-    }
+    let runnable: Vec<Case> = cases
+        .iter()
+        .map(|(name, args)| -> Case {
+            (
+                name.clone(),
+                Box::new(move || run_demo(paths, args, None).map(Some)),
+            )
+        })
+        .collect();
+    let runs = alternate(rounds, &runnable, |demo| {
+        format!(
+            "{:>6.0} images/s  p50 {:>7.1} ms  p99 {:>7.1} ms  {:>4.0} MiB",
+            demo.images_per_s.unwrap_or(0.0),
+            demo.p50_ms.unwrap_or(0.0),
+            demo.p99_ms.unwrap_or(0.0),
+            demo.peak_rss_mb.unwrap_or(0.0)
+        )
+    })?;
     for ((name, _), demos) in cases.iter().zip(&runs) {
         rows.push(demos_row(
             "pipeline",
@@ -398,7 +401,6 @@ fn broker_rows(
             vec!["--delivery", "exactly-once", "--rate", &paced],
         ),
     ];
-    type Case<'a> = (String, Box<dyn Fn() -> anyhow::Result<Option<Demo>> + 'a>);
     let mut brokers: Vec<Case> = vec![
         (
             "embedded broker, in the demo's process".into(),
@@ -423,26 +425,17 @@ fn broker_rows(
         "Pub/Sub emulator".into(),
         Box::new(|| on_pubsub_emulator(paths, &first_case.1).map(Some)),
     ));
-    let mut runs: Vec<Vec<Demo>> = brokers.iter().map(|_| Vec::new()).collect();
-    let mut no_second_kafka = false;
-    for round in 0..rounds {
-        for (index, (name, run)) in brokers.iter().enumerate() {
-            let Some(demo) = run()? else {
-                no_second_kafka = true;
-                continue;
-            };
-            eprintln!(
-                "  round {} {name:<44} {:>6.0} images/s  p50 {:>7.1} ms  first prediction {:>5.1} s",
-                round + 1,
-                demo.images_per_s.unwrap_or(0.0),
-                demo.p50_ms.unwrap_or(0.0),
-                demo.first_prediction_s.unwrap_or(0.0),
-            );
-            runs[index].push(demo);
-        }
-    }
+    let runs = alternate(rounds, &brokers, |demo| {
+        format!(
+            "{:>6.0} images/s  p50 {:>7.1} ms  first prediction {:>5.1} s",
+            demo.images_per_s.unwrap_or(0.0),
+            demo.p50_ms.unwrap_or(0.0),
+            demo.first_prediction_s.unwrap_or(0.0),
+        )
+    })?;
     for ((name, _), demos) in brokers.iter().zip(&runs) {
-        if demos.is_empty() && no_second_kafka {
+        // Only the second Kafka broker's cases run as `None` (not installed).
+        if demos.is_empty() && rounds > 0 {
             rows.push(skipped(
                 &format!("brokers: {name}"),
                 "skipped: not installed; `.ci/install-tansu` installs it",

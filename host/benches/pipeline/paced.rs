@@ -2,7 +2,7 @@
 //! alternating, because a tail is judged run by run: every run's p99 and p99.9, their spread
 //! and the worst.
 
-use crate::demo::{Demo, Paths, args, run_demo};
+use crate::demo::{Case, Demo, Paths, alternate, args, run_demo};
 use crate::table::{Row, fmt, median_of};
 use crate::{BATCH, PACED_RATE};
 
@@ -19,20 +19,24 @@ pub fn paced_rows(
 ) -> anyhow::Result<()> {
     let runs_each = rounds.max(PACED_RUNS);
     eprintln!("paced at {PACED_RATE}/s, {runs_each} runs of each engine…");
-    let mut runs: Vec<Vec<Demo>> = engines.iter().map(|_| Vec::new()).collect();
-    for run in 0..runs_each {
-        for (engine, into) in engines.iter().zip(runs.iter_mut()) {
-            let demo = run_demo(paths, &args(engine, BATCH, 2, Some(PACED_RATE)), None)?;
-            eprintln!(
-                "  run {} {engine:<12} p50 {:>5.1} ms  p99 {:>6.1} ms  p99.9 {:>6.1} ms",
-                run + 1,
-                demo.p50_ms.unwrap_or(0.0),
-                demo.p99_ms.unwrap_or(0.0),
-                demo.p999_ms.unwrap_or(0.0),
-            );
-            into.push(demo);
-        }
-    }
+    let cases: Vec<Case> = engines
+        .iter()
+        .map(|&engine| -> Case {
+            let engine_args = args(engine, BATCH, 2, Some(PACED_RATE));
+            (
+                engine.to_string(),
+                Box::new(move || run_demo(paths, &engine_args, None).map(Some)),
+            )
+        })
+        .collect();
+    let runs = alternate(runs_each, &cases, |demo| {
+        format!(
+            "p50 {:>5.1} ms  p99 {:>6.1} ms  p99.9 {:>6.1} ms",
+            demo.p50_ms.unwrap_or(0.0),
+            demo.p99_ms.unwrap_or(0.0),
+            demo.p999_ms.unwrap_or(0.0),
+        )
+    })?;
     for (engine, demos) in engines.iter().zip(&runs) {
         let each = |figure: fn(&Demo) -> Option<f64>| -> Vec<f64> {
             demos.iter().filter_map(figure).collect()

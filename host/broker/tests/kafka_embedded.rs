@@ -5,6 +5,8 @@
 //! address (other processes, kcat); a producer whose local queue is full waits instead of
 //! dropping; a burst of keyless messages is spread over the partitions so that the embedded
 //! broker's 5 MiB per partition loses none of it; a member says when it has joined its group;
+//! a new group at the earliest has its start committed when it subscribes (so its first fetch
+//! does not wait for librdkafka's 100 ms offset-reset backoff);
 //! an unreachable broker fails within the bounded wait with an error that says what to do; a
 //! publisher behind a window sends only as far ahead as its consumer has caught up; an offset
 //! commit the broker refuses is logged, and so is the one that succeeds after it.
@@ -319,6 +321,66 @@ async fn a_member_says_when_it_has_joined_its_group() {
     assert_eq!(delivery.message.payload, b"after the join");
     delivery.ack().unwrap();
     subscriber.close().await.unwrap();
+}
+
+/// librdkafka looks up the start of a partition that has no committed offset only after a
+/// fixed 100 ms, fetching nothing meanwhile; so a new group at the earliest gets each
+/// partition's start committed when it subscribes, and still receives what was published
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_at_the_earliest_has_its_start_committed_when_it_subscribes() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let (cluster, broker) = support::embedded().await;
+    let (topic, group) = (support::unique("start"), support::unique("g"));
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+    for key in ["a", "b", "c", "d"] {
+        support::publish(broker.as_ref(), keyed(&topic, key, key.as_bytes())).await;
+    }
+    let member = support::member(broker.as_ref(), &group, &topic).await;
+    let servers = cluster.bootstrap_servers().to_string();
+    let (group_read, topic_read) = (group.clone(), topic.clone());
+    let committed = tokio::task::spawn_blocking(move || {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("group.id", &group_read)
+            .create()
+            .unwrap();
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&topic_read, 0);
+        partitions.add_partition(&topic_read, 1);
+        reader
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .unwrap()
+            .elements()
+            .iter()
+            .map(|element| element.offset())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        committed,
+        [Offset::Offset(0), Offset::Offset(0)],
+        "each partition's start is committed before the member has received anything"
+    );
+    let mut received = Vec::new();
+    for _ in 0..4 {
+        let delivery = support::receive(member.as_ref(), "a message published before").await;
+        received.push(String::from_utf8(delivery.message.payload.clone()).unwrap());
+        delivery.ack().unwrap();
+    }
+    received.sort();
+    assert_eq!(received, ["a", "b", "c", "d"]);
+    member.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,12 +78,21 @@ pub async fn runs(results: &Results) -> Result<Vec<RunInfo>, ResultsError> {
 /// The predictions of run `run_id`, in request order, in one `Vec`: for a run known to be
 /// small; [`pages`] reads any run in bounded memory.
 pub async fn read(results: &Results, run_id: &str) -> Result<Vec<PredictionRecord>, ResultsError> {
-    let mut pages = pages(results, run_id);
-    let mut all = Vec::new();
-    while let Some(page) = pages.next().await? {
-        all.extend(page);
-    }
-    Ok(all)
+    let rows = results.select(&PREDICTIONS, run_id).all().await?;
+    records(rows, &results.describe())
+}
+
+/// `rows` of [`PREDICTIONS`] as records; a row that is not one is a corrupt `store`.
+fn records(rows: Vec<Vec<Value>>, store: &str) -> Result<Vec<PredictionRecord>, ResultsError> {
+    rows.into_iter()
+        .map(|row| {
+            PredictionRecord::from_row(row).map_err(|problem| ResultsError::Corrupt {
+                store: store.to_string(),
+                table: PREDICTIONS.name,
+                problem,
+            })
+        })
+        .collect()
 }
 
 /// The predictions of run `run_id`, in request order, a page at a time.
@@ -114,16 +123,7 @@ impl RunPages<'_> {
         let Some(rows) = self.rows.next().await? else {
             return Ok(None);
         };
-        rows.into_iter()
-            .map(|row| {
-                PredictionRecord::from_row(row).map_err(|problem| ResultsError::Corrupt {
-                    store: self.store.clone(),
-                    table: PREDICTIONS.name,
-                    problem,
-                })
-            })
-            .collect::<Result<_, _>>()
-            .map(Some)
+        records(rows, &self.store).map(Some)
     }
 }
 

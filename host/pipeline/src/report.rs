@@ -332,10 +332,11 @@ impl RunReport {
         );
         let _ = writeln!(
             out,
-            "  latency       p50 {} · p90 {} · p99 {} · max {}",
+            "  latency       p50 {} · p90 {} · p99 {} · p99.9 {} · max {}",
             ms(self.latency_ms(0.5)),
             ms(self.latency_ms(0.9)),
             ms(self.latency_ms(0.99)),
+            ms(self.latency_ms(0.999)),
             ms(self.latency_ms(1.0))
         );
         for (by, count) in &self.made_by {
@@ -744,6 +745,10 @@ mod tests {
         assert_eq!(report.latency_ms(1.0), Some(99.0));
         let text = report.to_text();
         assert!(text.contains("accuracy      90.00 %"), "{text}");
+        assert!(
+            text.contains("p99 98.0 ms · p99.9 99.0 ms · max 99.0 ms"),
+            "{text}"
+        );
         assert!(
             text.contains("lenet5-x by classifier@sha256:ab (100)"),
             "{text}"
