@@ -28,6 +28,14 @@ pub struct Demo {
 /// such as a broker that is not installed).
 pub type Case<'a> = (String, Box<dyn Fn() -> anyhow::Result<Option<Demo>> + 'a>);
 
+/// The case `name`: a `switchyard demo` run with `args`.
+pub fn demo_case<'a>(paths: &'a Paths, name: String, args: Vec<String>) -> Case<'a> {
+    (
+        name,
+        Box::new(move || run_demo(paths, &args, None).map(Some)),
+    )
+}
+
 /// Runs every case once a round for `rounds` rounds, case after case within a round, so the
 /// machine's slow spells fall on every case alike and their ratios can be read side by side;
 /// prints a line per run (`line` says what of it). Returns each case's runs, in case order.

@@ -77,8 +77,8 @@ use ceilings::{
     test_images,
 };
 use demo::{
-    Case, Demo, Paths, StandaloneBroker, alternate, args, careful_python, on_pubsub_emulator,
-    on_second_kafka, on_standalone_broker, run_demo,
+    Case, Demo, Paths, StandaloneBroker, alternate, args, careful_python, demo_case,
+    on_pubsub_emulator, on_second_kafka, on_standalone_broker, run_demo,
 };
 use table::{Figure, Row, demos_row, fmt, median_of, print_table, ratio, skipped, thousands};
 
@@ -286,12 +286,7 @@ fn run_cases(
 ) -> anyhow::Result<Vec<Vec<Demo>>> {
     let runnable: Vec<Case> = cases
         .iter()
-        .map(|(name, args)| -> Case {
-            (
-                name.clone(),
-                Box::new(move || run_demo(paths, args, None).map(Some)),
-            )
-        })
+        .map(|(name, args)| demo_case(paths, name.clone(), args.clone()))
         .collect();
     let runs = alternate(rounds, &runnable, |demo| {
         format!(
@@ -402,9 +397,10 @@ fn broker_rows(
         ),
     ];
     let mut brokers: Vec<Case> = vec![
-        (
+        demo_case(
+            paths,
             "embedded broker, in the demo's process".into(),
-            Box::new(|| run_demo(paths, &first_case.1, None).map(Some)),
+            first_case.1.clone(),
         ),
         (
             "standalone `switchyard broker`".into(),

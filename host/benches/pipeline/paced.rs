@@ -2,7 +2,7 @@
 //! alternating, because a tail is judged run by run: every run's p99 and p99.9, their spread
 //! and the worst.
 
-use crate::demo::{Case, Demo, Paths, alternate, args, run_demo};
+use crate::demo::{Case, Demo, Paths, alternate, args, demo_case};
 use crate::table::{Row, fmt, median_of};
 use crate::{BATCH, PACED_RATE};
 
@@ -21,11 +21,11 @@ pub fn paced_rows(
     eprintln!("paced at {PACED_RATE}/s, {runs_each} runs of each engine…");
     let cases: Vec<Case> = engines
         .iter()
-        .map(|&engine| -> Case {
-            let engine_args = args(engine, BATCH, 2, Some(PACED_RATE));
-            (
+        .map(|&engine| {
+            demo_case(
+                paths,
                 engine.to_string(),
-                Box::new(move || run_demo(paths, &engine_args, None).map(Some)),
+                args(engine, BATCH, 2, Some(PACED_RATE)),
             )
         })
         .collect();

@@ -19,6 +19,17 @@ use switchyard_broker::kafka::{EmbeddedKafka, Kafka, KafkaConfig};
 use switchyard_broker::window::PublishWindow;
 use switchyard_broker::{Broker, ErrorKind, OutgoingMessage, TopicSpec};
 
+/// Creates `topic` with `partitions` partitions.
+async fn create_topic(broker: &dyn Broker, topic: &str, partitions: i32) {
+    broker
+        .ensure_topics(&[TopicSpec {
+            name: topic.into(),
+            partitions,
+        }])
+        .await
+        .unwrap();
+}
+
 /// A text message with `key`, also named by its `request-id` header.
 fn keyed(topic: &str, key: &str, payload: &[u8]) -> OutgoingMessage {
     OutgoingMessage {
@@ -34,13 +45,7 @@ fn keyed(topic: &str, key: &str, payload: &[u8]) -> OutgoingMessage {
 async fn messages_round_trip_with_keys_headers_and_content_type() {
     let (_cluster, broker) = support::embedded().await;
     let topic = support::unique("roundtrip");
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        }])
-        .await
-        .unwrap();
+    create_topic(broker.as_ref(), &topic, 1).await;
     let publisher = broker.publisher().await.unwrap();
     let mut receipts = Vec::new();
     for i in 0..20u8 {
@@ -90,13 +95,7 @@ async fn unacknowledged_messages_go_to_the_next_member_and_acknowledged_ones_do_
     let (_cluster, broker) = support::embedded().await;
     let topic = support::unique("redeliver");
     let group = support::unique("group");
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        }])
-        .await
-        .unwrap();
+    create_topic(broker.as_ref(), &topic, 1).await;
     support::publish(broker.as_ref(), keyed(&topic, "first", b"1")).await;
     support::publish(broker.as_ref(), keyed(&topic, "second", b"2")).await;
 
@@ -169,13 +168,7 @@ async fn the_embedded_broker_on_a_fixed_address_serves_plain_kafka_clients() {
     // A client that knows only the address, as another process would.
     let config = KafkaConfig::for_embedded(address);
     let broker = Kafka::connect(config).await.unwrap();
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-        }])
-        .await
-        .unwrap();
+    create_topic(&broker, &topic, 2).await;
     support::publish(&broker, keyed(&topic, "k", b"through the relay")).await;
     let subscriber = support::member(&broker, &support::unique("g"), &topic).await;
     let delivery = support::receive(subscriber.as_ref(), "a delivery").await;
@@ -243,13 +236,7 @@ async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
     const MESSAGES: u32 = 12_000;
     let (_cluster, broker) = support::embedded().await;
     let topic = support::unique("burst");
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 8,
-        }])
-        .await
-        .unwrap();
+    create_topic(broker.as_ref(), &topic, 8).await;
     let publisher = broker.publisher().await.unwrap();
     let mut receipts = Vec::new();
     for i in 0..MESSAGES {
@@ -293,13 +280,7 @@ async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
 async fn a_member_says_when_it_has_joined_its_group() {
     let (_cluster, broker) = support::embedded().await;
     let topic = support::unique("joined");
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-        }])
-        .await
-        .unwrap();
+    create_topic(broker.as_ref(), &topic, 2).await;
     let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
     // Not a member until someone receives, which drives the join.
     let early = tokio::time::timeout(Duration::from_millis(300), subscriber.joined()).await;
@@ -335,13 +316,7 @@ async fn a_new_group_at_the_earliest_has_its_start_committed_when_it_subscribes(
 
     let (cluster, broker) = support::embedded().await;
     let (topic, group) = (support::unique("start"), support::unique("g"));
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-        }])
-        .await
-        .unwrap();
+    create_topic(broker.as_ref(), &topic, 2).await;
     for key in ["a", "b", "c", "d"] {
         support::publish(broker.as_ref(), keyed(&topic, key, key.as_bytes())).await;
     }
@@ -387,13 +362,7 @@ async fn a_new_group_at_the_earliest_has_its_start_committed_when_it_subscribes(
 async fn a_windowed_publisher_sends_only_as_far_as_its_consumer_has_caught_up() {
     let (_cluster, broker) = support::embedded().await;
     let topic = support::unique("window");
-    broker
-        .ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        }])
-        .await
-        .unwrap();
+    create_topic(broker.as_ref(), &topic, 1).await;
     let window = PublishWindow::new(3);
     let publisher = window.publisher(broker.publisher().await.unwrap());
     let message = |i: u8| OutgoingMessage {
