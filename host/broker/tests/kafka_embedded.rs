@@ -3,8 +3,10 @@
 //! not acknowledged is delivered again to the next member of the group, while an acknowledged
 //! one is not; the embedded broker on a fixed address serves clients that know only that
 //! address (other processes, kcat); a producer whose local queue is full waits instead of
-//! dropping; a burst of keyless messages is spread over the partitions so that the embedded
-//! broker's 5 MiB per partition loses none of it; a member says when it has joined its group;
+//! dropping; a burst of keyless messages is spread evenly over the partitions in runs of 16 KiB
+//! (each partition within one run of its share, so the embedded broker's 5 MiB per partition
+//! loses none of it), by a client of this process's embedded broker and by one that knows only
+//! its address; a member says when it has joined its group;
 //! a new group at the earliest has its start committed when it subscribes (so its first fetch
 //! does not wait for librdkafka's 100 ms offset-reset backoff);
 //! an unreachable broker fails within the bounded wait with an error that says what to do; a
@@ -228,22 +230,20 @@ async fn a_full_local_queue_makes_the_publisher_wait_and_nothing_is_dropped() {
     subscriber.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
+/// Publishes 12,000 keyless messages of 1 KiB at once to `topic` (8 partitions) and checks
+/// where they went.
+async fn a_burst_is_spread_in_runs(broker: &dyn Broker, topic: &str) {
     // The embedded broker keeps 5 MiB per partition and drops older data beyond it, read or
     // not; 12 MiB sent at once into 8 partitions fits only if no partition takes much more
-    // than its share.
+    // than its share, and batches of one message each make its fetches slow.
     const MESSAGES: u32 = 12_000;
-    let (_cluster, broker) = support::embedded().await;
-    let topic = support::unique("burst");
-    create_topic(broker.as_ref(), &topic, 8).await;
     let publisher = broker.publisher().await.unwrap();
     let mut receipts = Vec::new();
     for i in 0..MESSAGES {
         let mut payload = vec![0u8; 1024];
         payload[..4].copy_from_slice(&i.to_be_bytes());
         let message = OutgoingMessage {
-            topic: topic.clone(),
+            topic: topic.into(),
             payload,
             ..OutgoingMessage::default()
         };
@@ -252,8 +252,8 @@ async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
     for receipt in receipts {
         receipt.wait().await.unwrap();
     }
-    let subscriber = support::member(broker.as_ref(), &support::unique("g"), &topic).await;
-    let mut seen = std::collections::HashSet::new();
+    let subscriber = support::member(broker, &support::unique("g"), topic).await;
+    let mut seen = std::collections::HashMap::new();
     let mut partitions = std::collections::HashMap::<String, u32>::new();
     while seen.len() < MESSAGES as usize {
         let delivery = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
@@ -261,19 +261,62 @@ async fn a_burst_of_keyless_messages_is_spread_and_none_is_lost() {
             .unwrap_or_else(|_| panic!("only {} of {MESSAGES} arrived", seen.len()))
             .unwrap();
         let payload = &delivery.message.payload;
-        seen.insert(u32::from_be_bytes([
-            payload[0], payload[1], payload[2], payload[3],
-        ]));
+        let index = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
         let partition = delivery.message.position.split('@').next().unwrap_or("");
-        *partitions.entry(partition.to_string()).or_default() += 1;
+        if seen.insert(index, partition.to_string()).is_none() {
+            *partitions.entry(partition.to_string()).or_default() += 1;
+        }
         delivery.ack().unwrap();
     }
     subscriber.close().await.unwrap();
+    // Runs of 16 KiB (16 of these messages) round the partitions give each 1,500 to within
+    // one run; the publisher learns the topic's partition count before the first message.
     assert_eq!(
         partitions.len(),
         8,
         "every partition got some: {partitions:?}"
     );
+    for (partition, count) in &partitions {
+        assert!(
+            count.abs_diff(MESSAGES / 8) <= 16,
+            "partition {partition} got {count} of {MESSAGES}, not an eighth: {partitions:?}"
+        );
+    }
+    // Runs, not one message here and the next there: most messages were sent to the
+    // partition of the one before (15 of 16 in a run; 1 of 8 when chosen at random).
+    let beside_the_one_before = (1..MESSAGES).filter(|i| seen[i] == seen[&(i - 1)]).count();
+    assert!(
+        beside_the_one_before > MESSAGES as usize / 2,
+        "only {beside_the_one_before} of {MESSAGES} messages went to the partition of the one \
+         sent before"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_keyless_messages_is_spread_in_runs_and_none_is_lost() {
+    let (_cluster, broker) = support::embedded().await;
+    let topic = support::unique("burst");
+    create_topic(broker.as_ref(), &topic, 8).await;
+    a_burst_is_spread_in_runs(broker.as_ref(), &topic).await;
+}
+
+/// A client that knows only the address (as of `switchyard broker`) finds out it talks to
+/// the embedded broker, and spreads the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_another_process_s_embedded_broker_spreads_a_burst_in_runs_too() {
+    let cluster = EmbeddedKafka::start(Some("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let topic = support::unique("burst");
+    cluster
+        .create_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 8,
+        })
+        .unwrap();
+    let config = KafkaConfig::for_embedded(cluster.bootstrap_servers());
+    let broker = Kafka::connect(config).await.unwrap();
+    a_burst_is_spread_in_runs(&broker, &topic).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ pub mod embedded;
 mod errors;
 mod offsets;
 mod publisher;
+mod spread;
 mod subscriber;
 mod transactions;
 
@@ -60,6 +61,9 @@ pub struct Kafka {
     // Declared before `embedded` so the producer is gone before the embedded broker stops.
     producer: tokio::sync::OnceCell<Arc<KafkaPublisher>>,
     embedded: Option<Arc<EmbeddedKafka>>,
+    /// Whether the cluster is librdkafka's mock (the embedded broker, here or in another
+    /// process such as `switchyard broker`), whose limits the producer is tuned for.
+    on_mock: bool,
     /// Whether the cluster keeps transactional offsets, once asked.
     keeps_transactions: tokio::sync::OnceCell<bool>,
 }
@@ -77,13 +81,14 @@ impl Kafka {
     /// Connects to a cluster, failing with a clear error if it cannot be reached within
     /// `connect_timeout_ms`.
     pub async fn connect(config: KafkaConfig) -> Result<Self, BrokerError> {
-        let kafka = Self {
+        let mut kafka = Self {
             config,
             embedded: None,
+            on_mock: false,
             producer: tokio::sync::OnceCell::new(),
             keeps_transactions: tokio::sync::OnceCell::new(),
         };
-        kafka.check_reachable().await?;
+        kafka.on_mock = kafka.check_reachable().await?;
         Ok(kafka)
     }
 
@@ -93,6 +98,7 @@ impl Kafka {
         Self {
             config,
             embedded: Some(broker),
+            on_mock: true,
             producer: tokio::sync::OnceCell::new(),
             keeps_transactions: tokio::sync::OnceCell::new(),
         }
@@ -155,7 +161,9 @@ impl Kafka {
         }
     }
 
-    async fn check_reachable(&self) -> Result<(), BrokerError> {
+    /// Fails with a clear error when the cluster cannot be reached; says whether it is
+    /// librdkafka's mock cluster.
+    async fn check_reachable(&self) -> Result<bool, BrokerError> {
         let config = self.config.clone();
         let timeout = Duration::from_millis(config.connect_timeout_ms);
         // A producer, because polling it serves the error callback (an admin client's does not).
@@ -164,7 +172,10 @@ impl Kafka {
             .create_with_context(ConnectionErrors::default())
             .map_err(config_error)?;
         let (result, probe) = tokio::task::spawn_blocking(move || {
-            let result = probe.client().fetch_metadata(None, timeout).map(|_| ());
+            let result = probe
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| admin::is_mock_cluster(probe.client(), timeout));
             if result.is_err() {
                 // Serves the queued error events (one per poll of a zero timeout).
                 probe.poll(Duration::from_millis(100));
@@ -224,10 +235,11 @@ impl Broker for Kafka {
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>, BrokerError> {
-        let embedded = self.embedded.is_some();
         let publisher = self
             .producer
-            .get_or_try_init(|| async { KafkaPublisher::new(&self.config, embedded).map(Arc::new) })
+            .get_or_try_init(|| async {
+                KafkaPublisher::new(&self.config, self.on_mock).map(Arc::new)
+            })
             .await?;
         Ok(publisher.clone())
     }
