@@ -210,11 +210,19 @@ async fn metrics_answer_during_a_run_and_their_counters_move() {
         };
         support::publish(broker.as_ref(), message).await;
     };
-    for payload in ["ok", "send announced", "error"] {
-        send(payload).await;
-    }
     let handled = "switchyard_messages_handled_total{component=\"tester\",topic=\"work\"}";
     let dead_letters = "switchyard_dead_letters_total{component=\"tester\",topic=\"work\"}";
+    // One message at a time, each awaited: messages queued together may reach the handler in
+    // one batch call, and the call count below is exact only when each had a call of its own.
+    for (payload, done, ready) in [
+        ("ok", "one handled", handled),
+        ("send announced", "two handled", handled),
+        ("error", "one dead letter", dead_letters),
+    ] {
+        let before = value(&scrape(&metrics_address).await.1, ready);
+        send(payload).await;
+        scrape_until(&metrics_address, done, |m| value(m, ready) > before).await;
+    }
     let metrics = scrape_until(&metrics_address, "two handled, one dead letter", |m| {
         value(m, handled) == Some(2.0) && value(m, dead_letters) == Some(1.0)
     })

@@ -31,15 +31,6 @@ fn one_topic_changed(
     }
 }
 
-/// What a Kafka cluster's metadata says about its topics.
-struct ClusterTopics {
-    /// Every topic, internal ones included, sorted by name.
-    topics: Vec<TopicInfo>,
-    /// Whether the cluster is librdkafka's mock cluster (the embedded broker, perhaps another
-    /// process's): it has no CreateTopics or DeleteTopics API, and creates topics on first use.
-    is_mock: bool,
-}
-
 /// How librdkafka's mock cluster's id begins.
 const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
 
@@ -69,10 +60,11 @@ impl Kafka {
             .request_timeout(Some(timeout))
     }
 
+    /// Every topic of the cluster, internal ones included, sorted by name.
     async fn cluster_topics(
         &self,
         admin: &Arc<AdminClient<DefaultClientContext>>,
-    ) -> Result<ClusterTopics, BrokerError> {
+    ) -> Result<Vec<TopicInfo>, BrokerError> {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let admin = admin.clone();
         // librdkafka's metadata call blocks its thread.
@@ -87,8 +79,7 @@ impl Kafka {
                 })
                 .collect();
             topics.sort_by(|a, b| a.name.cmp(&b.name));
-            let is_mock = is_mock_cluster(admin.inner(), timeout);
-            Ok::<_, KafkaError>(ClusterTopics { topics, is_mock })
+            Ok::<_, KafkaError>(topics)
         })
         .await
         .map_err(|e| BrokerError::unavailable("listing topics stopped").with_source(e))?
@@ -120,15 +111,15 @@ impl Kafka {
         let admin = self.admin_client()?;
         // Ask only for what is missing: a broker may refuse CreateTopics (permissions, or no
         // such API, like another process's embedded broker) for topics that already exist.
-        let cluster = self.cluster_topics(&admin).await?;
+        let known = self.cluster_topics(&admin).await?;
         let missing: Vec<&TopicSpec> = topics
             .iter()
-            .filter(|t| !cluster.topics.iter().any(|known| known.name == t.name))
+            .filter(|t| !known.iter().any(|existing| existing.name == t.name))
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        if cluster.is_mock {
+        if self.on_mock {
             tracing::debug!("embedded broker: topics are created on first use");
             return Ok(());
         }
@@ -210,7 +201,7 @@ impl Kafka {
     /// The cluster's topics without its internal ones.
     pub(super) async fn topic_list(&self) -> Result<Vec<TopicInfo>, BrokerError> {
         let admin = self.admin_client()?;
-        let mut topics = self.cluster_topics(&admin).await?.topics;
+        let mut topics = self.cluster_topics(&admin).await?;
         topics.retain(|topic| !topic.name.starts_with("__"));
         Ok(topics)
     }
@@ -222,11 +213,11 @@ impl Kafka {
             return embedded.create_topic(topic);
         }
         let admin = self.admin_client()?;
-        let cluster = self.cluster_topics(&admin).await?;
-        if cluster.topics.iter().any(|known| known.name == topic.name) {
+        let known = self.cluster_topics(&admin).await?;
+        if known.iter().any(|existing| existing.name == topic.name) {
             return Ok(false);
         }
-        if cluster.is_mock {
+        if self.on_mock {
             return Err(self.refuse_on_mock(
                 "create topics on request",
                 &format!(
@@ -255,11 +246,11 @@ impl Kafka {
     pub(super) async fn delete_one(&self, name: &str) -> Result<bool, BrokerError> {
         check_topic_name(name)?;
         let admin = self.admin_client()?;
-        let cluster = self.cluster_topics(&admin).await?;
-        if !cluster.topics.iter().any(|known| known.name == name) {
+        let known = self.cluster_topics(&admin).await?;
+        if !known.iter().any(|existing| existing.name == name) {
             return Ok(false);
         }
-        if cluster.is_mock {
+        if self.on_mock {
             return Err(self.refuse_on_mock(
                 "delete topics",
                 "Restart it to start with no topics (it keeps nothing on disk)",

@@ -62,7 +62,9 @@ pub struct Kafka {
     producer: tokio::sync::OnceCell<Arc<KafkaPublisher>>,
     embedded: Option<Arc<EmbeddedKafka>>,
     /// Whether the cluster is librdkafka's mock (the embedded broker, here or in another
-    /// process such as `switchyard broker`), whose limits the producer is tuned for.
+    /// process such as `switchyard broker`), decided once at connection: the producer is tuned
+    /// for it, and topic administration knows it has no CreateTopics or DeleteTopics API and
+    /// creates topics on first use.
     on_mock: bool,
     /// Whether the cluster keeps transactional offsets, once asked.
     keeps_transactions: tokio::sync::OnceCell<bool>,

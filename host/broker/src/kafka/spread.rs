@@ -51,6 +51,7 @@ pub(super) struct KeylessSpread {
 
 /// One topic's runs.
 struct TopicRuns {
+    /// The topic's partition count once known; always positive (`learned` keeps no other).
     partitions: Option<i32>,
     /// When to look the count up again; `None` while a lookup is under way.
     look_up_at: Option<Instant>,
@@ -61,7 +62,7 @@ struct TopicRuns {
 impl TopicRuns {
     /// The partition of the next message of `size` bytes, once the count is known.
     fn place(&mut self, size: usize) -> Option<i32> {
-        let partitions = self.partitions.filter(|&count| count > 0)?;
+        let partitions = self.partitions?;
         if self.bytes_in_run >= RUN_BYTES {
             self.partition = (self.partition + 1) % partitions;
             self.bytes_in_run = 0;
