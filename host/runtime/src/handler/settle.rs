@@ -184,12 +184,21 @@ impl Settling {
             }
         }
         let mut failures = Vec::new();
+        let mut handled = Vec::with_capacity(jobs.len());
         for (job, outcome) in jobs.into_iter().zip(outcomes) {
             match (outcome, &refused) {
-                (Ok(()), None) => self.succeeded(job),
+                (Ok(()), None) => handled.push(job),
                 (Ok(()), Some(failure)) => failures.push(self.failed(job, failure.clone())),
                 (Err(failure), _) => failures.push(self.failed(job, failure)),
             }
+        }
+        self.stats.count_handled(
+            handled
+                .iter()
+                .map(|job| job.delivery.message.topic.as_str()),
+        );
+        for job in handled {
+            self.acknowledge(job);
         }
         futures::future::join_all(failures).await;
     }
@@ -236,9 +245,8 @@ impl Settling {
         match Delivery::ack_together(deliveries, outputs) {
             Ok(receipt) => match receipt.wait().await {
                 Ok(()) => {
-                    for (topic, _) in &described {
-                        self.stats.count_handled(topic);
-                    }
+                    self.stats
+                        .count_handled(described.iter().map(|(topic, _)| topic.as_str()));
                 }
                 Err(e) => {
                     let positions: Vec<&str> = described.iter().map(|(_, p)| p.as_str()).collect();
@@ -271,8 +279,8 @@ impl Settling {
         );
     }
 
-    fn succeeded(&self, job: Job) {
-        self.stats.count_handled(&job.delivery.message.topic);
+    /// Acknowledges a handled message (counted by the caller, with the rest of its call).
+    fn acknowledge(&self, job: Job) {
         let position = job.delivery.message.position.clone();
         if let Err(e) = job.delivery.ack() {
             tracing::warn!(

@@ -78,10 +78,19 @@ impl HandlerStats {
         self.metrics.received(topic);
     }
 
-    pub(super) fn count_handled(&self, topic: &str) {
-        Self::bump(&self.handled);
-        self.metrics.handled(topic);
-        self.settled.send_modify(|settled| *settled += 1);
+    /// Counts the deliveries one call handled, one topic each, and wakes the watchers of
+    /// settled deliveries once for all of them: a wake unparks the watcher's thread (a futex
+    /// call), and one per message was 2 % of the demo's CPU time (perf, 2026-12-05).
+    pub(super) fn count_handled<'a>(&self, topics: impl IntoIterator<Item = &'a str>) {
+        let mut count = 0;
+        for topic in topics {
+            self.metrics.handled(topic);
+            count += 1;
+        }
+        if count > 0 {
+            self.handled.fetch_add(count, Ordering::Relaxed);
+            self.settled.send_modify(|settled| *settled += count);
+        }
     }
 
     pub(super) fn count_gave_up(&self, topic: &str, dead_lettered: bool) {
