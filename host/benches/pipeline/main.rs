@@ -46,7 +46,10 @@
 //!    on one thread, batch 32) and the careful Python rebuild's three processes, each
 //!    broker's own CPU beside them. Each is the difference between a 30,000- and a
 //!    10,000-request run divided by 20,000, so start-up and draining cancel out; medians of
-//!    the rounds. `just bench 3 cpu` runs this section alone.
+//!    the rounds. From them a bound: the most any pipeline of this model could reach against
+//!    the Python rebuild on this machine's cores, if nothing but the engine and the broker
+//!    spent CPU (a throughput target above it cannot be met here). `just bench 3 cpu` runs
+//!    this section alone.
 //!
 //! It prints one Markdown table and writes the same rows as JSON to
 //! `<target dir>/bench/pipeline.json`.
@@ -564,7 +567,9 @@ fn ratio_rows(
             ratio(best, python_median),
             "x",
         )
-        .detail("images/s; target >= 2"),
+        .detail(
+            "images/s; target >= 2 (the cpu section's bound says whether these cores allow it)",
+        ),
     );
     rows.push(
         Row::new(
