@@ -124,8 +124,8 @@ pub fn cpu_rows(
     // Per pipeline, per round: (its processes, its broker) in µs per request.
     let mut per_request: Vec<Vec<(Option<f64>, Option<f64>)>> =
         pipelines.iter().map(|_| Vec::new()).collect();
-    // Per pipeline, per round: the images/s of its long run.
-    let mut throughput: Vec<Vec<Option<f64>>> = pipelines.iter().map(|_| Vec::new()).collect();
+    // Per round: the images/s of the Python rebuild's long run, for the bound.
+    let mut python_throughput: Vec<Option<f64>> = Vec::new();
     let mut python_skipped = None;
     for round in 0..rounds {
         for (index, (name, measure)) in pipelines.iter().enumerate() {
@@ -149,7 +149,9 @@ pub fn cpu_rows(
                 (CPU_RUNS.0, short.broker_cpu_s),
                 (CPU_RUNS.1, long.broker_cpu_s),
             );
-            throughput[index].push(long.images_per_s);
+            if index == 1 {
+                python_throughput.push(long.images_per_s);
+            }
             eprintln!(
                 "  round {} {name:<40} {} µs/request, its broker {} µs/request",
                 round + 1,
@@ -218,11 +220,10 @@ pub fn cpu_rows(
                     fmt(ratio(ours, python), 2)
                 )),
             );
-            let python_images_per_s = median_of(throughput[1].iter().copied());
             rows.push(bound_row(
                 engine_alone,
                 [our_broker, python_broker],
-                python_images_per_s,
+                median_of(python_throughput.into_iter()),
             ));
         }
     }
